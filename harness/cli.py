@@ -1,0 +1,135 @@
+"""Command line: ``python -m harness list|strategies|run ...`` (see README)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+
+class UsageError(ValueError):
+    """Bad input on the command line: one line on stderr and exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, exit 2, no usage dump
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m harness", description="Numerical-robustness harness for mixed-precision training")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    sub.required = True
+    ls = sub.add_parser("list", help="scenarios: name, family, description, parameter grid")
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    st = sub.add_parser("strategies", help="strategy presets and their canonical spec strings")
+    st.add_argument("--json", action="store_true")
+    r = sub.add_parser("run", help="run the scenario x strategy matrix")
+    r.add_argument("--scenario", action="append", default=[], metavar="GLOB")
+    r.add_argument("--family", action="append", default=[], metavar="F")
+    r.add_argument("--strategy", action="append", default=[], metavar="NAME-or-SPEC")
+    r.add_argument("--device", default="auto", metavar="cpu|cuda|auto")
+    r.add_argument("--seeds", type=_positive_int, default=1, metavar="N")
+    r.add_argument("--tier", default="quick", metavar="quick|full")
+    r.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
+    r.add_argument("--out", type=Path, default=None, metavar="DIR")
+    r.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    return p
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .scenario import discover
+    reg = discover(args.imports)
+    items = [s.summary() for s in reg]
+    if args.json:
+        print(json.dumps(items, indent=1, default=str))
+        return 0
+    for s in items:
+        grid = ", ".join(f"{k}={v}" for k, v in s["grid"].items())
+        print(f"{s['name']:28s} {s['family']:15s} {s['description'].splitlines()[0]}")
+        print(f"{'':28s} {'':15s} grid: {grid}")
+    return 0
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from .strategy import PRESETS
+    if args.json:
+        print(json.dumps([{"name": n, "spec": str(s)} for n, s in PRESETS.items()], indent=1))
+        return 0
+    for n, s in PRESETS.items():
+        print(f"{n:16s} {s}")
+    return 0
+
+
+def _progress_bar(console: Any):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    prog = Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("{task.fields[case]}"), console=console, transient=True)
+    return prog
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .engine import RunConfig, resolve_device, run_matrix
+    from .report.tables import render_failure_table
+    from .scenario import TIERS, discover
+    from .strategy import resolve
+    if args.tier not in TIERS:
+        raise UsageError(f"unknown tier {args.tier!r}; tiers: {', '.join(TIERS)}")
+    device = resolve_device(args.device)
+    strategies = resolve(args.strategy)
+    reg = discover(args.imports)
+    scenarios = reg.select(args.scenario, args.family)
+    if not scenarios:
+        raise UsageError("the filters select no scenario; `python -m harness list` shows them")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a directory; pass a new or existing directory")
+    cfg = RunConfig(scenarios, strategies, device, args.seeds, args.tier, args.out, args.imports)
+    from rich.console import Console
+    console = Console(stderr=True)
+    show = not args.quiet and console.is_terminal
+    if show:
+        with _progress_bar(console) as prog:
+            task = prog.add_task("run", total=None, case="")
+            out, summary, stats = run_matrix(cfg, lambda d, t, c: prog.update(task, completed=d, total=t, case=c))
+    else:
+        out, summary, stats = run_matrix(cfg)
+    if not args.quiet:
+        text = render_failure_table(summary.by_strategy, summary.by_family,
+                                    console=Console() if sys.stdout.isatty() else None)
+        if not sys.stdout.isatty():
+            print(text)
+    print(f"{stats['records']} records in {stats['wall_seconds']:.1f} s "
+          f"({stats['references_computed']} references computed, {stats['references_reused']} reused) -> {out}")
+    return 0
+
+
+COMMANDS = {"list": _cmd_list, "strategies": _cmd_strategies, "run": _cmd_run}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad names, specs, numbers, files: one line, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: records written so far are kept", file=sys.stderr)
+        return 130

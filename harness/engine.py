@@ -1,0 +1,200 @@
+"""The runner: every case of the selected scenarios under every strategy, against one reference.
+
+Cases run case-major: inputs are built once from the seed, the reference is computed once, then each
+strategy runs and its record is appended to the run directory as soon as it is judged. A scenario
+that raises becomes an ``error`` record carrying its traceback, and the run goes on.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .execution import Execution
+from .metrics import compare
+from .reference import ReferenceCache
+from .results import SCHEMA_VERSION, RunWriter, environment
+from .scenario import Case, Output, Scenario, cases, seed_generator
+from .strategy import Strategy
+from .timing import sync
+from .verdict import FAILURES, UNDERFLOW_BUDGET, Verdict, judge
+
+__all__ = ["RunConfig", "run_matrix", "run_case", "default_out_dir", "resolve_device", "Summary"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without CUDA is an error naming the fix."""
+    if name not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (torch "
+                         f"{torch.__version__}); use --device cpu or auto")
+    return torch.device(name)
+
+
+def default_out_dir(device: torch.device, root: Path = Path("results/runs")) -> Path:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    d = root / f"{stamp}-{device.type}"
+    k = 1
+    while d.exists():
+        k += 1
+        d = root / f"{stamp}-{device.type}-{k}"
+    return d
+
+
+@dataclass
+class RunConfig:
+    scenarios: list[Scenario]
+    strategies: list[Strategy]
+    device: torch.device
+    seeds: int = 1
+    tier: str = "quick"
+    out: Path | None = None
+    imports: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"scenarios": [s.name for s in self.scenarios], "strategies": [s.label for s in self.strategies],
+                "strategy_specs": {s.label: str(s) for s in self.strategies}, "device": self.device.type,
+                "seeds": self.seeds, "tier": self.tier, "imports": self.imports}
+
+
+@dataclass
+class Summary:
+    """Counts per strategy and family, updated record by record (nothing else is kept in memory)."""
+
+    by_strategy: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_family: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    records: int = 0
+    seconds_in_scenarios: float = 0.0
+
+    def add(self, rec: dict[str, Any]) -> None:
+        s, f, o = rec["strategy"], rec["family"], rec["outcome"]
+        self.by_strategy.setdefault(s, {}).setdefault(o, 0)
+        self.by_strategy[s][o] += 1
+        fam = self.by_family.setdefault(f, {}).setdefault(s, {})
+        fam[o] = fam.get(o, 0) + 1
+        self.records += 1
+
+    @staticmethod
+    def rate(counts: dict[str, int]) -> tuple[int, int]:
+        """(failures, judged cases): unsupported cases are not judged."""
+        judged = sum(v for k, v in counts.items() if k != "unsupported")
+        return sum(counts.get(k, 0) for k in FAILURES), judged
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"records": self.records, "by_strategy": self.by_strategy, "by_family": self.by_family}
+
+
+def _record(case: Case, strategy: Strategy, device: torch.device, verdict: Verdict, metrics: dict,
+            seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+    s = case.scenario
+    exp = s.expected(strategy.label, case.params, device.type)
+    return {
+        "schema_version": SCHEMA_VERSION, "scenario": s.name, "case": case.id, "family": s.family,
+        "params": case.params, "seed": case.seed, "strategy": strategy.label, "strategy_spec": str(strategy),
+        "device": device.type, "outcome": verdict.outcome, "reason": verdict.reason, "metrics": metrics,
+        "seconds": seconds, "bound": verdict.bound, "n": s.n(case.params),
+        "expected": {"outcome": exp.outcome, "reason": exp.reason} if exp else None,
+        "scenario_version": s.version, **extra,
+    }
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache
+             ) -> tuple[dict[str, Any], float]:
+    """Run and judge one (case, strategy); returns (record, seconds spent inside the scenario)."""
+    s = case.scenario
+    ex = Execution(strategy, device)
+    extra: dict[str, Any] = {"emulated": ex.notes}
+    if device.type not in s.devices:
+        v = Verdict("unsupported", f"scenario {s.name} runs on {', '.join(s.devices)} only, not {device.type}")
+        return _record(case, strategy, device, v, {}, 0.0, extra), 0.0
+    if not ex.supported:
+        return _record(case, strategy, device, Verdict("unsupported", ex.unsupported_reason), {}, 0.0, extra), 0.0
+    t0 = time.perf_counter()
+    inner = 0.0
+    try:
+        ref = ref_cache.get(case, inputs, device)
+        extra["reference"] = {"format": ref.format, **ref.check}
+        _peak_reset(device)
+        torch.manual_seed(case.seed)
+        sync(device)
+        t1 = time.perf_counter()
+        out: Output = s.run(ex, inputs, case.params)
+        sync(device)
+        inner = time.perf_counter() - t1
+        extra["peak_bytes"] = _peak(device)
+        if not isinstance(out, Output):
+            raise TypeError(f"scenario {s.name}.run returned {type(out).__name__}, expected harness.Output")
+        metrics = compare(out, ref.output, ex.format)
+        metrics.update(out.extra)
+        tol = s.tolerance
+        verdict = judge(metrics, ex.format, s.n(case.params), kappa=ref.output.kappa,
+                        factor=tol.factor if tol else 1.0,
+                        underflow_budget=(tol.underflow_budget if tol and tol.underflow_budget is not None
+                                          else UNDERFLOW_BUDGET),
+                        truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
+                        floor=ref.check["fp32_vs_fp64"] if ref.format == "fp64" else 0.0)
+    except Exception as exc:  # a failing scenario is data: an error record, and the run goes on
+        metrics = {}
+        verdict = Verdict("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+        extra["traceback"] = traceback.format_exc()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    seconds = time.perf_counter() - t0
+    return _record(case, strategy, device, verdict, metrics, seconds, extra), inner
+
+
+def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None) -> tuple[Path, Summary, dict]:
+    """Run the whole matrix into a run directory; returns (directory, summary, run stats)."""
+    out = cfg.out or default_out_dir(cfg.device)
+    all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)
+    header = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "environment": environment(cfg.device.type), "config": cfg.as_dict(),
+              "cases": len(all_cases), "expected_records": len(all_cases) * len(cfg.strategies)}
+    writer = RunWriter(out, header)
+    summary = Summary()
+    refs = ReferenceCache()
+    total = len(all_cases) * len(cfg.strategies)
+    done = 0
+    t_start = time.perf_counter()
+    status = "complete"
+    try:
+        for case in all_cases:
+            inputs = {k: (v.to(cfg.device) if isinstance(v, torch.Tensor) else v)
+                      for k, v in case.scenario.inputs(case.params, seed_generator(case)).items()}
+            for strategy in cfg.strategies:
+                rec, inner = run_case(case, strategy, cfg.device, inputs, refs)
+                summary.seconds_in_scenarios += inner
+                writer.append(rec)
+                summary.add(rec)
+                done += 1
+                if progress:
+                    progress(done, total, f"{case.id} {strategy.label}")
+            refs.drop(case, cfg.device)
+            del inputs
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        wall = time.perf_counter() - t_start
+        stats = {"wall_seconds": wall, "references_computed": refs.computed, "references_reused": refs.reused,
+                 "records": done, "seconds_in_scenarios": summary.seconds_in_scenarios,
+                 "bookkeeping_ms_per_record": 1000 * (wall - summary.seconds_in_scenarios) / max(done, 1)}
+        writer.close({**summary.as_dict(), **stats}, status=status)
+    return out, summary, stats

@@ -1,0 +1,131 @@
+"""A strategy applied on a device: the context a scenario runs in.
+
+Scenarios never read the strategy's fields themselves; they ask the execution to do what the
+strategy says: hand an activation over in the precision a previous layer would produce it in
+(:meth:`act`), store a parameter (:meth:`param`), run a GEMM (:meth:`matmul`, which routes FP8 and
+emulated TF32), enter the forward-pass region (:meth:`autocast`), and make a fresh loss scaler.
+
+>>> import torch
+>>> from harness.strategy import PRESETS
+>>> ex = Execution(PRESETS["fp16"], torch.device("cpu"))
+>>> ex.act(torch.tensor([70000.0, 1e-8])).tolist()
+[inf, 0.0]
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from .emulation import tf32_matmul
+from .formats import Format, get_format
+from .fp8 import AmaxHistory, fp8_matmul
+from .strategy import Strategy, support
+
+__all__ = ["Execution", "FP64"]
+
+
+class Execution:
+    """Everything a scenario needs to run under one strategy on one device."""
+
+    def __init__(self, strategy: Strategy, device: torch.device | str = "cpu") -> None:
+        self.strategy = strategy
+        self.device = torch.device(device)
+        self.supported, self.unsupported_reason, self.notes = support(strategy, self.device)
+        self.act_format: Format = get_format(strategy.activation_format)
+        self.dtype: torch.dtype = self.act_format.dtype
+        self.param_dtype: torch.dtype = get_format(strategy.params).dtype
+        self.fp8_history = AmaxHistory()
+        self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
+
+    # -- what the strategy is --------------------------------------------------------------
+    @property
+    def format(self) -> Format:
+        return self.strategy.format
+
+    @property
+    def is_reference(self) -> bool:
+        return not self.strategy.reduced
+
+    @property
+    def emulated(self) -> bool:
+        return bool(self.notes)
+
+    # -- what scenarios call ---------------------------------------------------------------
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as a low-precision layer would hand it over: rounded to the activation format."""
+        return x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)
+
+    def param(self, x: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
+        """A parameter in the strategy's storage format (a fresh leaf tensor)."""
+        p = x.detach().to(self.device, self.param_dtype).clone()
+        return p.requires_grad_(requires_grad)
+
+    def zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, device=self.device, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The forward-pass region: autocast when the strategy autocasts, with the GEMM flags it asks for
+        (TF32 on only for ``compute=tf32``; reduced-precision reductions only for ``reduction=reduced``)."""
+        s = self.strategy
+        saved = _flags()
+        try:
+            _set_flags(tf32=s.compute == "tf32", reduced=s.reduction == "reduced")
+            if s.apply == "autocast" and self.dtype in (torch.float16, torch.bfloat16):
+                with torch.autocast(self.device.type, dtype=self.dtype):
+                    yield
+            else:
+                yield
+        finally:
+            _set_flags(**saved)
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, key: str = "mm") -> torch.Tensor:
+        """a @ b as the strategy computes it (``key`` names the call site for FP8 amax histories)."""
+        s = self.strategy
+        if s.compute == "fp8":
+            return fp8_matmul(a, b, key, self.fp8_history, s.fp8 == "delayed", self._native_fp8, self.dtype)
+        if s.compute == "tf32" and self.device.type == "cpu":
+            return tf32_matmul(a, b)
+        return a @ b
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+               key: str = "linear") -> torch.Tensor:
+        """x @ w.T + b, like ``torch.nn.functional.linear``, routed through :meth:`matmul`."""
+        y = self.matmul(x, w.t(), key)
+        return y if b is None else y + b
+
+
+def _flags() -> dict:
+    m = torch.backends.cuda.matmul
+    return {"tf32": m.allow_tf32, "reduced": m.allow_fp16_reduced_precision_reduction}
+
+
+def _set_flags(tf32: bool, reduced: bool) -> None:
+    m = torch.backends.cuda.matmul
+    m.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    m.allow_fp16_reduced_precision_reduction = reduced
+    m.allow_bf16_reduced_precision_reduction = reduced
+
+
+def FP64(device: torch.device | str = "cpu") -> Execution:
+    """The FP64 execution used to check an FP32 reference."""
+    from .strategy import parse
+    return Execution(parse("compute=fp64,apply=cast,params=fp64"), device)
+
+
+def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
+    """Send every ``nn.Linear`` of ``model`` through ``ex.linear`` (FP8 and emulated TF32 GEMMs).
+
+    Strategies whose GEMMs torch runs natively (FP32, FP16, BF16, TF32 on a GPU) leave the model as is."""
+    s = ex.strategy
+    if not (s.compute == "fp8" or (s.compute == "tf32" and ex.device.type == "cpu")):
+        return model
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            def fwd(x, _m=mod, _k=name or "linear"):
+                return ex.linear(x, _m.weight, _m.bias, key=_k)
+            mod.forward = fwd  # type: ignore[method-assign]
+    return model

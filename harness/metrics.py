@@ -1,0 +1,105 @@
+"""Error metrics of a candidate output against its reference.
+
+Every comparison is made in FP64 on the device where both live, over the entries where the
+reference is finite. One host sync per tensor pair.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .formats import Format
+from .scenario import Output
+
+__all__ = ["tensor_metrics", "compare", "ulp"]
+
+
+def ulp(y: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Spacing of ``fmt`` at |y| (subnormal spacing below the smallest normal)."""
+    a = y.abs().clamp_min(fmt.min_normal)
+    e = torch.floor(torch.log2(a)).clamp(max=fmt.emax)
+    return torch.exp2(e - fmt.fraction_bits)
+
+
+def tensor_metrics(cand: torch.Tensor, ref: torch.Tensor, fmt: Format) -> dict[str, float]:
+    """rel_err (normwise), max_abs_err, max_rel_err, ulp_err, sqnr_db, and counts of entries that
+    overflowed (finite in the reference, inf/NaN here) or underflowed (non-zero there, zero here);
+    ``underflow_mass`` is the share of the reference's norm carried by the underflowed entries."""
+    if cand.shape != ref.shape:
+        raise ValueError(f"candidate shape {tuple(cand.shape)} differs from the reference's {tuple(ref.shape)}")
+    c, r = cand.detach().double().reshape(-1), ref.detach().double().reshape(-1).to(cand.device)
+    rf = torch.isfinite(r)
+    cf = torch.isfinite(c)
+    over = rf & ~cf
+    under = rf & (r != 0) & (c == 0)
+    d = torch.where(rf & cf, c - r, torch.zeros_like(r))
+    rr = torch.where(rf, r, torch.zeros_like(r))
+    rel_entry = torch.where(rr != 0, d.abs() / rr.abs(), torch.zeros_like(r))
+    stats = torch.stack([
+        d.norm(), rr.norm(), d.abs().max() if d.numel() else d.new_zeros(()),
+        rel_entry.max() if d.numel() else d.new_zeros(()),
+        (d.abs() / ulp(rr, fmt).double()).max() if d.numel() else d.new_zeros(()),
+        over.sum().double(), under.sum().double(), (rf & (r != 0)).sum().double(), rf.sum().double(),
+        torch.where(under, rr, torch.zeros_like(rr)).norm(),
+    ]).tolist()
+    dn, rn, max_abs, max_rel, ulps, n_over, n_under, n_nonzero, n_finite, lost_norm = stats
+    n_over, n_under = int(n_over), int(n_under)
+    rel = math.inf if n_over else (dn / rn if rn > 0 else (0.0 if dn == 0 else math.inf))
+    return {
+        "rel_err": rel,
+        "max_abs_err": math.inf if n_over else max_abs,
+        "max_rel_err": math.inf if n_over else max_rel,
+        "ulp_err": math.inf if n_over else ulps,
+        "sqnr_db": (math.inf if dn == 0 else 20 * math.log10(rn / dn)) if (rn > 0 and not n_over) else -math.inf,
+        "nonfinite": n_over,
+        "overflow_frac": n_over / n_finite if n_finite else 0.0,
+        "underflow_frac": n_under / n_nonzero if n_nonzero else 0.0,
+        "underflow_mass": lost_norm / rn if rn > 0 else 0.0,
+        "numel": int(c.numel()),
+    }
+
+
+def _grads_metrics(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], fmt: Format) -> dict[str, Any]:
+    missing = sorted(set(ref) - set(cand))
+    if missing:
+        raise ValueError(f"candidate has no gradient for {', '.join(missing)}")
+    per = {k: tensor_metrics(cand[k], ref[k], fmt) for k in ref}
+    c = torch.cat([cand[k].detach().double().reshape(-1) for k in ref])
+    r = torch.cat([ref[k].detach().double().reshape(-1).to(c.device) for k in ref])
+    allm = tensor_metrics(c, r, fmt)
+    lost = {k: m["underflow_frac"] for k, m in per.items() if m["underflow_frac"] > 0}
+    return {"grad_rel_err": allm["rel_err"], "grad_nonfinite": allm["nonfinite"],
+            "grad_underflow_frac": allm["underflow_frac"], "grad_overflow_frac": allm["overflow_frac"],
+            "grad_underflow_by_tensor": lost}
+
+
+def _loss_metrics(cand: list[float], ref: list[float]) -> dict[str, Any]:
+    n = min(len(cand), len(ref))
+    if n == 0:
+        return {"loss_steps": len(cand)}
+    bad = sum(1 for x in cand if not math.isfinite(x))
+    div = max((abs(c - r) / max(abs(r), 1e-30) if math.isfinite(c) else math.inf)
+              for c, r in zip(cand[:n], ref[:n]))
+    fin = cand[n - 1] / ref[n - 1] if ref[n - 1] != 0 else math.inf
+    return {"loss_divergence": div, "final_loss_ratio": fin, "loss_nonfinite": bad, "loss_steps": len(cand),
+            "final_loss": cand[n - 1], "final_loss_ref": ref[n - 1]}
+
+
+def compare(cand: Output, ref: Output, fmt: Format) -> dict[str, Any]:
+    """All metrics of ``cand`` against ``ref`` (what both provide)."""
+    m: dict[str, Any] = {}
+    if ref.value is not None:
+        if cand.value is None:
+            raise ValueError("scenario returned no value where the reference has one")
+        m.update(tensor_metrics(cand.value, ref.value, fmt))
+    if ref.grads:
+        if not cand.grads:
+            raise ValueError("scenario returned no gradients where the reference has them")
+        m.update(_grads_metrics(cand.grads, ref.grads, fmt))
+    if ref.losses and cand.losses is not None:
+        m.update(_loss_metrics(cand.losses, ref.losses))
+    if cand.trace is not None:
+        m["scaler"] = cand.trace.as_dict()
+    return m

@@ -1,0 +1,74 @@
+"""The reference a case is judged against: the scenario under FP32 with TF32 off.
+
+Computed once per (scenario, params, seed, device) and reused by every strategy. The same case is
+also run in FP64; where FP32's own error against FP64 exceeds its bound (FP32 is then not
+trustworthy for this case), FP64 becomes the reference and the record says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .execution import FP64, Execution
+from .formats import FORMATS
+from .metrics import compare
+from .scenario import Case, Output
+from .strategy import PRESETS
+from .tolerance import bound, describe
+
+__all__ = ["Reference", "compute_reference", "ReferenceCache"]
+
+
+@dataclass
+class Reference:
+    output: Output
+    format: str  # "fp32" or "fp64"
+    check: dict[str, Any] = field(default_factory=dict)
+
+
+def _deterministic() -> None:
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def compute_reference(case: Case, inputs: dict, device: torch.device) -> Reference:
+    """FP32 reference (TF32 off), checked against FP64."""
+    _deterministic()
+    s, p = case.scenario, case.params
+    out32 = s.run(Execution(PRESETS["fp32"], device), inputs, p)
+    out64 = s.run(FP64(device), inputs, p)
+    fp32 = FORMATS["fp32"]
+    m = compare(out32, out64, fp32)
+    n = s.n(p)
+    b = bound(fp32, n, out64.kappa)
+    worst = max((m.get(k, 0.0) for k in ("rel_err", "grad_rel_err")), default=0.0)
+    check = {"fp32_vs_fp64": worst, "bound": b}
+    if worst > b or m.get("nonfinite") or m.get("grad_nonfinite"):
+        check["reason"] = (f"fp32 rel_err {worst:.2e} > {b:.2e} = {describe(fp32, n, out64.kappa)}: "
+                           "FP64 is the reference")
+        return Reference(out64, "fp64", check)
+    return Reference(out32, "fp32", check)
+
+
+class ReferenceCache:
+    """References by case key and device, with counts of computations and reuses."""
+
+    def __init__(self) -> None:
+        self._refs: dict[tuple[str, str], Reference] = {}
+        self.computed = 0
+        self.reused = 0
+
+    def get(self, case: Case, inputs: dict, device: torch.device) -> Reference:
+        key = (case.key, str(device))
+        if key in self._refs:
+            self.reused += 1
+            return self._refs[key]
+        ref = compute_reference(case, inputs, device)
+        self.computed += 1
+        self._refs[key] = ref
+        return ref
+
+    def drop(self, case: Case, device: torch.device) -> None:
+        self._refs.pop((case.key, str(device)), None)

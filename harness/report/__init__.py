@@ -1,0 +1,1 @@
+"""Reports: pure functions of run files (they import only :mod:`harness.results`)."""

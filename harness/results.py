@@ -1,0 +1,177 @@
+"""Run files: a header (``run.json``) and one record per case (``records.jsonl``).
+
+``records.jsonl`` is appended and flushed as each case finishes, so an interrupted run loses nothing
+already done; a torn last line is detected on read and skipped with a warning. ``run.json`` is
+written by atomic replace, so it is either absent or whole. Non-finite numbers are stored as the
+strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON); :func:`num` reads them back.
+
+This module imports nothing else of the harness: reports and the gate are pure functions of run files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["SCHEMA_VERSION", "RECORD_FIELDS", "RunWriter", "read_run", "read_records", "num", "clean",
+           "environment", "device_class", "write_json_atomic", "RunFileError"]
+
+SCHEMA_VERSION = 1
+RECORD_FIELDS = ("schema_version", "scenario", "family", "params", "seed", "strategy", "strategy_spec", "device",
+                 "outcome", "reason", "metrics", "seconds")
+
+
+class RunFileError(ValueError):
+    """A run file that cannot be used (missing, unreadable, corrupted, another schema version)."""
+
+
+def clean(x: Any) -> Any:
+    """JSON-safe copy: non-finite floats become strings, tuples lists, other objects their str()."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else ("nan" if math.isnan(x) else ("inf" if x > 0 else "-inf"))
+    if isinstance(x, dict):
+        return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return str(x)
+
+
+def num(x: Any) -> float:
+    """A number from a run file (``"inf"`` and friends included); None becomes NaN."""
+    if x is None:
+        return math.nan
+    return float(x)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(clean(obj), f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions and hardware a run depends on (harness, git commit, torch, CUDA, GPU, CPU, Python)."""
+    import torch
+    from . import __version__
+    env: dict[str, Any] = {
+        "harness": __version__, "git_commit": _git_commit(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "device": device,
+        "gpu": None, "driver": None, "torch_threads": torch.get_num_threads(),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = props.name
+        env["gpu_capability"] = f"{props.major}.{props.minor}"
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10)
+            env["driver"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
+    return env
+
+
+def device_class(header: dict) -> str:
+    """``cpu``, or ``cuda:<GPU name>``: runs are only compared within one class."""
+    env = header.get("environment", {})
+    if env.get("device") == "cuda":
+        return f"cuda:{env.get('gpu')}"
+    return "cpu"
+
+
+class RunWriter:
+    """Writes a run directory: the header now, each record as it finishes, the summary at the end."""
+
+    def __init__(self, directory: Path, header: dict[str, Any], append: bool = False) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.header = dict(header, schema_version=SCHEMA_VERSION)
+        write_json_atomic(self.dir / "run.json", dict(self.header, status="running"))
+        self._f = open(self.dir / "records.jsonl", "a" if append else "w", buffering=1)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(clean(record), separators=(",", ":")) + "\n")
+        self._f.flush()
+
+    def close(self, summary: dict[str, Any], status: str = "complete") -> None:
+        self._f.close()
+        write_json_atomic(self.dir / "run.json", dict(self.header, status=status, summary=summary))
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a ``records.jsonl``; a torn or corrupted line is skipped with a warning."""
+    path = Path(path)
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.warn(f"{path}:{i}: skipping a torn or corrupted record line", stacklevel=2)
+                continue
+            if not isinstance(rec, dict):
+                warnings.warn(f"{path}:{i}: skipping a line that is not a JSON object", stacklevel=2)
+                continue
+            yield rec
+
+
+def read_run(directory: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(header, records) of a run directory; raises RunFileError with a one-line reason."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise RunFileError(f"{d}: not a run directory (expected a folder with run.json and records.jsonl)")
+    head_path, rec_path = d / "run.json", d / "records.jsonl"
+    if not rec_path.is_file():
+        raise RunFileError(f"{d}: no records.jsonl; pass a directory written by `python -m harness run`")
+    header: dict[str, Any] = {}
+    if head_path.is_file():
+        try:
+            header = json.loads(head_path.read_text())
+        except (json.JSONDecodeError, OSError) as exc:
+            raise RunFileError(f"{head_path}: unreadable run header ({exc}); re-run or restore the file") from None
+        if not isinstance(header, dict):
+            raise RunFileError(f"{head_path}: expected a JSON object")
+        v = header.get("schema_version")
+        if v != SCHEMA_VERSION:
+            raise RunFileError(f"{head_path}: schema version {v}, this harness reads {SCHEMA_VERSION}; "
+                               "re-run with this version")
+    records = list(read_records(rec_path))
+    for r in records:
+        if r.get("schema_version") != SCHEMA_VERSION:
+            raise RunFileError(f"{rec_path}: a record has schema version {r.get('schema_version')}, this harness "
+                               f"reads {SCHEMA_VERSION}")
+    return header, records
+
+
+def case_key(r: dict[str, Any]) -> str:
+    """Identity of a record across runs: case id, seed, strategy."""
+    return f"{r.get('case', r.get('scenario'))}#{r.get('seed')}|{r.get('strategy')}"
+
+
+def python_executable() -> str:
+    return sys.executable

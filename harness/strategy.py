@@ -1,0 +1,220 @@
+"""Precision strategies: frozen values with a string grammar, and the named presets.
+
+A strategy says which format the compute runs in, how it is applied (``autocast`` the forward pass,
+or ``cast`` the model and its inputs), how parameters are stored, whether FP32 master weights keep
+the update, which loss scaler runs, whether low-precision reductions are allowed inside GEMMs, and
+the FP8 recipe. It prints to and parses from one grammar, and ``parse(str(s)) == s``::
+
+    compute=fp16,apply=autocast,params=fp32,master=no,scaler=none,reduction=fp32,fp8=none
+
+>>> str(parse("fp16-dynamic")) == str(PRESETS["fp16-dynamic"])
+True
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+from .formats import Format, get_format
+from .scaling import SCALER_PRESETS, ScalerSpec, parse_scaler
+
+__all__ = ["Strategy", "PRESETS", "parse", "resolve", "support"]
+
+COMPUTE = ("fp64", "fp32", "tf32", "fp16", "bf16", "fp8")
+APPLY = ("autocast", "cast")
+PARAMS = ("fp64", "fp32", "fp16", "bf16")
+REDUCTION = ("fp32", "reduced")
+FP8_RECIPES = ("none", "tensorwise", "delayed")
+BOOL = {"yes": True, "no": False, "true": True, "false": False, "1": True, "0": False}
+KEYS = ("compute", "apply", "params", "master", "scaler", "reduction", "fp8")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way of running a workload in reduced precision (see module doc for the grammar)."""
+
+    compute: str = "fp32"
+    apply: str = "autocast"
+    params: str = "fp32"
+    master: bool = False
+    scaler: ScalerSpec = field(default_factory=ScalerSpec)
+    reduction: str = "fp32"
+    fp8: str = "none"
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("compute", COMPUTE), ("apply", APPLY), ("params", PARAMS),
+                             ("reduction", REDUCTION), ("fp8", FP8_RECIPES)):
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(f"strategy {key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+        if (self.compute == "fp8") != (self.fp8 != "none"):
+            raise ValueError("compute=fp8 needs an fp8 recipe (fp8=tensorwise or fp8=delayed), and an fp8 "
+                             "recipe needs compute=fp8")
+        if self.master and self.params == "fp32":
+            raise ValueError("master=yes keeps FP32 copies of low-precision parameters; it needs params=fp16 or bf16")
+        if self.apply == "cast" and self.params != self.activation_format:
+            raise ValueError(f"apply=cast stores parameters in the compute format: set params={self.activation_format}")
+
+    def __str__(self) -> str:
+        return ",".join(f"{k}={self._value_str(k)}" for k in KEYS)
+
+    def _value_str(self, key: str) -> str:
+        v = getattr(self, key)
+        return ("yes" if v else "no") if isinstance(v, bool) else str(v)
+
+    @property
+    def spec(self) -> str:
+        return str(self)
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self)
+
+    @property
+    def activation_format(self) -> str:
+        """Format of activations between layers (FP8 recipes keep BF16 there; TF32 only affects GEMMs)."""
+        return {"fp8": "bf16", "tf32": "fp32"}.get(self.compute, self.compute)
+
+    @property
+    def format(self) -> Format:
+        """The format whose unit roundoff bounds this strategy's error: the lowest precision it computes in."""
+        return get_format({"fp8": "fp8_e4m3"}.get(self.compute, self.compute))
+
+    @property
+    def reduced(self) -> bool:
+        return self.compute not in ("fp32", "fp64")
+
+    def with_name(self, name: str) -> "Strategy":
+        return replace(self, name=name)
+
+
+_TORCH = str(SCALER_PRESETS["torch"])
+_PRESET_SPECS = (
+    ("fp32", "compute=fp32"),
+    ("tf32", "compute=tf32"),
+    ("fp16", "compute=fp16"),
+    ("fp16-static", "compute=fp16,scaler=static(1024)"),
+    ("fp16-dynamic", f"compute=fp16,scaler={_TORCH}"),
+    ("fp16-gradscaler", "compute=fp16,scaler=gradscaler(init=2^16,growth=2,backoff=0.5,interval=2000)"),
+    ("fp16-pure", f"compute=fp16,apply=cast,params=fp16,scaler={_TORCH}"),
+    ("fp16-master", f"compute=fp16,apply=cast,params=fp16,master=yes,scaler={_TORCH}"),
+    ("bf16", "compute=bf16"),
+    ("bf16-pure", "compute=bf16,apply=cast,params=bf16"),
+    ("bf16-master", "compute=bf16,apply=cast,params=bf16,master=yes"),
+    ("fp8-tensorwise", "compute=fp8,fp8=tensorwise"),
+    ("fp8-delayed", "compute=fp8,fp8=delayed"),
+)
+#: The named presets (names fixed by the project's contract), filled in below once parse exists.
+PRESETS: dict[str, Strategy] = {}
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise ValueError(f"unbalanced parentheses in strategy spec {text!r}")
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse(text: str) -> Strategy:
+    """Parse a preset name or a ``key=value,...`` spec; unknown names suggest the nearest presets."""
+    t = text.strip()
+    if t in PRESETS:
+        return PRESETS[t]
+    if "=" not in t:
+        near = difflib.get_close_matches(t, list(PRESETS), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise ValueError(f"unknown strategy {t!r}{hint} (presets: {', '.join(PRESETS)}; "
+                         f"or a spec like compute=fp16,scaler=static(1024))")
+    kw: dict = {}
+    for part in _split_top(t):
+        if "=" not in part:
+            raise ValueError(f"strategy spec part {part!r} must be key=value; keys: {', '.join(KEYS)}")
+        k, v = (s.strip() for s in part.split("=", 1))
+        if k not in KEYS:
+            near = difflib.get_close_matches(k, KEYS, n=1)
+            raise ValueError(f"unknown strategy key {k!r}{' (did you mean ' + near[0] + '?)' if near else ''}; "
+                             f"keys: {', '.join(KEYS)}")
+        if k in kw:
+            raise ValueError(f"strategy key {k!r} given twice in {text!r}")
+        if k == "master":
+            if v not in BOOL:
+                raise ValueError(f"master={v!r}: use yes or no")
+            kw[k] = BOOL[v]
+        elif k == "scaler":
+            kw[k] = parse_scaler(v)
+        else:
+            kw[k] = v
+    if kw.get("apply") == "cast" and "params" not in kw:
+        compute = kw.get("compute", "fp32")
+        kw["params"] = {"fp8": "bf16", "tf32": "fp32"}.get(compute, compute)
+    strategy = Strategy(**kw)
+    for preset in PRESETS.values():  # a spec equal to a preset takes its name
+        if preset == strategy:
+            return preset
+    return strategy
+
+
+PRESETS.update((name, parse(spec).with_name(name)) for name, spec in _PRESET_SPECS)
+
+
+def resolve(names: list[str] | None) -> list[Strategy]:
+    """Strategies for the given names or specs (all presets when empty), without duplicates."""
+    if not names:
+        return list(PRESETS.values())
+    out: list[Strategy] = []
+    for n in names:
+        s = parse(n)
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[str]]:
+    """Whether ``strategy`` runs on ``device``: (supported, reason if not, emulation notes).
+
+    Nothing is downgraded silently: an emulated path is named in the notes (and in every record),
+    and a path the device lacks is unsupported with a reason.
+    """
+    notes: list[str] = []
+    if device.type == "cpu":
+        if strategy.compute == "tf32":
+            notes.append("tf32 emulated on the CPU: GEMM inputs rounded to 10 fraction bits, FP32 accumulation")
+        if strategy.compute == "fp8":
+            notes.append("fp8 emulated on the CPU: GEMM inputs cast to e4m3/e5m2 with per-tensor scales, "
+                         "FP32 accumulation")
+        if strategy.reduction == "reduced":
+            return False, ("reduction=reduced needs cuBLAS (allow_fp16/bf16_reduced_precision_reduction); "
+                           "no CPU kernel honours it"), notes
+        return True, "", notes
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        if strategy.compute in ("bf16", "fp8") and cap < (8, 0):
+            return False, f"{name} (sm_{cap[0]}{cap[1]}) has no BF16 Tensor Cores (needs sm_80+)", notes
+        if strategy.compute == "tf32" and cap < (8, 0):
+            return False, f"{name} (sm_{cap[0]}{cap[1]}) has no TF32 Tensor Cores (needs sm_80+)", notes
+        if strategy.compute == "fp8":
+            if cap < (8, 9):
+                return False, f"{name} (sm_{cap[0]}{cap[1]}) has no FP8 Tensor Cores (needs sm_89+)", notes
+            if not hasattr(torch, "_scaled_mm"):
+                return False, f"torch {torch.__version__} lacks torch._scaled_mm", notes
+        return True, "", notes
+    return False, f"device type {device.type!r} is not supported (use cpu or cuda)", notes
+
+
+def strategy_fields() -> list[str]:
+    return [f.name for f in fields(Strategy) if f.name != "name"]

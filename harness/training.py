@@ -1,0 +1,153 @@
+"""The mixed-precision training step, written once and used by every scenario with gradients.
+
+It is the textbook loop (nanoGPT reads the same)::
+
+    with autocast:  loss = loss_fn(model, batch)        # or the model cast to fp16/bf16
+    (loss * S).backward()                               # S: the loss scale, as a 0-d FP32 tensor
+    grads = p.grad * (1/S) in FP32; found_inf = any non-finite
+    decision = scaler.update(found_inf)                 # recorded: scale, found_inf, skipped
+    if not skipped: optimizer.step()                    # on FP32 master weights when the strategy keeps them
+
+``fp16-gradscaler`` strategies drive the real ``torch.amp.GradScaler`` instead of our scaler, and its
+decisions are recorded the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .execution import Execution
+from .scaling import Decision, LossScaleFloorError, ScaleTrace, Scaler
+
+__all__ = ["Trainer", "TrainResult"]
+
+LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    trace: ScaleTrace | None = None
+    first_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # of the first step not skipped
+    stopped: str | None = None  # why training ended early (a scaler raised at its floor)
+
+
+class _GradScalerAdapter:
+    """Drives torch.amp.GradScaler and reports each step as a :class:`Decision`."""
+
+    def __init__(self, ex: Execution) -> None:
+        spec = ex.strategy.scaler
+        self.gs = torch.amp.GradScaler(ex.device.type, init_scale=spec.init, growth_factor=spec.growth,
+                                       backoff_factor=spec.backoff, growth_interval=spec.interval)
+
+    @property
+    def scale(self) -> float:
+        return float(self.gs.get_scale())
+
+
+class Trainer:
+    """Runs training steps of ``model`` under an execution's strategy.
+
+    Parameters live in the strategy's storage format; with ``master=yes`` the optimizer updates FP32
+    copies and writes them back. ``optimizer`` is a factory ``params -> torch.optim.Optimizer``.
+    """
+
+    def __init__(self, ex: Execution, model: torch.nn.Module,
+                 optimizer: Callable[[list], torch.optim.Optimizer] | None = None) -> None:
+        self.ex = ex
+        s = ex.strategy
+        self.model = model.to(ex.device, ex.param_dtype)
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params] if s.master else None
+        make_opt = optimizer or (lambda ps: torch.optim.SGD(ps, lr=1e-2))
+        self.opt = make_opt(self.master if self.master is not None else self.params)
+        self.trace = ScaleTrace(str(s.scaler))
+        if s.scaler.kind == "gradscaler":
+            self.scaler: Scaler | _GradScalerAdapter = _GradScalerAdapter(ex)
+        else:
+            self.scaler = Scaler(s.scaler)
+
+    def _batch(self, batch: tuple) -> tuple:
+        ex = self.ex
+        cast = ex.strategy.apply == "cast"
+        return tuple((b.to(ex.device, ex.dtype) if cast else b.to(ex.device))
+                     if isinstance(b, torch.Tensor) and b.is_floating_point()
+                     else (b.to(ex.device) if isinstance(b, torch.Tensor) else b) for b in batch)
+
+    def step(self, loss_fn: LossFn, batch: tuple) -> tuple[float, dict[str, torch.Tensor], Decision]:
+        """One step; returns (loss, unscaled FP32 gradients by parameter name, the scaler's decision).
+
+        Raises :class:`LossScaleFloorError` when the scaler's policy is to raise at its floor."""
+        for p in self.params:
+            p.grad = None
+        with self.ex.autocast():
+            loss = loss_fn(self.model, self._batch(batch))
+        if isinstance(self.scaler, _GradScalerAdapter):
+            return self._gradscaler_step(loss)
+        scale = torch.tensor(self.scaler.scale, dtype=torch.float32, device=self.ex.device)
+        (loss * scale).backward()
+        inv = scale.double().reciprocal().float()  # as GradScaler: 1/S in FP32 (inf once S is subnormal)
+        grads = {n: (p.grad.float() * inv if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+                 for n, p in zip(self.names, self.params)}
+        found_inf = not all(bool(torch.isfinite(g).all()) for g in grads.values())
+        decision = self.scaler.update(found_inf)
+        if not decision.skipped:
+            self._apply(grads)
+        return float(loss.detach().float()), grads, decision
+
+    def _gradscaler_step(self, loss: torch.Tensor) -> tuple[float, dict[str, torch.Tensor], Decision]:
+        ad = self.scaler
+        assert isinstance(ad, _GradScalerAdapter)
+        before = ad.scale
+        ad.gs.scale(loss).backward()
+        if self.master is not None:
+            raise ValueError("gradscaler strategies keep FP32 parameters; master=yes is not supported with them")
+        ad.gs.unscale_(self.opt)
+        found_inf = sum(float(v) for v in ad.gs._found_inf_per_device(self.opt).values()) > 0
+        grads = {n: (p.grad.detach().float().clone() if p.grad is not None
+                     else torch.zeros_like(p, dtype=torch.float32)) for n, p in zip(self.names, self.params)}
+        ad.gs.step(self.opt)
+        ad.gs.update()
+        after = ad.scale
+        event = "backoff" if after < before else ("grow" if after > before else "hold")
+        return float(loss.detach().float()), grads, Decision(before, found_inf, found_inf, after, event)
+
+    def _apply(self, grads: dict[str, torch.Tensor]) -> None:
+        if self.master is not None:
+            for m, n in zip(self.master, self.names):
+                m.grad = grads[n]
+            self.opt.step()
+            with torch.no_grad():
+                for p, m in zip(self.params, self.master):
+                    p.copy_(m)
+        else:
+            for p, n in zip(self.params, self.names):
+                p.grad = grads[n].to(p.dtype)
+            self.opt.step()
+
+    def train(self, loss_fn: LossFn, batches: Callable[[int], tuple], steps: int) -> TrainResult:
+        """Run ``steps`` steps; a scaler that raises at its floor ends training and is recorded."""
+        result = TrainResult(trace=self.trace)
+        for i in range(steps):
+            try:
+                loss, grads, decision = self.step(loss_fn, batches(i))
+            except LossScaleFloorError as exc:
+                self.trace.raised = str(exc)
+                result.stopped = f"step {i}: {exc}"
+                break
+            self.trace.add(decision)
+            result.losses.append(loss)
+            if not result.first_grads and not decision.skipped:
+                # skipped steps leave the parameters alone, so the first applied step's gradients are
+                # taken at the same point as the reference's first step
+                result.first_grads = grads
+        if not result.first_grads and self.trace.steps:
+            result.first_grads = grads
+        return result
+
+    def parameters_fp32(self) -> dict[str, torch.Tensor]:
+        src = self.master if self.master is not None else self.params
+        return {n: p.detach().float() for n, p in zip(self.names, src)}
