@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "UsageError", "positive_int"]
 
 
 class UsageError(ValueError):
@@ -19,7 +20,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -34,20 +35,25 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sub.required = True
     ls = sub.add_parser("list", help="scenarios: name, family, description, parameter grid")
+    ls.set_defaults(func=_cmd_list)
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
     st = sub.add_parser("strategies", help="strategy presets and their canonical spec strings")
+    st.set_defaults(func=_cmd_strategies)
     st.add_argument("--json", action="store_true")
     r = sub.add_parser("run", help="run the scenario x strategy matrix")
+    r.set_defaults(func=_cmd_run)
     r.add_argument("--scenario", action="append", default=[], metavar="GLOB")
     r.add_argument("--family", action="append", default=[], metavar="F")
     r.add_argument("--strategy", action="append", default=[], metavar="NAME-or-SPEC")
     r.add_argument("--device", default="auto", metavar="cpu|cuda|auto")
-    r.add_argument("--seeds", type=_positive_int, default=1, metavar="N")
+    r.add_argument("--seeds", type=positive_int, default=1, metavar="N")
     r.add_argument("--tier", default="quick", metavar="quick|full")
     r.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
     r.add_argument("--out", type=Path, default=None, metavar="DIR")
     r.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    for mod in COMMAND_MODULES:
+        importlib.import_module(mod).add_command(sub)
     return p
 
 
@@ -117,13 +123,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": _cmd_list, "strategies": _cmd_strategies, "run": _cmd_run}
+#: Modules that add a subcommand: each defines ``add_command(subparsers)`` and sets ``func`` on its
+#: parser (``func(args) -> exit code``; raise ValueError for bad input).
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        return args.func(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

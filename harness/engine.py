@@ -131,6 +131,8 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
     try:
         ref = ref_cache.get(case, inputs, device)
         extra["reference"] = {"format": ref.format, **ref.check}
+        if ref.window is not None:
+            extra["window"] = ref.window
         _peak_reset(device)
         torch.manual_seed(case.seed)
         sync(device)
@@ -160,10 +162,16 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
     return _record(case, strategy, device, verdict, metrics, seconds, extra), inner
 
 
-def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None) -> tuple[Path, Summary, dict]:
-    """Run the whole matrix into a run directory; returns (directory, summary, run stats)."""
+def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None,
+               shard: tuple[int, int] | None = None) -> tuple[Path, Summary, dict]:
+    """Run the whole matrix into a run directory; returns (directory, summary, run stats).
+
+    ``shard=(rank, world)`` runs only the cases whose index is ``rank`` modulo ``world``."""
     out = cfg.out or default_out_dir(cfg.device)
     all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)
+    if shard is not None:
+        rank, world = shard
+        all_cases = all_cases[rank::world]
     header = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "environment": environment(cfg.device.type), "config": cfg.as_dict(),
               "cases": len(all_cases), "expected_records": len(all_cases) * len(cfg.strategies)}

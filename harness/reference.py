@@ -17,6 +17,7 @@ from .metrics import compare
 from .scenario import Case, Output
 from .strategy import PRESETS
 from .tolerance import bound, describe
+from .window import scale_window
 
 __all__ = ["Reference", "compute_reference", "ReferenceCache"]
 
@@ -26,6 +27,7 @@ class Reference:
     output: Output
     format: str  # "fp32" or "fp64"
     check: dict[str, Any] = field(default_factory=dict)
+    window: dict[str, Any] | None = None  # FP16 loss-scale window of the reference gradients
 
 
 def _deterministic() -> None:
@@ -45,11 +47,26 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
     b = bound(fp32, n, out64.kappa)
     worst = max((m.get(k, 0.0) for k in ("rel_err", "grad_rel_err")), default=0.0)
     check = {"fp32_vs_fp64": worst, "bound": b}
+    window = _window(out32)
     if worst > b or m.get("nonfinite") or m.get("grad_nonfinite"):
         check["reason"] = (f"fp32 rel_err {worst:.2e} > {b:.2e} = {describe(fp32, n, out64.kappa)}: "
                            "FP64 is the reference")
-        return Reference(out64, "fp64", check)
-    return Reference(out32, "fp32", check)
+        return Reference(out64, "fp64", check, window)
+    return Reference(out32, "fp32", check, window)
+
+
+MAX_WINDOW_TENSORS = 64
+
+
+def _window(out: Output) -> dict[str, Any] | None:
+    if not out.grads:
+        return None
+    w = scale_window(out.grads).as_dict()
+    if len(w["per_tensor"]) > MAX_WINDOW_TENSORS:  # keep records small for large models
+        keep = sorted(w["per_tensor"].items(), key=lambda kv: -kv[1]["lo"])[:MAX_WINDOW_TENSORS]
+        w["per_tensor"] = dict(keep)
+        w["per_tensor_truncated"] = True
+    return w
 
 
 class ReferenceCache:
