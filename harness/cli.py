@@ -30,6 +30,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m harness", description="Numerical-robustness harness for mixed-precision training")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -52,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
     r.add_argument("--out", type=Path, default=None, metavar="DIR")
     r.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    r.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                   help="per (case, strategy) deadline; 0 disables it (default 600)")
+    r.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                   help="complete an interrupted run: run exactly the cases missing from DIR")
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).add_command(sub)
     return p
@@ -88,11 +102,16 @@ def _progress_bar(console: Any):
     return prog
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .engine import RunConfig, resolve_device, run_matrix
-    from .report.tables import render_failure_table
+def _run_config(args: argparse.Namespace):
+    from .engine import RunConfig, resolve_device, resume_config
     from .scenario import TIERS, discover
     from .strategy import resolve
+    if args.resume is not None:
+        given = [f for f, v in (("--scenario", args.scenario), ("--family", args.family), ("--strategy", args.strategy),
+                                ("--import", args.imports), ("--out", args.out)) if v]
+        if given:
+            raise UsageError(f"--resume takes its configuration from the run directory; drop {', '.join(given)}")
+        return resume_config(args.resume), True
     if args.tier not in TIERS:
         raise UsageError(f"unknown tier {args.tier!r}; tiers: {', '.join(TIERS)}")
     device = resolve_device(args.device)
@@ -103,16 +122,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("the filters select no scenario; `python -m harness list` shows them")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory; pass a new or existing directory")
-    cfg = RunConfig(scenarios, strategies, device, args.seeds, args.tier, args.out, args.imports)
+    if args.out is not None and (args.out / "records.jsonl").exists():
+        raise UsageError(f"--out {args.out}: already holds a run; use --resume {args.out} to complete it, "
+                         "or pass a new directory")
+    return RunConfig(scenarios, strategies, device, args.seeds, args.tier, args.out, args.imports,
+                     args.timeout or None), False
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .engine import run_matrix
+    from .report.tables import render_failure_table
+    cfg, resume = _run_config(args)
     from rich.console import Console
     console = Console(stderr=True)
     show = not args.quiet and console.is_terminal
     if show:
         with _progress_bar(console) as prog:
             task = prog.add_task("run", total=None, case="")
-            out, summary, stats = run_matrix(cfg, lambda d, t, c: prog.update(task, completed=d, total=t, case=c))
+            out, summary, stats = run_matrix(cfg, lambda d, t, c: prog.update(task, completed=d, total=t, case=c),
+                                             resume=resume)
     else:
-        out, summary, stats = run_matrix(cfg)
+        out, summary, stats = run_matrix(cfg, resume=resume)
     if not args.quiet:
         text = render_failure_table(summary.by_strategy, summary.by_family,
                                     console=Console() if sys.stdout.isatty() else None)

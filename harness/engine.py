@@ -7,6 +7,9 @@ that raises becomes an ``error`` record carrying its traceback, and the run goes
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -16,15 +19,16 @@ from typing import Any, Callable
 import torch
 
 from .execution import Execution
+from .guard import cleanup, deadline, is_oom
 from .metrics import compare
 from .reference import ReferenceCache
-from .results import SCHEMA_VERSION, RunWriter, environment
+from .results import SCHEMA_VERSION, RunWriter, environment, read_records
 from .scenario import Case, Output, Scenario, cases, seed_generator
 from .strategy import Strategy
 from .timing import sync
 from .verdict import FAILURES, UNDERFLOW_BUDGET, Verdict, judge
 
-__all__ = ["RunConfig", "run_matrix", "run_case", "default_out_dir", "resolve_device", "Summary"]
+__all__ = ["RunConfig", "run_matrix", "run_case", "default_out_dir", "resolve_device", "Summary", "resume_config"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,11 +62,12 @@ class RunConfig:
     tier: str = "quick"
     out: Path | None = None
     imports: list[str] = field(default_factory=list)
+    timeout: float | None = 600.0  # seconds per (case, strategy), reference included
 
     def as_dict(self) -> dict[str, Any]:
         return {"scenarios": [s.name for s in self.scenarios], "strategies": [s.label for s in self.strategies],
                 "strategy_specs": {s.label: str(s) for s in self.strategies}, "device": self.device.type,
-                "seeds": self.seeds, "tier": self.tier, "imports": self.imports}
+                "seeds": self.seeds, "tier": self.tier, "imports": self.imports, "timeout": self.timeout}
 
 
 @dataclass
@@ -115,9 +120,12 @@ def _peak(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
-def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache
-             ) -> tuple[dict[str, Any], float]:
-    """Run and judge one (case, strategy); returns (record, seconds spent inside the scenario)."""
+def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache,
+             timeout: float | None = None) -> tuple[dict[str, Any], float]:
+    """Run and judge one (case, strategy); returns (record, seconds spent inside the scenario).
+
+    Whatever the scenario does (raise, run past ``timeout`` seconds, run out of memory, return
+    garbage), the result is a record: an ``error`` one with the reason and the traceback."""
     s = case.scenario
     ex = Execution(strategy, device)
     extra: dict[str, Any] = {"emulated": ex.notes}
@@ -129,7 +137,8 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
     t0 = time.perf_counter()
     inner = 0.0
     try:
-        ref = ref_cache.get(case, inputs, device)
+        with deadline(timeout):
+            ref = ref_cache.get(case, inputs, device)
         extra["reference"] = {"format": ref.format, **ref.check}
         if ref.window is not None:
             extra["window"] = ref.window
@@ -137,8 +146,9 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
         torch.manual_seed(case.seed)
         sync(device)
         t1 = time.perf_counter()
-        out: Output = s.run(ex, inputs, case.params)
-        sync(device)
+        with deadline(timeout):
+            out: Output = s.run(ex, inputs, case.params)
+            sync(device)
         inner = time.perf_counter() - t1
         extra["peak_bytes"] = _peak(device)
         if not isinstance(out, Output):
@@ -154,40 +164,85 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
                         floor=ref.check["fp32_vs_fp64"] if ref.format == "fp64" else 0.0)
     except Exception as exc:  # a failing scenario is data: an error record, and the run goes on
         metrics = {}
-        verdict = Verdict("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+        kind = "out of memory: " if is_oom(exc) else ""
+        verdict = Verdict("error", f"{kind}{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
         extra["traceback"] = traceback.format_exc()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        cleanup(device)
     seconds = time.perf_counter() - t0
     return _record(case, strategy, device, verdict, metrics, seconds, extra), inner
 
 
+def _inputs(case: Case, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+            for k, v in case.scenario.inputs(case.params, seed_generator(case)).items()}
+
+
+def _input_error(case: Case, strategy: Strategy, device: torch.device, exc: Exception) -> dict[str, Any]:
+    v = Verdict("error", f"building inputs failed: {type(exc).__name__}: {exc}"[:300])
+    return _record(case, strategy, device, v, {}, 0.0, {"traceback": traceback.format_exc()})
+
+
+def _done_keys(out: Path) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
+    """Records already in a run directory (a torn last line is dropped), rewritten cleanly."""
+    path = out / "records.jsonl"
+    if not path.exists():
+        return set(), []
+    recs = list(read_records(path))
+    tmp = out / ".records.jsonl.resume"
+    with open(tmp, "w") as f:
+        for r in recs:
+            f.write(json.dumps(r, separators=(",", ":")) + "\n")
+    os.replace(tmp, path)
+    return {(f"{r.get('case')}#{r.get('seed')}", r.get("strategy")) for r in recs}, recs
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None,
-               shard: tuple[int, int] | None = None) -> tuple[Path, Summary, dict]:
+               shard: tuple[int, int] | None = None, resume: bool = False) -> tuple[Path, Summary, dict]:
     """Run the whole matrix into a run directory; returns (directory, summary, run stats).
 
-    ``shard=(rank, world)`` runs only the cases whose index is ``rank`` modulo ``world``."""
+    ``shard=(rank, world)`` runs only the cases whose index is ``rank`` modulo ``world``. ``resume``
+    keeps the records already in ``cfg.out`` and runs exactly the missing (case, strategy) pairs.
+    SIGINT and SIGTERM end the run with what is done written and ``run.json`` marked interrupted."""
     out = cfg.out or default_out_dir(cfg.device)
     all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)
     if shard is not None:
         rank, world = shard
         all_cases = all_cases[rank::world]
+    done_keys, previous = _done_keys(Path(out)) if resume else (set(), [])
     header = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "environment": environment(cfg.device.type), "config": cfg.as_dict(),
               "cases": len(all_cases), "expected_records": len(all_cases) * len(cfg.strategies)}
-    writer = RunWriter(out, header)
+    writer = RunWriter(out, header, append=resume)
     summary = Summary()
+    for r in previous:
+        summary.add(r)
     refs = ReferenceCache()
     total = len(all_cases) * len(cfg.strategies)
-    done = 0
+    done = len(previous)
     t_start = time.perf_counter()
+    t_inputs = 0.0
     status = "complete"
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         for case in all_cases:
-            inputs = {k: (v.to(cfg.device) if isinstance(v, torch.Tensor) else v)
-                      for k, v in case.scenario.inputs(case.params, seed_generator(case)).items()}
-            for strategy in cfg.strategies:
-                rec, inner = run_case(case, strategy, cfg.device, inputs, refs)
+            todo = [st for st in cfg.strategies if (case.key, st.label) not in done_keys]
+            if not todo:
+                continue
+            t0 = time.perf_counter()
+            try:
+                inputs, input_exc = _inputs(case, cfg.device), None
+            except Exception as exc:  # noqa: BLE001 - a broken scenario is an error record
+                inputs, input_exc = {}, exc
+            t_inputs += time.perf_counter() - t0
+            for strategy in todo:
+                if input_exc is not None:
+                    rec, inner = _input_error(case, strategy, cfg.device, input_exc), 0.0
+                else:
+                    rec, inner = run_case(case, strategy, cfg.device, inputs, refs, cfg.timeout)
                 summary.seconds_in_scenarios += inner
                 writer.append(rec)
                 summary.add(rec)
@@ -200,9 +255,40 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
         status = "interrupted"
         raise
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         wall = time.perf_counter() - t_start
+        ran = done - len(previous)
+        inside = summary.seconds_in_scenarios + refs.seconds + t_inputs
         stats = {"wall_seconds": wall, "references_computed": refs.computed, "references_reused": refs.reused,
-                 "records": done, "seconds_in_scenarios": summary.seconds_in_scenarios,
-                 "bookkeeping_ms_per_record": 1000 * (wall - summary.seconds_in_scenarios) / max(done, 1)}
+                 "records": done, "records_this_session": ran, "resumed": resume,
+                 "seconds_in_scenarios": summary.seconds_in_scenarios, "seconds_in_references": refs.seconds,
+                 "seconds_building_inputs": t_inputs,
+                 "bookkeeping_ms_per_record": 1000 * (wall - inside) / max(ran, 1)}
         writer.close({**summary.as_dict(), **stats}, status=status)
     return out, summary, stats
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def resume_config(out: Path) -> RunConfig:
+    """The configuration of an earlier run, from its ``run.json``, to complete it with ``resume``."""
+    from .scenario import discover
+    from .strategy import parse
+    head = Path(out) / "run.json"
+    if not head.is_file():
+        raise ValueError(f"--resume {out}: no run.json there; pass a directory written by `python -m harness run`")
+    try:
+        header = json.loads(head.read_text())
+        c = header["config"]
+        specs = c["strategy_specs"]
+        reg = discover(c.get("imports", []))
+        scenarios = [reg.get(n) for n in c["scenarios"]]
+        strategies = [parse(specs.get(label, label)) for label in c["strategies"]]
+        return RunConfig(scenarios, strategies, resolve_device(c["device"]), int(c["seeds"]), c["tier"], Path(out),
+                         list(c.get("imports", [])), c.get("timeout"))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--resume {out}: run.json is not a harness run header ({type(exc).__name__}: {exc})") from None

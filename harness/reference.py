@@ -6,6 +6,7 @@ trustworthy for this case), FP64 becomes the reference and the record says so.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,20 +71,34 @@ def _window(out: Output) -> dict[str, Any] | None:
 
 
 class ReferenceCache:
-    """References by case key and device, with counts of computations and reuses."""
+    """References by case key and device, with counts of computations and reuses and the seconds spent.
+
+    A reference that fails is remembered too: every strategy of that case gets the same error
+    without recomputing it."""
 
     def __init__(self) -> None:
-        self._refs: dict[tuple[str, str], Reference] = {}
+        self._refs: dict[tuple[str, str], Reference | Exception] = {}
         self.computed = 0
         self.reused = 0
+        self.seconds = 0.0
 
     def get(self, case: Case, inputs: dict, device: torch.device) -> Reference:
         key = (case.key, str(device))
         if key in self._refs:
             self.reused += 1
-            return self._refs[key]
-        ref = compute_reference(case, inputs, device)
-        self.computed += 1
+            hit = self._refs[key]
+            if isinstance(hit, Exception):
+                raise RuntimeError(f"the reference of this case failed: {type(hit).__name__}: {hit}")
+            return hit
+        t0 = time.perf_counter()
+        try:
+            ref = compute_reference(case, inputs, device)
+        except Exception as exc:
+            self._refs[key] = exc
+            raise
+        finally:
+            self.computed += 1
+            self.seconds += time.perf_counter() - t0
         self._refs[key] = ref
         return ref
 
