@@ -115,7 +115,8 @@ def get_format(name: str) -> Format:
 def quantize(x: torch.Tensor, fmt: Format | str) -> torch.Tensor:
     """Round ``x`` to ``fmt`` (round to nearest even, saturating nothing) and return it as float32.
 
-    Values past the format's max become inf (FP8 E4M3, which has no inf, gives NaN, as the cast does).
+    Values that round past the format's max become inf; FP8 E4M3, which has no inf, gives NaN (its
+    overflow encoding) for them: torch's cast would saturate to 448, so that is checked here.
     TF32 is emulated by rounding FP32's mantissa to 10 bits on the bit pattern.
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
@@ -130,8 +131,10 @@ def quantize(x: torch.Tensor, fmt: Format | str) -> torch.Tensor:
         return torch.where(finite, rounded.view(torch.float32), x)
     if fmt.name in ("fp32", "fp64"):
         return x
-    if fmt.finite_only:  # the cast saturates nothing: make out-of-range explicit as NaN
-        over = x.abs() > fmt.max * (1 + fmt.u)
+    if fmt.finite_only:  # overflow is explicit NaN, not the cast's saturation
+        # round to nearest overflows past max + half an ulp of max; at the tie itself it keeps max,
+        # whose last mantissa bit is even (E4M3: 448 = 1.110b * 2^8, and 464 rounds to it)
+        over = x.abs() > fmt.max + 2.0 ** (fmt.emax - fmt.fraction_bits - 1)
         return torch.where(over, torch.full_like(x, float("nan")), x.to(fmt.dtype).float())
     return x.to(fmt.dtype).float()
 

@@ -19,7 +19,8 @@ __all__ = ["tensor_metrics", "compare", "ulp"]
 def ulp(y: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Spacing of ``fmt`` at |y| (subnormal spacing below the smallest normal)."""
     a = y.abs().clamp_min(fmt.min_normal)
-    e = torch.floor(torch.log2(a)).clamp(max=fmt.emax)
+    e = torch.frexp(a).exponent.to(a.dtype) - 1  # exact; CUDA's float64 log2 misses powers of two
+    e = torch.where(torch.isfinite(a), e, torch.log2(a)).clamp(max=fmt.emax)
     return torch.exp2(e - fmt.fraction_bits)
 
 

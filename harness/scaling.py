@@ -7,9 +7,10 @@ Megatron-LM)::
 
     if found_inf:                       # skip the optimizer step
         hysteresis_left -= 1
-        if hysteresis_left == 0:        # tolerate `hysteresis` overflows before backing off
+        if hysteresis_left <= 0:        # tolerate `hysteresis` overflows before backing off; once
+            # used up, every further overflow backs off until the next growth (DeepSpeed, Megatron-LM)
             if S at the floor: stall (keep S, keep skipping) or raise LossScaleFloorError
-            else S = max(S * backoff, min); hysteresis_left = hysteresis
+            else S = max(S * backoff, min)
         good_steps = 0
     else:
         good_steps += 1
@@ -23,6 +24,7 @@ Named policies of known implementations are in :data:`SCALER_PRESETS`.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field, fields, replace
 
 __all__ = ["ScalerSpec", "Decision", "Scaler", "LossScaleFloorError", "ScaleTrace", "SCALER_PRESETS",
@@ -32,12 +34,25 @@ KINDS = ("none", "static", "dynamic", "gradscaler")
 FLOORS = ("stall", "raise")
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to FP32, as the scale tensor of torch's GradScaler holds it (inf past 2^128,
+    subnormal and then zero below 2^-126)."""
+    if math.isinf(x) or math.isnan(x):
+        return x
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
 class LossScaleFloorError(RuntimeError):
     """Raised by a scaler whose policy is to raise when it overflows at its minimum scale."""
 
 
 def format_number(x: float) -> str:
     """Shortest exact spelling: powers of two as 2^k, integers plain, else repr."""
+    if math.isnan(x):
+        return "nan"
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
     if x > 0:
@@ -54,8 +69,10 @@ def parse_number(text: str, what: str) -> float:
     try:
         if "^" in t:
             base, exp = t.split("^", 1)
-            return float(base) ** float(exp)
+            return math.pow(float(base), float(exp))  # real or ValueError, unlike ** (complex for (-2)^0.5)
         return float(t)
+    except OverflowError:
+        raise ValueError(f"{what}: {text!r} is too large for a float (use inf for no limit)") from None
     except ValueError:
         raise ValueError(f"{what}: {text!r} is not a number (use e.g. 65536, 2^16, 0.5, inf)") from None
 
@@ -84,8 +101,9 @@ class ScalerSpec:
                 raise ValueError(f"scaler growth must be > 1, got {self.growth}")
             if not 0 < self.backoff < 1:
                 raise ValueError(f"scaler backoff must be in (0, 1), got {self.backoff}")
-            if self.interval < 1 or self.hysteresis < 1:
-                raise ValueError("scaler interval and hysteresis must be integers >= 1")
+            for k in ("interval", "hysteresis"):
+                if getattr(self, k) < 1:
+                    raise ValueError(f"scaler {k} must be a whole number >= 1, got {getattr(self, k)}")
             if not 0 <= self.min <= self.init <= self.max:
                 raise ValueError(f"scaler needs 0 <= min <= init <= max, got min={format_number(self.min)} "
                                  f"init={format_number(self.init)} max={format_number(self.max)}")
@@ -195,31 +213,32 @@ class Scaler:
         if spec.kind == "gradscaler":
             raise ValueError("a gradscaler spec is driven by torch.amp.GradScaler, not by Scaler")
         self.spec = spec
-        self.scale = spec.init if spec.kind != "none" else 1.0
+        self.scale = _f32(spec.init) if spec.kind != "none" else 1.0
         self._good = 0
         self._hyst = spec.hysteresis
 
     def update(self, found_inf: bool) -> Decision:
         spec, s = self.spec, self.scale
-        if spec.kind != "dynamic":
+        if spec.kind == "none":  # no scaler, no overflow check: the step is applied, inf and all
+            return Decision(s, found_inf, False, s, "hold")
+        if spec.kind != "dynamic":  # a static scaler still skips steps whose gradients overflowed
             return Decision(s, found_inf, found_inf, s, "hold")
         if not found_inf:
             self._good += 1
             if self._good >= spec.interval:
                 self._good, self._hyst = 0, spec.hysteresis
-                self.scale = min(s * spec.growth, spec.max)
+                self.scale = _f32(min(s * spec.growth, spec.max))
                 return Decision(s, False, False, self.scale, "grow" if self.scale > s else "hold")
             return Decision(s, False, False, s, "hold")
         self._good = 0
-        self._hyst -= 1
+        self._hyst = max(self._hyst - 1, 0)  # reset only by growth, as in DeepSpeed and Megatron-LM
         if self._hyst > 0:
             return Decision(s, True, True, s, "hold")
-        self._hyst = spec.hysteresis
         if s <= spec.min:
             if spec.floor == "raise":
                 raise LossScaleFloorError(f"gradient overflow at the minimum loss scale {format_number(spec.min)}")
             return Decision(s, True, True, s, "floor")
-        self.scale = max(s * spec.backoff, spec.min)
+        self.scale = _f32(max(s * spec.backoff, spec.min))
         return Decision(s, True, True, self.scale, "backoff")
 
 

@@ -14,9 +14,12 @@ inner product of length n, a softmax row of n entries), done in a format with un
 
 A scenario multiplies the bound by ``kappa``, the condition number of its problem on its inputs
 (``sum|x| / |sum x|`` for a sum, the logit range for a softmax...), and may declare a factor with a
-reason. Where the model's bound reaches 1/2 it is outside its domain of validity (lambda*sqrt(n)*u
-near 1: recursive sums stagnate), and a result without one correct leading bit is wrong whatever the
-model says, so bounds are capped at ``CAP = 1/2``.
+reason. The probabilistic model needs mean-zero rounding errors. A recursive sum of same-sign data
+loses that once its running total reaches about 1/u times its terms (near n*u = 2 for terms of one
+magnitude: an FP16 sum of terms below 1 stops at 2^11), long before lambda*sqrt(n)*u nears 1; from
+there every addition rounds down, the bound fails, and the verdict rightly says ``diverged``. A
+result without one correct leading bit is wrong whatever the model says, so bounds are capped at
+``CAP = 1/2``. The model is validated, with measured numbers, in docs/tolerance.md.
 """
 from __future__ import annotations
 

@@ -1,0 +1,219 @@
+"""Black-box tests of ``python -m harness``: listings, a small run, bad input, and the issue's acceptance.
+
+Starting an interpreter costs seconds here (torch), so the many short invocations run in one fresh
+interpreter (``cli_batch``), each through ``harness.cli.main`` (what ``python -m harness`` calls) with
+its own stdout and stderr; the runs are separate processes end to end (the acceptance checks read the
+session's ``quick_run``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, cli_env, read_jsonl, run_cli
+from harness.results import RECORD_FIELDS
+from harness.strategy import PRESETS, parse
+
+DRIVER = r"""
+import contextlib, io, json, sys, traceback
+from harness.cli import main
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # what the interpreter would print for an uncaught exception
+            traceback.print_exc()
+            rc = 1
+    results[name] = {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}
+print(json.dumps(results))
+"""
+
+ONE = ["--scenario", "softmax_long", "--strategy", "fp32", "--device", "cpu", "--quiet"]  # a small valid run
+# name: (arguments, fragments the one stderr line must contain: the bad value and what is allowed)
+BAD = {
+    "unknown_scenario": (["run", "--scenario", "softmax_lon", "--strategy", "fp32"],
+                         ["unknown scenario 'softmax_lon'", "did you mean softmax_long"]),
+    "unknown_strategy": (["run", "--strategy", "fp61", "--scenario", "softmax_long"],
+                         ["unknown strategy 'fp61'", "did you mean fp16", "presets: fp32, tf32, fp16"]),
+    "malformed_spec": (["run", "--strategy", "compute=fp16,scaler=static(-1)", "--scenario", "softmax_long"],
+                       ["loss scale must be a finite number > 0, got -1"]),
+    "unbalanced_spec": (["run", "--strategy", "compute=fp16,scaler=static(2", "--scenario", "softmax_long"],
+                        ["unbalanced parentheses", "'compute=fp16,scaler=static(2'"]),
+    "huge_scale": (["run", "--strategy", "compute=fp16,scaler=static(2^100000)", "--scenario", "softmax_long"],
+                   ["'2^100000' is too large"]),
+    "unknown_tier": (["run", "--tier", "medium", *ONE], ["unknown tier 'medium'", "tiers: quick, full"]),
+    "zero_seeds": (["run", "--seeds", "0", *ONE], ["--seeds", "must be >= 1, got 0"]),
+    "unknown_device": (["run", "--device", "tpu", "--scenario", "softmax_long"],
+                       ["unknown device 'tpu'", "use cpu, cuda or auto"]),
+    "unknown_family": (["run", "--family", "reductions", "--strategy", "fp32"],
+                       ["unknown family 'reductions'", "did you mean reduction", "families: reduction, tiny_gradient"]),
+    "missing_import": (["run", "--import", "a_no_such_module", *ONE],
+                       ["--import a_no_such_module: cannot import it", "No module named 'a_no_such_module'"]),
+    "unknown_command": (["bogus"], ["invalid choice: 'bogus'", "'list'", "'run'"]),
+}
+if not torch.cuda.is_available():
+    BAD["cuda_without_cuda"] = (["run", "--device", "cuda", "--scenario", "softmax_long"],
+                                ["--device cuda: no CUDA device is available here", "use --device cpu or auto"])
+#: Each test here starts interpreters, and the acceptance run covers the whole quick tier.
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def cli_batch(out_dir: Path) -> dict[str, dict]:
+    calls = {"list": ["list"], "list_json": ["list", "--json"], "strategies": ["strategies"],
+             "strategies_json": ["strategies", "--json"]}
+    for name, (argv, _) in BAD.items():
+        calls[name] = argv + (["--out", str(out_dir / name)] if argv[0] == "run" else [])
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(calls)], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _records(d: Path) -> list[dict]:
+    return read_jsonl(d / "records.jsonl")
+
+
+# -- listings -------------------------------------------------------------------------------------
+def test_list_shows_every_scenario(cli_batch: dict) -> None:
+    text, js = cli_batch["list"], cli_batch["list_json"]
+    assert text["rc"] == js["rc"] == 0
+    items = json.loads(js["stdout"])
+    assert {"softmax_long", "grad_magnitude_sweep", "loss_past_fp16_max"} <= {i["name"] for i in items}
+    for i in items:
+        assert set(i) >= {"name", "family", "description", "grid", "quick", "version"}
+        assert any(line.split()[:2] == [i["name"], i["family"]] for line in text["stdout"].splitlines()), i["name"]
+    assert text["stdout"].count("grid: ") == len(items)
+
+
+def test_strategies_print_the_presets_with_canonical_specs(cli_batch: dict) -> None:
+    text, js = cli_batch["strategies"], cli_batch["strategies_json"]
+    assert text["rc"] == js["rc"] == 0
+    rows = [line.split(None, 1) for line in text["stdout"].splitlines()]
+    assert [r[0] for r in rows] == list(PRESETS)
+    assert all(spec == str(PRESETS[n]) and parse(spec) == PRESETS[n] for n, spec in rows)
+    assert json.loads(js["stdout"]) == [{"name": n, "spec": str(s)} for n, s in PRESETS.items()]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_is_one_line_and_exit_2(cli_batch: dict, out_dir: Path, name: str) -> None:
+    r = cli_batch[name]
+    lines = r["stderr"].splitlines()
+    assert r["rc"] == 2, r
+    assert len(lines) == 1 and "Traceback" not in r["stderr"], r["stderr"]
+    for frag in BAD[name][1]:
+        assert frag in lines[0], (frag, lines[0])
+    assert not (out_dir / name).exists()  # nothing was run
+
+
+def test_bad_input_end_to_end_in_its_own_process() -> None:
+    r = run_cli("run", "--strategy", "compute=fp16,scaler=static(-1)", "--scenario", "softmax_long")
+    assert (r.rc, r.stderr) == (2, "error: loss scale must be a finite number > 0, got -1\n")
+
+
+# -- a small run, with a scenario that raises -------------------------------------------------------
+BOOM = '''
+import torch
+from harness.scenario import Output, Scenario, register
+
+
+def run(ex, inp, p):
+    if p["k"] == 1 and ex.strategy.compute == "fp16":
+        raise RuntimeError("a_cli_boom exploded on purpose")
+    return Output(value=ex.act(inp["x"]).float())
+
+
+register(Scenario(name="a_cli_boom", family="reduction", description="raises under fp16 for k=1",
+                  grid={"k": [0, 1, 2]}, inputs=lambda p, g: {"x": torch.rand(8, generator=g)}, run=run))
+'''
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    tmp = tmp_path_factory.mktemp("small")
+    (tmp / "a_cli_boom.py").write_text(textwrap.dedent(BOOM))
+    out = tmp / "run"
+    r = run_cli("run", "--import", "a_cli_boom", "--scenario", "a_cli_boom", "--scenario", "softmax_long",
+                "--strategy", "fp32", "--strategy", "fp16", "--seeds", "2", "--device", "cpu", "--quiet",
+                "--out", str(out), pythonpath=tmp)
+    return out, r
+
+
+def test_run_writes_header_and_complete_records(small_run: tuple) -> None:
+    out, r = small_run
+    assert r.rc == 0, r.stderr
+    header = json.loads((out / "run.json").read_text())
+    recs = _records(out)
+    assert header["status"] == "complete" and header["config"]["seeds"] == 2
+    assert header["config"]["strategies"] == ["fp32", "fp16"] and header["config"]["imports"] == ["a_cli_boom"]
+    assert header["environment"]["torch"] == torch.__version__ and header["environment"]["device"] == "cpu"
+    assert len(recs) == header["expected_records"] == header["summary"]["records"]
+    assert r.stdout.strip().splitlines()[-1].startswith(f"{len(recs)} records in ")
+    for rec in recs:
+        missing = set(RECORD_FIELDS) - set(rec)
+        assert not missing, missing
+        assert rec["device"] == "cpu" and rec["strategy_spec"] == str(PRESETS[rec["strategy"]])
+        assert isinstance(rec["metrics"], dict) and rec["seconds"] >= 0
+    boom = [x for x in recs if x["scenario"] == "a_cli_boom"]
+    assert len(boom) == 3 * 2 * 2 and {x["seed"] for x in boom} == {0, 1}
+
+
+def test_a_raising_scenario_becomes_an_error_record_and_the_run_goes_on(small_run: tuple) -> None:
+    out, _ = small_run
+    recs = _records(out)
+    errors = [x for x in recs if x["outcome"] == "error"]
+    assert [(x["params"], x["strategy"]) for x in errors] == [({"k": 1}, "fp16")] * 2  # one per seed
+    for x in errors:
+        assert x["reason"] == "RuntimeError: a_cli_boom exploded on purpose"
+        assert "Traceback (most recent call last)" in x["traceback"] and "a_cli_boom.py" in x["traceback"]
+    assert all(x["outcome"] != "error" for x in recs if x not in errors)
+    assert sum(1 for x in recs if x["scenario"] == "softmax_long") == len(recs) - 12  # it ran after the errors
+
+
+# -- the acceptance checks of the issue ---------------------------------------------------------------
+def test_fp32_passes_every_case_of_the_quick_tier(quick_run: tuple) -> None:
+    header, recs = quick_run
+    recs = [r for r in recs if r["strategy"] == "fp32"]
+    assert header["config"]["tier"] == "quick" and len(recs) == header["cases"] >= 19
+    for r in recs:
+        # a GPU-only scenario is not a case on the CPU: it is `unsupported` with its reason, never a failure
+        ok = r["outcome"] == "pass" or (r["outcome"] == "unsupported" and "runs on cuda only" in r["reason"])
+        assert ok, (r["case"], r["outcome"], r["reason"])
+
+
+def test_fp16_underflows_below_2_pow_minus_24_where_scaling_and_bf16_pass(quick_run: tuple) -> None:
+    # below 2^-24 FP16 flushes; the scalers start at 2^16, which lifts gradients above 2^-40 back into range
+    reach = -24 - math.log2(PRESETS["fp16-dynamic"].scaler.init)
+    assert PRESETS["fp16-gradscaler"].scaler.init == PRESETS["fp16-dynamic"].scaler.init and reach == -40
+    recs = [r for r in quick_run[1] if r["scenario"] == "grad_magnitude_sweep" and r["strategy"] != "fp32"]
+    tiny = [r for r in recs if r["params"]["log2_grad"] < -24]
+    assert any(reach < r["params"]["log2_grad"] for r in tiny)  # the quick tier has cases scaling rescues
+    for r in tiny:
+        rescued = r["strategy"] == "bf16" or (r["strategy"] != "fp16" and r["params"]["log2_grad"] > reach)
+        assert r["outcome"] == ("pass" if rescued else "underflow"), (r["case"], r["strategy"], r["reason"])
+    fp16 = [r for r in tiny if r["strategy"] == "fp16"]
+    assert all(r["metrics"]["grad_underflow_frac"] == 1.0 and "flushed to zero" in r["reason"] for r in fp16)
+
+
+def test_fp16_overflows_on_a_loss_past_its_max(quick_run: tuple) -> None:
+    recs = [r for r in quick_run[1] if r["scenario"] == "loss_past_fp16_max" and r["params"]["log2_loss"] >= 17]
+    fp16 = [r for r in recs if r["strategy"] == "fp16"]
+    assert fp16 and all(r["outcome"] == "overflow" and "65504" in r["reason"] for r in fp16)
+    assert all(r["outcome"] == "pass" for r in recs if r["strategy"] == "bf16")

@@ -1,0 +1,119 @@
+"""Execution: activations and parameters in the strategy's formats, autocast and flags, GEMM routing."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness.execution import FP64, Execution, route_linears
+from harness.formats import quantize
+from harness.strategy import parse
+
+CPU = torch.device("cpu")
+
+
+def ex_of(name: str) -> Execution:
+    return Execution(parse(name), CPU)
+
+
+def test_act_rounds_to_the_activation_format() -> None:
+    x = torch.tensor([70000.0, 1e-8, 1 + 2**-11, 1 + 2**-8])
+    y = ex_of("fp16").act(x)
+    assert y.dtype == torch.float16 and y.float().tolist() == [math.inf, 0.0, 1.0, 1 + 2**-8]
+    assert ex_of("bf16").act(x).dtype == torch.bfloat16 and ex_of("bf16").act(x).float().tolist()[3] == 1.0
+    assert torch.equal(ex_of("fp32").act(x), x) and ex_of("tf32").act(x).dtype == torch.float32
+    assert ex_of("fp8-tensorwise").act(x).dtype == torch.bfloat16  # FP8 recipes keep BF16 between layers
+    ints = torch.tensor([1, 2])
+    assert ex_of("fp16").act(ints).dtype == torch.int64
+
+
+def test_param_storage_follows_the_strategy() -> None:
+    w = torch.tensor([2049.0])
+    p = ex_of("fp16-pure").param(w, requires_grad=True)
+    assert p.dtype == torch.float16 and p.item() == 2048.0 and p.requires_grad and p.is_leaf
+    assert ex_of("fp16").param(w).dtype == torch.float32  # autocast strategies keep FP32 parameters
+    q = ex_of("fp32").param(w)
+    q += 1
+    assert w.item() == 2049.0  # a fresh copy
+
+
+def test_autocast_region_runs_gemms_in_the_compute_format() -> None:
+    a, b = torch.ones(2, 3), torch.ones(3, 2)
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        with ex_of(name).autocast():
+            assert (a @ b).dtype == dtype, name
+    with ex_of("fp16-pure").autocast():  # cast strategies do not autocast: the tensors carry the format
+        assert (a @ b).dtype == torch.float32
+
+
+def test_autocast_sets_and_restores_the_gemm_flags() -> None:
+    m = torch.backends.cuda.matmul
+    before = (m.allow_tf32, m.allow_fp16_reduced_precision_reduction)
+    with ex_of("tf32").autocast():
+        assert m.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with ex_of("fp32").autocast():
+        assert not m.allow_tf32
+    with pytest.raises(RuntimeError):
+        with ex_of("compute=fp16,reduction=reduced").autocast():
+            assert m.allow_fp16_reduced_precision_reduction and m.allow_bf16_reduced_precision_reduction
+            raise RuntimeError("scenario failed")
+    assert (m.allow_tf32, m.allow_fp16_reduced_precision_reduction) == before
+
+
+def test_tf32_gemm_is_emulated_on_the_cpu_forward_and_backward() -> None:
+    ex = ex_of("tf32")
+    assert ex.emulated and "tf32 emulated" in ex.notes[0]
+    a = torch.tensor([[1 + 2**-12, 3.0], [1.0, 1 + 2**-9]], requires_grad=True)
+    b = torch.tensor([[1.0, 2**-13], [1 + 2**-11 + 2**-13, 1.0]], requires_grad=True)
+    y = ex.matmul(a, b)
+    qa, qb = quantize(a.detach(), "tf32"), quantize(b.detach(), "tf32")
+    assert torch.equal(y, qa @ qb) and not torch.equal(y, a.detach() @ b.detach())
+    g = torch.tensor([[1 + 2**-12, 1.0], [1.0, 1.0]])
+    y.backward(g)
+    qg = quantize(g, "tf32")
+    assert torch.equal(a.grad, qg @ qb.T) and torch.equal(b.grad, qa.T @ qg)
+
+
+def test_fp8_gemm_is_emulated_with_per_tensor_scales() -> None:
+    ex = ex_of("fp8-tensorwise")
+    assert "fp8 emulated" in ex.notes[0]
+    eye = torch.eye(2)
+    a = torch.tensor([[1.0, 2.0], [0.5, 4.0]])  # scale 448/4 = 112: 112, 224, 56, 448 are all E4M3 values
+    y = ex.matmul(a, eye)
+    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), a)
+    # 3*112 = 336 is the tie between 320 (even) and 352 in E4M3: the product keeps 320/112
+    y = ex.matmul(torch.tensor([[3.0, 4.0]]), eye)
+    assert y.float().tolist()[0] == [torch.tensor(320 / 112).to(torch.bfloat16).item(), 4.0]
+
+
+def test_fp8_delayed_scaling_uses_the_amax_history() -> None:
+    one = torch.tensor([[1.0]])
+    for name, second in (("fp8-tensorwise", 4.0), ("fp8-delayed", 1.0)):
+        ex = ex_of(name)
+        ex.matmul(torch.tensor([[1.0]]), one, key="k")
+        # delayed: the scale comes from the history (amax 1), so 4 * 448 saturates at 448 -> 1
+        assert ex.matmul(torch.tensor([[4.0]]), one, key="k").float().item() == second, name
+
+
+def test_unsupported_is_explicit_never_a_silent_downgrade() -> None:
+    ex = ex_of("compute=fp16,reduction=reduced")
+    assert not ex.supported and "needs cuBLAS" in ex.unsupported_reason
+    assert ex_of("fp16").supported and not ex_of("fp16").emulated
+
+
+def test_fp64_execution_and_formats() -> None:
+    ex = FP64(CPU)
+    assert ex.dtype == torch.float64 and ex.param_dtype == torch.float64 and ex.is_reference
+    assert ex_of("fp16-master").format.name == "fp16" and not ex_of("fp16-master").is_reference
+
+
+def test_route_linears_sends_nn_linear_through_the_strategy_gemm() -> None:
+    lin = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 1.0]]))
+    x = torch.tensor([[1 + 2**-12, 0.0]])
+    assert lin(x).item() == 1 + 2**-12
+    assert route_linears(lin, ex_of("fp32")) is lin and lin(x).item() == 1 + 2**-12  # native: untouched
+    route_linears(lin, ex_of("tf32"))
+    assert lin(x).item() == 1.0  # the TF32 GEMM rounds the input to 10 fraction bits

@@ -1,0 +1,119 @@
+"""Metrics on constructed tensors with known answers; inf/NaN injected at every position."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from harness.formats import FORMATS
+from harness.metrics import compare, tensor_metrics, ulp
+from harness.scaling import Scaler, ScaleTrace, parse_scaler
+from harness.scenario import Output
+
+F16, BF16, F32 = FORMATS["fp16"], FORMATS["bf16"], FORMATS["fp32"]
+
+
+def t(*v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def test_ulp_of_the_format() -> None:
+    y = t(1.0, 1.5, 65504.0, 2.0**-14, 2.0**-20, 0.0, -4.0)
+    assert ulp(y, F16).tolist() == [2.0**-10, 2.0**-10, 32.0, 2.0**-24, 2.0**-24, 2.0**-24, 2.0**-8]
+    assert ulp(t(1.0), BF16).tolist() == [2.0**-7] and ulp(t(1.0), F32).tolist() == [2.0**-23]
+
+
+def test_one_wrong_entry_gives_exact_errors() -> None:
+    m = tensor_metrics(t(3.0, 4.0 + 2**-8), t(3.0, 4.0), F16)
+    assert m["rel_err"] == 2**-8 / 5  # ||(0, 2^-8)|| / ||(3, 4)||
+    assert m["max_abs_err"] == 2**-8 and m["max_rel_err"] == 2**-10
+    assert m["ulp_err"] == 1.0  # the spacing of fp16 at 4 is 2^-8
+    assert m["sqnr_db"] == 20 * math.log10(5 / 2**-8)
+    assert (m["nonfinite"], m["overflow_frac"], m["underflow_frac"], m["underflow_mass"], m["numel"]) == (0, 0, 0, 0, 2)
+
+
+def test_identical_tensors() -> None:
+    x = t(1.0, -2.0, 2.0**-20)
+    m = tensor_metrics(x, x.clone(), F16)
+    assert (m["rel_err"], m["max_abs_err"], m["ulp_err"], m["sqnr_db"]) == (0.0, 0.0, 0.0, math.inf)
+
+
+def test_underflow_counts_and_mass() -> None:
+    ref, cand = t(2.0**-30, 1.0, 0.0, 2.0), t(0.0, 1.0, 0.0, 2.0)
+    m = tensor_metrics(cand, ref, F16)
+    assert m["underflow_frac"] == 1 / 3  # three non-zero values in the reference, one lost
+    norm = math.sqrt(2.0**-60 + 5)
+    assert m["underflow_mass"] == 2.0**-30 / norm and m["rel_err"] == 2.0**-30 / norm
+    assert m["nonfinite"] == 0
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("pos", range(4))
+def test_non_finite_candidate_at_every_position(bad: float, pos: int) -> None:
+    ref = t(1.0, -2.0, 3.0, 0.5)
+    cand = ref.clone()
+    cand[pos] = bad
+    m = tensor_metrics(cand, ref, F16)
+    assert (m["nonfinite"], m["overflow_frac"]) == (1, 0.25)
+    assert m["rel_err"] == m["max_abs_err"] == m["max_rel_err"] == m["ulp_err"] == math.inf
+    assert m["sqnr_db"] == -math.inf and m["underflow_frac"] == 0.0
+
+
+@pytest.mark.parametrize("pos", range(4))
+def test_entries_non_finite_in_the_reference_are_not_judged(pos: int) -> None:
+    ref = t(1.0, -2.0, 3.0, 0.5)
+    ref[pos] = math.inf
+    cand = ref.clone()
+    cand[pos] = 7.0  # whatever the candidate holds there
+    cand[(pos + 1) % 4] += 2**-6
+    m = tensor_metrics(cand, ref, F16)
+    finite_norm = math.sqrt(sum(v * v for i, v in enumerate((1.0, -2.0, 3.0, 0.5)) if i != pos))
+    assert m["nonfinite"] == 0 and m["overflow_frac"] == 0.0
+    assert m["rel_err"] == pytest.approx(2**-6 / finite_norm, rel=1e-15)
+
+
+def test_shape_mismatch_is_an_error_naming_both_shapes() -> None:
+    with pytest.raises(ValueError, match=r"candidate shape \(3,\) differs from the reference's \(2,\)"):
+        tensor_metrics(t(1, 2, 3), t(1, 2), F16)
+
+
+def test_compare_gradients_losses_and_trace() -> None:
+    ref = Output(value=t(1.0, 2.0), grads={"a": t(1.0, 2.0**-30), "b": t(4.0)}, losses=[1.0, 0.5])
+    tr = ScaleTrace("dynamic")
+    sc = Scaler(parse_scaler("dynamic(init=8,interval=100)"))
+    for f in (True, False):
+        tr.add(sc.update(f))
+    cand = Output(value=t(1.0, 2.0), grads={"a": t(1.0, 0.0), "b": t(4.0)}, losses=[1.0, 0.75], trace=tr)
+    m = compare(cand, ref, F16)
+    assert m["rel_err"] == 0.0
+    assert m["grad_underflow_frac"] == 1 / 3 and m["grad_underflow_by_tensor"] == {"a": 0.5}
+    assert m["grad_nonfinite"] == 0 and m["grad_rel_err"] == 2.0**-30 / math.sqrt(17 + 2.0**-60)
+    assert (m["loss_divergence"], m["final_loss_ratio"], m["loss_nonfinite"], m["loss_steps"]) == (0.5, 1.5, 0, 2)
+    assert m["scaler"]["trajectory"] == [8, 4]
+    assert (m["scaler"]["skipped"], m["scaler"]["scale_final"]) == (1, 4)
+
+
+@pytest.mark.parametrize("pos", range(3))
+def test_a_non_finite_loss_at_every_step(pos: int) -> None:
+    losses = [1.0, 0.5, 0.25]
+    cand = list(losses)
+    cand[pos] = math.nan
+    m = compare(Output(losses=cand), Output(losses=losses), F16)
+    assert m["loss_nonfinite"] == 1 and m["loss_divergence"] == math.inf
+
+
+@pytest.mark.parametrize("pos", range(3))
+def test_a_non_finite_gradient_at_every_position(pos: int) -> None:
+    g = t(1.0, -0.5, 0.25)
+    bad = g.clone()
+    bad[pos] = math.inf
+    m = compare(Output(grads={"w": bad}), Output(grads={"w": g}), F16)
+    assert m["grad_nonfinite"] == 1 and m["grad_overflow_frac"] == 1 / 3 and m["grad_rel_err"] == math.inf
+
+
+def test_compare_refuses_missing_outputs() -> None:
+    with pytest.raises(ValueError, match="no value where the reference has one"):
+        compare(Output(grads={"w": t(1.0)}), Output(value=t(1.0)), F16)
+    with pytest.raises(ValueError, match="no gradient for b"):
+        compare(Output(grads={"a": t(1.0)}), Output(grads={"a": t(1.0), "b": t(2.0)}), F16)

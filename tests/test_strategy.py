@@ -1,0 +1,115 @@
+"""Strategies: presets and the grammar round-trip, malformed specs name what is wrong, device support."""
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+import torch
+
+from harness.scaling import ScalerSpec
+from harness.strategy import (APPLY, COMPUTE, FP8_RECIPES, PARAMS, PRESETS, REDUCTION, Strategy, parse, resolve,
+                              support)
+
+CONTRACT = ("fp32", "tf32", "fp16", "fp16-static", "fp16-dynamic", "fp16-gradscaler", "fp16-pure", "fp16-master",
+            "bf16", "bf16-pure", "bf16-master", "fp8-tensorwise", "fp8-delayed")
+
+
+def test_preset_names_are_the_contract() -> None:
+    assert tuple(PRESETS) == CONTRACT
+    assert all(p.name == n for n, p in PRESETS.items())
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_every_preset_round_trips_and_keeps_its_name(name: str) -> None:
+    p = PRESETS[name]
+    text = str(p)
+    back = parse(text)
+    assert back == p and back.name == name  # a spec equal to a preset is that preset
+    assert str(back) == text and parse(name) is p
+
+
+def test_canonical_spec_strings() -> None:
+    assert str(PRESETS["fp32"]) == "compute=fp32,apply=autocast,params=fp32,master=no,scaler=none,reduction=fp32,fp8=none"
+    assert str(PRESETS["fp16-static"]) == ("compute=fp16,apply=autocast,params=fp32,master=no,scaler=static(2^10),"
+                                           "reduction=fp32,fp8=none")
+    assert str(PRESETS["bf16-master"]).startswith("compute=bf16,apply=cast,params=bf16,master=yes,scaler=none")
+    assert PRESETS["fp16-gradscaler"].scaler.kind == "gradscaler"
+
+
+def _all_strategies() -> list[Strategy]:
+    scalers = [ScalerSpec("none"), ScalerSpec("static", init=1024), ScalerSpec("dynamic", interval=7, hysteresis=2),
+               ScalerSpec("gradscaler", init=2.0**10)]
+    out = []
+    for c, a, p, m, s, r, f in itertools.product(COMPUTE, APPLY, PARAMS, (False, True), scalers, REDUCTION, FP8_RECIPES):
+        try:
+            out.append(Strategy(c, a, p, m, s, r, f))
+        except ValueError:
+            pass
+    return out
+
+
+def test_the_grammar_round_trips_every_valid_combination() -> None:
+    every = _all_strategies()
+    assert len(every) > 300
+    for s in every:
+        text = str(s)
+        back = parse(text)
+        assert back == s and str(back) == text, text
+
+
+def test_apply_cast_defaults_params_to_the_compute_format() -> None:
+    assert parse("compute=bf16,apply=cast") == PRESETS["bf16-pure"]
+    assert parse("compute=fp8,apply=cast,fp8=delayed").params == "bf16"
+
+
+def test_derived_properties() -> None:
+    assert (PRESETS["fp8-delayed"].format.name, PRESETS["fp8-delayed"].activation_format) == ("fp8_e4m3", "bf16")
+    assert (PRESETS["tf32"].format.name, PRESETS["tf32"].activation_format) == ("tf32", "fp32")
+    assert [PRESETS[n].reduced for n in ("fp32", "tf32", "bf16")] == [False, True, True]
+    assert PRESETS["fp16"].label == "fp16" and parse("compute=fp16,scaler=static(8)").label.startswith("compute=fp16")
+
+
+BAD = [
+    ("fp61", "unknown strategy 'fp61'; did you mean fp16"),
+    ("compte=fp16", "unknown strategy key 'compte' (did you mean compute?)"),
+    ("compute=fp16,compute=bf16", "strategy key 'compute' given twice"),
+    ("compute=fp12", "strategy compute='fp12' is not allowed; choose one of fp64, fp32, tf32, fp16, bf16, fp8"),
+    ("compute=fp16,apply=jit", "strategy apply='jit' is not allowed"),
+    ("compute=fp16,master=maybe", "master='maybe': use yes or no"),
+    ("compute=fp16,master=yes", "master=yes keeps FP32 copies"),
+    ("compute=fp16,apply=cast,params=bf16", "apply=cast stores parameters in the compute format: set params=fp16"),
+    ("compute=fp16,fp8=delayed", "compute=fp8 needs an fp8 recipe"),
+    ("compute=fp8", "compute=fp8 needs an fp8 recipe"),
+    ("compute=fp16,scaler=static(-1)", "loss scale must be a finite number > 0, got -1"),
+    ("compute=fp16,scaler=static(1", "unbalanced parentheses in strategy spec 'compute=fp16,scaler=static(1'"),
+    ("compute=fp16,scaler=static(1))", "unbalanced parentheses"),
+    ("compute=fp16,fast", "strategy spec part 'fast' must be key=value"),
+    ("compute=fp16,scaler=dynamic(speed=2)", "unknown scaler key 'speed'"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD, ids=[b[0] for b in BAD])
+def test_malformed_specs_name_the_bad_value(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse(text)
+
+
+def test_resolve_defaults_to_every_preset_and_drops_duplicates() -> None:
+    assert resolve([]) == list(PRESETS.values())
+    got = resolve(["fp16", "compute=fp16", "bf16", "fp16"])
+    assert [s.label for s in got] == ["fp16", "bf16"]
+
+
+def test_cpu_support_names_emulation_and_refuses_reduced_reductions() -> None:
+    cpu = torch.device("cpu")
+    assert support(PRESETS["fp16"], cpu) == (True, "", [])
+    ok, why, notes = support(PRESETS["tf32"], cpu)
+    assert ok and why == "" and notes == ["tf32 emulated on the CPU: GEMM inputs rounded to 10 fraction bits, "
+                                          "FP32 accumulation"]
+    ok, _, notes = support(PRESETS["fp8-tensorwise"], cpu)
+    assert ok and "fp8 emulated on the CPU" in notes[0]
+    ok, why, _ = support(parse("compute=fp16,reduction=reduced"), cpu)
+    assert not ok and "reduction=reduced needs cuBLAS" in why
+    ok, why, _ = support(PRESETS["fp32"], torch.device("meta"))
+    assert not ok and "device type 'meta' is not supported" in why

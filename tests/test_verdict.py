@@ -1,0 +1,138 @@
+"""Verdicts: every outcome is reachable, and its reason cites the measured value and the bound."""
+from __future__ import annotations
+
+import pytest
+
+from harness.formats import FORMATS
+from harness.scaling import ScaleTrace, Scaler, parse_scaler
+from harness.tolerance import bound, describe
+from harness.verdict import FAILURES, OUTCOMES, SEVERITY, STALL_RATE, UNDERFLOW_BUDGET, Verdict, judge
+
+F16, BF16 = FORMATS["fp16"], FORMATS["bf16"]
+
+
+def _trace(spec: str, found: list[bool]) -> dict:
+    """A scaler trace as compare() puts it in the metrics (a raise at the floor ends it)."""
+    s, tr = Scaler(parse_scaler(spec)), ScaleTrace(str(parse_scaler(spec)))
+    for f in found:
+        try:
+            tr.add(s.update(f))
+        except Exception as exc:  # LossScaleFloorError: recorded as the Trainer does
+            tr.raised = str(exc)
+            break
+    return tr.as_dict()
+
+
+def test_pass_cites_the_error_and_the_bound() -> None:
+    b = bound(F16, 4)
+    v = judge({"rel_err": 1.0e-4}, F16, 4)
+    assert (v.outcome, v.bound) == ("pass", b)
+    assert v.reason == f"rel_err 1.00e-04 <= {b:.2e}"
+
+
+def test_diverged_cites_value_bound_and_how_the_bound_was_formed() -> None:
+    b = bound(F16, 4096)
+    v = judge({"rel_err": 0.25}, F16, 4096)  # the bound is about 5.4*sqrt(4096)*2^-11 = 0.17
+    assert v.outcome == "diverged"
+    assert v.reason == f"rel_err 2.50e-01 > {b:.2e} = {describe(F16, 4096)}"
+    assert "*sqrt(4096)*2^-11 (fp16)" in v.reason
+
+
+def test_kappa_and_factor_widen_the_bound() -> None:
+    m = {"rel_err": 5e-3}
+    assert judge(m, F16, 4).outcome == "diverged"
+    v = judge(m, F16, 4, kappa=3.0, factor=2.0)
+    assert v.outcome == "pass" and v.bound == 6 * bound(F16, 4)
+
+
+def test_gradient_and_loss_divergence() -> None:
+    b = bound(BF16, 8)
+    v = judge({"grad_rel_err": 0.5}, BF16, 8)
+    assert v.outcome == "diverged" and v.reason.startswith(f"grad_rel_err 5.00e-01 > {b:.2e} = ")
+    v = judge({"grad_rel_err": 1e-4, "loss_divergence": 0.25}, BF16, 8)
+    assert v.outcome == "diverged" and v.reason.startswith(f"loss_divergence 2.50e-01 > {b:.2e}")
+
+
+def test_fp64_reference_floor_replaces_a_tighter_bound() -> None:
+    floor = 1e-2
+    v = judge({"rel_err": 2e-2}, F16, 4, floor=floor)
+    assert v.outcome == "diverged" and v.bound == floor
+    assert v.reason == "rel_err 2.00e-02 > 1.00e-02 = FP32's own error against FP64 (the reference here)"
+    assert judge({"rel_err": 5e-3}, F16, 4, floor=floor).outcome == "pass"
+
+
+@pytest.mark.parametrize("key,what,total", [("nonfinite", "output", " of 8"), ("grad_nonfinite", "gradient", ""),
+                                            ("loss_nonfinite", "loss", "")])
+def test_overflow_counts_the_values_and_names_the_format_max(key: str, what: str, total: str) -> None:
+    v = judge({key: 2, "numel": 8, "rel_err": 0.0}, F16, 4)
+    assert v.outcome == "overflow"
+    assert v.reason == f"{what}: 2{total} values inf/NaN where FP32 is finite (|ref| max beyond fp16 max 65504)"
+
+
+def test_overflow_is_judged_before_underflow() -> None:
+    assert judge({"nonfinite": 1, "numel": 4, "grad_underflow_frac": 0.5}, F16, 4).outcome == "overflow"
+
+
+def test_underflow_of_gradients_and_of_output_mass() -> None:
+    v = judge({"grad_underflow_frac": 0.25, "grad_rel_err": 0.9}, F16, 8)
+    assert v.outcome == "underflow"
+    assert v.reason == "gradient: 25% of non-zero values flushed to zero > budget 1% (fp16 smallest 5.96e-08)"
+    v = judge({"underflow_mass": 0.125, "rel_err": 0.125}, F16, 8)
+    assert v.outcome == "underflow" and v.reason.startswith("output: 12.5% of the norm flushed to zero > budget 1%")
+    # a scenario may declare a larger budget (with its reason): then the same loss passes the underflow check
+    assert judge({"grad_underflow_frac": 0.25, "grad_rel_err": 1e-4}, F16, 8, underflow_budget=0.3).outcome == "pass"
+    assert UNDERFLOW_BUDGET == 0.01
+
+
+def test_scale_exhausted_raise_at_the_floor() -> None:
+    m = {"scaler": _trace("dynamic(init=2,min=1,interval=100,floor=raise)", [True] * 3)}
+    v = judge(m, F16, 8)
+    assert v.outcome == "scale_exhausted" and m["scale_direction"] == "min"
+    assert v.reason.startswith("min:") and "floor scale 1 " in v.reason and "after 1 steps, 1 skipped" in v.reason
+
+
+def test_scale_exhausted_stalled_at_the_floor() -> None:
+    m = {"scaler": _trace("dynamic(init=2,min=1,interval=100)", [True] * 3)}
+    v = judge(m, F16, 8)
+    assert v.outcome == "scale_exhausted" and v.reason.startswith("min:")
+    assert "floor scale 1 " in v.reason and "2 floor steps, 3 of 3 steps skipped" in v.reason
+
+
+def test_scale_exhausted_when_the_scale_collapses_below_fp32_range() -> None:
+    m = {"scaler": _trace("dynamic(init=2^-120,backoff=2^-10,interval=100)", [True, True])}
+    v = judge(m, F16, 8)
+    assert v.outcome == "scale_exhausted" and "collapsed from 2^-120 to 2^-130" in v.reason
+
+
+def test_scale_exhausted_when_the_scale_grows_past_fp32_max() -> None:
+    m = {"scaler": _trace("dynamic(init=2^127,interval=1)", [False, False])}
+    v = judge(m, F16, 8)
+    assert v.outcome == "scale_exhausted" and v.reason.startswith("max: loss scale grew to 2^128")
+
+
+def test_scale_exhausted_at_the_cap_while_gradients_underflow() -> None:
+    m = {"scaler": _trace("dynamic(init=2^10,interval=1,max=2^11)", [False] * 3), "grad_underflow_frac": 0.5}
+    v = judge(m, F16, 8)
+    assert v.outcome == "scale_exhausted" and m["scale_direction"] == "max"
+    assert "cap scale 2^11" in v.reason and "50% of non-zero values lost > budget 1%" in v.reason
+
+
+def test_stalled_cites_the_skip_rate() -> None:
+    m = {"scaler": _trace("dynamic(init=2^16,interval=100)", [True, True, True, False]), "grad_rel_err": 0.0}
+    v = judge(m, F16, 8)
+    assert v.outcome == "stalled"
+    assert v.reason == "skip_rate 3/4 = 75% > 50%; scale 2^13..2^16"
+    assert STALL_RATE == 0.5
+
+
+def test_a_scaler_that_skips_a_few_steps_passes() -> None:
+    m = {"scaler": _trace("dynamic(init=2^16,interval=100)", [True, False, False, False]), "grad_rel_err": 1e-4}
+    assert judge(m, F16, 8).outcome == "pass"
+
+
+def test_outcomes_are_typed() -> None:
+    assert Verdict("unsupported", "needs sm_89+").outcome == "unsupported"
+    assert Verdict("error", "RuntimeError: boom").reason == "RuntimeError: boom"
+    with pytest.raises(ValueError, match="unknown outcome 'fine'; outcomes: pass, diverged"):
+        Verdict("fine", "")
+    assert set(SEVERITY) == set(OUTCOMES) and "pass" not in FAILURES and "unsupported" not in FAILURES
