@@ -2,9 +2,12 @@
 
 Checks run in this order, the first that fires decides:
 
-1. the loss scaler ran out of room (``scale_exhausted``): it raised or stalled at its floor while
-   gradients still overflowed, its scale collapsed to zero or overflowed FP32, or it sat at its cap
-   while gradients still underflowed;
+1. the loss scaler ran out of room (``scale_exhausted``; the reason starts with the direction, ``max:``
+   or ``min:``, also put in ``metrics["scale_direction"]``): it raised at its floor, or ended the run
+   stalled there, while gradients still overflowed; its scale collapsed below FP32's normal range (below
+   2^-128, 1/scale is inf: every later step is skipped however healthy its gradients) or grew past
+   FP32's max; or it reached its cap while gradients still underflowed. The trace names the scaler
+   that ran, and its cap and floor are read from there;
 2. the scaler skipped more than ``STALL_RATE`` of the steps (``stalled``);
 3. anything finite in the reference is inf/NaN here (``overflow``);
 4. more than the underflow budget of the reference's non-zero values became zero (``underflow``);
@@ -17,9 +20,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .formats import Format
-from .scaling import ScalerSpec, format_number
+from .formats import FORMATS, Format
+from .scaling import ScalerSpec, format_number, parse_scaler
 from .tolerance import bound, describe
+from .window import overflow_threshold
 
 __all__ = ["Verdict", "OUTCOMES", "FAILURES", "SEVERITY", "judge", "STALL_RATE", "UNDERFLOW_BUDGET"]
 
@@ -59,31 +63,60 @@ def _how(fmt: Format, n: int, kappa: float, factor: float, truncating: bool, flo
     return describe(fmt, n, kappa, factor, truncating)
 
 
+#: A loss scale at or past this rounds to inf as the FP32 tensor the backward pass multiplies by.
+_FP32_INF_AT = overflow_threshold(FORMATS["fp32"])
+#: Below this 1/scale rounds to inf in FP32 (GradScaler computes it so): every unscaled gradient is inf/NaN.
+_FP32_INV_INF_BELOW = 1.0 / _FP32_INF_AT
+
+
+def _ran(sc: dict, spec: ScalerSpec | None) -> ScalerSpec | None:
+    """The scaler that actually ran (the trace names it; a scenario may replace the strategy's)."""
+    try:
+        return parse_scaler(str(sc.get("scaler")))
+    except ValueError:
+        return spec
+
+
 def _scaling(m: dict, spec: ScalerSpec | None, budget: float) -> Verdict | None:
+    """``scale_exhausted`` (reason ``max: ...`` or ``min: ...``, the direction the scale ran out of room
+    in) or ``stalled`` from the scaler's trace; None when the scaler kept training going."""
     sc = m.get("scaler")
     if not sc or not sc.get("steps") and not sc.get("raised"):
         return None
+    spec = _ran(sc, spec)
     steps, skipped = sc["steps"], sc["skipped"]
+    of = f"{skipped} of {steps} steps skipped"
     under = max(m.get("grad_underflow_frac", 0.0), m.get("underflow_frac", 0.0))
+    s_min, s_max, s_final = sc["scale_min"], sc["scale_max"], sc["scale_final"]
     if sc.get("raised"):
-        return Verdict("scale_exhausted", f"floor: scaler raised after {steps} steps ({skipped} skipped): {sc['raised']}")
-    if sc["scale_nonfinite"]:
-        return Verdict("scale_exhausted", f"max: loss scale overflowed FP32 to inf ({sc['scale_nonfinite']} of "
-                                          f"{steps} steps), so 1/scale = 0 and {skipped} steps were skipped")
-    if sc["scale_final"] is not None and sc["scale_final"] < 2.0**-126 and skipped:
-        return Verdict("scale_exhausted", f"min: loss scale collapsed to {format_number(sc['scale_final'])} "
-                                          f"(below FP32's smallest normal, 1/scale overflows); {skipped} of {steps} "
-                                          "steps skipped")
-    if sc["floor_steps"]:
         return Verdict("scale_exhausted", f"min: gradients still overflow at the floor scale "
-                                          f"{format_number(sc['scale_min'])}: {sc['floor_steps']} floor steps, "
-                                          f"{skipped} of {steps} skipped")
-    if spec is not None and math.isfinite(spec.max) and sc["scale_max"] >= spec.max and under > budget:
+                                          f"{format_number(spec.min) if spec else '?'} and the policy raises there "
+                                          f"(floor=raise): training stopped after {steps} steps, {skipped} skipped")
+    if sc["scale_nonfinite"] or (s_max is not None and s_max >= _FP32_INF_AT):
+        finite = [x for x in sc.get("trajectory", []) if isinstance(x, (int, float)) and math.isfinite(x)]
+        grown = s_max if math.isfinite(s_max) or not (finite and spec) else max(finite) * spec.growth
+        return Verdict("scale_exhausted", f"max: loss scale grew to {format_number(grown)}, past FP32's max: as an "
+                                          f"FP32 tensor it is inf, every scaled loss overflows and the scale cannot "
+                                          f"back off from inf; {of}")
+    if s_final is not None and s_final < FORMATS["fp32"].min_normal and skipped:
+        silent = ("below 2^-128 1/scale overflows FP32, so the unscaled gradients are inf/NaN even when healthy"
+                  if s_final < _FP32_INV_INF_BELOW else "below FP32's smallest normal")
+        poisoned = (f"; {m['nonfinite_params']} weights inf/NaN afterwards: non-finite gradients were applied"
+                    if m.get("nonfinite_params") else "")
+        return Verdict("scale_exhausted", f"min: loss scale collapsed from {format_number(s_max)} to "
+                                          f"{format_number(s_final)} ({silent}); {of}{poisoned}")
+    at_floor = spec is None or s_final <= spec.min
+    if sc["floor_steps"] and at_floor:
+        return Verdict("scale_exhausted", f"min: gradients still overflow at the floor scale {format_number(s_min)} "
+                                          f"and the policy keeps skipping there (floor=stall): {sc['floor_steps']} "
+                                          f"floor steps, {of}")
+    if spec is not None and math.isfinite(spec.max) and s_max >= spec.max and under > budget:
         return Verdict("scale_exhausted", f"max: at the cap scale {format_number(spec.max)} gradients still underflow: "
                                           f"{_pct(under)} of non-zero values lost > budget {_pct(budget)}")
     if steps and skipped / steps > STALL_RATE:
-        return Verdict("stalled", f"skip_rate {skipped}/{steps} = {_pct(skipped / steps)} > {_pct(STALL_RATE)}; "
-                                  f"scale {format_number(sc['scale_min'])}..{format_number(sc['scale_max'])}")
+        floor = f", {sc['floor_steps']} of them at the floor before recovering" if sc["floor_steps"] else ""
+        return Verdict("stalled", f"skip_rate {skipped}/{steps} = {_pct(skipped / steps)} > {_pct(STALL_RATE)}"
+                                  f"{floor}; scale {format_number(s_min)}..{format_number(s_max)}")
     return None
 
 
@@ -91,16 +124,19 @@ def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: fl
           underflow_budget: float = UNDERFLOW_BUDGET, truncating: bool = False,
           scaler: ScalerSpec | None = None, floor: float = 0.0) -> Verdict:
     """Classify one case's metrics (see module doc). ``floor`` is FP32's own error where FP64 is the
-    reference: no strategy is asked to be more accurate than FP32 itself."""
+    reference: no strategy is asked to be more accurate than FP32 itself. A ``scale_exhausted`` verdict
+    also sets ``m["scale_direction"]`` (``"max"`` or ``"min"``)."""
     b = max(bound(fmt, n, kappa, factor, truncating), floor)
     v = _scaling(m, scaler, underflow_budget)
     if v is not None:
+        if v.outcome == "scale_exhausted":
+            m["scale_direction"] = v.reason.split(":", 1)[0]  # "max" or "min", for reports to filter on
         return Verdict(v.outcome, v.reason, b)
     for key, what in (("nonfinite", "output"), ("grad_nonfinite", "gradient"), ("loss_nonfinite", "loss")):
         if m.get(key):
             total = m.get("numel") if key == "nonfinite" else None
             of = f" of {total}" if total else ""
-            limit = f" (|ref| max beyond {fmt.name} max {fmt.max:g})" if fmt.max < 1e38 else ""
+            limit = f" ({fmt.name} max {fmt.max:g})" if fmt.max < 1e38 else ""
             return Verdict("overflow", f"{what}: {m[key]}{of} values inf/NaN where FP32 is finite{limit}", b)
     # every lost gradient is a lost update direction, so gradients count entries; an output only fails
     # when the entries it lost carried more than the budget of its norm

@@ -1,12 +1,26 @@
-"""The feasible FP16 loss-scale window, computed from FP32 reference gradients.
+"""The feasible loss-scale window, computed from FP32 reference gradients.
 
-Multiplying gradients by S keeps them finite while ``S * max|g| <= fmt.max``, so ``S_hi = fmt.max / max|g|``.
-Round-to-nearest flushes ``S*|g|`` to zero below half the smallest subnormal, so the fraction of
-non-zero gradients lost at scale S is the fraction with ``|g| < fmt.smallest / (2 S)``; the smallest
-scale that loses at most ``budget`` of them is ``S_lo = fmt.smallest / (2 q)`` where ``q`` is the
-``budget``-quantile of the non-zero |g|. A tensor (or a model) can be trained with one loss scale
-only if ``S_lo <= S_hi``; when the per-tensor windows do not intersect, no single loss scale works,
-and the two tensors that pull apart are named.
+Multiplying the gradients by a loss scale S and rounding them to a low-precision format (FP16 by
+default) with round-to-nearest-even loses a value in two ways, and each gives one end of the window:
+
+* **overflow**: ``S*|g|`` rounds to inf once it reaches ``max + ulp(max)/2`` (65520 for FP16; the tie
+  goes to inf). The largest gradient stays finite for every ``S < hi = (max + ulp(max)/2) / max|g|``.
+* **underflow**: ``S*|g|`` rounds to zero while it is at most half the smallest subnormal (``2^-25`` for
+  FP16; exactly half ties to zero, the even neighbour). A tensor may lose at most ``budget`` of its
+  non-zero gradients: with ``q`` the ``(floor(budget*N)+1)``-th smallest non-zero ``|g|``, every
+  ``S > lo = (smallest/2) / q`` keeps all but the budget.
+
+So the scales that work form the open interval ``(lo, hi)``. Dynamic loss scalers only ever use powers
+of two (growth 2, backoff 1/2 from 2^16), so the window also reports ``lo_pow2``/``hi_pow2``, the
+smallest and largest power of two inside it (exact, inclusive). With gradients spanning 2^-40..2^-10,
+``lo = 2^15`` exactly but S = 2^15 itself maps 2^-40 to 2^-25, which ties to zero: ``lo_pow2 = 2^16``;
+``hi = 65520*2^10`` and ``hi_pow2 = 2^25``.
+
+A model can be trained with one loss scale only if every tensor can: the model's window is the
+intersection of the per-tensor windows. When it is empty, no single loss scale works, and the two
+tensors that pull apart are named with both numbers::
+
+    no single loss scale works: needs S > 5.6e+06 for a (...), S < 6.1e+04 for b (...)
 """
 from __future__ import annotations
 
@@ -18,27 +32,51 @@ import torch
 from .formats import FORMATS, Format
 from .scaling import format_number
 
-__all__ = ["TensorWindow", "Window", "tensor_window", "scale_window"]
+__all__ = ["TensorWindow", "Window", "tensor_window", "scale_window", "overflow_threshold", "pow2_inside"]
+
+
+def overflow_threshold(fmt: Format) -> float:
+    """The smallest magnitude that rounds to inf (or NaN) in ``fmt``: ``max + ulp(max)/2``."""
+    return fmt.max + 2.0 ** (fmt.emax - fmt.fraction_bits) / 2
+
+
+def pow2_inside(lo: float, hi: float) -> tuple[float | None, float | None]:
+    """(smallest, largest) power of two strictly inside ``(lo, hi)``; (None, None) if there is none
+    (or the interval is unbounded). Exact: read off the binary exponent, no logarithms."""
+    if not (0 < lo < hi < math.inf):
+        return None, None
+    m_lo, e_lo = math.frexp(lo)  # lo = m * 2^e, m in [0.5, 1): the next power of two above is 2^e
+    m_hi, e_hi = math.frexp(hi)  # the last one below hi is 2^(e-1), or 2^(e-2) when hi is itself 2^(e-1)
+    first, last = e_lo, (e_hi - 2 if m_hi == 0.5 else e_hi - 1)
+    if first > last:
+        return None, None
+    return math.ldexp(1.0, first), math.ldexp(1.0, last)
 
 
 @dataclass(frozen=True)
 class TensorWindow:
+    """Loss scales S in the open interval (lo, hi) keep one tensor's gradients within budget."""
+
     name: str
-    lo: float  # smallest scale that keeps the lost fraction within budget (0 if none is lost at S=1/inf)
-    hi: float  # largest scale that does not overflow (inf for an all-zero tensor)
+    lo: float  # S must exceed this to keep all but the budget from flushing to zero (0: nothing to lose)
+    hi: float  # S must stay below this for the largest |g| not to overflow (inf for an all-zero tensor)
     max_abs: float
     min_nonzero: float
 
     @property
     def empty(self) -> bool:
-        return self.lo > self.hi
+        return self.lo >= self.hi
 
     def as_dict(self) -> dict:
-        return {"lo": self.lo, "hi": self.hi, "max_abs": self.max_abs, "min_nonzero": self.min_nonzero}
+        lo2, hi2 = pow2_inside(self.lo, self.hi)
+        return {"lo": self.lo, "hi": self.hi, "lo_pow2": lo2, "hi_pow2": hi2, "max_abs": self.max_abs,
+                "min_nonzero": self.min_nonzero}
 
 
 @dataclass
 class Window:
+    """Per-tensor windows and the model's (their intersection); ``(all)`` pools every gradient."""
+
     per_tensor: dict[str, TensorWindow] = field(default_factory=dict)
     lo: float = 0.0
     hi: float = math.inf
@@ -49,42 +87,52 @@ class Window:
 
     @property
     def empty(self) -> bool:
-        return self.lo > self.hi
+        return self.lo >= self.hi
+
+    @property
+    def pow2(self) -> tuple[float | None, float | None]:
+        """The smallest and largest power-of-two loss scale that work for every tensor."""
+        return pow2_inside(self.lo, self.hi)
 
     def describe(self) -> str:
         if not self.per_tensor:
             return "no gradients"
+        if self.lo_tensor is None:
+            return "all gradients are zero: any loss scale works"
         if self.empty:
-            return (f"no single loss scale works: needs S >= {self.lo:.2g} for {self.lo_tensor} "
-                    f"(its gradients reach down to {self.per_tensor[self.lo_tensor].min_nonzero:.2g}), "
-                    f"S <= {self.hi:.2g} for {self.hi_tensor} (max |g| {self.per_tensor[self.hi_tensor].max_abs:.2g})")
-        return f"{self.format} loss scales from {_n(self.lo)} to {_n(self.hi)} work (budget {100 * self.budget:g}% lost)"
+            lo_t, hi_t = self.per_tensor[self.lo_tensor], self.per_tensor[self.hi_tensor]
+            return (f"no single loss scale works: needs S > {self.lo:.2g} for {self.lo_tensor} "
+                    f"(its gradients reach down to {lo_t.min_nonzero:.2g}), "
+                    f"S < {self.hi:.2g} for {self.hi_tensor} (max |g| {hi_t.max_abs:.2g})")
+        lo2, hi2 = self.pow2
+        budget = f"at most {100 * self.budget:g}% of non-zero gradients flushed"
+        if lo2 is None:
+            return (f"{self.format} loss scales in ({self.lo:.3g}, {self.hi:.3g}) work ({budget}); "
+                    "no power of two lies inside, so no dynamic scaler can find one")
+        return f"{self.format} loss scales from {format_number(lo2)} to {format_number(hi2)} work ({budget})"
 
     def as_dict(self) -> dict:
+        lo2, hi2 = self.pow2
         return {"format": self.format, "budget": self.budget, "lo": self.lo, "hi": self.hi,
-                "lo_tensor": self.lo_tensor, "hi_tensor": self.hi_tensor, "empty": self.empty,
-                "describe": self.describe(),
+                "lo_pow2": lo2, "hi_pow2": hi2, "lo_tensor": self.lo_tensor, "hi_tensor": self.hi_tensor,
+                "empty": self.empty, "describe": self.describe(),
                 "per_tensor": {k: w.as_dict() for k, w in self.per_tensor.items()}}
 
 
-def _n(x: float) -> str:
-    return format_number(2.0 ** round(math.log2(x))) if 0 < x < math.inf else format_number(x)
-
-
 def tensor_window(name: str, g: torch.Tensor, fmt: Format = FORMATS["fp16"], budget: float = 0.01) -> TensorWindow:
+    """The window of one tensor (see module doc); non-finite entries are ignored."""
+    if not 0 <= budget < 1:
+        raise ValueError(f"underflow budget must be in [0, 1), got {budget}")
     a = g.detach().abs().double().reshape(-1)
     a = a[torch.isfinite(a)]
     nz = a[a > 0]
     if nz.numel() == 0:
         return TensorWindow(name, 0.0, math.inf, 0.0, 0.0)
-    mx = float(nz.max())
-    hi = fmt.max / mx
-    # lost at scale S: |g| * S < smallest/2. Allow at most floor(budget * count) losses.
-    k = int(math.floor(budget * nz.numel()))
     srt = torch.sort(nz).values
-    q = float(srt[k]) if k < srt.numel() else float(srt[-1])
-    lo = fmt.smallest / (2.0 * q)
-    return TensorWindow(name, lo, hi, mx, float(srt[0]))
+    k = int(math.floor(budget * srt.numel()))  # how many values may be lost; the (k+1)-th must be kept
+    q = float(srt[k])
+    mx = float(srt[-1])
+    return TensorWindow(name, (fmt.smallest / 2) / q, overflow_threshold(fmt) / mx, mx, float(srt[0]))
 
 
 def scale_window(grads: dict[str, torch.Tensor], fmt: Format = FORMATS["fp16"], budget: float = 0.01,

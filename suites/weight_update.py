@@ -1,0 +1,139 @@
+"""``weight_update`` family: the optimizer step itself in low precision.
+
+Both scenarios fix the gradient (the loss is linear in the weights, ``L = sum(w * c)``, so
+``dL/dw = c`` exactly) and isolate what happens when the update is applied: with pure FP16/BF16
+weights the optimizer adds a small update to a large weight in the storage format, and with FP32
+master weights (``*-master``) it adds it to an FP32 copy. The output is the parameter drift after
+several steps, ``w_final - w0``, against FP32's; the inputs are chosen on a coarse binary grid so
+that FP32's own drift is exact and every error is the strategy's.
+"""
+from __future__ import annotations
+
+import torch
+
+from harness.scenario import Expect, Output, Scenario, Tolerance, register
+from harness.training import Trainer
+
+#: Weights |w0| in [1, 2): FP16's ulp there is 2^-10 (an update below 2^-11 is lost), BF16's is 2^-7.
+SGD_LR = 2.0**-4
+SWAMP_STEPS = 8
+
+
+class LinearLoss(torch.nn.Module):
+    """``forward(c) = sum(w * c)`` in FP32: the gradient of ``w`` is exactly ``c``."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(w.clone())
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return (self.w.float() * c.float()).sum()
+
+
+def _grid(n: int, lo: float, bits: int, g: torch.Generator) -> torch.Tensor:
+    """n values with random signs, uniform in [lo, 2*lo) on a grid of ``bits`` fraction bits (exact in BF16
+    for bits <= 7, so the cast to any low-precision storage format is exact)."""
+    steps = 2**bits
+    mant = 1.0 + torch.randint(0, steps, (n,), generator=g).double() / steps
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    return (sign * mant * lo).float()
+
+
+def _drift_output(trainer: Trainer, w0: torch.Tensor, **extra) -> Output:
+    drift = trainer.parameters_fp32()["w"] - w0
+    finite = torch.isfinite(drift)
+    return Output(value=drift, extra={"swamped_frac": float(((drift == 0) & finite).float().mean()), **extra})
+
+
+# -- update swamping -----------------------------------------------------------------------------
+def _swamp_inputs(p: dict, g: torch.Generator) -> dict:
+    n = 1024
+    w0 = _grid(n, 1.0, 7, g)
+    # |dw| in [2^r, 2^(r+1)) with 8 significant bits: w0 - k*dw stays within FP32's 24 bits
+    dw = _grid(n, 2.0 ** p["log2_ratio"], 7, g)
+    return {"w0": w0, "c": dw / SGD_LR}  # SGD's step w -= lr * c is then exactly -dw
+
+
+def _swamp_run(ex, inp: dict, p: dict) -> Output:
+    trainer = Trainer(ex, LinearLoss(inp["w0"]), optimizer=lambda ps: torch.optim.SGD(ps, lr=SGD_LR))
+    res = trainer.train(lambda mod, batch: mod(batch[0]), lambda i: (inp["c"],), steps=SWAMP_STEPS)
+    ratio = (inp["c"] * SGD_LR).abs() / inp["w0"].abs()
+    return _drift_output(trainer, inp["w0"], update_ratio_median=float(ratio.median()),
+                         skipped=res.trace.summary()["skipped"])
+
+
+_LOST = "update swamped: |dw| < 2^-11 is below half an FP16 ulp of w in [1, 2), so w + dw == w"
+_ROUNDED = ("every step rounds w + dw to FP16's grid (ulp 2^-10): an error of up to 2^-11 per step, "
+            "the same sign every step, far above the bound")
+register(Scenario(
+    name="update_swamping",
+    family="weight_update",
+    description=(f"SGD for {SWAMP_STEPS} steps on weights |w| in [1, 2) with updates |dw|/|w| around 2^log2_ratio "
+                 "(the gradient is fixed, so the lost updates add up). Pure FP16 weights lose an update below half "
+                 "an ulp (2^-11 relative), BF16 below 2^-8, and round every larger one to their grid; FP32 master "
+                 "weights keep it. Output: the drift w_final - w0 against FP32's (exact here)."),
+    grid={"log2_ratio": [-7, -8, -9, -10, -11, -12, -14]},
+    quick={"log2_ratio": [-9, -12]},
+    inputs=_swamp_inputs,
+    run=_swamp_run,
+    n=lambda p: SWAMP_STEPS + 1,  # the weight is rounded to the storage format once per step
+    tolerance=Tolerance(reason="a swamped update leaves the drift exactly zero: that is an absorbed update, not a "
+                               "value below the format's range; it is judged by the drift's relative error",
+                        underflow_budget=1.0),
+    expect=(
+        Expect(("fp16-pure",), "diverged", _LOST, when=lambda p: p["log2_ratio"] <= -12),
+        Expect(("fp16-pure",), "diverged", _ROUNDED),
+        Expect(("bf16-pure",), "diverged", "update swamped: |dw| < 2^-8 is below half a BF16 ulp (2^-7) of w",
+               when=lambda p: p["log2_ratio"] <= -9),
+        Expect(("bf16-pure",), "diverged", "every step rounds w + dw to BF16's grid (ulp 2^-7): up to 2^-8 per step"),
+    ),
+))
+
+
+# -- Adam's second moment and epsilon in low precision -------------------------------------------
+ADAM_LR = 2.0**-7
+ADAM_EPS = 1e-8
+ADAM_STEPS = 8
+
+
+def _adam_inputs(p: dict, g: torch.Generator) -> dict:
+    n = 1024
+    return {"w0": _grid(n, 2.0**-2, 7, g), "c": _grid(n, 2.0 ** p["log2_grad"], 7, g)}
+
+
+def _adam_run(ex, inp: dict, p: dict) -> Output:
+    """Adam on a fixed gradient: each step moves w by about lr * sign(g). Its state (m, v) lives in the
+    parameters' dtype: for pure FP16, v = (1-beta2)*g^2 underflows to zero and eps = 1e-8 rounds to zero
+    in FP16, so the step m / (sqrt(v) + eps) is m / 0 = inf."""
+    trainer = Trainer(ex, LinearLoss(inp["w0"]),
+                      optimizer=lambda ps: torch.optim.Adam(ps, lr=ADAM_LR, eps=ADAM_EPS))
+    trainer.train(lambda mod, batch: mod(batch[0]), lambda i: (inp["c"],), steps=ADAM_STEPS)
+    (state,) = [trainer.opt.state[q] for q in trainer.opt.param_groups[0]["params"]]
+    v = state["exp_avg_sq"]
+    eps_stored = float(torch.tensor(ADAM_EPS, dtype=v.dtype))
+    return _drift_output(trainer, inp["w0"], v_zero_frac=float((v == 0).float().mean()),
+                         eps_in_state_dtype=eps_stored, state_dtype=str(v.dtype).replace("torch.", ""))
+
+
+register(Scenario(
+    name="adam_eps_underflow",
+    family="weight_update",
+    description=(f"Adam (lr 2^-7, eps 1e-8) for {ADAM_STEPS} steps on a fixed gradient of magnitude ~2^log2_grad. "
+                 "The optimizer state lives in the parameters' dtype: with pure FP16 weights the second moment "
+                 "(1-beta2)*g^2 underflows to zero once |g| < ~2^-8, eps = 1e-8 is below half FP16's smallest "
+                 "subnormal and rounds to zero too, and the step m/(sqrt(v)+eps) divides by zero: the weights "
+                 "become inf. BF16 has FP32's range; FP32 master weights keep FP32 state."),
+    grid={"log2_grad": [-4, -6, -8, -10, -12, -16]},
+    quick={"log2_grad": [-6, -12]},
+    inputs=_adam_inputs,
+    run=_adam_run,
+    n=lambda p: ADAM_STEPS + 1,
+    expect=(
+        Expect(("fp16-pure",), "overflow", "(1-beta2)*g^2 < 2^-25 flushes v to zero in FP16 and eps = 1e-8 rounds "
+                                           "to zero: m / (sqrt(v) + eps) = m / 0 = inf",
+               when=lambda p: p["log2_grad"] <= -8),
+        Expect(("fp16-pure",), "diverged", "(1-beta2)*g^2 ~ 2^-22 is subnormal in FP16 and keeps a few bits: "
+                                           "sqrt(v), and so every step, is off by percents",
+               when=lambda p: -8 < p["log2_grad"] <= -6),
+    ),
+))
