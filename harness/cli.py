@@ -130,19 +130,23 @@ def _run_config(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from . import distributed
     from .engine import run_matrix
     from .report.tables import render_failure_table
     cfg, resume = _run_config(args)
+    runner = distributed.run_sharded if distributed.launched() else run_matrix  # torchrun: ranks share the cases
     from rich.console import Console
     console = Console(stderr=True)
-    show = not args.quiet and console.is_terminal
+    show = not args.quiet and console.is_terminal and distributed.is_leader()
     if show:
         with _progress_bar(console) as prog:
             task = prog.add_task("run", total=None, case="")
-            out, summary, stats = run_matrix(cfg, lambda d, t, c: prog.update(task, completed=d, total=t, case=c),
-                                             resume=resume)
+            result = runner(cfg, lambda d, t, c: prog.update(task, completed=d, total=t, case=c), resume=resume)
     else:
-        out, summary, stats = run_matrix(cfg, resume=resume)
+        result = runner(cfg, resume=resume)
+    if result is None:  # a torchrun rank other than 0: rank 0 writes and prints the run
+        return 0
+    out, summary, stats = result
     if not args.quiet:
         text = render_failure_table(summary.by_strategy, summary.by_family,
                                     console=Console() if sys.stdout.isatty() else None)
@@ -155,7 +159,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 #: Modules that add a subcommand: each defines ``add_command(subparsers)`` and sets ``func`` on its
 #: parser (``func(args) -> exit code``; raise ValueError for bad input).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("harness.report.cli", "harness.gate", "harness.model_check")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

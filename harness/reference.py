@@ -42,11 +42,14 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
     s, p = case.scenario, case.params
     out32 = s.run(Execution(PRESETS["fp32"], device), inputs, p)
     out64 = s.run(FP64(device), inputs, p)
+    for out in (out32, out64):
+        if not isinstance(out, Output):
+            raise TypeError(f"scenario {s.name}.run returned {type(out).__name__}, expected harness.scenario.Output")
     fp32 = FORMATS["fp32"]
     m = compare(out32, out64, fp32)
     n = s.n(p)
     b = bound(fp32, n, out64.kappa)
-    worst = max((m.get(k, 0.0) for k in ("rel_err", "grad_rel_err")), default=0.0)
+    worst = max((m.get(k, 0.0) for k in ("rel_err", "grad_rel_err", "loss_divergence")), default=0.0)
     check = {"fp32_vs_fp64": worst, "bound": b}
     window = _window(out32)
     if worst > b or m.get("nonfinite") or m.get("grad_nonfinite"):
@@ -63,11 +66,32 @@ def _window(out: Output) -> dict[str, Any] | None:
     if not out.grads:
         return None
     w = scale_window(out.grads).as_dict()
+    w["log2_hist"] = log2_histogram(out.grads)
     if len(w["per_tensor"]) > MAX_WINDOW_TENSORS:  # keep records small for large models
         keep = sorted(w["per_tensor"].items(), key=lambda kv: -kv[1]["lo"])[:MAX_WINDOW_TENSORS]
         w["per_tensor"] = dict(keep)
         w["per_tensor_truncated"] = True
     return w
+
+
+#: Formats whose ranges a gradient histogram is drawn against (recorded with it: reports import no torch).
+HIST_FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
+
+
+def log2_histogram(grads: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Counts of the non-zero finite gradient entries per binade ``floor(log2|g|)`` (all tensors pooled),
+    the zero count, and the ranges of :data:`HIST_FORMATS`: what the gradient histogram of a report draws."""
+    a = torch.cat([g.detach().abs().double().reshape(-1) for g in grads.values()])
+    a = a[torch.isfinite(a)]
+    nz = a[a > 0]
+    ranges = {f: {"smallest": FORMATS[f].smallest, "min_normal": FORMATS[f].min_normal, "max": FORMATS[f].max}
+              for f in HIST_FORMATS}
+    if nz.numel() == 0:
+        return {"lo": 0, "counts": [], "zeros": int(a.numel()), "formats": ranges}
+    e = torch.frexp(nz).exponent.long() - 1  # exact floor(log2|g|): |g| = m * 2^exponent, m in [0.5, 1)
+    lo = int(e.min())
+    counts = torch.bincount(e - lo).tolist()
+    return {"lo": lo, "counts": counts, "zeros": int(a.numel() - nz.numel()), "formats": ranges}
 
 
 class ReferenceCache:

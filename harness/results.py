@@ -66,7 +66,7 @@ def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None  # outside a checkout git echoes "HEAD"
     except (OSError, subprocess.SubprocessError):
         return None
 

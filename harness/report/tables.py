@@ -1,16 +1,45 @@
-"""Failure-rate tables from run summaries or records, as rich tables or plain text."""
+"""Tables of a run: failure rates with Wilson intervals, FP16 against BF16, outcomes, environment.
+
+Every table is a :class:`Table` (title, header, rows, note) built from records alone, then rendered as
+plain text here, as Markdown by :mod:`harness.report.markdown` or as HTML by :mod:`harness.report.html`.
+This module imports nothing of the harness but the outcome names it keeps (pure functions of run files).
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-__all__ = ["wilson", "counts_from_records", "failure_table_rows", "render_failure_table"]
+__all__ = ["OUTCOMES", "FAILURES", "SEVERITY", "Table", "wilson", "counts_from_records", "failure_rate",
+           "failure_table_rows", "render_failure_table", "render_text", "compute_format", "failure_table",
+           "family_table", "format_comparison_table", "outcome_table", "environment_table", "pct", "rate_cell"]
 
-FAILURES = ("diverged", "overflow", "underflow", "scale_exhausted", "stalled", "error")
+#: Outcome names of :mod:`harness.verdict`, in its order (a test checks that they match).
+OUTCOMES = ("pass", "diverged", "overflow", "underflow", "scale_exhausted", "stalled", "unsupported", "error")
+FAILURES = tuple(o for o in OUTCOMES if o not in ("pass", "unsupported"))
+#: How bad an outcome is, higher is worse: equal to ``harness.verdict.SEVERITY`` (a test checks).
+SEVERITY = {"pass": 0, "unsupported": 0, "diverged": 1, "underflow": 2, "stalled": 3, "overflow": 4,
+            "scale_exhausted": 5, "error": 6}
+#: The two 16-bit formats the FP16-against-BF16 comparison sets side by side.
+PAIR = ("fp16", "bf16")
+
+
+@dataclass
+class Table:
+    """A titled table of strings; ``note`` says how to read it."""
+
+    title: str
+    head: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    note: str = ""
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for k failures out of n."""
+    """95% Wilson score interval for k failures out of n (``(0, 1)`` when n is 0).
+
+    >>> [round(x, 4) for x in wilson(0, 10)]
+    [0.0, 0.2775]
+    """
     if n == 0:
         return (0.0, 1.0)
     p = k / n
@@ -32,15 +61,28 @@ def counts_from_records(records: Iterable[dict[str, Any]]) -> tuple[dict, dict]:
     return by_s, by_f
 
 
-def _rate(c: dict[str, int]) -> tuple[int, int]:
-    judged = sum(v for k, v in c.items() if k != "unsupported")
-    return sum(c.get(k, 0) for k in FAILURES), judged
+def failure_rate(counts: dict[str, int]) -> tuple[int, int]:
+    """(failures, judged cases) of outcome counts: unsupported cases are not judged."""
+    judged = sum(v for k, v in counts.items() if k != "unsupported")
+    return sum(counts.get(k, 0) for k in FAILURES), judged
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def rate_cell(k: int, n: int) -> str:
+    """``3/19 15.8% [5-38]``: failures, rate and its 95% Wilson interval in percent."""
+    if n == 0:
+        return "-"
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} {pct(k / n)} [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 
 def _cell(c: dict[str, int] | None) -> str:
     if not c:
         return "-"
-    k, n = _rate(c)
+    k, n = failure_rate(c)
     if n == 0:
         return "unsupp."
     return f"{k}/{n} {100 * k / n:.0f}%"
@@ -52,25 +94,120 @@ def failure_table_rows(by_strategy: dict, by_family: dict) -> tuple[list[str], l
     head = ["strategy", "failed/judged", "rate [95% CI]", *families]
     rows = []
     for s, c in by_strategy.items():
-        k, n = _rate(c)
+        k, n = failure_rate(c)
         lo, hi = wilson(k, n)
         rate = f"{100 * k / n:.1f}% [{100 * lo:.0f}-{100 * hi:.0f}]" if n else "-"
         rows.append([s, f"{k}/{n}", rate, *(_cell(by_family[f].get(s)) for f in families)])
     return head, rows
 
 
+def render_text(table: Table) -> str:
+    """Plain text: the title, then left-aligned columns two spaces apart, then the note."""
+    widths = [max(len(str(x)) for x in col) for col in zip(table.head, *table.rows)]
+    lines = [table.title] + ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
+                             for r in [table.head, *table.rows]]
+    return "\n".join(lines + ([table.note] if table.note else []))
+
+
 def render_failure_table(by_strategy: dict, by_family: dict, title: str = "failure rate by strategy and family",
                          console: Any = None) -> str:
-    """Print the table (rich on a terminal, plain otherwise); returns the plain text too."""
+    """Print the table with rich when ``console`` is given; returns the plain text either way."""
     head, rows = failure_table_rows(by_strategy, by_family)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    plain = "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths)) for r in [head, *rows])
     if console is not None:
-        from rich.table import Table
-        t = Table(title=title)
+        from rich.table import Table as RichTable
+        t = RichTable(title=title)
         for h in head:
             t.add_column(h, justify="left" if h == "strategy" else "right")
         for r in rows:
             t.add_row(*r)
         console.print(t)
-    return f"{title}\n{plain}"
+    return render_text(Table(title, head, rows))
+
+
+def compute_format(record: dict[str, Any]) -> str:
+    """The ``compute=`` field of a record's strategy spec (``fp16``, ``bf16``...; ``?`` if absent)."""
+    for part in str(record.get("strategy_spec", "")).split(","):
+        key, _, value = part.partition("=")
+        if key.strip() == "compute":
+            return value.strip()
+    return "?"
+
+
+# -- the tables of one run -------------------------------------------------------------------------
+def failure_table(records: list[dict[str, Any]]) -> Table:
+    """Failure rate per strategy (95% Wilson interval), and per family in the columns."""
+    head, rows = failure_table_rows(*counts_from_records(records))
+    return Table("Failure rate by strategy and family", head, rows,
+                 "failed/judged over all cases (unsupported cases are not judged); [lo-hi] is the 95% Wilson "
+                 "interval in percent")
+
+
+def family_table(records: list[dict[str, Any]]) -> Table:
+    """Failure rate per family over all strategies but the FP32 reference preset."""
+    by_f: dict[str, dict[str, int]] = {}
+    for r in records:
+        if r["strategy"] == "fp32":
+            continue
+        c = by_f.setdefault(r["family"], {})
+        c[r["outcome"]] = c.get(r["outcome"], 0) + 1
+    rows = [[f, rate_cell(*failure_rate(c))] for f, c in sorted(by_f.items())]
+    return Table("Failure rate by family", ["family", "failed/judged rate [95% CI]"], rows,
+                 "all strategies but fp32 (the reference preset) pooled")
+
+
+def _outcome_counts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    c: dict[str, int] = {}
+    for r in records:
+        c[r["outcome"]] = c.get(r["outcome"], 0) + 1
+    return c
+
+
+def format_comparison_table(records: list[dict[str, Any]], pair: tuple[str, str] = PAIR) -> Table:
+    """FP16 against BF16 per family: every strategy computing in each format pooled, with the outcomes."""
+    a, b = pair
+    fams = sorted({r["family"] for r in records if compute_format(r) in pair})
+    head = ["family", f"{a} rate [95% CI]", f"{a} outcomes", f"{b} rate [95% CI]", f"{b} outcomes"]
+    rows = []
+    for f in [*fams, "all"]:
+        cells = [f]
+        for fmt in pair:
+            c = _outcome_counts(r for r in records if compute_format(r) == fmt and f in ("all", r["family"]))
+            cells += [rate_cell(*failure_rate(c)), _breakdown(c)]
+        rows.append(cells)
+    strategies = {fmt: sorted({r["strategy"] for r in records if compute_format(r) == fmt}) for fmt in pair}
+    note = "; ".join(f"{fmt}: {', '.join(s) or 'none'}" for fmt, s in strategies.items())
+    return Table(f"{a.upper()} against {b.upper()}", head, rows, f"strategies pooled per format: {note}")
+
+
+def _breakdown(c: dict[str, int]) -> str:
+    return " ".join(f"{o} {c[o]}" for o in OUTCOMES if c.get(o)) or "-"
+
+
+def outcome_table(records: list[dict[str, Any]]) -> Table:
+    """Cases per strategy and outcome (the breakdown behind every failure rate)."""
+    by_s: dict[str, dict[str, int]] = {}
+    for r in records:
+        c = by_s.setdefault(r["strategy"], {})
+        c[r["outcome"]] = c.get(r["outcome"], 0) + 1
+    used = [o for o in OUTCOMES if any(o in c for c in by_s.values())]
+    rows = [[s, compute_format({"strategy_spec": _spec(records, s)}), *(str(c.get(o, 0)) for o in used)]
+            for s, c in by_s.items()]
+    return Table("Outcomes by strategy", ["strategy", "compute", *used], rows)
+
+
+def _spec(records: list[dict[str, Any]], strategy: str) -> str:
+    return next((r.get("strategy_spec", "") for r in records if r["strategy"] == strategy), "")
+
+
+ENV_KEYS = ("harness", "git_commit", "torch", "cuda", "gpu", "gpu_capability", "driver", "cpu", "cpu_count",
+            "python", "platform")
+
+
+def environment_table(header: dict[str, Any], records: list[dict[str, Any]]) -> Table:
+    """What the run ran on and with: versions, hardware, tier, seeds, status, record count."""
+    env, cfg = header.get("environment", {}), header.get("config", {})
+    rows = [[k, str(env[k])] for k in ENV_KEYS if env.get(k) is not None]
+    rows += [["created", str(header.get("created", "?"))], ["status", str(header.get("status", "?"))],
+             ["tier", str(cfg.get("tier", "?"))], ["seeds", str(cfg.get("seeds", "?"))],
+             ["records", f"{len(records)} (expected {header.get('expected_records', '?')})"]]
+    return Table("Environment", ["", ""], rows)
