@@ -66,20 +66,27 @@ class Execution:
         return torch.zeros(*shape, device=self.device, dtype=self.dtype)
 
     @contextlib.contextmanager
-    def autocast(self) -> Iterator[None]:
-        """The forward-pass region: autocast when the strategy autocasts, with the GEMM flags it asks for
-        (TF32 on only for ``compute=tf32``; reduced-precision reductions only for ``reduction=reduced``)."""
+    def gemm_flags(self) -> Iterator[None]:
+        """The GEMM flags the strategy asks for (TF32 on only for ``compute=tf32``; reduced-precision
+        reductions only for ``reduction=reduced``), restored on exit. The backward pass runs under them
+        too, as it does where a user sets them globally."""
         s = self.strategy
         saved = _flags()
         try:
             _set_flags(tf32=s.compute == "tf32", reduced=s.reduction == "reduced")
-            if s.apply == "autocast" and self.dtype in (torch.float16, torch.bfloat16):
+            yield
+        finally:
+            _set_flags(**saved)
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The forward-pass region: autocast when the strategy autocasts, under :meth:`gemm_flags`."""
+        with self.gemm_flags():
+            if self.strategy.apply == "autocast" and self.dtype in (torch.float16, torch.bfloat16):
                 with torch.autocast(self.device.type, dtype=self.dtype):
                     yield
             else:
                 yield
-        finally:
-            _set_flags(**saved)
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, key: str = "mm") -> torch.Tensor:
         """a @ b as the strategy computes it (``key`` names the call site for FP8 amax histories)."""

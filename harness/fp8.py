@@ -34,17 +34,20 @@ class AmaxHistory:
 
 
 def quantize_fp8(x: torch.Tensor, fmt, scale: float) -> torch.Tensor:
-    """Scale then cast to FP8 (values past the format's max saturate to it, as the scaled GEMMs do)."""
-    y = (x.float() * scale).clamp(-fmt.max, fmt.max)
-    return y.to(fmt.dtype)
+    """Scale then cast to FP8. Finite values past the format's max saturate to it, as the scaled GEMMs
+    do; inf and NaN stay non-finite (NaN in E4M3, which has no inf), so an overflow upstream is never
+    hidden: torch's cast alone saturates inf to 448 in E4M3."""
+    y = x.float() * scale
+    keep = y if not fmt.finite_only else torch.full_like(y, float("nan"))
+    return torch.where(torch.isfinite(y), y.clamp(-fmt.max, fmt.max), keep).to(fmt.dtype)
 
 
 def _mm(x8: torch.Tensor, y8: torch.Tensor, sx: float, sy: float, out_dtype: torch.dtype,
         native: bool) -> torch.Tensor:
     """(x8 / sx) @ (y8 / sy) with FP32 accumulation."""
     if native and x8.shape[0] % 16 == 0 and x8.shape[1] % 16 == 0 and y8.shape[1] % 16 == 0:
-        inv_x = torch.tensor(1.0 / sx, device=x8.device)
-        inv_y = torch.tensor(1.0 / sy, device=x8.device)
+        inv_x = torch.tensor(1.0 / sx, dtype=torch.float32, device=x8.device)  # _scaled_mm: FP32 scales
+        inv_y = torch.tensor(1.0 / sy, dtype=torch.float32, device=x8.device)
         yt = y8.t().contiguous().t()  # column-major second operand
         out = torch._scaled_mm(x8.contiguous(), yt, scale_a=inv_x, scale_b=inv_y, out_dtype=out_dtype)
         return out[0] if isinstance(out, tuple) else out

@@ -88,7 +88,8 @@ class Trainer:
         if isinstance(self.scaler, _GradScalerAdapter):
             return self._gradscaler_step(loss)
         scale = torch.tensor(self.scaler.scale, dtype=torch.float32, device=self.ex.device)
-        (loss * scale).backward()
+        with self.ex.gemm_flags():  # TF32 GEMMs of a tf32 strategy in the backward pass too
+            (loss * scale).backward()
         inv = scale.double().reciprocal().float()  # as GradScaler: 1/S in FP32 (inf once S is subnormal)
         grads = {n: (p.grad.float() * inv if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
                  for n, p in zip(self.names, self.params)}
@@ -102,7 +103,8 @@ class Trainer:
         ad = self.scaler
         assert isinstance(ad, _GradScalerAdapter)
         before = ad.scale
-        ad.gs.scale(loss).backward()
+        with self.ex.gemm_flags():
+            ad.gs.scale(loss).backward()
         if self.master is not None:
             raise ValueError("gradscaler strategies keep FP32 parameters; master=yes is not supported with them")
         ad.gs.unscale_(self.opt)

@@ -1,0 +1,222 @@
+"""GPU paths: the Tensor-Core profile measured on the device, the Triton tile, FP8 GEMMs native against
+emulated, the tensor_core scenarios through the engine, the throughput benchmark, and the trade-off table.
+
+Tests marked ``cuda`` need a CUDA device and are skipped without one (no conftest needed); the rest
+check the CPU halves of the same tools.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.formats import FORMATS
+from harness.fp8 import AmaxHistory, E4M3, E5M2, fp8_matmul, quantize_fp8
+
+ROOT = Path(__file__).resolve().parent.parent
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+triton_ok = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+sm89 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                          reason="needs FP8 Tensor Cores (sm_89+)")
+
+
+# -- the device profile --------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@cuda
+@triton_ok
+def test_device_profile_is_complete_and_predicts_the_device() -> None:
+    from harness.device_profile import FIELDS, PROBED_FORMATS, device_profile
+    res = device_profile("cuda", PROBED_FORMATS, "triton")
+    for fmt, p in res["formats"].items():
+        if "unsupported" in p:
+            continue
+        assert "error" not in p, p
+        assert p["notes"] == [], (fmt, p["notes"])
+        assert all(p[f] is not None for f in FIELDS if f != "input_rounding" or fmt == "tf32"), (fmt, p)
+        assert p["extra_bits"] == p["alignment_bits"] - p["accumulator_bits"]
+        assert p["c_fused"] is True  # the Triton tile accumulates into C
+        # the model built from the measured parameters reproduces random inner products bit for bit
+        assert p["model_agreement"] == 1.0, (fmt, p)
+        if fmt in ("fp16", "bf16", "tf32"):  # 16-bit and TF32 inputs: an FP32 accumulator
+            assert p["accumulator_bits"] == 24 and p["output_fp32"] is True
+    assert res["seconds"] < 30
+
+
+@pytest.mark.cuda
+@cuda
+def test_cublas_profile_sees_the_same_tensor_cores() -> None:
+    from harness.device_profile import device_profile
+    tri = device_profile("cuda", ("fp16", "bf16"), "triton")["formats"]
+    cub = device_profile("cuda", ("fp16", "bf16"), "cublas")["formats"]
+    for fmt in ("fp16", "bf16"):
+        for f in ("block_size", "alignment_bits", "accumulator_bits", "alignment_rounding", "products_exact"):
+            assert cub[fmt][f] == tri[fmt][f], (fmt, f)
+        assert cub[fmt]["c_fused"] is None  # cuBLAS adds C in its epilogue: not probed
+
+
+@pytest.mark.cuda
+@cuda
+@triton_ok
+def test_triton_tile_computes_c_plus_ab() -> None:
+    from harness._triton_dot import dot_acc
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(64, 128, device="cuda", generator=g).half()
+    b = torch.randn(128, 64, device="cuda", generator=g).half()
+    c = torch.randn(64, 64, device="cuda", generator=g)
+    d = dot_acc(a, b, c)
+    ref = c.double() + a.double() @ b.double()
+    assert float((d.double() - ref).norm() / ref.norm()) < 2.0 ** -20  # FP32-accumulated, exact products
+
+
+@pytest.mark.cuda
+@cuda
+@triton_ok
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "tf32", "fp8_e4m3"])
+def test_sequential_tensor_core_gemm_is_the_measured_model(fmt: str) -> None:
+    """The K-loop Triton GEMM (the tc_long_dot 'tensor_core' path) over K=1024, 16 to 128 fused steps,
+    is reproduced bit for bit by the model built from the probes' measurements."""
+    from harness import _triton_dot
+    from harness.device_profile import _DTYPES, device_profile, model_from_profile
+    from harness.tc_probes import random_operands
+    if fmt == "fp8_e4m3" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 Tensor Cores (sm_89+)")
+    model = model_from_profile(fmt, device_profile("cuda", (fmt,), "triton")["formats"][fmt])
+    assert model is not None
+    a, b, _ = random_operands(FORMATS[fmt], 1024, torch.Generator().manual_seed(5), with_c=False)
+    dtype = getattr(torch, _DTYPES[fmt])
+    d = _triton_dot.gemm(a.cuda().to(dtype), b.cuda().to(dtype), tf32=fmt == "tf32").cpu()
+    assert torch.equal(d, model(a, b, torch.zeros(64, 64)))
+
+
+@pytest.mark.cuda
+@cuda
+def test_device_profile_cli_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, "-m", "harness.device_profile", "--format", "fp16", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["formats"]["fp16"]["block_size"] >= 2 and "block_size" in proc.stdout
+
+
+# -- FP8 GEMMs: native _scaled_mm against the emulation ------------------------------------------------------------
+@pytest.mark.cuda
+@sm89
+@pytest.mark.parametrize("delayed", [False, True])
+def test_fp8_matmul_native_agrees_with_emulated(delayed: bool) -> None:
+    """Same FP8 inputs and scales both ways: the native GEMM's Tensor-Core accumulation and the FP32
+    emulation differ by accumulation rounding only. FP8 Tensor Cores may keep as few as 14 bits per step
+    (the device profile measures it; the model of such a unit gives 2e-4 here), so 2^-9 bounds that with
+    room and still catches a wrong scale, layout or FP8 format (errors of 2^-3 and more)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    a0 = torch.randn(128, 256, device="cuda", generator=g)
+    b0 = torch.randn(256, 64, device="cuda", generator=g) * 0.05
+    outs, grads = [], []
+    for native in (True, False):
+        hist = AmaxHistory()
+        a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        for _ in range(2):  # the second call uses the amax history when delayed
+            a.grad = b.grad = None
+            y = fp8_matmul(a, b, "mm", hist, delayed=delayed, native=native, out_dtype=torch.float32)
+            (y * torch.linspace(-1, 1, 64, device="cuda")).sum().backward()
+        outs.append(y.detach())
+        grads.append((a.grad.clone(), b.grad.clone()))
+    rel = lambda x, r: float((x - r).norm() / r.norm())  # noqa: E731
+    assert rel(outs[0], outs[1]) < 2.0 ** -9
+    assert rel(grads[0][0], grads[1][0]) < 2.0 ** -9 and rel(grads[0][1], grads[1][1]) < 2.0 ** -9
+    assert rel(outs[1], a0 @ b0) < 0.1  # and both are FP8 approximations of the FP32 product
+
+
+def test_quantize_fp8_keeps_overflow_non_finite() -> None:
+    x = torch.tensor([float("inf"), -float("inf"), float("nan"), 500.0, -1e6, 3.0])
+    assert quantize_fp8(x, E4M3, 1.0).float().tolist()[3:] == [448.0, -448.0, 3.0]
+    assert torch.isnan(quantize_fp8(x, E4M3, 1.0).float()[:3]).all()  # E4M3 has no inf: NaN, never 448
+    e5 = quantize_fp8(x, E5M2, 1.0).float().tolist()
+    assert e5[:2] == [float("inf"), -float("inf")] and e5[4] == -FORMATS["fp8_e5m2"].max
+
+
+# -- the tensor_core scenarios through the engine ---------------------------------------------------------------
+@pytest.mark.cuda
+@cuda
+@triton_ok
+def test_tensor_core_family_runs_on_the_gpu(tmp_path: Path) -> None:
+    from harness.engine import RunConfig, run_matrix
+    from harness.scenario import discover
+    from harness.strategy import resolve
+    scen = discover().select(families=["tensor_core"])
+    strategies = resolve(["fp32", "tf32", "fp16", "bf16"] + (["fp8-tensorwise"]
+                         if torch.cuda.get_device_capability() >= (8, 9) else []))
+    out, _summary, _stats = run_matrix(RunConfig(scen, strategies, torch.device("cuda"), tier="quick",
+                                                 out=tmp_path / "run"))
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert recs and not [r for r in recs if r["outcome"] in ("error", "unsupported")], \
+        [(r["case"], r["strategy"], r["reason"]) for r in recs if r["outcome"] in ("error", "unsupported")]
+    prof = {r["strategy"]: r["metrics"]["profile"] for r in recs if r["scenario"] == "tc_profile"}
+    assert prof["fp32"] is None and prof["fp16"]["format"] == "fp16" and prof["tf32"]["format"] == "tf32"
+    assert prof["fp16"]["block_size"] >= 2
+    dots = [r for r in recs if r["scenario"] == "tc_long_dot" and r["strategy"] == "fp32"]
+    assert all(r["metrics"]["rel_err"] < 1e-5 for r in dots)
+
+
+# -- throughput ---------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@cuda
+def test_gpu_throughput_quick_writes_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_throughput.py", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    kinds = {(r["kind"], r["name"]) for r in data["rows"] if "tflops" in r}
+    assert {("gemm", "fp16"), ("gemm", "bf16"), ("block", "bf16"), ("train", "bf16")} <= kinds
+    assert all(r["tflops"] > 0 and r["ms"] > 0 for r in data["rows"] if "tflops" in r)
+
+
+# -- the trade-off table (pure: runs anywhere) ---------------------------------------------------------------------
+def _rec(strategy: str, compute: str, family: str, outcome: str) -> dict:
+    return {"schema_version": 1, "scenario": "s", "case": "s", "family": family, "params": {}, "seed": 0,
+            "strategy": strategy, "strategy_spec": f"compute={compute},apply=autocast", "device": "cuda",
+            "outcome": outcome, "reason": "", "metrics": {}, "seconds": 0.0}
+
+
+def test_tradeoff_table_joins_speed_and_failures(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import tradeoff
+    from harness.results import RunWriter
+    rows = [{"kind": "gemm", "name": n, "format": f, "tflops": t, "share": t / c}
+            for n, f, t, c in (("fp32", "fp32", 50.0, 51.0), ("fp16", "fp16", 700.0, 755.0),
+                               ("bf16", "bf16", 750.0, 786.0), ("fp8-e4m3", "fp8", 1300.0, 1394.0),
+                               ("fp8-e4m3-fastacc", "fp8", 1390.0, 1394.0))]
+    rows += [{"kind": "train", "name": "fp32", "format": "fp32", "tflops": 40.0, "share": 0.8},
+             {"kind": "train", "name": "fp16", "format": "fp16", "tflops": 400.0, "share": 0.53}]
+    tp = tmp_path / "t.json"
+    tp.write_text(json.dumps({"environment": {"gpu": "G"}, "rows": rows}))
+    w = RunWriter(tmp_path / "run", {"environment": {"device": "cuda", "gpu": "G"}})
+    for r in ([_rec("fp16", "fp16", "reduction", "diverged")] * 3 + [_rec("fp16-dynamic", "fp16", "training", "pass")]
+              + [_rec("bf16", "bf16", "reduction", "pass")] * 2 + [_rec("fp8-tensorwise", "fp8", "reduction",
+                                                                          "unsupported")]):
+        w.append(r)
+    w.close({})
+    md, js = tmp_path / "t.md", tmp_path / "t.out.json"
+    assert tradeoff.main(["--throughput", str(tp), "--run", str(tmp_path / "run"), "--markdown", str(md),
+                          "--out", str(js)]) == 0
+    s = json.loads(js.read_text())["formats"]
+    assert (s["fp16"]["failures"], s["fp16"]["judged"], s["fp16"]["gemm_tflops"]) == (3, 4, 700.0)
+    assert s["fp16"]["strategies"] == ["fp16", "fp16-dynamic"] and s["fp16"]["train_tflops"] == 400.0
+    assert (s["bf16"]["failures"], s["bf16"]["judged"], s["fp8"]["judged"]) == (0, 2, 0)
+    assert s["fp8"]["gemm_tflops"] == 1300.0  # the _scaled_mm row the strategies use, not fast-accum
+    tables, _ = tradeoff.tradeoff(json.loads(tp.read_text()), [_rec("fp16", "fp16", "reduction", "pass")])
+    assert tables[0].rows[0][:3] == ["fp16", "700 (93%)", "14.0x"] and tables[0].rows[0][5] == "10.0x"
+    assert "fp16" in md.read_text() and "14.0x" in md.read_text()
+
+
+def test_tradeoff_bad_input_exits_2(tmp_path: Path, capsys) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import tradeoff
+    assert tradeoff.main(["--throughput", str(tmp_path / "none.json"), "--run", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
