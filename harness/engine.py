@@ -14,7 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -28,7 +28,8 @@ from .strategy import Strategy
 from .timing import sync
 from .verdict import FAILURES, UNDERFLOW_BUDGET, Verdict, judge
 
-__all__ = ["RunConfig", "run_matrix", "run_case", "default_out_dir", "resolve_device", "Summary", "resume_config"]
+__all__ = ["RunConfig", "run_matrix", "run_case", "run_case_records", "run_header", "run_stats", "default_out_dir",
+           "resolve_device", "Summary", "resume_config"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,6 +79,7 @@ class Summary:
     by_family: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     records: int = 0
     seconds_in_scenarios: float = 0.0
+    seconds_building_inputs: float = 0.0
 
     def add(self, rec: dict[str, Any]) -> None:
         s, f, o = rec["strategy"], rec["family"], rec["outcome"]
@@ -179,7 +181,50 @@ def _inputs(case: Case, device: torch.device) -> dict:
 
 def _input_error(case: Case, strategy: Strategy, device: torch.device, exc: Exception) -> dict[str, Any]:
     v = Verdict("error", f"building inputs failed: {type(exc).__name__}: {exc}"[:300])
-    return _record(case, strategy, device, v, {}, 0.0, {"traceback": traceback.format_exc()})
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return _record(case, strategy, device, v, {}, 0.0, {"traceback": tb})
+
+
+def run_case_records(case: Case, strategies: list[Strategy], device: torch.device, refs: ReferenceCache,
+                     summary: Summary, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    """Records of one case under ``strategies``, each added to ``summary`` as it is yielded. The inputs
+    are built once from the seed (a failure there is an error record for every strategy); the reference
+    is computed once and dropped when the case is done."""
+    t0 = time.perf_counter()
+    try:
+        inputs, input_exc = _inputs(case, device), None
+    except Exception as exc:  # noqa: BLE001 - a broken scenario is an error record
+        inputs, input_exc = {}, exc
+    summary.seconds_building_inputs += time.perf_counter() - t0
+    try:
+        for strategy in strategies:
+            if input_exc is not None:
+                rec, inner = _input_error(case, strategy, device, input_exc), 0.0
+            else:
+                rec, inner = run_case(case, strategy, device, inputs, refs, timeout)
+            summary.seconds_in_scenarios += inner
+            summary.add(rec)
+            yield rec
+    finally:
+        refs.drop(case, device)
+
+
+def run_header(cfg: RunConfig, n_cases: int) -> dict[str, Any]:
+    """The ``run.json`` header of a run of ``n_cases`` cases (environment and configuration)."""
+    return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "environment": environment(cfg.device.type), "config": cfg.as_dict(),
+            "cases": n_cases, "expected_records": n_cases * len(cfg.strategies)}
+
+
+def run_stats(wall: float, refs: ReferenceCache, summary: Summary, records: int, ran: int,
+              resume: bool) -> dict[str, Any]:
+    """What a run measured about itself: wall time, references, where the time went."""
+    inside = summary.seconds_in_scenarios + refs.seconds + summary.seconds_building_inputs
+    return {"wall_seconds": wall, "references_computed": refs.computed, "references_reused": refs.reused,
+            "records": records, "records_this_session": ran, "resumed": resume,
+            "seconds_in_scenarios": summary.seconds_in_scenarios, "seconds_in_references": refs.seconds,
+            "seconds_building_inputs": summary.seconds_building_inputs,
+            "bookkeeping_ms_per_record": 1000 * (wall - inside) / max(ran, 1)}
 
 
 def _done_keys(out: Path) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
@@ -213,10 +258,7 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
         rank, world = shard
         all_cases = all_cases[rank::world]
     done_keys, previous = _done_keys(Path(out)) if resume else (set(), [])
-    header = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "environment": environment(cfg.device.type), "config": cfg.as_dict(),
-              "cases": len(all_cases), "expected_records": len(all_cases) * len(cfg.strategies)}
-    writer = RunWriter(out, header, append=resume)
+    writer = RunWriter(out, run_header(cfg, len(all_cases)), append=resume)
     summary = Summary()
     for r in previous:
         summary.add(r)
@@ -224,7 +266,6 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
     total = len(all_cases) * len(cfg.strategies)
     done = len(previous)
     t_start = time.perf_counter()
-    t_inputs = 0.0
     status = "complete"
     old_term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
@@ -232,39 +273,18 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
             todo = [st for st in cfg.strategies if (case.key, st.label) not in done_keys]
             if not todo:
                 continue
-            t0 = time.perf_counter()
-            try:
-                inputs, input_exc = _inputs(case, cfg.device), None
-            except Exception as exc:  # noqa: BLE001 - a broken scenario is an error record
-                inputs, input_exc = {}, exc
-            t_inputs += time.perf_counter() - t0
-            for strategy in todo:
-                if input_exc is not None:
-                    rec, inner = _input_error(case, strategy, cfg.device, input_exc), 0.0
-                else:
-                    rec, inner = run_case(case, strategy, cfg.device, inputs, refs, cfg.timeout)
-                summary.seconds_in_scenarios += inner
+            for rec in run_case_records(case, todo, cfg.device, refs, summary, cfg.timeout):
                 writer.append(rec)
-                summary.add(rec)
                 done += 1
                 if progress:
-                    progress(done, total, f"{case.id} {strategy.label}")
-            refs.drop(case, cfg.device)
-            del inputs
+                    progress(done, total, f"{case.id} {rec['strategy']}")
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-        wall = time.perf_counter() - t_start
-        ran = done - len(previous)
-        inside = summary.seconds_in_scenarios + refs.seconds + t_inputs
-        stats = {"wall_seconds": wall, "references_computed": refs.computed, "references_reused": refs.reused,
-                 "records": done, "records_this_session": ran, "resumed": resume,
-                 "seconds_in_scenarios": summary.seconds_in_scenarios, "seconds_in_references": refs.seconds,
-                 "seconds_building_inputs": t_inputs,
-                 "bookkeeping_ms_per_record": 1000 * (wall - inside) / max(ran, 1)}
+        stats = run_stats(time.perf_counter() - t_start, refs, summary, done, done - len(previous), resume)
         writer.close({**summary.as_dict(), **stats}, status=status)
     return out, summary, stats
 

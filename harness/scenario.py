@@ -190,7 +190,7 @@ def discover(extra_modules: Iterable[str] = ()) -> Registry:
     if not _DISCOVERED:
         import suites
         for info in pkgutil.iter_modules(suites.__path__, "suites."):
-            if not info.name.split(".")[-1].startswith("_"):
+            if not info.name.split(".")[-1].startswith("_") and info.name != "suites.benchmarks":  # asv, no scenarios
                 importlib.import_module(info.name)
         _DISCOVERED = True
     for mod in extra_modules:

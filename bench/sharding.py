@@ -1,0 +1,150 @@
+"""Speed-up of the sharded matrix: the full tier with 1 rank against N ranks under torchrun.
+
+Runs, each in a subprocess as a user would (one BLAS/OpenMP thread per process unless OMP_NUM_THREADS
+is set):
+
+1. ``python -m harness run --tier full --device D`` on one process (one GPU);
+2. ``torchrun --nproc-per-node N -m harness run ...`` (one GPU per rank), its cases scheduled costliest
+   first from run 1's timings (``MP_HARNESS_COSTS``: what a repeated run reads from the last one);
+3. with ``--unhinted`` also the sharded run without cost hints (cases claimed in matrix order).
+
+It prints both walls (the whole process, and the run's own ``wall_seconds``, which leaves out
+interpreter start-up and, for torchrun, the launcher), the speed-up, each rank's busy time and cases
+(the balance), and whether the merged records equal the single run's apart from timings (any other
+field that differs is counted; ``seconds`` and ``peak_bytes`` are measurements and left out; device
+indices in error messages are ignored). ``--repeat`` runs the single process twice, so differences that
+two single-process runs show as well (a nondeterministic scenario) are told apart from the sharding's.
+``--check``: exit 1 when the run speed-up is below the target (1.8x on 2 GPUs) or the sharding changed
+a record.
+
+Usage: ``python bench/sharding.py [--ranks 2] [--device cuda] [--tier full] [--family F]... [--unhinted]
+[--repeat] [--show K] [--keep DIR] [--check]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = 1.8
+#: Measurements of the process rather than results: how long a record took, and the CUDA allocator's
+#: peak, whose baseline holds whatever the process allocated before the case (library workspaces made
+#: on first use, earlier cases' leftovers), so it depends on which cases ran before on that process.
+MEASUREMENTS = ("seconds", "peak_bytes")
+#: A rank names its own device in error messages ("cuda:1" where one process says "cuda:0").
+_DEVICE_INDEX = re.compile(r"cuda:\d+")
+
+
+def _env(costs: str) -> dict[str, str]:
+    env = dict(os.environ, MP_HARNESS_COSTS=costs)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _run(launcher: list[str], args: list[str], out: Path, costs: str) -> dict:
+    """One run into ``out``: its process wall time and its summary."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([*launcher, "-m", "harness", "run", *args, "--quiet", "--out", str(out)], cwd=ROOT,
+                          env=_env(costs), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"{' '.join(launcher)} -m harness run ... exited {proc.returncode}:\n{tail}")
+    head = json.loads((out / "run.json").read_text())
+    return {"wall_s": wall, "run_s": head["summary"]["wall_seconds"], "summary": head["summary"],
+            "records": [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line]}
+
+
+def _normal(v: object) -> object:
+    return _DEVICE_INDEX.sub("cuda:N", v) if isinstance(v, str) else v
+
+
+def _differences(a: list[dict], b: list[dict], show: int = 0) -> dict[str, set]:
+    """Per field, the (case, strategy) of every record that differs, measurements left out and device
+    indices in messages ignored; ``order``: records out of place. ``show``: print that many examples
+    per field (both values, shortened)."""
+    diff: dict[str, set] = {}
+    if len(a) != len(b):
+        diff["count"] = {("", str(abs(len(a) - len(b))))}
+    for x, y in zip(a, b):
+        key = (x.get("case"), x.get("strategy"))
+        if key != (y.get("case"), y.get("strategy")):
+            diff.setdefault("order", set()).add(key)
+            continue
+        for k in sorted(set(x) | set(y)):
+            if k in MEASUREMENTS or _normal(x.get(k)) == _normal(y.get(k)):
+                continue
+            diff.setdefault(k, set()).add(key)
+            if len(diff[k]) <= show:
+                vx, vy = x.get(k), y.get(k)
+                if isinstance(vx, dict) and isinstance(vy, dict):
+                    keys = [m for m in sorted(set(vx) | set(vy)) if vx.get(m) != vy.get(m)]
+                    vx, vy = {m: vx.get(m) for m in keys}, {m: vy.get(m) for m in keys}
+                print(f"      {k}: {key[0]} {key[1]}: {str(vx)[-160:]!r} != {str(vy)[-160:]!r}")
+    return diff
+
+
+def _counts(diff: dict[str, set]) -> str:
+    return json.dumps({k: len(v) for k, v in diff.items()}) if diff else "none"
+
+
+def _ranks(summary: dict) -> str:
+    busy = [r["wall_seconds"] for r in summary["ranks"]]
+    parts = [f"rank {r['rank']}: {r['cases']} cases, {r['wall_seconds']:.1f} s" for r in summary["ranks"]]
+    return "; ".join(parts) + f" (max/mean {max(busy) / (sum(busy) / len(busy)):.3f})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=int, default=2, help="torchrun --nproc-per-node (GPUs on the host)")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--tier", default="full", choices=("quick", "full"))
+    ap.add_argument("--family", action="append", default=[], help="restrict to these families")
+    ap.add_argument("--unhinted", action="store_true", help="also run the sharded matrix without cost hints")
+    ap.add_argument("--keep", type=Path, default=None, help="write the run directories here")
+    ap.add_argument("--repeat", action="store_true",
+                    help="run the single process twice: fields that differ there too are not the sharding's")
+    ap.add_argument("--show", type=int, default=0, metavar="K", help="print K examples of each differing field")
+    ap.add_argument("--check", action="store_true", help=f"exit 1 below {TARGET}x or when records differ")
+    a = ap.parse_args(argv)
+    if a.ranks < 2:
+        ap.error(f"--ranks must be >= 2, got {a.ranks}")
+    args = ["--device", a.device, "--tier", a.tier] + [x for f in a.family for x in ("--family", f)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.ranks)]
+    worst, induced_any = float("inf"), False
+    with tempfile.TemporaryDirectory(prefix="mp-harness-shard-") as d:
+        base = a.keep or Path(d)
+        one = _run([sys.executable], args, base / "single", "none")
+        print(f"{a.tier} tier on {a.device}: {len(one['records'])} records", flush=True)
+        print(f"  1 rank:  process {one['wall_s']:7.1f} s, run {one['run_s']:7.1f} s", flush=True)
+        inherent: dict[str, set] = {}
+        if a.repeat:
+            inherent = _differences(one["records"], _run([sys.executable], args, base / "single-again",
+                                                         "none")["records"], a.show)
+            print(f"  two single-process runs differ in (records per field): {_counts(inherent)}", flush=True)
+        for name, costs in [("hinted", str(base / "single"))] + ([("unhinted", "none")] if a.unhinted else []):
+            r = _run(torchrun, args, base / f"sharded-{a.ranks}-{name}", costs)
+            up_process, up_run = one["wall_s"] / r["wall_s"], one["run_s"] / r["run_s"]
+            worst = min(worst, up_run) if name == "hinted" else worst
+            diff = _differences(one["records"], r["records"], a.show)
+            induced = {k: v - inherent.get(k, set()) for k, v in diff.items() if v - inherent.get(k, set())}
+            induced_any = induced_any or bool(induced)
+            print(f"  {a.ranks} ranks ({name}): process {r['wall_s']:7.1f} s, run {r['run_s']:7.1f} s -> speed-up "
+                  f"{up_process:.2f}x (process), {up_run:.2f}x (run); target {TARGET}x", flush=True)
+            print(f"    {_ranks(r['summary'])}", flush=True)
+            print(f"    records differ from the single run in: {_counts(diff)}"
+                  + (f"; beyond what two single runs differ in: {_counts(induced)}" if a.repeat else ""), flush=True)
+    return 1 if (a.check and (worst < TARGET or induced_any)) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,298 @@
+"""The matrix sharded over torchrun ranks: cases claimed from the store, costliest first; records streamed
+to per-rank shard files; rank 0 merges them in single-process order (see the package doc)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+import uuid
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch.distributed as dist
+
+from ..engine import RunConfig, Summary, _done_keys, _record, default_out_dir, resume_config, run_case_records, \
+    run_header, run_stats
+from ..reference import ReferenceCache
+from ..results import RunFileError, RunWriter, clean, read_run
+from ..scenario import Case, cases
+from ..verdict import Verdict
+from .group import MULTICAST_OFF, Group, barrier, init_group
+
+__all__ = ["COSTS_ENV", "SHARDS", "cost_hints", "claim_order", "ShardFile", "merge_shard_lines", "run_sharded",
+           "merge_run"]
+
+#: A run directory the cost hints are read from (or ``none``), instead of the newest matching run.
+COSTS_ENV = "MP_HARNESS_COSTS"
+SHARDS = "shards"
+
+
+def cost_hints(device_type: str, tier: str, root: Path = Path("results/runs")) -> tuple[dict[str, float], str | None]:
+    """Seconds per case key (``case#seed``) from an earlier run, and where they came from.
+
+    ``$MP_HARNESS_COSTS`` names the run directory (``none``: no hints); otherwise the newest finished
+    run under ``root`` with the same device type and tier. Hints only order the work, never the output."""
+    chosen = os.environ.get(COSTS_ENV)
+    if chosen is not None and chosen.lower() in ("", "none", "off"):
+        return {}, None
+    if chosen:
+        source = Path(chosen)
+    else:
+        source = next((h.parent for h in sorted(root.glob("*/run.json"), key=lambda q: q.stat().st_mtime, reverse=True)
+                       if _matches(h, device_type, tier)), None)
+        if source is None:
+            return {}, None
+    try:
+        _, recs = read_run(source)
+    except (RunFileError, OSError) as exc:
+        raise ValueError(f"${COSTS_ENV}={chosen}: {exc}" if chosen else str(exc)) from None
+    costs: dict[str, float] = {}
+    for r in recs:
+        key = f"{r.get('case')}#{r.get('seed')}"
+        costs[key] = costs.get(key, 0.0) + float(r.get("seconds") or 0.0)
+    return costs, str(source)
+
+
+def _matches(head_path: Path, device_type: str, tier: str) -> bool:
+    """Whether a ``run.json`` is a finished run on ``device_type`` at ``tier`` (unreadable: no)."""
+    try:
+        head = json.loads(head_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    c = head.get("config", {}) if isinstance(head, dict) else {}
+    return head.get("status") == "complete" and c.get("device") == device_type and c.get("tier") == tier
+
+
+def claim_order(keys: Sequence[str], hints: dict[str, float]) -> list[int]:
+    """Indices of the cases in the order ranks claim them: costliest first by the hints (longest
+    processing time first), cases without a hint before all others, ties in matrix order."""
+    return sorted(range(len(keys)), key=lambda i: (-hints.get(keys[i], math.inf), i))
+
+
+class ShardFile:
+    """One rank's stream: a ``claim`` line when it starts a case, then one line per record."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._f = open(path, "w", buffering=1)
+
+    def _write(self, obj: dict[str, Any]) -> None:
+        self._f.write(json.dumps(clean(obj), separators=(",", ":")) + "\n")
+        self._f.flush()
+
+    def claim(self, index: int, slots: list[int], key: str, rank: int, host: str) -> None:
+        self._write({"claim": index, "slots": slots, "case": key, "rank": rank, "host": host})
+
+    def record(self, index: int, slot: int, rec: dict[str, Any]) -> None:
+        self._write({"slot": [index, slot], "record": rec})
+
+    def release(self, index: int) -> None:
+        """The rank was stopped (SIGTERM, SIGINT) inside this case: not a failure of the case."""
+        self._write({"released": index})
+
+    def close(self) -> list[str]:
+        """Close the stream (again: no-op) and return its lines."""
+        if not self._f.closed:
+            self._f.close()
+        return self.path.read_text().splitlines()
+
+
+def merge_shard_lines(lines: Iterable[str]) -> tuple[dict[tuple[int, int], dict], list[tuple[int, int, dict]]]:
+    """Records by slot (case index, strategy index), and (case index, strategy index, claim) for every
+    claimed slot without a record whose rank died (a rank that was stopped releases its case: its
+    missing slots are left for ``run --resume``).
+
+    Sorting the slots gives matrix order, the order a single process writes. A torn line (a rank killed
+    mid-write) is skipped with a warning; a slot recorded twice keeps its first record."""
+    recs: dict[tuple[int, int], dict[str, Any]] = {}
+    claims: dict[int, dict[str, Any]] = {}
+    released: set[int] = set()
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn("skipping a torn shard line (a rank stopped while writing it)", stacklevel=2)
+            continue
+        if "claim" in obj:
+            claims.setdefault(int(obj["claim"]), obj)
+        elif "slot" in obj:
+            recs.setdefault((int(obj["slot"][0]), int(obj["slot"][1])), obj["record"])
+        elif "released" in obj:
+            released.add(int(obj["released"]))
+    missing = [(i, j, c) for i, c in sorted(claims.items()) if i not in released for j in c["slots"]
+               if (i, j) not in recs]
+    return recs, missing
+
+
+def _ordered(recs: dict[tuple[int, int], dict], lost: list[tuple[int, int, dict]], cfg: RunConfig,
+             all_cases: list[Case]) -> list[dict[str, Any]]:
+    """Records in matrix order, with an ``error`` record for every claimed slot that has none."""
+    merged = dict(recs)
+    for i, j, claim in lost:
+        why = (f"rank {claim.get('rank')} on {claim.get('host')} stopped while running this case (its process "
+               "ended before the record was written); its log says why")
+        merged[(i, j)] = _record(all_cases[i], cfg.strategies[j], cfg.device, Verdict("error", why), {}, 0.0, {})
+    return [merged[k] for k in sorted(merged)]
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def run_sharded(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None,
+                resume: bool = False) -> tuple[Path, Summary, dict[str, Any]] | None:
+    """Run the matrix of ``cfg`` on this rank's share of the cases; on rank 0 return what
+    :func:`harness.engine.run_matrix` returns (directory, summary, stats), elsewhere None.
+
+    Call it in every process torchrun started (``python -m harness run`` does when ``WORLD_SIZE`` > 1)."""
+    g = init_group(cfg.device)
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run_sharded(replace(cfg, device=g.device), g, progress, resume)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        dist.destroy_process_group()
+
+
+def _lead(cfg: RunConfig, g: Group, all_cases: list[Case],
+          resume: bool) -> tuple[dict[str, Any], RunWriter, list[dict]]:
+    """Rank 0: the run directory, its writer, earlier records (resume) and the plan every rank follows."""
+    out = Path(cfg.out or default_out_dir(cfg.device))
+    if resume and any((out / SHARDS).glob("*.jsonl")):
+        merge_run(out)  # fold in what an interrupted sharded session left behind
+    done, previous = _done_keys(out) if resume else (set(), [])
+    todo = [(i, [j for j, s in enumerate(cfg.strategies) if (c.key, s.label) not in done])
+            for i, c in enumerate(all_cases)]
+    todo = [t for t in todo if t[1]]
+    hints, source = cost_hints(cfg.device.type, cfg.tier, out.parent)
+    plan = [todo[k] for k in claim_order([all_cases[i].key for i, _ in todo], hints)]
+    header = run_header(cfg, len(all_cases))
+    header["distributed"] = {"world_size": g.world, "backend": g.backend, "cost_hints": source,
+                             "schedule": "costliest first" if hints else "matrix order",
+                             "env": {k: os.environ.get(k) for k in MULTICAST_OFF}}
+    writer = RunWriter(out, header, append=resume)
+    return ({"out": str(out), "token": uuid.uuid4().hex[:12], "plan": plan, "previous": len(previous),
+             "total": len(all_cases) * len(cfg.strategies)}, writer, previous)
+
+
+def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], None] | None,
+                 resume: bool) -> tuple[Path, Summary, dict[str, Any]] | None:
+    all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)
+    barrier(g.store, g.world, f"mp-harness/start/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
+    writer, previous = None, []
+    box: list[Any] = [None]
+    if g.rank == 0:
+        box[0], writer, previous = _lead(cfg, g, all_cases, resume)
+    dist.broadcast_object_list(box, src=0)
+    plan = box[0]
+    out = Path(plan["out"])
+    counter = dist.PrefixStore(f"mp-harness/{plan['token']}", g.store)
+    shard = ShardFile(out / SHARDS / f"{plan['token']}-rank-{g.rank:05d}.jsonl")
+    refs, summary = ReferenceCache(), Summary()
+    t0, claimed, current = time.perf_counter(), 0, None
+    try:
+        while (k := counter.add("next", 1) - 1) < len(plan["plan"]):
+            current, slots = plan["plan"][k]
+            case = all_cases[current]
+            shard.claim(current, slots, case.key, g.rank, g.host)
+            claimed += 1
+            for n, rec in enumerate(run_case_records(case, [cfg.strategies[j] for j in slots], cfg.device, refs,
+                                                     summary, cfg.timeout)):
+                shard.record(current, slots[n], rec)
+                done = counter.add("done", 1)
+                if progress is not None and g.rank == 0:
+                    progress(plan["previous"] + done, plan["total"], f"{case.id} {rec['strategy']}")
+            current = None
+        lines, busy = shard.close(), time.perf_counter() - t0
+        barrier(counter, g.world, "finished")  # no rank enters the gather while another still works
+    except KeyboardInterrupt:
+        if current is not None:
+            shard.release(current)
+        shard.close()
+        if writer is not None:
+            writer.close({"note": f"stopped: the records are in {SHARDS}/; `python -m harness.distributed merge "
+                                  f"{out}` collects them"}, status="interrupted")
+        raise
+    mine = run_stats(busy, refs, summary, summary.records, summary.records, resume)  # this rank's busy time
+    mine.update(rank=g.rank, host=g.host, device=str(cfg.device), cases=claimed)
+    gathered: list[Any] | None = [None] * g.world if g.rank == 0 else None
+    dist.gather_object({"lines": lines, "stats": mine}, gathered, dst=0)
+    result = _finish(cfg, all_cases, writer, previous, gathered, t0, resume) if g.rank == 0 else None
+    ok = [result is not None]
+    dist.broadcast_object_list(ok, src=0)
+    if ok[0]:  # the merged run is written: this session's shard files are redundant now
+        for f in [shard.path] + (sorted((out / SHARDS).glob(f"{plan['token']}-*")) if g.rank == 0 else []):
+            f.unlink(missing_ok=True)
+        try:
+            (out / SHARDS).rmdir()
+        except OSError:  # not empty: another rank's file, or an earlier session's left for `merge`
+            pass
+    return result
+
+
+def _finish(cfg: RunConfig, all_cases: list[Case], writer: RunWriter, previous: list[dict], gathered: list[Any],
+            t0: float, resume: bool) -> tuple[Path, Summary, dict[str, Any]]:
+    """Rank 0: every rank's shard merged in matrix order into one run directory."""
+    recs, lost = merge_shard_lines(line for part in gathered for line in part["lines"])
+    merged = _ordered(recs, lost, cfg, all_cases)
+    summary = Summary()
+    for r in previous:
+        summary.add(r)
+    for r in merged:
+        writer.append(r)
+        summary.add(r)
+    ranks = [part["stats"] for part in gathered]
+    summed = {k: sum(r[k] for r in ranks) for k in ("references_computed", "references_reused", "seconds_in_scenarios",
+                                                     "seconds_in_references", "seconds_building_inputs")}
+    summary.seconds_in_scenarios = summed["seconds_in_scenarios"]
+    summary.seconds_building_inputs = summed["seconds_building_inputs"]
+    ran = sum(r["records_this_session"] for r in ranks)
+    stats = {"wall_seconds": time.perf_counter() - t0, **summed, "records": summary.records,
+             "records_this_session": ran, "resumed": resume,
+             "bookkeeping_ms_per_record": sum(r["bookkeeping_ms_per_record"] * r["records_this_session"]
+                                              for r in ranks) / max(ran, 1),
+             "world_size": len(ranks), "lost_records": len(lost), "ranks": ranks}
+    writer.close({**summary.as_dict(), **stats})
+    return writer.dir, summary, stats
+
+
+def merge_run(out: Path) -> dict[str, Any]:
+    """Fold the shard files of a sharded run that did not finish into its ``records.jsonl``.
+
+    Records already there are kept; a case whose rank died gets an ``error`` record for each strategy
+    it had not finished; cases nobody finished stay missing (``run --resume DIR`` runs them) and
+    ``run.json`` says ``interrupted``. Run it where the run ran, with every host's shard files copied
+    into ``DIR/shards/``. Returns counts for the command line."""
+    out = Path(out)
+    cfg = resume_config(out)
+    files = sorted((out / SHARDS).glob("*.jsonl"))
+    if not files:
+        raise ValueError(f"{out}: no shard files in {out / SHARDS}; nothing to merge")
+    all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)
+    recs, lost = merge_shard_lines(line for f in files for line in f.read_text().splitlines())
+    done, previous = _done_keys(out)
+    new = [r for r in _ordered(recs, lost, cfg, all_cases) if (f"{r['case']}#{r['seed']}", r["strategy"]) not in done]
+    header = {k: v for k, v in json.loads((out / "run.json").read_text()).items()
+              if k not in ("status", "summary", "schema_version")}
+    writer = RunWriter(out, header, append=True)
+    summary = Summary()
+    for r in previous:
+        summary.add(r)
+    for r in new:
+        writer.append(r)
+        summary.add(r)
+    missing = len(all_cases) * len(cfg.strategies) - summary.records
+    counts = {"shard_files": len(files), "merged": len(new), "lost_records": len(lost), "missing_records": missing}
+    writer.close({**summary.as_dict(), **counts}, status="complete" if missing == 0 else "interrupted")
+    for f in files:
+        f.unlink()
+    return counts
+
+
