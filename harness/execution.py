@@ -71,6 +71,9 @@ class Execution:
         reductions only for ``reduction=reduced``), restored on exit. The backward pass runs under them
         too, as it does where a user sets them globally."""
         s = self.strategy
+        if self.device.type != "cuda":  # the flags only steer cuBLAS/cuDNN: nothing to set elsewhere
+            yield
+            return
         saved = _flags()
         try:
             _set_flags(tf32=s.compute == "tf32", reduced=s.reduction == "reduced")

@@ -220,3 +220,21 @@ def test_tradeoff_bad_input_exits_2(tmp_path: Path, capsys) -> None:
     import tradeoff
     assert tradeoff.main(["--throughput", str(tmp_path / "none.json"), "--run", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_execution_sets_and_restores_the_gemm_flags() -> None:
+    from harness.execution import Execution
+    from harness.strategy import parse
+    m = torch.backends.cuda.matmul
+    before = (m.allow_tf32, m.allow_fp16_reduced_precision_reduction)
+    with Execution(parse("tf32"), "cuda").autocast():
+        assert m.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with Execution(parse("fp32"), "cuda").autocast():
+        assert not m.allow_tf32
+    with pytest.raises(RuntimeError):
+        with Execution(parse("compute=fp16,reduction=reduced"), "cuda").autocast():
+            assert m.allow_fp16_reduced_precision_reduction and m.allow_bf16_reduced_precision_reduction
+            raise RuntimeError("scenario failed")
+    assert (m.allow_tf32, m.allow_fp16_reduced_precision_reduction) == before
