@@ -27,7 +27,9 @@ def ulp(y: torch.Tensor, fmt: Format) -> torch.Tensor:
 def tensor_metrics(cand: torch.Tensor, ref: torch.Tensor, fmt: Format) -> dict[str, float]:
     """rel_err (normwise), max_abs_err, max_rel_err, ulp_err, sqnr_db, and counts of entries that
     overflowed (finite in the reference, inf/NaN here) or underflowed (non-zero there, zero here);
-    ``underflow_mass`` is the share of the reference's norm carried by the underflowed entries."""
+    ``underflow_mass`` is the share of the reference's norm carried by underflowed entries whose reference
+    value lies below the format's smallest normal (an exact zero from cancellation among larger values is
+    an error, judged by ``rel_err``, not an underflow)."""
     if cand.shape != ref.shape:
         raise ValueError(f"candidate shape {tuple(cand.shape)} differs from the reference's {tuple(ref.shape)}")
     c, r = cand.detach().double().reshape(-1), ref.detach().double().reshape(-1).to(cand.device)
@@ -43,7 +45,7 @@ def tensor_metrics(cand: torch.Tensor, ref: torch.Tensor, fmt: Format) -> dict[s
         rel_entry.max() if d.numel() else d.new_zeros(()),
         (d.abs() / ulp(rr, fmt).double()).max() if d.numel() else d.new_zeros(()),
         over.sum().double(), under.sum().double(), (rf & (r != 0)).sum().double(), rf.sum().double(),
-        torch.where(under, rr, torch.zeros_like(rr)).norm(),
+        torch.where(under & (rr.abs() < fmt.min_normal), rr, torch.zeros_like(rr)).norm(),
     ]).tolist()
     dn, rn, max_abs, max_rel, ulps, n_over, n_under, n_nonzero, n_finite, lost_norm = stats
     n_over, n_under = int(n_over), int(n_under)
@@ -103,4 +105,6 @@ def compare(cand: Output, ref: Output, fmt: Format) -> dict[str, Any]:
         m.update(_loss_metrics(cand.losses, ref.losses))
     if cand.trace is not None:
         m["scaler"] = cand.trace.as_dict()
+    if "updates_lost" in cand.extra and "updates_lost" in ref.extra:  # training runs (harness.user_model)
+        m["updates_lost_excess"] = cand.extra["updates_lost"] - ref.extra["updates_lost"]
     return m

@@ -11,7 +11,9 @@ Checks run in this order, the first that fires decides:
 2. the scaler skipped more than ``STALL_RATE`` of the steps (``stalled``);
 3. anything finite in the reference is inf/NaN here (``overflow``);
 4. more than the underflow budget of the reference's non-zero values became zero (``underflow``);
-5. the normwise relative error exceeds the bound of :mod:`harness.tolerance` (``diverged``);
+5. a training run lost more (update, weight) pairs to absorption (``w + dw == w``) than its reference,
+   beyond the underflow budget, or the normwise relative error exceeds the bound of
+   :mod:`harness.tolerance` (``diverged``);
 6. otherwise ``pass``.
 """
 from __future__ import annotations
@@ -145,6 +147,12 @@ def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: fl
         if m.get(key, 0.0) > underflow_budget:
             return Verdict("underflow", f"{what}: {_pct(m[key])} {unit} flushed to zero > budget "
                                         f"{_pct(underflow_budget)} ({fmt.name} smallest {fmt.smallest:.3g})", b)
+    # an update absorbed by the weight (w + dw == w) is a precision error, not an underflow: count the
+    # (update, weight) pairs lost beyond the reference's own (training runs, harness.user_model)
+    if m.get("updates_lost_excess", 0.0) > underflow_budget:
+        return Verdict("diverged", f"updates: {_pct(m['updates_lost'])} of (update, weight) pairs with a gradient "
+                                   f"left the weight unchanged (w + dw == w), {_pct(m['updates_lost_excess'])} more "
+                                   f"than the reference > budget {_pct(underflow_budget)}", b)
     for key in ("rel_err", "grad_rel_err"):
         if key in m and m[key] > b:
             return Verdict("diverged", f"{key} {_e(m[key])} > {_e(b)} = {_how(fmt, n, kappa, factor, truncating, floor)}", b)

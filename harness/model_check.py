@@ -1,0 +1,161 @@
+"""``python -m harness check-model MODULE:FACTORY`` and :func:`check_model`: a user's model trained under
+each strategy against FP32 (:mod:`harness.user_model`), failures diagnosed layer by layer
+(:mod:`harness.diagnose`), and one strategy recommended (:mod:`harness.recommend`).
+
+>>> result = check_model("examples.third_party_model:factory", steps=8)  # doctest: +SKIP
+>>> print(result.report()); result.exit_code  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .diagnose import Diagnosis, diagnose as run_diagnosis, fp16_window, fp32_gradients
+from .engine import RunConfig, resolve_device, run_matrix
+from .recommend import recommend, window_sentence
+from .results import read_run, write_json_atomic
+from .scaling import format_number
+from .strategy import resolve
+from .user_model import DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, load_spec, model_scenario
+from .verdict import FAILURES
+from .window import Window
+
+__all__ = ["check_model", "CheckResult", "add_command"]
+
+
+@dataclass
+class CheckResult:
+    """What :func:`check_model` found: the run directory, its records, diagnoses and a recommendation."""
+
+    name: str
+    steps: int
+    out: Path
+    records: list[dict[str, Any]]
+    window: Window  # the FP16 loss-scale window of the FP32 gradients of update 0
+    diagnoses: dict[str, Diagnosis] = field(default_factory=dict)
+    recommendation: str = ""
+
+    @property
+    def failed(self) -> list[str]:
+        return [r["strategy"] for r in self.records if r["outcome"] in FAILURES]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every strategy passed (or is unsupported here), 1 when one failed."""
+        return 1 if self.failed else 0
+
+    def report(self) -> str:
+        """The text ``check-model`` prints."""
+        head = ["strategy", "verdict", "loss div.", "final/FP32", "drift", "upd. lost", "skipped", "loss scale"]
+        rows = [head] + [_row(r) for r in self.records]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = [f"{self.name}: {self.steps} updates per strategy against FP32 -> {self.out}"]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines += [f"  {r['strategy']}: {r['reason']}" for r in self.records if r["outcome"] != "pass"]
+        for label, d in self.diagnoses.items():
+            lines.append(f"diagnosis of {label}:")
+            lines += [f"  {line}" for line in d.lines()]
+        lines.append(f"FP16 loss-scale window (FP32 gradients of update 0): {window_sentence(self.window)}")
+        lines.append(f"recommendation: {self.recommendation}")
+        return "\n".join(lines)
+
+
+def _g(m: dict, key: str, fmt: str = "{:.2g}") -> str:
+    v = m.get(key)
+    return "-" if v is None else (v if isinstance(v, str) else fmt.format(v))
+
+
+def _row(r: dict[str, Any]) -> list[str]:
+    m = r.get("metrics") or {}
+    sc = m.get("scaler")
+    if sc and sc.get("steps"):
+        f = [format_number(float(sc[k])) for k in ("scale_min", "scale_max", "scale_final")]
+        scale = f"{format_number(float(sc['trajectory'][0]))}->{f[2]} [{f[0]}..{f[1]}]"
+        skipped = f"{sc['skipped']}/{sc['steps']}"
+    else:
+        scale, skipped = "-", "-"
+    return [r["strategy"], r["outcome"], _g(m, "loss_divergence"), _g(m, "final_loss_ratio", "{:.4g}"),
+            _g(m, "rel_err"), _g(m, "updates_lost", "{:.2%}"), skipped, scale]
+
+
+def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] | None = None,
+                steps: int = DEFAULT_STEPS, device: str = "auto", out: Path | str | None = None,
+                diagnose: bool = True, progress: Callable[[int, int, str], None] | None = None) -> CheckResult:
+    """Train ``target``'s model under each strategy against FP32, diagnose failures, recommend one.
+
+    ``target`` is ``"MODULE:FACTORY"``, a factory, or its dict (see the module doc). Strategies are
+    preset names or specs (default :data:`DEFAULT_STRATEGIES`). Writes a run directory (``run.json``,
+    ``records.jsonl`` in the ``run`` schema, family ``training``, plus ``diagnosis.json``) to ``out``
+    or ``results/runs/<UTC time>-<device>/``. Bad input raises ValueError saying what was expected.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not torch.cuda.is_initialized():  # deterministic cuBLAS (see user_model._reproducible); read at CUDA start
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    spec = load_spec(target)
+    dev = resolve_device(device)
+    strats = resolve(list(strategies or DEFAULT_STRATEGIES))
+    try:
+        ref_grads = fp32_gradients(spec, dev)
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{spec.name}: one FP32 training step failed ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); expected {EXPECTED}") from None
+    imports = [target.split(":")[0]] if isinstance(target, str) else []
+    cfg = RunConfig([model_scenario(spec, steps)], strats, dev, out=Path(out) if out else None, imports=imports)
+    out_dir, _, _ = run_matrix(cfg, progress)
+    _, records = read_run(out_dir)
+    by_label = {s.label: s for s in strats}
+    result = CheckResult(spec.name, steps, Path(out_dir), records, fp16_window(ref_grads))
+    if diagnose:  # an ``error`` record already carries its traceback: re-running it would raise again
+        for r in records:
+            if r["outcome"] in FAILURES and r["outcome"] != "error":
+                result.diagnoses[r["strategy"]] = run_diagnosis(spec, by_label[r["strategy"]], dev, steps, ref_grads)
+    result.recommendation = recommend(records, result.window, result.diagnoses)
+    write_json_atomic(result.out / "diagnosis.json", {
+        "model": spec.name, "steps": steps, "window": _small_window(result.window.as_dict()),
+        "diagnoses": {k: d.as_dict() for k, d in result.diagnoses.items()},
+        "recommendation": result.recommendation})
+    return result
+
+
+def _small_window(w: dict[str, Any], keep: int = 64) -> dict[str, Any]:
+    """The window for diagnosis.json: the ``keep`` tensors that need the largest scales, as in records."""
+    if len(w["per_tensor"]) > keep:
+        w["per_tensor"] = dict(sorted(w["per_tensor"].items(), key=lambda kv: -kv[1]["lo"])[:keep])
+        w["per_tensor_truncated"] = True
+    return w
+
+
+def add_command(subparsers: Any) -> None:
+    """``python -m harness check-model MODULE:FACTORY [--strategy ...]... [--steps N] [--device ...] [--out DIR]``."""
+    from .cli import positive_int
+    p = subparsers.add_parser("check-model", help="train your own model under each strategy against FP32; "
+                              "diagnose failures layer by layer; recommend a strategy")
+    p.add_argument("target", metavar="MODULE:FACTORY", help="FACTORY() returns {model, batch, loss[, optimizer]}")
+    p.add_argument("--strategy", action="append", default=[], metavar="NAME-or-SPEC",
+                   help=f"repeatable; default: {', '.join(DEFAULT_STRATEGIES)}")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, metavar="N", help="updates per strategy")
+    p.add_argument("--device", default="auto", metavar="cpu|cuda|auto")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR")
+    p.add_argument("--no-diagnose", action="store_true", help="skip the per-layer diagnosis of failures")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: Any) -> int:
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out}: exists and is not a directory; pass a new or existing directory")
+
+    def progress(done: int, total: int, what: str) -> None:
+        print(f"[{done}/{total}] {what}", file=sys.stderr)
+
+    result = check_model(args.target, args.strategy, args.steps, args.device, args.out, not args.no_diagnose,
+                         progress if sys.stderr.isatty() else None)
+    print(result.report())
+    return result.exit_code

@@ -1,0 +1,266 @@
+"""A user's model as a training run: the factory contract, its validation, and the run itself.
+
+``FACTORY()`` returns a dict::
+
+    {"model": torch.nn.Module,                    # any module, left unchanged
+     "batch": lambda step: (x, y),                # the inputs of step `step`, a tuple
+     "loss": lambda model, batch: scalar_tensor,  # runs the forward pass
+     "optimizer": lambda params: torch.optim...}  # optional; default AdamW(lr=1e-3)
+
+:func:`train_trajectory` trains a deep copy of the model (the same initial weights every time) for a
+number of updates on the same batches under one strategy, and returns what the verdict judges
+against the FP32 trajectory: the net parameter update (its ``rel_err`` is the parameter drift), the
+share of updates the weights absorbed (``w + dw == w``), the first update's gradients, the loss curve
+and the scaler's trace. ``check-model`` (:mod:`harness.model_check`) runs it on a user's model, the
+``training`` family (``suites/training.py``) on built-in ones: both are judged the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .execution import Execution, route_linears
+from .scaling import LossScaleFloorError
+from .scenario import Output, Scenario, Tolerance
+from .training import Trainer
+
+__all__ = ["ModelSpec", "load_spec", "depth", "train_trajectory", "chain_length", "model_scenario", "Probe",
+           "DEFAULT_STRATEGIES", "DEFAULT_STEPS", "EXPECTED", "CHAIN_REASON"]
+
+#: Autocast strategies: they apply to any model unchanged (casting strategies such as ``bf16-pure``
+#: need a model whose code accepts FP16/BF16 inputs; pass them with ``--strategy``).
+DEFAULT_STRATEGIES = ("fp32", "fp16", "fp16-dynamic", "fp16-gradscaler", "bf16")
+DEFAULT_STEPS = 32
+EXPECTED = ("a dict with keys model (torch.nn.Module), batch (callable step -> tuple), loss (callable "
+            "(model, batch) -> scalar tensor) and optionally optimizer (callable params -> torch.optim.Optimizer)")
+CHAIN_REASON = ("a training run chains steps*(2*depth+1) roundings (each step's forward and backward through "
+                "`depth` parameterised layers, and the next step starts from this one's result): the error "
+                "bound grows like a random walk over the steps")
+
+
+def _default_optimizer(params: list) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A validated factory result: the model and how to train it."""
+
+    name: str
+    model: torch.nn.Module
+    batch: Callable[[int], tuple]
+    loss: Callable[[torch.nn.Module, tuple], torch.Tensor]
+    optimizer: Callable[[list], torch.optim.Optimizer] = _default_optimizer
+
+    @property
+    def depth(self) -> int:
+        return depth(self.model)
+
+    def loss_at(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        """``loss(model, batch)``, checked to be a scalar tensor."""
+        out = self.loss(model, batch)
+        if not isinstance(out, torch.Tensor) or out.numel() != 1 or not out.is_floating_point():
+            what = f"a tensor of shape {tuple(out.shape)} and dtype {out.dtype}" if isinstance(out, torch.Tensor) \
+                else f"a {type(out).__name__}"
+            raise ValueError(f"{self.name}: loss(model, batch) returned {what}; expected a scalar floating tensor "
+                             "(reduce it, e.g. with .mean())")
+        return out.reshape(())
+
+    def batch_at(self, step: int) -> tuple:
+        """``batch(step)`` as a tuple; anything else is an error saying what was expected."""
+        b = self.batch(step)
+        if isinstance(b, list):
+            b = tuple(b)
+        if not isinstance(b, tuple):
+            raise ValueError(f"{self.name}: batch({step}) returned {type(b).__name__}; expected a tuple of "
+                             "inputs, e.g. (x, y), that loss(model, batch) unpacks")
+        return b
+
+
+def depth(model: torch.nn.Module) -> int:
+    """Modules that hold parameters themselves: an upper bound on the layers a signal passes through."""
+    return max(1, sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False))))
+
+
+def _sanitize(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "model"
+
+
+def _resolve(target: str) -> tuple[Callable, str]:
+    if target.count(":") != 1 or not all(target.split(":")):
+        raise ValueError(f"{target!r}: expected MODULE:FACTORY, e.g. examples.third_party_model:factory")
+    mod_name, attr = target.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as exc:
+        raise ValueError(f"cannot import module {mod_name!r} ({type(exc).__name__}: {exc}); pass a module on "
+                         "sys.path or PYTHONPATH, e.g. examples.third_party_model:factory") from None
+    if not hasattr(mod, attr):
+        found = sorted(n for n, v in vars(mod).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == mod.__name__)
+        raise ValueError(f"module {mod_name!r} has no {attr!r}" + (f"; callables there: {', '.join(found)}"
+                                                                    if found else ""))
+    fac = getattr(mod, attr)
+    if not callable(fac):
+        raise ValueError(f"{target} is a {type(fac).__name__}, not callable; expected a factory returning {EXPECTED}")
+    return fac, _sanitize(f"{mod_name.rsplit('.', 1)[-1]}-{attr}")
+
+
+def load_spec(target: str | Callable[[], dict] | dict, name: str | None = None) -> ModelSpec:
+    """A :class:`ModelSpec` from ``"MODULE:FACTORY"``, a factory, or the factory's dict.
+
+    Raises ValueError naming what was expected when the factory is missing or returns the wrong shape."""
+    if isinstance(target, str):
+        fac, default = _resolve(target)
+    elif callable(target):
+        fac, default = target, _sanitize(getattr(target, "__qualname__", "model"))
+    else:
+        fac, default = (lambda: target), "model"
+    name = name or default
+    try:
+        d = fac()
+    except Exception as exc:
+        raise ValueError(f"{name}: the factory raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{name}: the factory returned {type(d).__name__}; expected {EXPECTED}")
+    missing = [k for k in ("model", "batch", "loss") if k not in d]
+    unknown = sorted(set(d) - {"model", "batch", "loss", "optimizer"})
+    if missing or unknown:
+        what = (f"lacks {', '.join(missing)}" if missing else "") + ("; " if missing and unknown else "") + \
+               (f"has unknown keys {', '.join(unknown)}" if unknown else "")
+        raise ValueError(f"{name}: the factory's dict {what}; expected {EXPECTED}")
+    if not isinstance(d["model"], torch.nn.Module):
+        raise ValueError(f"{name}: model is a {type(d['model']).__name__}; expected a torch.nn.Module")
+    if not any(p.requires_grad for p in d["model"].parameters()):
+        raise ValueError(f"{name}: the model has no trainable parameters; nothing to train")
+    for k in ("batch", "loss", "optimizer"):
+        if k in d and not callable(d[k]):
+            raise ValueError(f"{name}: {k} is a {type(d[k]).__name__}, not callable; expected {EXPECTED}")
+    return ModelSpec(name, d["model"], d["batch"], d["loss"], d.get("optimizer") or _default_optimizer)
+
+
+def chain_length(depth: int, steps: int) -> int:
+    """Roundings chained over a training run of ``steps`` updates: ``steps * (2*depth + 1)``."""
+    return max(1, steps) * (2 * depth + 1)
+
+
+class Probe:
+    """What :func:`train_trajectory` tells an observer (the diagnosis): attach, each attempt, detach."""
+
+    stop: bool = False
+
+    def attach(self, model: torch.nn.Module) -> None: ...
+    def begin(self, attempt: int, update: int, scale: float) -> None: ...
+    def detach(self) -> None: ...
+
+
+def _flat(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    return torch.cat([tensors[n].reshape(-1) for n in names])
+
+
+def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | None = None,
+                     seed: int = 0) -> Output:
+    """Train a deep copy of ``spec.model`` for ``steps`` updates under ``ex``; what the verdict judges.
+
+    Batches are indexed by applied update: a step the scaler skips is retried on the same batch, so a
+    dynamic scaler's back-off costs attempts, not data, and update ``i`` of every strategy sees the
+    same batch as FP32's. The run ends after ``steps`` updates, after ``2*steps`` attempts (more than
+    half skipped: stalled), at a skip under a fixed scale (retrying cannot change it), or when the
+    scaler raises at its floor. Returned: the net parameter update (``value``), the first update's
+    unscaled gradients (or the non-finite ones that stopped the run), the loss of each update, the
+    scaler's trace, and in ``extra`` ``updates_lost``: the share of (update, entry) pairs with a
+    non-zero gradient that left the weight unchanged (``w + dw == w``). Dropout and other randomness
+    are seeded with ``seed``.
+    """
+    dev = [ex.device.index or 0] if ex.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=dev), _default_dtype(ex.dtype), _reproducible(ex.device):
+        torch.manual_seed(seed)
+        trainer = Trainer(ex, route_linears(copy.deepcopy(spec.model), ex), spec.optimizer)
+        names = trainer.names
+        start = _flat(trainer.parameters_fp32(), names).clone()
+        losses: list[float] = []
+        grads: dict[str, torch.Tensor] | None = None
+        stopped, update, attempts, lost, nonzero = None, 0, 0, 0, 0
+        if probe is not None:
+            probe.attach(trainer.model)
+        try:
+            while update < steps and attempts < 2 * steps and not (probe is not None and probe.stop):
+                if probe is not None:
+                    probe.begin(attempts, update, trainer.scaler.scale)
+                attempts += 1
+                before = _flat(trainer.parameters_fp32(), names).clone()
+                try:
+                    loss, g, decision = trainer.step(spec.loss_at, spec.batch_at(update))
+                except LossScaleFloorError as exc:
+                    trainer.trace.raised = stopped = f"update {update}: {exc}"
+                    break
+                trainer.trace.add(decision)
+                losses[update:] = [loss]  # the loss of update `update`'s latest attempt
+                if update == 0:  # the first update's gradients: FP32's first step has the same params and batch
+                    grads = g
+                if not decision.skipped:
+                    live = _flat(g, names) != 0
+                    kept = _flat(trainer.parameters_fp32(), names) == before
+                    lost, nonzero = lost + int((live & kept).sum()), nonzero + int(live.sum())
+                    update += 1
+                elif not ex.strategy.scaler.dynamic:
+                    grads, stopped = g, f"update {update}: non-finite gradients under a fixed loss scale"
+                    break
+        finally:
+            if probe is not None:
+                probe.detach()
+        delta = _flat(trainer.parameters_fp32(), names) - start
+    extra: dict[str, Any] = {"updates": update, "attempts": attempts, "update_norm": float(delta.double().norm()),
+                             "updates_lost": lost / nonzero if nonzero else 0.0}
+    if stopped:
+        extra["stopped"] = stopped
+    trace = trainer.trace if ex.strategy.scaler.kind != "none" else None
+    return Output(value=delta, grads=grads, losses=losses, trace=trace, extra=extra)
+
+
+@contextlib.contextmanager
+def _reproducible(device: torch.device) -> Iterator[None]:
+    """Deterministic CUDA kernels for the run: kernels that add with atomics (embedding backward, some
+    attention backward passes) give a different FP32 result on every run, and FP32 must reproduce
+    itself for the differences between strategies to be precision's. Where no deterministic kernel
+    exists torch warns and runs the usual one."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """FP64 runs create their own tensors (masks, constants) in FP64, as FP32 runs do in FP32."""
+    saved = torch.get_default_dtype()
+    if dtype == torch.float64:
+        torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def model_scenario(spec: ModelSpec, steps: int) -> Scenario:
+    """The user's model as a ``training`` scenario of one case (params ``{"steps": steps}``)."""
+    return Scenario(
+        name=spec.name, family="training",
+        description=f"user model {spec.name} ({type(spec.model).__name__}, {spec.depth} parameterised layers) "
+                    f"trained {steps} updates under each strategy against FP32",
+        grid={"steps": [steps]}, inputs=lambda p, g: {},
+        run=lambda ex, inputs, p: train_trajectory(ex, spec, p["steps"]),
+        n=lambda p: chain_length(spec.depth, p["steps"]),
+        tolerance=Tolerance(reason=CHAIN_REASON),
+    )
