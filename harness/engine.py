@@ -155,10 +155,12 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
         extra["peak_bytes"] = _peak(device)
         if not isinstance(out, Output):
             raise TypeError(f"scenario {s.name}.run returned {type(out).__name__}, expected harness.Output")
-        metrics = compare(out, ref.output, ex.format)
+        fmt = ex.judged_format
+        extra["judged_format"] = fmt.name
+        metrics = compare(out, ref.output, fmt)
         metrics.update(out.extra)
         tol = s.tolerance
-        verdict = judge(metrics, ex.format, s.n(case.params), kappa=ref.output.kappa,
+        verdict = judge(metrics, fmt, s.n(case.params), kappa=ref.output.kappa,
                         factor=tol.factor if tol else 1.0,
                         underflow_budget=(tol.underflow_budget if tol and tol.underflow_budget is not None
                                           else UNDERFLOW_BUDGET),

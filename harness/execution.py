@@ -37,12 +37,26 @@ class Execution:
         self.dtype: torch.dtype = self.act_format.dtype
         self.param_dtype: torch.dtype = get_format(strategy.params).dtype
         self.fp8_history = AmaxHistory()
+        self.emulated_gemms = 0  # GEMMs that ran through the FP8 or CPU-TF32 path
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
 
     # -- what the strategy is --------------------------------------------------------------
     @property
     def format(self) -> Format:
         return self.strategy.format
+
+    @property
+    def judged_format(self) -> Format:
+        """The format a case's error bound is taken from, once it ran: the strategy's lowest precision
+        where that precision was used. FP8 strategies keep BF16 activations and TF32 keeps FP32 outside
+        GEMMs, so a case without an FP8 GEMM is judged as BF16, and a CPU case without a TF32 GEMM as
+        FP32 (on a GPU every matmul and convolution under the strategy runs in TF32)."""
+        s = self.strategy
+        if s.compute == "fp8" and not self.emulated_gemms:
+            return self.act_format
+        if s.compute == "tf32" and self.device.type != "cuda" and not self.emulated_gemms:
+            return self.act_format
+        return self.format
 
     @property
     def is_reference(self) -> bool:
@@ -95,8 +109,10 @@ class Execution:
         """a @ b as the strategy computes it (``key`` names the call site for FP8 amax histories)."""
         s = self.strategy
         if s.compute == "fp8":
+            self.emulated_gemms += 1
             return fp8_matmul(a, b, key, self.fp8_history, s.fp8 == "delayed", self._native_fp8, self.dtype)
         if s.compute == "tf32" and self.device.type == "cpu":
+            self.emulated_gemms += 1
             return tf32_matmul(a, b)
         return a @ b
 

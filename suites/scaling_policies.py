@@ -155,8 +155,9 @@ register(Scenario(
         Expect(("fp16-pure",), "overflow", "the scaler finds S < 1, but the unscaled |g| >= 2^16 does not fit the "
                                            "FP16 .grad of pure FP16 weights: inf, and the weights turn NaN",
                when=_is(("torch", "apex", "gradscaler"))),
-        Expect(("fp16", "fp16-static"), "stalled",
-               "|g| > 65504 at S = 1 (or 2^10): every step overflows and is skipped"),
+        Expect(("fp16-static",), "stalled", "|g| > 65504 at S = 2^10: every step overflows and is skipped"),
+        Expect(("fp16",), "overflow", "|g| > 65504 in FP16 and no scaler checks for it: the inf gradients are "
+                                      "applied and the weights turn inf/NaN"),
     ),
 ))
 
@@ -182,7 +183,8 @@ register(Scenario(
                when=_is("deepspeed")),
         Expect(DYNAMIC, "stalled", "the floor S = 1 holds through the burst: skipped steps, then recovery",
                when=_is("megatron")),
-        Expect(("fp16", "fp16-static"), "stalled", "a scaler that does not adapt skips every burst step (6 of 8)"),
+        Expect(("fp16-static",), "stalled", "a scaler that does not adapt skips every burst step (6 of 8)"),
+        Expect(("fp16",), "overflow", "without a scaler nothing checks the burst's inf gradients: they are applied"),
     ),
 ))
 

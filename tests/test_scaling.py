@@ -74,10 +74,13 @@ def test_megatron_preset_keeps_skipping_at_the_floor() -> None:
     assert s.scale == 1
 
 
-@pytest.mark.parametrize("spec,scale", [("none", 1.0), ("static(8)", 8.0)])
-def test_static_and_none_skip_on_overflow_and_never_move(spec: str, scale: float) -> None:
+@pytest.mark.parametrize("spec,scale,skips", [
+    ("none", 1.0, [F, F, F]),  # no scaler, no overflow check: the step is applied as plain training does
+    ("static(8)", 8.0, [F, T, F]),  # a static scaler still skips an overflowing step
+])
+def test_static_skips_on_overflow_none_does_not_and_neither_moves(spec: str, scale: float, skips: list) -> None:
     used, nxt, ev, skip = _steps(spec, [F, T, F])
-    assert used == nxt == [scale] * 3 and ev == ["hold"] * 3 and skip == [F, T, F]
+    assert used == nxt == [scale] * 3 and ev == ["hold"] * 3 and skip == skips
 
 
 def test_gradscaler_specs_are_not_run_by_our_scaler() -> None:

@@ -66,7 +66,7 @@ def test_fp64_reference_floor_replaces_a_tighter_bound() -> None:
 def test_overflow_counts_the_values_and_names_the_format_max(key: str, what: str, total: str) -> None:
     v = judge({key: 2, "numel": 8, "rel_err": 0.0}, F16, 4)
     assert v.outcome == "overflow"
-    assert v.reason == f"{what}: 2{total} values inf/NaN where FP32 is finite (|ref| max beyond fp16 max 65504)"
+    assert v.reason == f"{what}: 2{total} values inf/NaN where FP32 is finite (fp16 max 65504)"
 
 
 def test_overflow_is_judged_before_underflow() -> None:
