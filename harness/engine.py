@@ -113,13 +113,18 @@ def _record(case: Case, strategy: Strategy, device: torch.device, verdict: Verdi
     }
 
 
-def _peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def _peak_reset(device: torch.device) -> int:
+    """Start measuring a case's GPU memory; returns what is already allocated (inputs, reference)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(torch.cuda.memory_allocated(device))
 
 
-def _peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+def _peak(device: torch.device, start: int) -> int | None:
+    """Peak GPU memory the case allocated beyond what it started with: independent of which cases ran
+    before in this process (so sharded and single-process runs record the same number)."""
+    return int(torch.cuda.max_memory_allocated(device)) - start if device.type == "cuda" else None
 
 
 def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache,
@@ -144,7 +149,7 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
         extra["reference"] = {"format": ref.format, **ref.check}
         if ref.window is not None:
             extra["window"] = ref.window
-        _peak_reset(device)
+        mem0 = _peak_reset(device)
         torch.manual_seed(case.seed)
         sync(device)
         t1 = time.perf_counter()
@@ -152,7 +157,7 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
             out: Output = s.run(ex, inputs, case.params)
             sync(device)
         inner = time.perf_counter() - t1
-        extra["peak_bytes"] = _peak(device)
+        extra["peak_bytes"] = _peak(device, mem0)
         if not isinstance(out, Output):
             raise TypeError(f"scenario {s.name}.run returned {type(out).__name__}, expected harness.Output")
         fmt = ex.judged_format
