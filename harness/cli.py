@@ -53,14 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     r = sub.add_parser("run", help="run the scenario x strategy matrix")
     r.set_defaults(func=_cmd_run)
-    r.add_argument("--scenario", action="append", default=[], metavar="GLOB")
-    r.add_argument("--family", action="append", default=[], metavar="F")
-    r.add_argument("--strategy", action="append", default=[], metavar="NAME-or-SPEC")
-    r.add_argument("--device", default="auto", metavar="cpu|cuda|auto")
-    r.add_argument("--seeds", type=positive_int, default=1, metavar="N")
-    r.add_argument("--tier", default="quick", metavar="quick|full")
-    r.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
-    r.add_argument("--out", type=Path, default=None, metavar="DIR")
+    r.add_argument("--scenario", action="append", default=[], metavar="GLOB",
+                   help="scenario names or globs (repeatable; default: all)")
+    r.add_argument("--family", action="append", default=[], metavar="F", help="families (repeatable; default: all)")
+    r.add_argument("--strategy", action="append", default=[], metavar="NAME-or-SPEC",
+                   help="preset names or spec strings (repeatable; default: every preset)")
+    r.add_argument("--device", default="auto", metavar="cpu|cuda|auto", help="auto: cuda when present (default)")
+    r.add_argument("--seeds", type=positive_int, default=1, metavar="N", help="seeds per case (default 1)")
+    r.add_argument("--tier", default="quick", metavar="quick|full", help="parameter grid (default quick)")
+    r.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module that registers scenarios of your own (repeatable)")
+    r.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="run directory (default results/runs/<UTC time>-<device>)")
     r.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     r.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
                    help="per (case, strategy) deadline; 0 disables it (default 600)")
