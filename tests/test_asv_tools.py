@@ -144,6 +144,18 @@ def test_gate_failed_is_a_regression_skipped_and_new_version_are_notes(results: 
     assert out.count("REGRESSION") == 1
 
 
+def test_gate_does_not_gate_a_track_without_a_direction(results: Path, capsys: pytest.CaptureFixture) -> None:
+    records = "bench_matrix.Runner.track_records"
+    info = json.loads((results / "benchmarks.json").read_text())
+    info[records] = {"unit": "records", "version": "1"}
+    (results / "benchmarks.json").write_text(json.dumps(info))
+    for commit, n in (("c" * 40, 247.0), ("d" * 40, 819.0)):
+        write_result(results, "cpu-x", commit, 3000, {records: ([n], [], "1"), GEMM_TIME: ([0.25, 0.5, 0.5], [STRATS], "1")})
+    rc, out, _ = run_gate(capsys, "cccc", "dddd", "--results-dir", str(results))
+    assert rc == 0 and "in 3 values" in out
+    assert f"note       {records}: unit 'records' says neither higher nor lower is better, not gated" in out
+
+
 def test_gate_bench_filter(results: Path, capsys: pytest.CaptureFixture) -> None:
     write_result(results, "cpu-x", "c" * 40, 3000, benches([1.0, 1.0, 1.0], [64.0, 32.0, 32.0], [0.0, 25.0, 12.5]))
     rc, out, _ = run_gate(capsys, "aaaa", "cccc", "--results-dir", str(results), "--bench", "track_")
