@@ -5,6 +5,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -166,7 +167,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 COMMAND_MODULES: tuple[str, ...] = ("harness.report.cli", "harness.gate", "harness.model_check")
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with warnings.catch_warnings():  # a warning (e.g. a torn record line skipped) is one line too
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
         return args.func(args)
@@ -175,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValueError as exc:  # bad names, specs, numbers, files: one line, exit 2
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path given that cannot be read or written (permissions, a folder for a file)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: records written so far are kept", file=sys.stderr)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import signal
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -127,6 +129,18 @@ def _peak(device: torch.device, start: int) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) - start if device.type == "cuda" else None
 
 
+def _floor(ref: Any) -> dict[str, Any]:
+    """The floor of a case's bound: FP32's own error where FP64 is the reference, and the FP32
+    reference's run-to-run spread where it is nondeterministic, whichever is larger."""
+    fp64 = ref.check["fp32_vs_fp64"] if ref.format == "fp64" else 0.0
+    spread = ref.check.get("fp32_rerun_diff", 0.0) if ref.check.get("nondeterministic") else 0.0
+    if not math.isfinite(spread):  # no floor can stand for a reference that is inf on one run only
+        spread = 0.0
+    if spread > fp64:
+        return {"floor": spread, "floor_source": "the FP32 reference's own run-to-run spread (nondeterministic)"}
+    return {"floor": fp64}
+
+
 def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache,
              timeout: float | None = None) -> tuple[dict[str, Any], float]:
     """Run and judge one (case, strategy); returns (record, seconds spent inside the scenario).
@@ -170,8 +184,9 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
                         underflow_budget=(tol.underflow_budget if tol and tol.underflow_budget is not None
                                           else UNDERFLOW_BUDGET),
                         truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
-                        floor=ref.check["fp32_vs_fp64"] if ref.format == "fp64" else 0.0)
-    except Exception as exc:  # a failing scenario is data: an error record, and the run goes on
+                        **_floor(ref))
+    except (Exception, SystemExit) as exc:  # a failing scenario is data: an error record, and the run goes on
+        # (SystemExit too: a scenario calling exit() must not end the run and leave it marked complete)
         metrics = {}
         kind = "out of memory: " if is_oom(exc) else ""
         verdict = Verdict("error", f"{kind}{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
@@ -200,7 +215,7 @@ def run_case_records(case: Case, strategies: list[Strategy], device: torch.devic
     t0 = time.perf_counter()
     try:
         inputs, input_exc = _inputs(case, device), None
-    except Exception as exc:  # noqa: BLE001 - a broken scenario is an error record
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken scenario is an error record
         inputs, input_exc = {}, exc
     summary.seconds_building_inputs += time.perf_counter() - t0
     try:
@@ -285,7 +300,7 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
                 done += 1
                 if progress:
                     progress(done, total, f"{case.id} {rec['strategy']}")
-    except KeyboardInterrupt:
+    except BaseException:  # SIGINT, SIGTERM, or a fault of the harness itself: the run is not complete
         status = "interrupted"
         raise
     finally:
@@ -310,6 +325,10 @@ def resume_config(out: Path) -> RunConfig:
         raise ValueError(f"--resume {out}: no run.json there; pass a directory written by `python -m harness run`")
     try:
         header = json.loads(head.read_text())
+        if header.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"--resume {out}: run.json has schema version {header.get('schema_version')}, this "
+                             f"harness writes {SCHEMA_VERSION}; start a new run instead")
+        _check_resumable(Path(out) / "records.jsonl", out)
         c = header["config"]
         specs = c["strategy_specs"]
         reg = discover(c.get("imports", []))
@@ -317,5 +336,30 @@ def resume_config(out: Path) -> RunConfig:
         strategies = [parse(specs.get(label, label)) for label in c["strategies"]]
         return RunConfig(scenarios, strategies, resolve_device(c["device"]), int(c["seeds"]), c["tier"], Path(out),
                          list(c.get("imports", [])), c.get("timeout"))
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"--resume {out}: run.json is not a harness run header ({type(exc).__name__}: {exc})") from None
+
+
+_RESUME_FIELDS = ("case", "seed", "strategy", "family", "outcome")
+
+
+def _check_resumable(path: Path, out: Path) -> None:
+    """Refuse records a resumed run could not continue: another schema version, missing fields, or a file
+    in which no line is a record (a torn last line alone is fine: it is dropped, with a warning, on resume)."""
+    if not path.exists():
+        return
+    seen = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the torn line is reported once, when the records are rewritten
+        for r in read_records(path):
+            seen += 1
+            if r.get("schema_version") != SCHEMA_VERSION:
+                raise ValueError(f"--resume {out}: a record has schema version {r.get('schema_version')}, this "
+                                 f"harness writes {SCHEMA_VERSION}; start a new run instead")
+            lacking = [k for k in _RESUME_FIELDS if k not in r]
+            if lacking:
+                raise ValueError(f"--resume {out}: a record lacks {', '.join(lacking)}; records.jsonl was not "
+                                 "written by `python -m harness run`; start a new run instead")
+    if not seen and path.read_text(errors="replace").strip():
+        raise ValueError(f"--resume {out}: no line of records.jsonl is a readable record (the file is corrupted); "
+                         "start a new run instead")

@@ -9,7 +9,9 @@ Rules, each finding naming the case (or strategy) and the numbers:
 * **outcome** - a case got worse: ``pass`` to anything else, or a failure to a more severe one
   (:data:`harness.report.tables.SEVERITY`); the reverse is an improvement;
 * **error** - a case passing in both grew an error metric by more than ``error_factor``; errors below
-  ``error_floor`` times the case's bound are not compared (a 1000x growth of 1e-10 is noise);
+  ``error_floor`` times the case's bound are not compared (a 1000x growth of 1e-10 is noise), nor are
+  the errors of a case whose FP32 reference was nondeterministic in either run (GPU kernels that add in
+  another order each run, :mod:`harness.reference`): that is a notice, while its outcome is still gated;
 * **rate** - a strategy's failure rate rose by more than ``rate_margin`` *and* the run's 95% Wilson
   interval lies above the baseline's rate, so a case or two flipping in a large sample does not trip it;
 * **missing** / **new** - cases in only one of the two (missing is a regression unless allowed; new
@@ -49,8 +51,9 @@ class Thresholds:
     fail_on_new: bool = False
 
     def __post_init__(self) -> None:
-        if not self.error_factor > 1:
-            raise ValueError(f"--error-factor {self.error_factor:g}: must be > 1 (e.g. 4 = four times the error)")
+        if not 1 < self.error_factor < float("inf"):
+            raise ValueError(f"--error-factor {self.error_factor:g}: must be > 1 and finite "
+                             "(e.g. 4 = four times the error)")
         if not 0 <= self.error_floor <= 1:
             raise ValueError(f"--error-floor {self.error_floor:g}: a fraction of the case's bound in [0, 1]")
         if not 0 <= self.rate_margin < 1:
@@ -114,6 +117,8 @@ def make_baseline(header: dict[str, Any], records: list[dict[str, Any]], source:
         cases[key] = {"scenario": r.get("scenario"), "family": r.get("family"), "strategy": r.get("strategy"),
                       "outcome": r.get("outcome"), "bound": _sig(r["bound"]) if r.get("bound") is not None else None,
                       "metrics": {k: _sig(m[k]) for k in ERROR_METRICS if k in m}}
+        if _nondeterministic(r):
+            cases[key]["nondeterministic"] = True
     cfg = header.get("config", {})
     return {"kind": BASELINE_KIND, "schema_version": SCHEMA_VERSION, "device_class": device_class(header),
             "environment": header.get("environment", {}), "created": header.get("created"), "source_run": source,
@@ -123,11 +128,13 @@ def make_baseline(header: dict[str, Any], records: list[dict[str, Any]], source:
 def load_baseline(path: Path | str) -> dict[str, Any]:
     """Read and check a baseline file; raises ValueError with one line naming the fix."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"baseline {p} is a directory; pass the baseline's JSON file, e.g. results/baselines/cpu.json")
     if not p.is_file():
         raise ValueError(f"baseline {p} does not exist; write one with `{UPDATE_HINT.format(path=p)}`")
     try:
         b = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"baseline {p}: unreadable ({exc}); regenerate it with `{UPDATE_HINT.format(path=p)}`") from None
     if not isinstance(b, dict) or b.get("kind") != BASELINE_KIND or not isinstance(b.get("cases"), dict):
         raise ValueError(f"{p} is not a harness baseline (expected kind {BASELINE_KIND!r} and a 'cases' object)")
@@ -162,7 +169,18 @@ def _outcome_rule(res: GateResult, key: str, b: dict, r: dict) -> None:
         res.add(Finding("outcome", key, msg, False))
 
 
+def _nondeterministic(r: dict[str, Any]) -> bool:
+    """Whether a record's (or a baseline case's) FP32 reference differed between two runs of itself."""
+    return bool(r.get("nondeterministic") or (r.get("reference") or {}).get("nondeterministic"))
+
+
 def _error_rule(res: GateResult, key: str, b: dict, r: dict, th: Thresholds) -> None:
+    if _nondeterministic(b) or _nondeterministic(r):
+        spread = (r.get("reference") or {}).get("fp32_rerun_diff") if _nondeterministic(r) else None
+        where = "this run" if _nondeterministic(r) else "the baseline"
+        res.add(Finding("error", key, f"errors not compared: the FP32 reference was nondeterministic in {where}"
+                                      + (f" (rerun spread {num(spread):.3g})" if spread is not None else ""), False))
+        return
     bound = num(b.get("bound") if b.get("bound") is not None else r.get("bound"))
     floor = th.error_floor * bound if bound == bound else 0.0
     m = r.get("metrics") or {}
@@ -283,6 +301,9 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         if header.get("status") != "complete":
             raise ValueError(f"{args.run_dir}: run status is {header.get('status')!r}, not 'complete'; "
                              "a baseline is made from a whole run")
+        if args.baseline.is_dir():
+            raise ValueError(f"--baseline {args.baseline} is a directory; pass a file name such as "
+                             f"{args.baseline / 'cpu.json'}")
         args.baseline.parent.mkdir(parents=True, exist_ok=True)
         base = make_baseline(header, records, source=args.run_dir.name)
         write_json_atomic(args.baseline, base)

@@ -45,9 +45,16 @@ def deadline(seconds: float | None) -> Iterator[bool]:
         signal.signal(signal.SIGALRM, old)
 
 
+#: How allocators word a failed allocation: CUDA's caching allocator, and torch's CPU allocator (whose
+#: ``RuntimeError`` is not a ``MemoryError``).
+OOM_MESSAGES = ("out of memory", "can't allocate memory")
+
+
 def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (host or device)."""
     oom = getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(exc, MemoryError) or (bool(oom) and isinstance(exc, oom)) or "out of memory" in str(exc)
+    return isinstance(exc, MemoryError) or (bool(oom) and isinstance(exc, oom)) or \
+        any(m in str(exc) for m in OOM_MESSAGES)
 
 
 def cleanup(device: torch.device) -> None:

@@ -95,6 +95,8 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if out is not None and (Path(out) / "records.jsonl").exists():  # never write over an earlier run
+        raise ValueError(f"--out {out}: already holds a run; pass a new directory")
     if not torch.cuda.is_initialized():  # deterministic cuBLAS (see user_model._reproducible); read at CUDA start
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     spec = load_spec(target)

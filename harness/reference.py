@@ -3,6 +3,12 @@
 Computed once per (scenario, params, seed, device) and reused by every strategy. The same case is
 also run in FP64; where FP32's own error against FP64 exceeds its bound (FP32 is then not
 trustworthy for this case), FP64 becomes the reference and the record says so.
+
+On devices in :data:`RERUN_DEVICES` (CUDA: atomics, split-K and autotuned kernels may add in another
+order on every run) FP32 runs twice from the same seed. Where the two differ the reference is marked
+``nondeterministic`` with the spread (``fp32_rerun_diff``, the worst relative error between the two):
+the spread becomes a floor of every strategy's bound, and the gate does not compare error growth of
+such cases, so run-to-run noise is reported as what it is rather than flapping the gate.
 """
 from __future__ import annotations
 
@@ -36,21 +42,40 @@ def _deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+#: Devices whose FP32 reference is computed twice to detect nondeterministic kernels (see module doc).
+RERUN_DEVICES: tuple[str, ...] = ("cuda",)
+_ERRORS = ("rel_err", "grad_rel_err", "loss_divergence")
+
+
+def _worst(m: dict[str, Any]) -> float:
+    return max((m.get(k, 0.0) for k in _ERRORS), default=0.0)
+
+
 def compute_reference(case: Case, inputs: dict, device: torch.device) -> Reference:
-    """FP32 reference (TF32 off), checked against FP64."""
+    """FP32 reference (TF32 off), checked against FP64, and on :data:`RERUN_DEVICES` against itself."""
     _deterministic()
     s, p = case.scenario, case.params
-    out32 = s.run(Execution(PRESETS["fp32"], device), inputs, p)
-    out64 = s.run(FP64(device), inputs, p)
-    for out in (out32, out64):
+
+    def run(ex: Execution) -> Output:
+        torch.manual_seed(case.seed)  # as before each strategy's run: global randomness is the same
+        out = s.run(ex, inputs, p)
         if not isinstance(out, Output):
             raise TypeError(f"scenario {s.name}.run returned {type(out).__name__}, expected harness.scenario.Output")
+        return out
+
+    out32 = run(Execution(PRESETS["fp32"], device))
+    out64 = run(FP64(device))
     fp32 = FORMATS["fp32"]
     m = compare(out32, out64, fp32)
     n = s.n(p)
     b = bound(fp32, n, out64.kappa)
-    worst = max((m.get(k, 0.0) for k in ("rel_err", "grad_rel_err", "loss_divergence")), default=0.0)
-    check = {"fp32_vs_fp64": worst, "bound": b}
+    worst = _worst(m)
+    check: dict[str, Any] = {"fp32_vs_fp64": worst, "bound": b}
+    if device.type in RERUN_DEVICES:
+        again = compare(run(Execution(PRESETS["fp32"], device)), out32, fp32)
+        spread = _worst(again)
+        check["nondeterministic"] = bool(spread != 0 or again.get("nonfinite") or again.get("grad_nonfinite"))
+        check["fp32_rerun_diff"] = spread
     window = _window(out32)
     if worst > b or m.get("nonfinite") or m.get("grad_nonfinite"):
         check["reason"] = (f"fp32 rel_err {worst:.2e} > {b:.2e} = {describe(fp32, n, out64.kappa)}: "

@@ -54,12 +54,16 @@ def num(x: Any) -> float:
 def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(clean(obj), f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(clean(obj), f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # leave nothing half-written behind: the old file, or none
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _git_commit() -> str | None:
@@ -122,20 +126,28 @@ class RunWriter:
         write_json_atomic(self.dir / "run.json", dict(self.header, status=status, summary=summary))
 
 
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a ``records.jsonl``; a torn or corrupted line is skipped with a warning."""
+def read_records(path: Path, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Records of a ``records.jsonl``; a torn or corrupted line is skipped with a warning (or, when
+    ``skipped`` is a list, with the warning's text appended to it instead)."""
     path = Path(path)
-    with open(path) as f:
+
+    def skip(text: str) -> None:
+        if skipped is None:
+            warnings.warn(text, stacklevel=3)
+        else:
+            skipped.append(text)
+
+    with open(path, errors="replace") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                warnings.warn(f"{path}:{i}: skipping a torn or corrupted record line", stacklevel=2)
+                skip(f"{path}:{i}: skipping a torn or corrupted record line")
                 continue
             if not isinstance(rec, dict):
-                warnings.warn(f"{path}:{i}: skipping a line that is not a JSON object", stacklevel=2)
+                skip(f"{path}:{i}: skipping a line that is not a JSON object")
                 continue
             yield rec
 
@@ -152,7 +164,7 @@ def read_run(directory: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]
     if head_path.is_file():
         try:
             header = json.loads(head_path.read_text())
-        except (json.JSONDecodeError, OSError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
             raise RunFileError(f"{head_path}: unreadable run header ({exc}); re-run or restore the file") from None
         if not isinstance(header, dict):
             raise RunFileError(f"{head_path}: expected a JSON object")
@@ -160,7 +172,13 @@ def read_run(directory: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]
         if v != SCHEMA_VERSION:
             raise RunFileError(f"{head_path}: schema version {v}, this harness reads {SCHEMA_VERSION}; "
                                "re-run with this version")
-    records = list(read_records(rec_path))
+    skipped: list[str] = []
+    records = list(read_records(rec_path, skipped))
+    if skipped and not records:
+        raise RunFileError(f"{rec_path}: none of its {len(skipped)} lines is a readable record (the file is "
+                           "corrupted); re-run, or restore the file from a copy")
+    for text in skipped:
+        warnings.warn(text, stacklevel=2)
     for r in records:
         if r.get("schema_version") != SCHEMA_VERSION:
             raise RunFileError(f"{rec_path}: a record has schema version {r.get('schema_version')}, this harness "

@@ -45,6 +45,16 @@ def _f32(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
+def _f32_within(x: float, lo: float, hi: float) -> float:
+    """``x`` in FP32, kept inside [lo, hi] when rounding to FP32 would step past a bound that FP32
+    cannot represent exactly (max=0.3 must not become 0.30000001)."""
+    f = _f32(x)
+    if f > hi or f < lo:
+        bits = struct.unpack("<I", struct.pack("<f", f))[0]
+        f = struct.unpack("<f", struct.pack("<I", bits - 1 if f > hi else bits + 1))[0]
+    return f
+
+
 class LossScaleFloorError(RuntimeError):
     """Raised by a scaler whose policy is to raise when it overflows at its minimum scale."""
 
@@ -227,7 +237,7 @@ class Scaler:
             self._good += 1
             if self._good >= spec.interval:
                 self._good, self._hyst = 0, spec.hysteresis
-                self.scale = _f32(min(s * spec.growth, spec.max))
+                self.scale = _f32_within(min(s * spec.growth, spec.max), spec.min, spec.max)
                 return Decision(s, False, False, self.scale, "grow" if self.scale > s else "hold")
             return Decision(s, False, False, s, "hold")
         self._good = 0
@@ -238,7 +248,7 @@ class Scaler:
             if spec.floor == "raise":
                 raise LossScaleFloorError(f"gradient overflow at the minimum loss scale {format_number(spec.min)}")
             return Decision(s, True, True, s, "floor")
-        self.scale = _f32(max(s * spec.backoff, spec.min))
+        self.scale = _f32_within(max(s * spec.backoff, spec.min), spec.min, spec.max)
         return Decision(s, True, True, self.scale, "backoff")
 
 

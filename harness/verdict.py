@@ -59,9 +59,13 @@ def _pct(x: float) -> str:
     return f"{100 * x:.3g}%"
 
 
-def _how(fmt: Format, n: int, kappa: float, factor: float, truncating: bool, floor: float) -> str:
+FP64_FLOOR = "FP32's own error against FP64 (the reference here)"
+
+
+def _how(fmt: Format, n: int, kappa: float, factor: float, truncating: bool, floor: float,
+         floor_source: str = FP64_FLOOR) -> str:
     if floor > bound(fmt, n, kappa, factor, truncating):
-        return f"FP32's own error against FP64 (the reference here)"
+        return floor_source
     return describe(fmt, n, kappa, factor, truncating)
 
 
@@ -124,9 +128,10 @@ def _scaling(m: dict, spec: ScalerSpec | None, budget: float) -> Verdict | None:
 
 def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: float = 1.0,
           underflow_budget: float = UNDERFLOW_BUDGET, truncating: bool = False,
-          scaler: ScalerSpec | None = None, floor: float = 0.0) -> Verdict:
+          scaler: ScalerSpec | None = None, floor: float = 0.0, floor_source: str = FP64_FLOOR) -> Verdict:
     """Classify one case's metrics (see module doc). ``floor`` is FP32's own error where FP64 is the
-    reference: no strategy is asked to be more accurate than FP32 itself. A ``scale_exhausted`` verdict
+    reference, or the FP32 reference's run-to-run spread where it is nondeterministic (``floor_source``
+    says which, for the reason): no strategy is asked to be more accurate than FP32 itself. A ``scale_exhausted`` verdict
     also sets ``m["scale_direction"]`` (``"max"`` or ``"min"``)."""
     b = max(bound(fmt, n, kappa, factor, truncating), floor)
     v = _scaling(m, scaler, underflow_budget)
@@ -155,9 +160,9 @@ def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: fl
                                    f"than the reference > budget {_pct(underflow_budget)}", b)
     for key in ("rel_err", "grad_rel_err"):
         if key in m and m[key] > b:
-            return Verdict("diverged", f"{key} {_e(m[key])} > {_e(b)} = {_how(fmt, n, kappa, factor, truncating, floor)}", b)
+            return Verdict("diverged", f"{key} {_e(m[key])} > {_e(b)} = {_how(fmt, n, kappa, factor, truncating, floor, floor_source)}", b)
     if "loss_divergence" in m and m["loss_divergence"] > b:
         return Verdict("diverged", f"loss_divergence {_e(m['loss_divergence'])} > {_e(b)} = "
-                                   f"{_how(fmt, n, kappa, factor, truncating, floor)}", b)
+                                   f"{_how(fmt, n, kappa, factor, truncating, floor, floor_source)}", b)
     errs = [f"{k} {_e(m[k])}" for k in ("rel_err", "grad_rel_err", "loss_divergence") if k in m]
     return Verdict("pass", f"{', '.join(errs) or 'no error'} <= {_e(b)}", b)
