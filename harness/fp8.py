@@ -7,7 +7,6 @@ previous amaxes (the current one joins the history after use, as in Transformer 
 """
 from __future__ import annotations
 
-from collections import deque
 from typing import Callable
 
 import torch
@@ -20,20 +19,27 @@ E4M3, E5M2 = FORMATS["fp8_e4m3"], FORMATS["fp8_e5m2"]
 
 
 class AmaxHistory:
-    """Per-tensor amax histories for delayed scaling, keyed by call site and role."""
+    """Per-tensor amax histories for delayed scaling, keyed by call site and role.
+
+    Amaxes and scales stay on the tensor's device (a ring buffer per key): computing a scale never
+    waits for the GPU, so an FP8 GEMM costs a few small kernels, not a host round trip per operand."""
 
     def __init__(self, length: int = 16) -> None:
         self.length = length
-        self._h: dict[str, deque] = {}
+        self._h: dict[str, tuple[torch.Tensor, list[int]]] = {}
 
-    def scale(self, key: str, amax: float, fmax: float, delayed: bool) -> float:
-        hist = self._h.setdefault(key, deque(maxlen=self.length))
-        ref = max(hist) if (delayed and hist) else amax
-        hist.append(amax)
-        return fmax / ref if ref > 0 else 1.0
+    def scale(self, key: str, amax: torch.Tensor, fmax: float, delayed: bool) -> torch.Tensor:
+        """``fmax / amax`` as a 0-d FP32 tensor (1 where the reference amax is 0); with ``delayed`` the
+        reference is the largest amax of the previous steps (the current one on the first)."""
+        amax = amax.detach().float().reshape(())
+        buf, count = self._h.setdefault(key, (torch.zeros(self.length, device=amax.device), [0]))
+        ref = buf.max() if (delayed and count[0]) else amax
+        buf[count[0] % self.length] = amax
+        count[0] += 1
+        return torch.where(ref > 0, fmax / ref, torch.ones_like(ref))
 
 
-def quantize_fp8(x: torch.Tensor, fmt, scale: float) -> torch.Tensor:
+def quantize_fp8(x: torch.Tensor, fmt, scale: float | torch.Tensor) -> torch.Tensor:
     """Scale then cast to FP8. Finite values past the format's max saturate to it, as the scaled GEMMs
     do; inf and NaN stay non-finite (NaN in E4M3, which has no inf), so an overflow upstream is never
     hidden: torch's cast alone saturates inf to 448 in E4M3."""
@@ -42,35 +48,38 @@ def quantize_fp8(x: torch.Tensor, fmt, scale: float) -> torch.Tensor:
     return torch.where(torch.isfinite(y), y.clamp(-fmt.max, fmt.max), keep).to(fmt.dtype)
 
 
-def _mm(x8: torch.Tensor, y8: torch.Tensor, sx: float, sy: float, out_dtype: torch.dtype,
+def _mm(x8: torch.Tensor, y8: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, out_dtype: torch.dtype,
         native: bool) -> torch.Tensor:
-    """(x8 / sx) @ (y8 / sy) with FP32 accumulation."""
+    """(x8 / sx) @ (y8 / sy) with FP32 accumulation (``sx``, ``sy``: 0-d FP32 scale tensors)."""
     if native and x8.shape[0] % 16 == 0 and x8.shape[1] % 16 == 0 and y8.shape[1] % 16 == 0:
-        inv_x = torch.tensor(1.0 / sx, dtype=torch.float32, device=x8.device)  # _scaled_mm: FP32 scales
-        inv_y = torch.tensor(1.0 / sy, dtype=torch.float32, device=x8.device)
         yt = y8.t().contiguous().t()  # column-major second operand
-        out = torch._scaled_mm(x8.contiguous(), yt, scale_a=inv_x, scale_b=inv_y, out_dtype=out_dtype)
+        out = torch._scaled_mm(x8.contiguous(), yt, scale_a=sx.reciprocal(), scale_b=sy.reciprocal(),
+                               out_dtype=out_dtype)
         return out[0] if isinstance(out, tuple) else out
     return ((x8.float() @ y8.float()) / (sx * sy)).to(out_dtype)
+
+
+def _amax(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().abs().amax()
 
 
 class _FP8MatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, key, history, delayed, native, out_dtype):  # type: ignore[override]
         with torch.autocast(a.device.type, enabled=False):
-            sa = history.scale(f"{key}.a", float(a.detach().abs().max()), E4M3.max, delayed)
-            sb = history.scale(f"{key}.b", float(b.detach().abs().max()), E4M3.max, delayed)
+            sa = history.scale(f"{key}.a", _amax(a), E4M3.max, delayed)
+            sb = history.scale(f"{key}.b", _amax(b), E4M3.max, delayed)
             qa, qb = quantize_fp8(a, E4M3, sa), quantize_fp8(b, E4M3, sb)
-            ctx.save_for_backward(qa, qb)
-            ctx.meta = (sa, sb, key, history, delayed, native, a.dtype, b.dtype)
+            ctx.save_for_backward(qa, qb, sa, sb)
+            ctx.meta = (key, history, delayed, native, a.dtype, b.dtype)
             return _mm(qa, qb, sa, sb, out_dtype, native)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        qa, qb = ctx.saved_tensors
-        sa, sb, key, history, delayed, native, da, db = ctx.meta
+        qa, qb, sa, sb = ctx.saved_tensors
+        key, history, delayed, native, da, db = ctx.meta
         with torch.autocast(grad.device.type, enabled=False):
-            sg = history.scale(f"{key}.grad", float(grad.detach().abs().max()), E5M2.max, delayed)
+            sg = history.scale(f"{key}.grad", _amax(grad), E5M2.max, delayed)
             qg = quantize_fp8(grad, E5M2, sg)
             # E5M2 x E4M3 is a supported _scaled_mm pairing; keep the E5M2 operand first.
             ga = _mm(qg, qb.t(), sg, sb, torch.float32, native).to(da)
