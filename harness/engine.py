@@ -174,6 +174,9 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
         extra["peak_bytes"] = _peak(device, mem0)
         if not isinstance(out, Output):
             raise TypeError(f"scenario {s.name}.run returned {type(out).__name__}, expected harness.Output")
+        if ex.fp8_history.fallbacks:  # never a silent downgrade: say which GEMMs were not native
+            extra["emulated"] = [*ex.notes, f"{ex.fp8_history.fallbacks} FP8 GEMMs emulated: dimensions not "
+                                            "multiples of 16, which torch._scaled_mm requires"]
         fmt = ex.judged_format
         extra["judged_format"] = fmt.name
         metrics = compare(out, ref.output, fmt)

@@ -27,6 +27,7 @@ class AmaxHistory:
     def __init__(self, length: int = 16) -> None:
         self.length = length
         self._h: dict[str, tuple[torch.Tensor, list[int]]] = {}
+        self.fallbacks = 0  # native GEMMs that had to be emulated (shapes _scaled_mm does not take)
 
     def scale(self, key: str, amax: torch.Tensor, fmax: float, delayed: bool) -> torch.Tensor:
         """``fmax / amax`` as a 0-d FP32 tensor (1 where the reference amax is 0); with ``delayed`` the
@@ -49,9 +50,13 @@ def quantize_fp8(x: torch.Tensor, fmt, scale: float | torch.Tensor) -> torch.Ten
 
 
 def _mm(x8: torch.Tensor, y8: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, out_dtype: torch.dtype,
-        native: bool) -> torch.Tensor:
-    """(x8 / sx) @ (y8 / sy) with FP32 accumulation (``sx``, ``sy``: 0-d FP32 scale tensors)."""
-    if native and x8.shape[0] % 16 == 0 and x8.shape[1] % 16 == 0 and y8.shape[1] % 16 == 0:
+        native: bool, history: "AmaxHistory | None" = None) -> torch.Tensor:
+    """(x8 / sx) @ (y8 / sy) with FP32 accumulation (``sx``, ``sy``: 0-d FP32 scale tensors). A native
+    GEMM whose dimensions are not multiples of 16 is emulated and counted in ``history.fallbacks``."""
+    fits = x8.shape[0] % 16 == 0 and x8.shape[1] % 16 == 0 and y8.shape[1] % 16 == 0
+    if native and not fits and history is not None:
+        history.fallbacks += 1
+    if native and fits:
         yt = y8.t().contiguous().t()  # column-major second operand
         out = torch._scaled_mm(x8.contiguous(), yt, scale_a=sx.reciprocal(), scale_b=sy.reciprocal(),
                                out_dtype=out_dtype)
@@ -72,7 +77,7 @@ class _FP8MatMul(torch.autograd.Function):
             qa, qb = quantize_fp8(a, E4M3, sa), quantize_fp8(b, E4M3, sb)
             ctx.save_for_backward(qa, qb, sa, sb)
             ctx.meta = (key, history, delayed, native, a.dtype, b.dtype)
-            return _mm(qa, qb, sa, sb, out_dtype, native)
+            return _mm(qa, qb, sa, sb, out_dtype, native, history)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -82,8 +87,8 @@ class _FP8MatMul(torch.autograd.Function):
             sg = history.scale(f"{key}.grad", _amax(grad), E5M2.max, delayed)
             qg = quantize_fp8(grad, E5M2, sg)
             # E5M2 x E4M3 is a supported _scaled_mm pairing; keep the E5M2 operand first.
-            ga = _mm(qg, qb.t(), sg, sb, torch.float32, native).to(da)
-            gb = _mm(qg.t().contiguous(), qa, sg, sa, torch.float32, native).t().to(db)
+            ga = _mm(qg, qb.t(), sg, sb, torch.float32, native, history).to(da)
+            gb = _mm(qg.t().contiguous(), qa, sg, sa, torch.float32, native, history).t().to(db)
         return ga, gb, None, None, None, None, None
 
 

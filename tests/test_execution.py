@@ -120,3 +120,15 @@ def test_route_linears_sends_nn_linear_through_the_strategy_gemm() -> None:
     assert route_linears(lin, ex_of("fp32")) is lin and lin(x).item() == 1 + 2**-12  # native: untouched
     route_linears(lin, ex_of("tf32"))
     assert lin(x).item() == 1.0  # the TF32 GEMM rounds the input to 10 fraction bits
+
+
+def test_a_native_fp8_gemm_of_unsupported_shape_is_counted_as_emulated() -> None:
+    from harness.fp8 import AmaxHistory, fp8_matmul
+    hist = AmaxHistory()
+    a = torch.linspace(-1.0, 1.0, 24).reshape(4, 6)  # 4 x 6 @ 6 x 8: no dimension of 16
+    b = torch.linspace(0.5, 2.0, 48).reshape(6, 8)
+    y = fp8_matmul(a, b, "mm", hist, delayed=False, native=True, out_dtype=torch.float32)
+    assert hist.fallbacks == 1 and y.shape == (4, 8)
+    assert float((y - a @ b).norm() / (a @ b).norm()) < 0.1  # still an FP8 approximation of the product
+    fp8_matmul(a, b, "mm", hist, delayed=False, native=False, out_dtype=torch.float32)
+    assert hist.fallbacks == 1  # the emulated path by request is not a fallback
