@@ -24,11 +24,11 @@ from .execution import Execution
 from .guard import cleanup, deadline, is_oom
 from .metrics import compare
 from .reference import ReferenceCache
-from .results import SCHEMA_VERSION, RunWriter, environment, read_records
+from .results import SCHEMA_VERSION, RunWriter, environment, read_records, tally
 from .scenario import Case, Output, Scenario, cases, seed_generator
 from .strategy import Strategy
 from .timing import sync
-from .verdict import FAILURES, UNDERFLOW_BUDGET, Verdict, judge
+from .verdict import UNDERFLOW_BUDGET, Verdict, judge
 
 __all__ = ["RunConfig", "run_matrix", "run_case", "run_case_records", "run_header", "run_stats", "default_out_dir",
            "resolve_device", "Summary", "resume_config"]
@@ -84,18 +84,8 @@ class Summary:
     seconds_building_inputs: float = 0.0
 
     def add(self, rec: dict[str, Any]) -> None:
-        s, f, o = rec["strategy"], rec["family"], rec["outcome"]
-        self.by_strategy.setdefault(s, {}).setdefault(o, 0)
-        self.by_strategy[s][o] += 1
-        fam = self.by_family.setdefault(f, {}).setdefault(s, {})
-        fam[o] = fam.get(o, 0) + 1
+        tally(self.by_strategy, self.by_family, rec)
         self.records += 1
-
-    @staticmethod
-    def rate(counts: dict[str, int]) -> tuple[int, int]:
-        """(failures, judged cases): unsupported cases are not judged."""
-        judged = sum(v for k, v in counts.items() if k != "unsupported")
-        return sum(counts.get(k, 0) for k in FAILURES), judged
 
     def as_dict(self) -> dict[str, Any]:
         return {"records": self.records, "by_strategy": self.by_strategy, "by_family": self.by_family}

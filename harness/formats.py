@@ -78,6 +78,13 @@ class Format:
         return self.min_subnormal if self.subnormals else self.min_normal
 
     @property
+    def overflow_threshold(self) -> float:
+        """``max + ulp(max)/2``: round to nearest sends magnitudes from here on to inf in the IEEE formats
+        (their max ends in an odd bit, so the tie goes up) and magnitudes beyond it to NaN in E4M3 (its
+        max, 448 = 1.110b * 2^8, ends in an even bit and keeps the tie)."""
+        return self.max + 2.0 ** (self.emax - self.fraction_bits - 1)
+
+    @property
     def dtype(self) -> torch.dtype | None:
         return getattr(torch, self.storage, None) if self.storage else None
 
@@ -132,9 +139,7 @@ def quantize(x: torch.Tensor, fmt: Format | str) -> torch.Tensor:
     if fmt.name in ("fp32", "fp64"):
         return x
     if fmt.finite_only:  # overflow is explicit NaN, not the cast's saturation
-        # round to nearest overflows past max + half an ulp of max; at the tie itself it keeps max,
-        # whose last mantissa bit is even (E4M3: 448 = 1.110b * 2^8, and 464 rounds to it)
-        over = x.abs() > fmt.max + 2.0 ** (fmt.emax - fmt.fraction_bits - 1)
+        over = x.abs() > fmt.overflow_threshold  # the tie itself keeps max (see Format.overflow_threshold)
         return torch.where(over, torch.full_like(x, float("nan")), x.to(fmt.dtype).float())
     return x.to(fmt.dtype).float()
 

@@ -19,10 +19,26 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["SCHEMA_VERSION", "RECORD_FIELDS", "RunWriter", "read_run", "read_records", "num", "clean",
+__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "SEVERITY", "tally", "RECORD_FIELDS", "RunWriter", "read_run", "read_records", "num", "clean",
            "environment", "device_class", "write_json_atomic", "RunFileError"]
 
 SCHEMA_VERSION = 1
+#: A record's ``outcome``: the verdicts of :mod:`harness.verdict`. They live here, with the schema,
+#: so that reports and the gate read them without importing the engine.
+OUTCOMES = ("pass", "diverged", "overflow", "underflow", "scale_exhausted", "stalled", "unsupported", "error")
+FAILURES = tuple(o for o in OUTCOMES if o not in ("pass", "unsupported"))
+#: How bad an outcome is, for the gate: higher is worse.
+SEVERITY = {"pass": 0, "unsupported": 0, "diverged": 1, "underflow": 2, "stalled": 3, "overflow": 4,
+            "scale_exhausted": 5, "error": 6}
+
+
+def tally(by_strategy: dict, by_family: dict, record: dict[str, Any]) -> None:
+    """Count one record's outcome per strategy and per (family, strategy), in place."""
+    s, f, o = record["strategy"], record["family"], record["outcome"]
+    counts = by_strategy.setdefault(s, {})
+    counts[o] = counts.get(o, 0) + 1
+    fam = by_family.setdefault(f, {}).setdefault(s, {})
+    fam[o] = fam.get(o, 0) + 1
 RECORD_FIELDS = ("schema_version", "scenario", "family", "params", "seed", "strategy", "strategy_spec", "device",
                  "outcome", "reason", "metrics", "seconds")
 

@@ -23,17 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .formats import FORMATS, Format
+from .results import FAILURES, OUTCOMES, SEVERITY
 from .scaling import ScalerSpec, format_number, parse_scaler
 from .tolerance import bound, describe
-from .window import overflow_threshold
 
 __all__ = ["Verdict", "OUTCOMES", "FAILURES", "SEVERITY", "judge", "STALL_RATE", "UNDERFLOW_BUDGET"]
 
-OUTCOMES = ("pass", "diverged", "overflow", "underflow", "scale_exhausted", "stalled", "unsupported", "error")
-FAILURES = tuple(o for o in OUTCOMES if o not in ("pass", "unsupported"))
-#: How bad an outcome is, for the gate: higher is worse.
-SEVERITY = {"pass": 0, "unsupported": 0, "diverged": 1, "underflow": 2, "stalled": 3, "overflow": 4,
-            "scale_exhausted": 5, "error": 6}
 #: A scaler that skips more than this fraction of steps has stalled training.
 STALL_RATE = 0.5
 #: Default fraction of the reference's non-zero values that may be lost to underflow.
@@ -70,7 +65,7 @@ def _how(fmt: Format, n: int, kappa: float, factor: float, truncating: bool, flo
 
 
 #: A loss scale at or past this rounds to inf as the FP32 tensor the backward pass multiplies by.
-_FP32_INF_AT = overflow_threshold(FORMATS["fp32"])
+_FP32_INF_AT = FORMATS["fp32"].overflow_threshold
 #: Below this 1/scale rounds to inf in FP32 (GradScaler computes it so): every unscaled gradient is inf/NaN.
 _FP32_INV_INF_BELOW = 1.0 / _FP32_INF_AT
 

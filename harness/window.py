@@ -32,12 +32,7 @@ import torch
 from .formats import FORMATS, Format
 from .scaling import format_number
 
-__all__ = ["TensorWindow", "Window", "tensor_window", "scale_window", "overflow_threshold", "pow2_inside"]
-
-
-def overflow_threshold(fmt: Format) -> float:
-    """The smallest magnitude that rounds to inf (or NaN) in ``fmt``: ``max + ulp(max)/2``."""
-    return fmt.max + 2.0 ** (fmt.emax - fmt.fraction_bits) / 2
+__all__ = ["TensorWindow", "Window", "tensor_window", "scale_window", "pow2_inside"]
 
 
 def pow2_inside(lo: float, hi: float) -> tuple[float | None, float | None]:
@@ -132,7 +127,7 @@ def tensor_window(name: str, g: torch.Tensor, fmt: Format = FORMATS["fp16"], bud
     k = int(math.floor(budget * srt.numel()))  # how many values may be lost; the (k+1)-th must be kept
     q = float(srt[k])
     mx = float(srt[-1])
-    return TensorWindow(name, (fmt.smallest / 2) / q, overflow_threshold(fmt) / mx, mx, float(srt[0]))
+    return TensorWindow(name, (fmt.smallest / 2) / q, fmt.overflow_threshold / mx, mx, float(srt[0]))
 
 
 def scale_window(grads: dict[str, torch.Tensor], fmt: Format = FORMATS["fp16"], budget: float = 0.01,

@@ -207,12 +207,6 @@ def test_update_refuses_an_incomplete_run(tmp_path, capsys):
     assert rc == 2 and "run status is 'interrupted', not 'complete'" in err and not (tmp_path / "b.json").exists()
 
 
-def test_severity_and_outcomes_match_the_verdict_module():
-    from harness import verdict
-    assert tables.SEVERITY == verdict.SEVERITY
-    assert tables.OUTCOMES == verdict.OUTCOMES and tables.FAILURES == verdict.FAILURES
-
-
 def test_gate_and_reports_import_no_torch():
     code = ("import sys, harness.gate, harness.report.cli, harness.report.html; "
             "print(sorted(m for m in sys.modules if m in ('torch', 'harness.engine', 'harness.verdict')))")

@@ -11,7 +11,7 @@ from harness.formats import FORMATS
 from harness.reference import ReferenceCache
 from harness.scenario import Case, discover, seed_generator
 from harness.strategy import PRESETS
-from harness.window import overflow_threshold, pow2_inside, scale_window, tensor_window
+from harness.window import pow2_inside, scale_window, tensor_window
 
 F16, BF16 = FORMATS["fp16"], FORMATS["bf16"]
 
@@ -32,8 +32,8 @@ def _overflows(g: torch.Tensor, scale: float) -> bool:
 
 
 def test_overflow_threshold_is_max_plus_half_an_ulp() -> None:
-    assert overflow_threshold(F16) == 65520.0
-    assert overflow_threshold(BF16) == (2 - 2.0**-8) * 2.0**127
+    assert F16.overflow_threshold == 65520.0
+    assert BF16.overflow_threshold == (2 - 2.0**-8) * 2.0**127
     t = torch.tensor([65519.996, 65520.0], dtype=torch.float64).to(torch.float16)
     assert t[0].item() == 65504.0 and math.isinf(t[1].item())  # the tie at 65520 goes to inf
 
@@ -69,7 +69,7 @@ def test_budget_lets_the_smallest_values_go() -> None:
 
 def test_bf16_window_uses_bf16_range() -> None:
     w = tensor_window("g", _powers(-140, -100), BF16, budget=0.0)
-    assert w.lo == 2.0**-134 / 2.0**-140 and w.hi == overflow_threshold(BF16) / 2.0**-100
+    assert w.lo == 2.0**-134 / 2.0**-140 and w.hi == BF16.overflow_threshold / 2.0**-100
 
 
 def test_empty_window_names_both_tensors_with_both_numbers() -> None:

@@ -2,7 +2,7 @@
 
 Every table is a :class:`Table` (title, header, rows, note) built from records alone, then rendered as
 plain text here, as Markdown by :mod:`harness.report.markdown` or as HTML by :mod:`harness.report.html`.
-This module imports nothing of the harness but the outcome names it keeps (pure functions of run files).
+This module imports nothing of the harness but :mod:`harness.results` (pure functions of run files).
 """
 from __future__ import annotations
 
@@ -10,16 +10,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from ..results import FAILURES, OUTCOMES, SEVERITY, tally
+
 __all__ = ["OUTCOMES", "FAILURES", "SEVERITY", "Table", "wilson", "counts_from_records", "failure_rate",
            "failure_table_rows", "render_failure_table", "render_text", "compute_format", "failure_table",
            "family_table", "format_comparison_table", "outcome_table", "environment_table", "pct", "rate_cell"]
 
-#: Outcome names of :mod:`harness.verdict`, in its order (a test checks that they match).
-OUTCOMES = ("pass", "diverged", "overflow", "underflow", "scale_exhausted", "stalled", "unsupported", "error")
-FAILURES = tuple(o for o in OUTCOMES if o not in ("pass", "unsupported"))
-#: How bad an outcome is, higher is worse: equal to ``harness.verdict.SEVERITY`` (a test checks).
-SEVERITY = {"pass": 0, "unsupported": 0, "diverged": 1, "underflow": 2, "stalled": 3, "overflow": 4,
-            "scale_exhausted": 5, "error": 6}
 #: The two 16-bit formats the FP16-against-BF16 comparison sets side by side.
 PAIR = ("fp16", "bf16")
 
@@ -54,10 +50,7 @@ def counts_from_records(records: Iterable[dict[str, Any]]) -> tuple[dict, dict]:
     by_s: dict[str, dict[str, int]] = {}
     by_f: dict[str, dict[str, dict[str, int]]] = {}
     for r in records:
-        s, f, o = r["strategy"], r["family"], r["outcome"]
-        by_s.setdefault(s, {})[o] = by_s.get(s, {}).get(o, 0) + 1
-        fam = by_f.setdefault(f, {}).setdefault(s, {})
-        fam[o] = fam.get(o, 0) + 1
+        tally(by_s, by_f, r)
     return by_s, by_f
 
 
