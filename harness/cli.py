@@ -9,15 +9,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "UsageError", "positive_int"]
+__all__ = ["main", "Parser", "UsageError", "positive_int"]
 
 
 class UsageError(ValueError):
     """Bad input on the command line: one line on stderr and exit 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one clear line, exit 2, no usage dump
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one :class:`UsageError` line (the caller exits 2), no usage dump."""
+
+    def error(self, message: str) -> None:
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
@@ -42,8 +44,8 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m harness", description="Numerical-robustness harness for mixed-precision training")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    p = Parser(prog="python -m harness", description="Numerical-robustness harness for mixed-precision training")
+    sub = p.add_subparsers(dest="command", parser_class=Parser)
     sub.required = True
     ls = sub.add_parser("list", help="scenarios: name, family, description, parameter grid")
     ls.set_defaults(func=_cmd_list)

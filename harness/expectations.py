@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .cli import _Parser
+from .cli import Parser
 from .scenario import FAMILIES, TIERS, Scenario, case_id, discover
 from .strategy import PRESETS, Strategy, support
 
@@ -114,7 +114,7 @@ def _own_suites(reg: Iterable[Scenario]) -> list[Scenario]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="python -m harness.expectations",
+    p = Parser(prog="python -m harness.expectations",
                 description="Render the expected-outcome table (Markdown) from the scenario registry")
     p.add_argument("--tier", default="quick", choices=TIERS)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

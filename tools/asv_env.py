@@ -18,7 +18,6 @@ Exit 0 on success, 2 with one line on bad input.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the harness of this checkout
+
+from harness.cli import Parser  # noqa: E402
 
 
 def _slug(text: str) -> str:
@@ -99,14 +100,10 @@ def tidy(results_dir: Path, python: str | None = None) -> list[tuple[Path, Path]
     return moved
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise ValueError(f"{self.prog}: {message} (see --help)")
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="tools/asv_env.py", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="tools/asv_env.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     m = sub.add_parser("machine", help="register this machine for asv (GPU, torch and CUDA recorded)")
     m.add_argument("--name", default=None, help="machine name (default: from the GPU or CPU model)")
     t = sub.add_parser("tidy", help="rename path-named existing-environment results")

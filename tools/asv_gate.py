@@ -32,6 +32,8 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the harness of this checkout
 
+from harness.cli import Parser  # noqa: E402
+
 from harness.report.asv_history import AsvResult, benchmark_info, load_results, param_label, read_result_file  # noqa: E402
 
 #: Benchmark kinds whose values the gate compares (by the method name's prefix).
@@ -132,10 +134,6 @@ def resolve(spec: str, results_dir: Path, machine: str | None) -> AsvResult:
     return found[-1]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise ValueError(f"{self.prog}: {message} (see --help)")
-
 
 def _factor(text: str) -> float:
     try:
@@ -148,7 +146,7 @@ def _factor(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="tools/asv_gate.py", description="Exit 1 when NEW's asv results regress from BASE's "
+    p = Parser(prog="tools/asv_gate.py", description="Exit 1 when NEW's asv results regress from BASE's "
                 "beyond a factor; 0 otherwise; 2 on bad input.")
     p.add_argument("base", metavar="BASE", help="result file or commit hash")
     p.add_argument("new", metavar="NEW", help="result file or commit hash")

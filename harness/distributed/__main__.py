@@ -47,9 +47,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m harness.distributed check`` (under torchrun) or ``merge DIR``; bad input: one line, exit 2."""
-    from ..cli import UsageError, _Parser, positive_int
-    p = _Parser(prog="python -m harness.distributed", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    from ..cli import UsageError, Parser, positive_int
+    p = Parser(prog="python -m harness.distributed", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", parser_class=Parser)
     sub.required = True
     c = sub.add_parser("check", help="real collectives against the ring simulation (under torchrun, >= 2 ranks)")
     c.set_defaults(func=_cmd_check)

@@ -35,10 +35,10 @@ def summarize(by_strategy: dict[str, dict[str, int]], records: list[dict[str, An
     strategy is unsupported here); ``worst_error[family][strategy]`` is the largest finite normwise
     relative error among that family's records (non-finite results are overflows, counted as failures).
     """
-    from harness.engine import Summary
+    from harness.report.tables import failure_rate
     rates: dict[str, float | None] = {}
     for strategy, counts in by_strategy.items():
-        failed, judged = Summary.rate(counts)
+        failed, judged = failure_rate(counts)
         rates[strategy] = 100.0 * failed / judged if judged else None
     worst: dict[str, dict[str, float]] = {}
     for r in records:
