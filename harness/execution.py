@@ -124,16 +124,21 @@ class Execution:
 
 
 def _flags() -> dict:
+    """The four GEMM flags as they are now (each saved on its own, so a restore returns each one)."""
     m = torch.backends.cuda.matmul
-    return {"tf32": m.allow_tf32, "reduced": m.allow_fp16_reduced_precision_reduction}
+    return {"tf32": m.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "reduced": m.allow_fp16_reduced_precision_reduction,
+            "bf16_reduced": m.allow_bf16_reduced_precision_reduction}
 
 
-def _set_flags(tf32: bool, reduced: bool) -> None:
+def _set_flags(tf32: bool, reduced: bool, cudnn_tf32: bool | None = None, bf16_reduced: bool | None = None) -> None:
+    """Set TF32 (cuBLAS and cuDNN) and reduced-precision reductions (FP16 and BF16); the cuDNN and
+    BF16 flags follow the first two unless given."""
     m = torch.backends.cuda.matmul
     m.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32 if cudnn_tf32 is None else cudnn_tf32
     m.allow_fp16_reduced_precision_reduction = reduced
-    m.allow_bf16_reduced_precision_reduction = reduced
+    m.allow_bf16_reduced_precision_reduction = reduced if bf16_reduced is None else bf16_reduced
 
 
 def FP64(device: torch.device | str = "cpu") -> Execution:

@@ -12,9 +12,10 @@ such cases, so run-to-run noise is reported as what it is rather than flapping t
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -37,9 +38,16 @@ class Reference:
     window: dict[str, Any] | None = None  # FP16 loss-scale window of the reference gradients
 
 
-def _deterministic() -> None:
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """cuDNN's deterministic algorithms, no autotuning, for the reference runs only (restored after)."""
+    c = torch.backends.cudnn
+    saved = (c.deterministic, c.benchmark)
+    c.deterministic, c.benchmark = True, False
+    try:
+        yield
+    finally:
+        c.deterministic, c.benchmark = saved
 
 
 #: Devices whose FP32 reference is computed twice to detect nondeterministic kernels (see module doc).
@@ -53,12 +61,12 @@ def _worst(m: dict[str, Any]) -> float:
 
 def compute_reference(case: Case, inputs: dict, device: torch.device) -> Reference:
     """FP32 reference (TF32 off), checked against FP64, and on :data:`RERUN_DEVICES` against itself."""
-    _deterministic()
     s, p = case.scenario, case.params
 
     def run(ex: Execution) -> Output:
         torch.manual_seed(case.seed)  # as before each strategy's run: global randomness is the same
-        out = s.run(ex, inputs, p)
+        with _deterministic(), ex.gemm_flags():  # TF32 off even where a scenario's GEMM is outside autocast()
+            out = s.run(ex, inputs, p)
         if not isinstance(out, Output):
             raise TypeError(f"scenario {s.name}.run returned {type(out).__name__}, expected harness.scenario.Output")
         return out

@@ -66,9 +66,9 @@ def format_number(x: float) -> str:
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
     if x > 0:
-        k = math.log2(x)
-        if k == int(k) and abs(k) >= 8:
-            return f"2^{int(k)}"
+        mant, exp = math.frexp(x)  # exact: x is a power of two iff its mantissa is 1/2
+        if mant == 0.5 and abs(exp - 1) >= 8:
+            return f"2^{exp - 1}"
     if x == int(x) and abs(x) < 2**53:
         return str(int(x))
     return repr(float(x))

@@ -53,8 +53,11 @@ class Strategy:
         if (self.compute == "fp8") != (self.fp8 != "none"):
             raise ValueError("compute=fp8 needs an fp8 recipe (fp8=tensorwise or fp8=delayed), and an fp8 "
                              "recipe needs compute=fp8")
-        if self.master and self.params == "fp32":
+        if self.master and self.params not in ("fp16", "bf16"):
             raise ValueError("master=yes keeps FP32 copies of low-precision parameters; it needs params=fp16 or bf16")
+        if self.master and self.scaler.kind == "gradscaler":
+            raise ValueError("torch's GradScaler unscales the optimizer's own (FP32) gradients and cannot drive "
+                             "master weights; use scaler=dynamic(...) with master=yes")
         if self.apply == "cast" and self.params != self.activation_format:
             raise ValueError(f"apply=cast stores parameters in the compute format: set params={self.activation_format}")
 
@@ -80,8 +83,10 @@ class Strategy:
 
     @property
     def format(self) -> Format:
-        """The format whose unit roundoff bounds this strategy's error: the lowest precision it computes in."""
-        return get_format({"fp8": "fp8_e4m3"}.get(self.compute, self.compute))
+        """The format whose unit roundoff bounds this strategy's error: the lowest precision it computes in
+        (for the FP8 recipes E5M2, u = 2^-3, which carries the gradients into the backward GEMMs; the
+        forward operands are E4M3, u = 2^-4)."""
+        return get_format({"fp8": "fp8_e5m2"}.get(self.compute, self.compute))
 
     @property
     def reduced(self) -> bool:

@@ -105,8 +105,7 @@ class Trainer:
         before = ad.scale
         with self.ex.gemm_flags():
             ad.gs.scale(loss).backward()
-        if self.master is not None:
-            raise ValueError("gradscaler strategies keep FP32 parameters; master=yes is not supported with them")
+        assert self.master is None, "Strategy refuses master=yes with a gradscaler"
         ad.gs.unscale_(self.opt)
         found_inf = sum(float(v) for v in ad.gs._found_inf_per_device(self.opt).values()) > 0
         grads = {n: (p.grad.detach().float().clone() if p.grad is not None

@@ -132,3 +132,19 @@ def test_a_native_fp8_gemm_of_unsupported_shape_is_counted_as_emulated() -> None
     assert float((y - a @ b).norm() / (a @ b).norm()) < 0.1  # still an FP8 approximation of the product
     fp8_matmul(a, b, "mm", hist, delayed=False, native=False, out_dtype=torch.float32)
     assert hist.fallbacks == 1  # the emulated path by request is not a fallback
+
+
+def test_gemm_flag_restore_returns_each_of_the_four_flags() -> None:
+    from harness import execution
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = execution._flags()
+    try:  # a user's setting where the four differ: cuDNN TF32 on, cuBLAS TF32 off, only BF16 reduced
+        m.allow_tf32, c.allow_tf32 = False, True
+        m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = False, True
+        saved = execution._flags()
+        execution._set_flags(tf32=True, reduced=True)
+        execution._set_flags(**saved)
+        assert (m.allow_tf32, c.allow_tf32) == (False, True)
+        assert (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction) == (False, True)
+    finally:
+        execution._set_flags(**before)

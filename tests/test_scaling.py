@@ -165,3 +165,9 @@ BAD = [
 def test_malformed_specs_name_the_bad_value(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_scaler(text)
+
+
+def test_format_number_calls_only_exact_powers_of_two_powers() -> None:
+    near = 2.0**60 * (1 + 2.0**-52)  # log2 rounds to 60.0, but it is not 2^60
+    assert format_number(near) != "2^60" and parse_number(format_number(near), "x") == near
+    assert format_number(2.0**60) == "2^60" and format_number(2.0**-30) == "2^-30"

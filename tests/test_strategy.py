@@ -64,7 +64,7 @@ def test_apply_cast_defaults_params_to_the_compute_format() -> None:
 
 
 def test_derived_properties() -> None:
-    assert (PRESETS["fp8-delayed"].format.name, PRESETS["fp8-delayed"].activation_format) == ("fp8_e4m3", "bf16")
+    assert (PRESETS["fp8-delayed"].format.name, PRESETS["fp8-delayed"].activation_format) == ("fp8_e5m2", "bf16")
     assert (PRESETS["tf32"].format.name, PRESETS["tf32"].activation_format) == ("tf32", "fp32")
     assert [PRESETS[n].reduced for n in ("fp32", "tf32", "bf16")] == [False, True, True]
     assert PRESETS["fp16"].label == "fp16" and parse("compute=fp16,scaler=static(8)").label.startswith("compute=fp16")
@@ -113,3 +113,8 @@ def test_cpu_support_names_emulation_and_refuses_reduced_reductions() -> None:
     assert not ok and "reduction=reduced needs cuBLAS" in why
     ok, why, _ = support(PRESETS["fp32"], torch.device("meta"))
     assert not ok and "device type 'meta' is not supported" in why
+
+
+def test_master_weights_need_16_bit_parameters() -> None:
+    with pytest.raises(ValueError, match="needs params=fp16 or bf16"):
+        parse("compute=fp64,apply=cast,params=fp64,master=yes")
