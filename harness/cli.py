@@ -183,9 +183,6 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
         return args.func(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except ValueError as exc:  # bad names, specs, numbers, files: one line, exit 2
         print(f"error: {exc}", file=sys.stderr)
         return 2

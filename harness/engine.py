@@ -10,7 +10,6 @@ import datetime as _dt
 import json
 import math
 import os
-import signal
 import time
 import traceback
 import warnings
@@ -21,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .execution import Execution
-from .guard import cleanup, deadline, is_oom
+from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
 from .metrics import compare
 from .reference import ReferenceCache
 from .results import SCHEMA_VERSION, RunWriter, environment, read_records, tally
@@ -148,7 +147,9 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
     t0 = time.perf_counter()
     inner = 0.0
     try:
-        with deadline(timeout):  # one deadline for the reference (when computed here) and the run
+        with deadline(timeout) as armed:  # one deadline for the reference (when computed here) and the run
+            if timeout and not armed:
+                extra["deadline"] = "not armed"
             ref = ref_cache.get(case, inputs, device)
             extra["reference"] = {"format": ref.format, **ref.check}
             if ref.window is not None:
@@ -255,10 +256,6 @@ def _done_keys(out: Path) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
     return {(f"{r.get('case')}#{r.get('seed')}", r.get("strategy")) for r in recs}, recs
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise KeyboardInterrupt("SIGTERM")
-
-
 def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None,
                shard: tuple[int, int] | None = None, resume: bool = False) -> tuple[Path, Summary, dict]:
     """Run the whole matrix into a run directory; returns (directory, summary, run stats).
@@ -281,31 +278,24 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
     done = len(previous)
     t_start = time.perf_counter()
     status = "complete"
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        for case in all_cases:
-            todo = [st for st in cfg.strategies if (case.key, st.label) not in done_keys]
-            if not todo:
-                continue
-            for rec in run_case_records(case, todo, cfg.device, refs, summary, cfg.timeout):
-                writer.append(rec)
-                done += 1
-                if progress:
-                    progress(done, total, f"{case.id} {rec['strategy']}")
+        with sigterm_as_interrupt():
+            for case in all_cases:
+                todo = [st for st in cfg.strategies if (case.key, st.label) not in done_keys]
+                if not todo:
+                    continue
+                for rec in run_case_records(case, todo, cfg.device, refs, summary, cfg.timeout):
+                    writer.append(rec)
+                    done += 1
+                    if progress:
+                        progress(done, total, f"{case.id} {rec['strategy']}")
     except BaseException:  # SIGINT, SIGTERM, or a fault of the harness itself: the run is not complete
         status = "interrupted"
         raise
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
         stats = run_stats(time.perf_counter() - t_start, refs, summary, done, done - len(previous), resume)
         writer.close({**summary.as_dict(), **stats}, status=status)
     return out, summary, stats
-
-
-def _main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 def resume_config(out: Path) -> RunConfig:

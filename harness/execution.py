@@ -37,7 +37,7 @@ class Execution:
         self.dtype: torch.dtype = self.act_format.dtype
         self.param_dtype: torch.dtype = get_format(strategy.params).dtype
         self.fp8_history = AmaxHistory()
-        self.emulated_gemms = 0  # GEMMs that ran through the FP8 or CPU-TF32 path
+        self.emulated_gemms = 0  # GEMMs that ran through the FP8 or emulated-TF32 path (see routes_gemms)
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
 
     # -- what the strategy is --------------------------------------------------------------
@@ -46,15 +46,19 @@ class Execution:
         return self.strategy.format
 
     @property
+    def routes_gemms(self) -> bool:
+        """Whether :meth:`matmul` runs the GEMM itself (FP8, and TF32 where no TF32 hardware path is
+        used) instead of handing it to torch."""
+        s = self.strategy
+        return s.compute == "fp8" or (s.compute == "tf32" and self.device.type != "cuda")
+
+    @property
     def judged_format(self) -> Format:
         """The format a case's error bound is taken from, once it ran: the strategy's lowest precision
         where that precision was used. FP8 strategies keep BF16 activations and TF32 keeps FP32 outside
         GEMMs, so a case without an FP8 GEMM is judged as BF16, and a CPU case without a TF32 GEMM as
-        FP32 (on a GPU every matmul and convolution under the strategy runs in TF32)."""
-        s = self.strategy
-        if s.compute == "fp8" and not self.emulated_gemms:
-            return self.act_format
-        if s.compute == "tf32" and self.device.type != "cuda" and not self.emulated_gemms:
+        FP32 (on a GPU the strategy allows cuBLAS and cuDNN to use TF32 for every matmul and convolution)."""
+        if self.routes_gemms and not self.emulated_gemms:
             return self.act_format
         return self.format
 
@@ -75,9 +79,6 @@ class Execution:
         """A parameter in the strategy's storage format (a fresh leaf tensor)."""
         p = x.detach().to(self.device, self.param_dtype).clone()
         return p.requires_grad_(requires_grad)
-
-    def zeros(self, *shape: int) -> torch.Tensor:
-        return torch.zeros(*shape, device=self.device, dtype=self.dtype)
 
     @contextlib.contextmanager
     def gemm_flags(self) -> Iterator[None]:
@@ -108,13 +109,12 @@ class Execution:
     def matmul(self, a: torch.Tensor, b: torch.Tensor, key: str = "mm") -> torch.Tensor:
         """a @ b as the strategy computes it (``key`` names the call site for FP8 amax histories)."""
         s = self.strategy
+        if not self.routes_gemms:
+            return a @ b
+        self.emulated_gemms += 1
         if s.compute == "fp8":
-            self.emulated_gemms += 1
             return fp8_matmul(a, b, key, self.fp8_history, s.fp8 == "delayed", self._native_fp8, self.dtype)
-        if s.compute == "tf32" and self.device.type == "cpu":
-            self.emulated_gemms += 1
-            return tf32_matmul(a, b)
-        return a @ b
+        return tf32_matmul(a, b)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                key: str = "linear") -> torch.Tensor:
@@ -151,8 +151,7 @@ def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
     """Send every ``nn.Linear`` of ``model`` through ``ex.linear`` (FP8 and emulated TF32 GEMMs).
 
     Strategies whose GEMMs torch runs natively (FP32, FP16, BF16, TF32 on a GPU) leave the model as is."""
-    s = ex.strategy
-    if not (s.compute == "fp8" or (s.compute == "tf32" and ex.device.type == "cpu")):
+    if not ex.routes_gemms:
         return model
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):

@@ -101,9 +101,9 @@ class Format:
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("fp64", 52, 11, storage="float64"),
     Format("fp32", 23, 8, storage="float32"),
-    # TF32 keeps FP32's exponent and 10 fraction bits; values live in FP32 registers. NVIDIA's
-    # Tensor Cores flush TF32 subnormal inputs, so the table lists none.
-    Format("tf32", 10, 8, subnormals=False, storage="float32"),
+    # TF32 keeps FP32's exponent and 10 fraction bits; values live in FP32 registers. The H200's
+    # Tensor Cores honoured TF32 subnormal inputs (results/h200/device_profile.json), so it has them.
+    Format("tf32", 10, 8, storage="float32"),
     Format("fp16", 10, 5, storage="float16"),
     Format("bf16", 7, 8, storage="bfloat16"),
     Format("fp8_e4m3", 3, 4, finite_only=True, storage="float8_e4m3fn"),

@@ -7,8 +7,6 @@ previous amaxes (the current one joins the history after use, as in Transformer 
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from .formats import FORMATS
@@ -99,5 +97,3 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, key: str, history: AmaxHistory,
     out = _FP8MatMul.apply(a.reshape(-1, a.shape[-1]), b, key, history, delayed, native, out_dtype)
     return out.reshape(*lead, b.shape[-1])
 
-
-MatMul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

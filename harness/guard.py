@@ -2,8 +2,8 @@
 
 The deadline uses SIGALRM (POSIX, main thread): it interrupts Python code between operations, so a
 scenario stuck in a loop or in many short kernels is stopped; a single native call that never returns
-cannot be interrupted in-process and is stopped when it returns. Elsewhere the deadline is not armed
-and the record says so.
+cannot be interrupted in-process and is stopped when it returns. Off the main thread the deadline
+cannot be armed; the engine then records ``deadline: "not armed"``.
 """
 from __future__ import annotations
 
@@ -15,15 +15,37 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["CaseTimeout", "deadline", "cleanup", "is_oom"]
+__all__ = ["CaseTimeout", "deadline", "sigterm_as_interrupt", "cleanup", "is_oom"]
 
 
 class CaseTimeout(Exception):
     """A case ran past its deadline."""
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def _can_alarm() -> bool:
-    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    return hasattr(signal, "setitimer") and _main_thread()
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt("SIGTERM")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt in the body (main thread only), so a terminated run closes
+    its files as an interrupted one does; the previous handler is restored on exit."""
+    if not _main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -205,7 +204,3 @@ def read_run(directory: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]
 def case_key(r: dict[str, Any]) -> str:
     """Identity of a record across runs: case id, seed, strategy."""
     return f"{r.get('case', r.get('scenario'))}#{r.get('seed')}|{r.get('strategy')}"
-
-
-def python_executable() -> str:
-    return sys.executable

@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass, field, fields, replace
 
 __all__ = ["ScalerSpec", "Decision", "Scaler", "LossScaleFloorError", "ScaleTrace", "SCALER_PRESETS",
-           "parse_scaler", "make_scaler", "format_number", "parse_number"]
+           "parse_scaler", "format_number", "parse_number"]
 
 KINDS = ("none", "static", "dynamic", "gradscaler")
 FLOORS = ("stall", "raise")
@@ -292,13 +292,5 @@ class ScaleTrace:
     def as_dict(self, max_points: int = 512) -> dict:
         """Summary plus the scale trajectory (evenly thinned to at most ``max_points`` points)."""
         step = max(1, math.ceil(self.steps / max_points))
-        return {**self.summary(), "trajectory": [_jsonable(s) for s in self.scales[::step]],
+        return {**self.summary(), "trajectory": self.scales[::step],
                 "trajectory_stride": step}
-
-
-def _jsonable(x: float) -> float | str:
-    return x if math.isfinite(x) else ("inf" if x > 0 else ("-inf" if x < 0 else "nan"))
-
-
-def make_scaler(spec: ScalerSpec) -> Scaler:
-    return Scaler(spec)

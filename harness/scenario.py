@@ -50,7 +50,8 @@ class Tolerance:
     """A declared change to the default error bound, with its reason.
 
     ``factor`` multiplies the bound; ``underflow_budget`` is the lost fraction of non-zero gradients
-    tolerated; ``truncating`` says the reduction runs on a truncating (Tensor-Core) accumulator."""
+    tolerated. (A scenario whose reduction ran on a truncating accumulator says so per case, in
+    ``Output.extra["truncating"]``.)"""
 
     reason: str
     factor: float = 1.0

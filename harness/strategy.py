@@ -28,6 +28,9 @@ PARAMS = ("fp64", "fp32", "fp16", "bf16")
 REDUCTION = ("fp32", "reduced")
 FP8_RECIPES = ("none", "tensorwise", "delayed")
 BOOL = {"yes": True, "no": False, "true": True, "false": False, "1": True, "0": False}
+#: Activation (and cast-parameter) format of the computes that differ from it: FP8 recipes keep BF16
+#: between GEMMs, TF32 only changes GEMMs.
+_ACTIVATION = {"fp8": "bf16", "tf32": "fp32"}
 KEYS = ("compute", "apply", "params", "master", "scaler", "reduction", "fp8")
 
 
@@ -79,7 +82,7 @@ class Strategy:
     @property
     def activation_format(self) -> str:
         """Format of activations between layers (FP8 recipes keep BF16 there; TF32 only affects GEMMs)."""
-        return {"fp8": "bf16", "tf32": "fp32"}.get(self.compute, self.compute)
+        return _ACTIVATION.get(self.compute, self.compute)
 
     @property
     def format(self) -> Format:
@@ -165,7 +168,7 @@ def parse(text: str) -> Strategy:
             kw[k] = v
     if kw.get("apply") == "cast" and "params" not in kw:
         compute = kw.get("compute", "fp32")
-        kw["params"] = {"fp8": "bf16", "tf32": "fp32"}.get(compute, compute)
+        kw["params"] = _ACTIVATION.get(compute, compute)
     strategy = Strategy(**kw)
     for preset in PRESETS.values():  # a spec equal to a preset takes its name
         if preset == strategy:
@@ -219,7 +222,3 @@ def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[s
                 return False, f"torch {torch.__version__} lacks torch._scaled_mm", notes
         return True, "", notes
     return False, f"device type {device.type!r} is not supported (use cpu or cuda)", notes
-
-
-def strategy_fields() -> list[str]:
-    return [f.name for f in fields(Strategy) if f.name != "name"]

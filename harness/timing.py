@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
-__all__ = ["sync", "Timer", "timed"]
+__all__ = ["sync", "Timer"]
 
 
 def sync(device: torch.device | str | None) -> None:
@@ -30,10 +28,3 @@ class Timer:
     def __exit__(self, *exc) -> None:
         sync(self.device)
         self.seconds = time.perf_counter() - self._t0
-
-
-@contextmanager
-def timed(device: torch.device | str | None = None) -> Iterator[Timer]:
-    t = Timer(device)
-    with t:
-        yield t

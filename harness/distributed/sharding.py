@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 import uuid
 import warnings
@@ -17,6 +16,7 @@ import torch.distributed as dist
 
 from ..engine import RunConfig, Summary, _done_keys, _record, default_out_dir, resume_config, run_case_records, \
     run_header, run_stats
+from ..guard import sigterm_as_interrupt
 from ..reference import ReferenceCache
 from ..results import RunFileError, RunWriter, clean, read_run
 from ..scenario import Case, cases
@@ -142,10 +142,6 @@ def _ordered(recs: dict[tuple[int, int], dict], lost: list[tuple[int, int, dict]
     return [merged[k] for k in sorted(merged)]
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:  # noqa: ARG001
-    raise KeyboardInterrupt("SIGTERM")
-
-
 def run_sharded(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None,
                 resume: bool = False) -> tuple[Path, Summary, dict[str, Any]] | None:
     """Run the matrix of ``cfg`` on this rank's share of the cases; on rank 0 return what
@@ -153,11 +149,10 @@ def run_sharded(cfg: RunConfig, progress: Callable[[int, int, str], None] | None
 
     Call it in every process torchrun started (``python -m harness run`` does when ``WORLD_SIZE`` > 1)."""
     g = init_group(cfg.device)
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _run_sharded(replace(cfg, device=g.device), g, progress, resume)
+        with sigterm_as_interrupt():
+            return _run_sharded(replace(cfg, device=g.device), g, progress, resume)
     finally:
-        signal.signal(signal.SIGTERM, old_term)
         dist.destroy_process_group()
 
 
