@@ -135,6 +135,11 @@ class ScalerSpec:
         return f"{self.kind}({','.join(parts)})"
 
     @property
+    def initial_scale(self) -> float:
+        """The scale the first step uses: ``init`` in FP32, or 1 without a scaler."""
+        return _f32(self.init) if self.kind != "none" else 1.0
+
+    @property
     def dynamic(self) -> bool:
         return self.kind in ("dynamic", "gradscaler")
 
@@ -223,7 +228,7 @@ class Scaler:
         if spec.kind == "gradscaler":
             raise ValueError("a gradscaler spec is driven by torch.amp.GradScaler, not by Scaler")
         self.spec = spec
-        self.scale = _f32(spec.init) if spec.kind != "none" else 1.0
+        self.scale = spec.initial_scale
         self._good = 0
         self._hyst = spec.hysteresis
 

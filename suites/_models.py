@@ -73,6 +73,20 @@ class DeepNarrow(torch.nn.Module):
         return h
 
 
+def dot_loss(weight: float = 1.0):
+    """Loss ``weight * c * sum(y * t)`` on a batch ``(x, t[, c])`` (FP32, FP64 in the check run): its
+    activation gradient is ``weight * c * t``, the handle scenarios use to set gradient magnitudes."""
+    def loss_fn(mod: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        x, t, *c = batch
+        return (wide(mod(x)) * wide(t)).sum() * (weight * (c[0] if c else 1.0))
+    return loss_fn
+
+
+def frozen(params: list) -> torch.optim.Optimizer:
+    """SGD with lr 0: every step is taken at the same point, so each step's gradients are comparable."""
+    return torch.optim.SGD(params, lr=0.0)
+
+
 def training_output(ex: Execution, res: TrainResult, value: torch.Tensor | None = None, **extra) -> Output:
     """The Output of a training scenario: first applied gradients, loss curve, and the scaler's trace
     when the strategy scales the loss (a run without a scaler has nothing to record)."""

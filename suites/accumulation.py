@@ -3,9 +3,10 @@
 Two accumulators exist for every strategy:
 
 * ``fp32``: one GEMM of inner dimension K through the strategy (``ex.matmul`` under ``ex.autocast()``).
-  Every CPU kernel and cuBLAS by default accumulate low-precision products in FP32; on a GPU a strategy
-  with ``reduction=reduced`` sets ``torch.backends.cuda.matmul.allow_fp16/bf16_reduced_precision_reduction``
-  and cuBLAS may then reduce partial sums in FP16/BF16. The CPU has no kernel honouring that flag (such
+  CPU kernels accumulate low-precision products in FP32. On a GPU torch allows cuBLAS reduced-precision
+  reductions by default (``torch.backends.cuda.matmul.allow_fp16/bf16_reduced_precision_reduction``); the
+  harness turns them off for every strategy except ``reduction=reduced`` (``Execution.gemm_flags``), so
+  only those strategies let cuBLAS reduce partial sums in FP16/BF16. The CPU has no kernel honouring that flag (such
   strategies are ``unsupported`` there), so:
 * ``compute``: the mechanism made explicit, on any device: K is cut into blocks of ``BLOCK`` products,
   each block is one GEMM (FP32 inside, its result rounded to the compute format) and the running total
@@ -90,7 +91,9 @@ def _ip_run(ex: Execution, inp: dict, p: dict) -> Output:
     extra = {"K": k, "block": BLOCK if acc == "compute" else None, "err_vs_K": err, "bound_vs_K": bnd,
              "reduced_precision_reduction": ex.strategy.reduction == "reduced"}
     if truncating:
-        extra["truncating"] = True  # Tensor Cores truncate when aligning same-sign products: linear bound
+        # the H200's Tensor Cores truncated when aligning products (results/h200/device_profile.json):
+        # on same-sign data the errors add up, so the linear bound applies
+        extra["truncating"] = True
     return Output(value=snaps[k], kappa=kappa, extra=extra)
 
 
@@ -127,17 +130,13 @@ def _ga_inputs(p: dict, g: torch.Generator) -> dict:
     return {"x": x, "t": t * 2.0**-3}
 
 
-def _initial_scale(ex: Execution) -> float:
-    return ex.strategy.scaler.init if ex.strategy.scaler.kind != "none" else 1.0
-
-
 def _ga_run(ex: Execution, inp: dict, p: dict) -> Output:
     """Micro-batch i's weight gradient, x_i^T (S*t/M), is one GEMM in the compute format (all M at once:
     the micro-batch inputs are stacked); the M results are added one by one into a buffer in the
     parameters' storage dtype, as autograd accumulates ``.grad``: FP32 for autocast strategies, FP16/BF16
     for pure and master-weight ones (whose model keeps low-precision gradients)."""
     m = p["micro"]
-    s = _initial_scale(ex)
+    s = ex.strategy.scaler.initial_scale
     xt = ex.act(inp["x"]).transpose(1, 2).reshape(m * FEATURES, MICRO_ROWS)
     dy = ex.act(inp["t"] * (s / m))
     with ex.autocast():

@@ -21,15 +21,11 @@ from harness.execution import Execution
 from harness.scaling import Scaler
 from harness.scenario import Expect, Output, Scenario, register
 
+from ._models import DYNAMIC
+
 WORLDS = [2, 3, 4, 5, 6, 7, 8]
 #: Gradient entries per rank: divisible by every world size up to 8 (840 = lcm(1..8)).
 NUMEL = 840 * 8
-
-
-def _loss_scale(ex: Execution) -> float:
-    """The loss scale the strategy starts with (1 without a scaler): gradients are reduced scaled."""
-    spec = ex.strategy.scaler
-    return 1.0 if spec.kind == "none" else spec.init
 
 
 def _kappa(g: torch.Tensor) -> float:
@@ -107,7 +103,7 @@ def _fsdp_run(ex: Execution, inp: dict, p: dict) -> Output:
     ``MixedPrecision(reduce_dtype=...)``): each rank's loss-scaled gradient is cast, divided by
     ``pre``, reduce-scattered (summed), divided by ``world/pre`` on its shard, cast back to FP32 and
     unscaled by 1/S in FP32."""
-    w, scale = p["world"], _loss_scale(ex)
+    w, scale = p["world"], ex.strategy.scaler.initial_scale
     pre = DIVIDE[p["divide"]](w)
     h = ex.act(inp["g"] * scale) / pre
     shards = [s / (w / pre) for s in ring_reduce_scatter(list(h))]
@@ -116,7 +112,7 @@ def _fsdp_run(ex: Execution, inp: dict, p: dict) -> Output:
                   extra={"world": w, "predivide": pre, "postdivide": w / pre, "loss_scale": scale})
 
 
-_SCALED_FP16 = ("fp16-static", "fp16-dynamic", "fp16-gradscaler", "fp16-pure", "fp16-master")
+_SCALED_FP16 = ("fp16-static",) + DYNAMIC
 
 register(Scenario(
     name="fsdp_reduce_scatter",
@@ -219,7 +215,7 @@ register(Scenario(
     inputs=_agreement_inputs,
     run=_agreement_run,
     n=lambda p: p["world"] + 2,
-    expect=(Expect(("fp16-dynamic", "fp16-gradscaler", "fp16-pure", "fp16-master"), "diverged",
+    expect=(Expect(DYNAMIC, "diverged",
                    "the rank that overflowed skips and halves its scale alone: shards step out of lockstep",
                    when=lambda p: p["found_inf"] == "local"),),
 ))

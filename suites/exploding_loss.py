@@ -7,14 +7,9 @@ import torch
 from harness.scenario import Expect, Output, Scenario, register
 from harness.training import Trainer
 
-from ._models import DYNAMIC, Probe, training_output, wide
+from ._models import DYNAMIC, Probe, dot_loss, frozen, training_output, wide
 
 FP16 = ("fp16*",)
-
-
-def _frozen(ps: list) -> torch.optim.Optimizer:
-    """SGD with lr 0: every step presents the same gradients, so what changes is the scaler's state."""
-    return torch.optim.SGD(ps, lr=0.0)
 
 
 # -- a loss past 65504 --------------------------------------------------------------------------------
@@ -32,7 +27,7 @@ def _loss_past_max_run(ex, inp: dict, p: dict) -> Output:
     """loss = mean(y^2) + K, reduced in the activation format, with K = 2^log2_loss - 1: a loss dominated by
     a term without gradient (a normaliser, the rest of a summed batch). Past 65504 the FP16 loss is inf
     whatever the scaler does, while the gradients, 2y/numel, stay small and finite."""
-    trainer = Trainer(ex, Probe(inp["w"], ex), optimizer=_frozen)
+    trainer = Trainer(ex, Probe(inp["w"], ex), optimizer=frozen)
     k = 2.0 ** p["log2_loss"] - 1.0
 
     def loss_fn(mod, batch):
@@ -79,7 +74,7 @@ def _scaled_inputs(p: dict, g: torch.Generator) -> dict:
 def _scaled_run(ex, inp: dict, p: dict) -> Output:
     """loss = sum(y) * 2^log2_grad / 4, so dL/dW[k, m] = colsum_k * 2^(log2_grad-2), at most 1.5*2^log2_grad:
     finite in FP16, but S * 1.5 * 2^log2_grad > 65504 once S >= 2^(16-log2_grad)."""
-    trainer = Trainer(ex, Probe(inp["w"], ex), optimizer=_frozen)
+    trainer = Trainer(ex, Probe(inp["w"], ex), optimizer=frozen)
     weight = 2.0 ** p["log2_grad"] / 4.0
 
     def loss_fn(mod, batch):
@@ -126,7 +121,7 @@ def _act_inputs(p: dict, g: torch.Generator) -> dict:
 def _act_run(ex, inp: dict, p: dict) -> Output:
     """y = x @ w with max |y| = 1.25*2^log2_act, MSE loss in FP32. Past 65504 the FP16 forward pass is inf,
     so the loss and every gradient are inf/NaN on every step whatever the loss scale."""
-    trainer = Trainer(ex, Probe(inp["w"], ex), optimizer=_frozen)
+    trainer = Trainer(ex, Probe(inp["w"], ex), optimizer=frozen)
 
     def loss_fn(mod, batch):
         x, t = batch
@@ -219,15 +214,10 @@ SPIKE_AT = 3
 def _spike_run(ex, inp: dict, p: dict) -> Output:
     """Gradients of ~2^-4 (S*g = 2^12 at S = 2^16) on every step but one, where the loss, and with it every
     gradient, is multiplied by 2^log2_spike: S*g*2^log2_spike passes 65504 on that step only."""
-    trainer = Trainer(ex, Probe(inp["w"], ex), optimizer=_frozen)
+    trainer = Trainer(ex, Probe(inp["w"], ex), optimizer=frozen)
     spike = 2.0 ** p["log2_spike"]
-
-    def loss_fn(mod, batch):
-        x, t, c = batch
-        return (wide(mod(x)) * wide(t)).sum() * c
-
     base = 2.0 ** -4 / float((inp["x"].t() @ inp["t"]).abs().max())   # max |dL/dW| = 2^-4 off the spike
-    res = trainer.train(loss_fn, lambda i: (inp["x"], inp["t"], base * (spike if i == SPIKE_AT else 1.0)),
+    res = trainer.train(dot_loss(), lambda i: (inp["x"], inp["t"], base * (spike if i == SPIKE_AT else 1.0)),
                         steps=p["steps"])
     return training_output(ex, res, skipped_at=[i for i, s in enumerate(res.trace.skipped) if s])
 

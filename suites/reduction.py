@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from harness.formats import quantize
+from harness.formats import FORMATS, quantize
 from harness.scenario import Expect, Output, Scenario, register
 
 from ._models import blocked_sum, ema, one_pass_layernorm, rms_norm, wide
@@ -48,7 +48,8 @@ register(Scenario(
     inputs=lambda p, g: {"x": p["offset"] + torch.randn(SOFTMAX_ROWS, p["n"], generator=g)},
     run=_softmax_run,
     n=lambda p: 2,  # the input and the output are rounded; the row sum accumulates in FP32
-    expect=(Expect(FP16, "overflow", "logits past 65504 are inf in FP16", when=lambda p: p["offset"] > 65504),
+    expect=(Expect(FP16, "overflow", "logits past 65504 are inf in FP16",
+                   when=lambda p: p["offset"] > FORMATS["fp16"].max),
             Expect(FP16 + BF16 + FP8, "diverged", "logits rounded at magnitude offset >= 16: errors ulp(offset)/2 "
                    "in every exponent", when=lambda p: p["offset"] >= 16)),
     version=2,
@@ -103,7 +104,8 @@ def _lse_run(ex, inp: dict, p: dict) -> Output:
 def _naive_lse_overflows(p: dict) -> bool:
     """exp(x) passes 65504 once x > ln(65504) = 11.09 (scale 8: max logit ~30); the sum of n exponentials
     once n*E[exp(x)] = n*exp(scale^2/2) > 65504."""
-    return p["impl"] == "naive" and (p["scale"] >= 8 or p["n"] * math.exp(p["scale"] ** 2 / 2) > 65504)
+    fmax = FORMATS["fp16"].max
+    return p["impl"] == "naive" and (p["scale"] >= 8 or p["n"] * math.exp(p["scale"] ** 2 / 2) > fmax)
 
 
 register(Scenario(

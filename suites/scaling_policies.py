@@ -28,13 +28,12 @@ from harness.scaling import SCALER_PRESETS, ScalerSpec
 from harness.scenario import Expect, Output, Scenario, register
 from harness.training import Trainer
 
-from ._models import magnitudes
+from ._models import DYNAMIC, frozen, magnitudes
 
 POLICIES = ["torch", "apex", "deepspeed", "megatron", "gradscaler"]
 #: Steps for strategies whose scaler does not adapt, and for the reference.
 SHORT = 8
 SIZE = 16
-DYNAMIC = ("fp16-dynamic", "fp16-gradscaler", "fp16-pure", "fp16-master")
 
 
 def policy_spec(own: ScalerSpec, policy: str | None, params: str, interval: int) -> tuple[ScalerSpec, str]:
@@ -79,7 +78,7 @@ def drive(ex: Execution, inp: dict, p: dict, steps: int, interval: int = 0, burs
         burst, steps = (burst * SHORT) // steps, SHORT
     targets = {n[2:]: t for n, t in inp.items() if n.startswith("g_")}
     weights = {n: inp["w"][: t.shape[0], : t.shape[1]] for n, t in targets.items()}
-    trainer = Trainer(ex, KnownGrads(ex, weights, targets), optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    trainer = Trainer(ex, KnownGrads(ex, weights, targets), optimizer=frozen)
     eye = torch.eye(SIZE, device=ex.device)
 
     def batch(i: int) -> tuple:

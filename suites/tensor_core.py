@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from harness.formats import FORMATS
 from harness.scenario import Expect, Output, Scenario, register
 
 #: The Tensor-Core input format of each strategy's GEMMs (FP32 GEMMs do not use Tensor Cores).
@@ -70,8 +71,7 @@ def _tensor_core_gemm(ex, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if fmt is None:  # FP32 and FP64 (the reference and its check): a plain GEMM, TF32 off
         return a @ b
     from harness import _triton_dot
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "tf32": torch.float32,
-             "fp8_e4m3": torch.float8_e4m3fn}[fmt]
+    dtype = FORMATS[fmt].dtype  # TF32 operands live in FP32 registers
     d = _triton_dot.gemm(a.float().to(dtype), b.float().to(dtype), tf32=fmt == "tf32")
     return d.to(ex.dtype)
 

@@ -9,7 +9,7 @@ import torch
 from harness.scenario import Expect, Output, Scenario, register
 from harness.training import Trainer
 
-from ._models import DYNAMIC, Bias, DeepNarrow, Probe, realistic_gradients, training_output, wide
+from ._models import DYNAMIC, Bias, DeepNarrow, Probe, dot_loss, realistic_gradients, training_output, wide
 
 #: log2 of the loss scale each FP16 group applies on its first step.
 SCALE_LOG2 = {("fp16",): 0, ("fp16-static",): 10, DYNAMIC: 16}
@@ -44,14 +44,9 @@ def _sweep_inputs(p: dict, g: torch.Generator) -> dict:
 def _sweep_run(ex, inp: dict, p: dict) -> Output:
     """One training step of y = x @ w with loss 2^e * sum(y * t): the activation gradient dL/dy = 2^e * t
     (|t| in [0.5, 1.5)) reaches the low-precision backward pass, and dL/dw = x^T dL/dy lies in 2^e * [2, 18)."""
-    weight = 2.0 ** p["log2_grad"]
     trainer = Trainer(ex, Probe(inp["w"], ex))
-
-    def loss_fn(mod, batch):
-        x, t = batch
-        return (wide(mod(x)) * wide(t)).sum() * weight
-
-    return training_output(ex, trainer.train(loss_fn, lambda i: (inp["x"], inp["t"]), steps=1))
+    return training_output(ex, trainer.train(dot_loss(2.0 ** p["log2_grad"]), lambda i: (inp["x"], inp["t"]),
+                                             steps=1))
 
 
 register(Scenario(
@@ -129,12 +124,7 @@ def _deep_inputs(p: dict, g: torch.Generator) -> dict:
 
 def _deep_run(ex, inp: dict, p: dict) -> Output:
     trainer = Trainer(ex, DeepNarrow(inp["w"], ex))
-
-    def loss_fn(mod, batch):
-        x, t = batch
-        return (wide(mod(x)) * wide(t)).sum() / BATCH
-
-    return training_output(ex, trainer.train(loss_fn, lambda i: (inp["x"], inp["t"]), steps=1))
+    return training_output(ex, trainer.train(dot_loss(1.0 / BATCH), lambda i: (inp["x"], inp["t"]), steps=1))
 
 
 register(Scenario(
