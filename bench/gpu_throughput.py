@@ -42,7 +42,8 @@ from harness.execution import Execution, route_linears  # noqa: E402
 from harness.strategy import parse  # noqa: E402
 from harness.training import Trainer  # noqa: E402
 
-#: Dense Tensor-Core ceilings measured on the H200 (DESIGN.md section 7), TFLOP/s, by compute format.
+#: GEMM ceilings measured on the H200 (DESIGN.md section 7; FP32 runs on the CUDA cores, the rest on
+#: Tensor Cores), TFLOP/s, by compute format.
 CEILINGS = {"fp32": 51.0, "tf32": 363.0, "fp16": 755.0, "bf16": 786.0, "fp8": 1394.0}
 TARGET_SHARE = 0.90
 DO_BENCH_TOLERANCE = 0.05
@@ -68,9 +69,9 @@ QUICK = Sizes(gemm=1024, d=512, heads=8, batch=2, seq=256, iters=5, measure_s=0.
 def warm_up(fn: Callable[[], Any], seconds: float) -> float:
     """Call ``fn`` (synchronized) for at least ``seconds`` and 3 calls; returns milliseconds per call.
 
-    A GEMM on a cold H200 runs ~15% faster for its first tens of milliseconds than once the clock has
-    settled under the power limit, so measuring right after a short warm-up overstates what a training
-    run sustains; this warm-up reaches the sustained state first."""
+    On the H200 a GEMM timed right after a short warm-up ran faster than once the clock had settled
+    under the power limit (``--warm-s 0`` shows the difference), which overstates what a training run
+    sustains; this warm-up reaches the sustained state first."""
     n, t0 = 0, time.perf_counter()
     while n < 3 or time.perf_counter() - t0 < seconds:
         fn()
@@ -189,7 +190,7 @@ def block_rows(names: list[str], sizes: Sizes) -> list[dict[str, Any]]:
     for name in names:
         strategy = parse(name)
         ex = Execution(strategy, "cuda")
-        fmt = "fp8" if strategy.compute == "fp8" else strategy.compute
+        fmt = strategy.compute
         extra = {"strategy_spec": str(strategy), "d": sizes.d, "tokens": sizes.batch * sizes.seq}
         if not ex.supported:
             rows.append({"kind": "block", "name": name, "format": fmt, "unsupported": ex.unsupported_reason})

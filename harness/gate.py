@@ -7,7 +7,7 @@ metrics (``rel_err``, ``grad_rel_err``, ``loss_divergence``, 4 significant digit
 Rules, each finding naming the case (or strategy) and the numbers:
 
 * **outcome** - a case got worse: ``pass`` to anything else, or a failure to a more severe one
-  (:data:`harness.report.tables.SEVERITY`); the reverse is an improvement;
+  (:data:`harness.results.SEVERITY`); the reverse is an improvement;
 * **error** - a case passing in both grew an error metric by more than ``error_factor``; errors below
   ``error_floor`` times the case's bound are not compared (a 1000x growth of 1e-10 is noise), nor are
   the errors of a case whose FP32 reference was nondeterministic in either run (GPU kernels that add in
@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .report.tables import SEVERITY, counts_from_records, failure_rate, pct, wilson
-from .results import SCHEMA_VERSION, RunFileError, case_key, device_class, num, read_run, write_json_atomic
+from .report.tables import counts_from_records, failure_rate, pct, wilson
+from .results import SCHEMA_VERSION, SEVERITY, RunFileError, case_key, device_class, num, read_run, write_json_atomic
 
 __all__ = ["Thresholds", "Finding", "GateResult", "make_baseline", "load_baseline", "check_compatible",
            "compare", "render", "add_command", "ERROR_METRICS", "BASELINE_KIND"]

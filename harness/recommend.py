@@ -19,7 +19,7 @@ from .window import TensorWindow, Window
 __all__ = ["gradient_span", "window_sentence", "recommend", "pow2_above", "pow2_below", "PREFERENCE"]
 
 #: Which passing strategy to name first: no loss scaler needed (bf16), then the real GradScaler, then
-#: the rest; FP32 and TF32 last (no memory or speed gain over them).
+#: the rest; FP32 and TF32 last (they keep FP32's memory footprint and add no range).
 PREFERENCE = ("bf16", "fp16-gradscaler", "fp16-dynamic", "bf16-master", "fp16-master", "fp16-static", "fp16",
               "bf16-pure", "fp16-pure", "tf32", "fp32")
 FP16 = FORMATS["fp16"]
@@ -75,7 +75,7 @@ def window_sentence(w: Window) -> str:
     need_lo, need_hi = pow2_above(w.lo), pow2_below(w.hi)
     return (f"no single {name} loss scale works: `{w.lo_tensor}` needs S >= {_p2(need_lo)} so that no more than "
             f"{100 * w.budget:g}% of its gradients (the smallest is {lo_t.min_nonzero:.3g}) round to zero below "
-            f"{name}'s smallest subnormal {_p2(fmt.smallest)}, while `{w.hi_tensor}` needs S <= {_p2(need_hi)} "
+            f"half of {name}'s smallest subnormal {_p2(fmt.smallest)}, while `{w.hi_tensor}` needs S <= {_p2(need_hi)} "
             f"so that its largest gradient ({hi_t.max_abs:.3g}) stays below {name}'s max {fmt.max:g}; the two "
             f"pull {_p2(need_lo / need_hi)} apart")
 

@@ -227,8 +227,9 @@ def test_torchrun_real_collectives_match_the_simulation_bit_for_bit(tmp_path: Pa
     rows = json.loads(out.read_text())
     assert [(r["op"], r["dtype"]) for r in rows] == [(op, d) for d in ("fp32", "fp16", "bf16")
                                                      for op in ("all_reduce", "reduce_scatter")]
-    assert all(r["world"] == 2 and r["bitwise_equal"] == 1.0 and r["max_ulp_diff"] == 0.0 and r["ranks_agree"]
-               for r in rows)
+    assert all(r["world"] == 2 and r["bitwise_equal"] == 1.0 and r["max_ulp_diff"] == 0.0 for r in rows)
+    # every rank holds the all-reduced sum; a reduce-scatter's ranks hold different shards: nothing to compare
+    assert [r["ranks_agree"] for r in rows] == [True, None] * 3
     assert [r["rel_err_real"] > 0 for r in rows] == [True] * 6  # the sums did round
 
 

@@ -138,8 +138,6 @@ def test_device_profile_is_rendered_as_a_table(tmp_path):
 
 
 def test_asv_section_is_optional_and_guarded(monkeypatch, tmp_path, cpu):
-    monkeypatch.setitem(sys.modules, "harness.report.asv_history", None)  # the module absent: no section
-    assert html._asv_section(tmp_path) is None
     fake = types.ModuleType("harness.report.asv_history")
     fake.history_svg = lambda d: '<svg id="asvfake"></svg>'
     monkeypatch.setitem(sys.modules, "harness.report.asv_history", fake)

@@ -34,7 +34,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                   f"{r['ranks_agree']!s:5s} {r['ok']}")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-    return 0 if all(r["ok"] and r["ranks_agree"] for r in rows) else 1
+    return 0 if all(r["ok"] and r["ranks_agree"] is not False for r in rows) else 1
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

@@ -87,7 +87,8 @@ def check_collectives(g: Group, numel: int = CHECK_NUMEL, seed: int = 0) -> list
 
     Every rank builds the same inputs from ``seed`` (a shared signal plus per-rank noise) and takes its
     row. ``ok``: bit for bit, or both within the bound; on two ranks every order computes fl(a+b), so
-    anything but bit for bit there is a bug. ``ranks_agree``: every rank received the same bits."""
+    anything but bit for bit there is a bug. ``ranks_agree``: every rank received the same bits (None
+    for a reduce-scatter, whose ranks hold different shards)."""
     if numel % g.world:
         raise ValueError(f"--numel {numel} must divide by the world size {g.world} (reduce-scatter needs equal shards)")
     gen = torch.Generator().manual_seed(seed)
@@ -109,7 +110,8 @@ def check_collectives(g: Group, numel: int = CHECK_NUMEL, seed: int = 0) -> list
             rows.append({"op": op, "dtype": name, "world": g.world, "numel": numel, "device": g.device.type,
                          "bitwise_equal": same, "max_ulp_diff": float(ulps.max()), "rel_err_real": err["real"],
                          "rel_err_sim": err["sim"], "bound": b,
-                         "ranks_agree": bool((_bits(got) == _bits(got[:1])).all()),
+                         # only an all-reduce leaves every rank the same result to compare
+                         "ranks_agree": bool((_bits(got) == _bits(got[:1])).all()) if len(got) > 1 else None,
                          "ok": same == 1.0 or (err["real"] <= b and err["sim"] <= b)})
     return rows
 

@@ -58,13 +58,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     runs = load_runs(args.dirs)
     if len(runs) == 2:
         sections = [(None, compare_tables(*runs)), *((f"run {r[0]}", run_tables(r)) for r in runs)]
-        printed = compare_tables(*runs)
         title = f"mp-harness: {runs[0][0]} against {runs[1][0]}"
     else:
         sections = [(None, run_tables(runs[0]))]
-        printed = sections[0][1]
         title = f"mp-harness report: {runs[0][0]}"
-    print("\n\n".join(render_text(t) for t in printed))
+    print("\n\n".join(render_text(t) for t in sections[0][1]))
     if args.markdown:
         _out(args.markdown, "--markdown").write_text(render_markdown(title, sections), encoding="utf-8")
         print(f"wrote {args.markdown}")

@@ -160,10 +160,7 @@ def _asv_section(asv_dir: Path | None) -> Section | None:
     """The asv history plot, when :mod:`harness.report.asv_history` exists and has results to draw."""
     if asv_dir is None or not Path(asv_dir).is_dir():
         return None
-    try:
-        from .asv_history import history_svg  # written separately; the report works without it
-    except ImportError:
-        return None
+    from .asv_history import history_svg
     try:
         svg = history_svg(asv_dir)
     except Exception as exc:  # a broken history must not cost the rest of the report
