@@ -192,3 +192,16 @@ def test_device_resolution() -> None:
         assert resolve_device("auto") == CPU
         with pytest.raises(ValueError, match="--device cuda: no CUDA device is available here"):
             resolve_device("cuda")
+
+
+def test_peak_bytes_counts_only_what_the_case_allocated(monkeypatch) -> None:
+    from harness import engine
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(d))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 100 * 2**20)  # inputs, reference
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 250 * 2**20)
+    cuda = torch.device("cuda")
+    start = engine._peak_reset(cuda)
+    assert calls == [cuda] and start == 100 * 2**20
+    assert engine._peak(cuda, start) == 150 * 2**20
+    assert engine._peak_reset(torch.device("cpu")) == 0 and engine._peak(torch.device("cpu"), 0) is None

@@ -140,7 +140,7 @@ def test_a_fault_is_an_error_record_with_reason_and_traceback(fault_run, fault: 
 
 def test_the_timeout_stops_the_hang_after_about_one_second(fault_run) -> None:
     hang = next(r for r in fault_run[3] if r["case"] == "f_hang[k=1]" and r["strategy"] == "fp16")
-    assert 1.0 <= hang["seconds"] < 5.0
+    assert 1.0 <= hang["seconds"] < 2.0
 
 
 def test_inputs_that_raise_are_an_error_for_every_strategy(fault_run) -> None:

@@ -124,6 +124,7 @@ def test_fp8_matmul_native_agrees_with_emulated(delayed: bool) -> None:
             a.grad = b.grad = None
             y = fp8_matmul(a, b, "mm", hist, delayed=delayed, native=native, out_dtype=torch.float32)
             (y * torch.linspace(-1, 1, 64, device="cuda")).sum().backward()
+        assert hist.fallbacks == 0  # the native run really went through _scaled_mm
         outs.append(y.detach())
         grads.append((a.grad.clone(), b.grad.clone()))
     rel = lambda x, r: float((x - r).norm() / r.norm())  # noqa: E731
