@@ -15,7 +15,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -85,6 +85,14 @@ class Summary:
     def add(self, rec: dict[str, Any]) -> None:
         tally(self.by_strategy, self.by_family, rec)
         self.records += 1
+
+    @classmethod
+    def of(cls, records: Iterable[dict[str, Any]]) -> "Summary":
+        """The summary of records already written (a resumed run's, a merge's)."""
+        summary = cls()
+        for r in records:
+            summary.add(r)
+        return summary
 
     def as_dict(self) -> dict[str, Any]:
         return {"records": self.records, "by_strategy": self.by_strategy, "by_family": self.by_family}
@@ -270,9 +278,7 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
         all_cases = all_cases[rank::world]
     done_keys, previous = _done_keys(Path(out)) if resume else (set(), [])
     writer = RunWriter(out, run_header(cfg, len(all_cases)), append=resume)
-    summary = Summary()
-    for r in previous:
-        summary.add(r)
+    summary = Summary.of(previous)
     refs = ReferenceCache()
     total = len(all_cases) * len(cfg.strategies)
     done = len(previous)

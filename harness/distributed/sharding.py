@@ -237,12 +237,7 @@ def _finish(cfg: RunConfig, all_cases: list[Case], writer: RunWriter, previous: 
     """Rank 0: every rank's shard merged in matrix order into one run directory."""
     recs, lost = merge_shard_lines(line for part in gathered for line in part["lines"])
     merged = _ordered(recs, lost, cfg, all_cases)
-    summary = Summary()
-    for r in previous:
-        summary.add(r)
-    for r in merged:
-        writer.append(r)
-        summary.add(r)
+    summary = _append(writer, previous, merged)
     ranks = [part["stats"] for part in gathered]
     summed = {k: sum(r[k] for r in ranks) for k in ("references_computed", "references_reused", "seconds_in_scenarios",
                                                      "seconds_in_references", "seconds_building_inputs")}
@@ -256,6 +251,15 @@ def _finish(cfg: RunConfig, all_cases: list[Case], writer: RunWriter, previous: 
              "world_size": len(ranks), "lost_records": len(lost), "ranks": ranks}
     writer.close({**summary.as_dict(), **stats})
     return writer.dir, summary, stats
+
+
+def _append(writer: RunWriter, previous: list[dict], new: list[dict]) -> Summary:
+    """Write ``new`` after ``previous`` (already in the file); the summary of both."""
+    summary = Summary.of(previous)
+    for r in new:
+        writer.append(r)
+        summary.add(r)
+    return summary
 
 
 def merge_run(out: Path) -> dict[str, Any]:
@@ -277,12 +281,7 @@ def merge_run(out: Path) -> dict[str, Any]:
     header = {k: v for k, v in json.loads((out / "run.json").read_text()).items()
               if k not in ("status", "summary", "schema_version")}
     writer = RunWriter(out, header, append=True)
-    summary = Summary()
-    for r in previous:
-        summary.add(r)
-    for r in new:
-        writer.append(r)
-        summary.add(r)
+    summary = _append(writer, previous, new)
     missing = len(all_cases) * len(cfg.strategies) - summary.records
     counts = {"shard_files": len(files), "merged": len(new), "lost_records": len(lost), "missing_records": missing}
     writer.close({**summary.as_dict(), **counts}, status="complete" if missing == 0 else "interrupted")
