@@ -192,3 +192,11 @@ def main() -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main()
+
+
+def test_bounds_have_the_values_worked_out_by_hand() -> None:
+    # lambda = sqrt(2 ln(2n/0.01)); bound = expm1(lambda*sqrt(n)*u + n*u^2/(1-u)), worked out separately
+    assert confidence_lambda(4096) == pytest.approx(5.2184449, rel=1e-7)
+    assert bound(FORMATS["fp16"], 4096) == pytest.approx(0.1782773, rel=1e-6)
+    assert bound(FORMATS["bf16"], 2) == pytest.approx(0.0193383, rel=1e-5)  # softmax_long's n under BF16
+    assert bound(FORMATS["bf16"], 4096) == CAP  # 0.97 before the cap
