@@ -23,7 +23,7 @@ from .execution import Execution
 from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
 from .metrics import compare
 from .reference import ReferenceCache
-from .results import SCHEMA_VERSION, RunWriter, environment, read_records, tally
+from .results import SCHEMA_VERSION, RunWriter, case_seed_key, environment, read_records, tally
 from .scenario import Case, Output, Scenario, cases, seed_generator
 from .strategy import Strategy
 from .timing import sync
@@ -261,7 +261,7 @@ def _done_keys(out: Path) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
         for r in recs:
             f.write(json.dumps(r, separators=(",", ":")) + "\n")
     os.replace(tmp, path)
-    return {(f"{r.get('case')}#{r.get('seed')}", r.get("strategy")) for r in recs}, recs
+    return {(case_seed_key(r), r.get("strategy")) for r in recs}, recs
 
 
 def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None,

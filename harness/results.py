@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "SEVERITY", "tally", "RECORD_FIELDS", "RunWriter", "read_run", "read_records", "num", "clean",
+__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "SEVERITY", "tally", "case_seed_key", "RECORD_FIELDS", "RunWriter", "read_run", "read_records", "num", "clean",
            "environment", "device_class", "write_json_atomic", "RunFileError"]
 
 SCHEMA_VERSION = 1
@@ -201,6 +201,11 @@ def read_run(directory: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]
     return header, records
 
 
+def case_seed_key(r: dict[str, Any]) -> str:
+    """The case a record belongs to, with its seed: ``softmax_long[n=4096]#0`` (as ``Case.key``)."""
+    return f"{r.get('case', r.get('scenario'))}#{r.get('seed')}"
+
+
 def case_key(r: dict[str, Any]) -> str:
     """Identity of a record across runs: case id, seed, strategy."""
-    return f"{r.get('case', r.get('scenario'))}#{r.get('seed')}|{r.get('strategy')}"
+    return f"{case_seed_key(r)}|{r.get('strategy')}"

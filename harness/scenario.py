@@ -239,5 +239,5 @@ def cases(scenarios: Iterable[Scenario], tier: str, seeds: int) -> list[Case]:
 
 def seed_generator(case: Case) -> torch.Generator:
     """A CPU generator seeded from the case's name, params and seed: the same inputs on every device."""
-    digest = hashlib.sha256(f"{case.id}#{case.seed}".encode()).digest()
+    digest = hashlib.sha256(case.key.encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))

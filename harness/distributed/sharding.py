@@ -18,7 +18,7 @@ from ..engine import RunConfig, Summary, _done_keys, _record, default_out_dir, r
     run_header, run_stats
 from ..guard import sigterm_as_interrupt
 from ..reference import ReferenceCache
-from ..results import RunFileError, RunWriter, clean, read_run
+from ..results import RunFileError, RunWriter, case_seed_key, clean, read_run
 from ..scenario import Case, cases
 from ..verdict import Verdict
 from .group import MULTICAST_OFF, Group, barrier, init_group
@@ -52,7 +52,7 @@ def cost_hints(device_type: str, tier: str, root: Path = Path("results/runs")) -
         raise ValueError(f"${COSTS_ENV}={chosen}: {exc}" if chosen else str(exc)) from None
     costs: dict[str, float] = {}
     for r in recs:
-        key = f"{r.get('case')}#{r.get('seed')}"
+        key = case_seed_key(r)
         costs[key] = costs.get(key, 0.0) + float(r.get("seconds") or 0.0)
     return costs, str(source)
 
@@ -277,7 +277,7 @@ def merge_run(out: Path) -> dict[str, Any]:
     all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)
     recs, lost = merge_shard_lines(line for f in files for line in f.read_text().splitlines())
     done, previous = _done_keys(out)
-    new = [r for r in _ordered(recs, lost, cfg, all_cases) if (f"{r['case']}#{r['seed']}", r["strategy"]) not in done]
+    new = [r for r in _ordered(recs, lost, cfg, all_cases) if (case_seed_key(r), r["strategy"]) not in done]
     header = {k: v for k, v in json.loads((out / "run.json").read_text()).items()
               if k not in ("status", "summary", "schema_version")}
     writer = RunWriter(out, header, append=True)

@@ -12,7 +12,7 @@ import math
 import textwrap
 from typing import Any
 
-from ..results import num
+from ..results import case_seed_key, num
 from .plots import figure
 
 __all__ = ["grad_histogram_svg", "scale_trajectories_svg", "windows_svg"]
@@ -27,7 +27,7 @@ def _by_case(records: list[dict[str, Any]], has: Any) -> dict[str, dict[str, Any
     """One record per case (the reference's window is the same for every strategy), in run order."""
     out: dict[str, dict[str, Any]] = {}
     for r in records:
-        cid = f"{r.get('case', r.get('scenario'))}#{r.get('seed')}"
+        cid = case_seed_key(r)
         if cid not in out and has(r):
             out[cid] = r
     return out
