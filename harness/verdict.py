@@ -125,8 +125,8 @@ def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: fl
           underflow_budget: float = UNDERFLOW_BUDGET, truncating: bool = False,
           scaler: ScalerSpec | None = None, floor: float = 0.0, floor_source: str = FP64_FLOOR) -> Verdict:
     """Classify one case's metrics (see module doc). ``floor`` is FP32's own error where FP64 is the
-    reference, or the FP32 reference's run-to-run spread where it is nondeterministic (``floor_source``
-    says which, for the reason): no strategy is asked to be more accurate than FP32 itself. A ``scale_exhausted`` verdict
+    reference, plus a margin of the FP32 reference's run-to-run spread where it is nondeterministic
+    (``engine._floor``; ``floor_source`` says which, for the reason): no strategy is asked to be more accurate than FP32 itself. A ``scale_exhausted`` verdict
     also sets ``m["scale_direction"]`` (``"max"`` or ``"min"``)."""
     b = max(bound(fmt, n, kappa, factor, truncating), floor)
     v = _scaling(m, scaler, underflow_budget)
