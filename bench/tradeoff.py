@@ -31,7 +31,8 @@ GEMM_ROW = {"fp32": "fp32", "tf32": "tf32", "fp16": "fp16", "bf16": "bf16", "fp8
 def _row(rows: list[dict], kind: str, fmt: str) -> dict | None:
     """The throughput row of ``kind`` for format ``fmt`` (for block/train: the fastest strategy of it)."""
     if kind == "gemm":
-        return next((r for r in rows if r["kind"] == "gemm" and r["name"] == GEMM_ROW[fmt] and "tflops" in r), None)
+        return next((r for r in rows if r["kind"] == "gemm" and r["name"] == GEMM_ROW[fmt] and "tflops" in r
+                     and r.get("regime", "sustained") == "sustained"), None)  # what a training run sustains
     cands = [r for r in rows if r["kind"] == kind and r.get("format") == fmt and "tflops" in r]
     return max(cands, key=lambda r: r["tflops"]) if cands else None
 

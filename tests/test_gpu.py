@@ -176,6 +176,8 @@ def test_gpu_throughput_quick_writes_every_row(tmp_path: Path) -> None:
     kinds = {(r["kind"], r["name"]) for r in data["rows"] if "tflops" in r}
     assert {("gemm", "fp16"), ("gemm", "bf16"), ("block", "bf16"), ("train", "bf16")} <= kinds
     assert all(r["tflops"] > 0 and r["ms"] > 0 for r in data["rows"] if "tflops" in r)
+    regimes = {(r["name"], r["regime"]) for r in data["rows"] if r["kind"] == "gemm"}
+    assert {("fp16", "burst"), ("fp16", "sustained"), ("bf16", "burst"), ("bf16", "sustained")} <= regimes
 
 
 # -- the trade-off table (pure: runs anywhere) ---------------------------------------------------------------------
@@ -193,6 +195,8 @@ def test_tradeoff_table_joins_speed_and_failures(tmp_path: Path) -> None:
             for n, f, t, c in (("fp32", "fp32", 50.0, 51.0), ("fp16", "fp16", 700.0, 755.0),
                                ("bf16", "bf16", 750.0, 786.0), ("fp8-e4m3", "fp8", 1300.0, 1394.0),
                                ("fp8-e4m3-fastacc", "fp8", 1390.0, 1394.0))]
+    rows.insert(1, {"kind": "gemm", "name": "fp16", "format": "fp16", "tflops": 745.0, "share": 745 / 755,
+                    "regime": "burst"})  # not what a training run sustains: the table ignores it
     rows += [{"kind": "train", "name": "fp32", "format": "fp32", "tflops": 40.0, "share": 0.8},
              {"kind": "train", "name": "fp16", "format": "fp16", "tflops": 400.0, "share": 0.53}]
     tp = tmp_path / "t.json"
