@@ -219,6 +219,18 @@ def test_torchrun_run_equals_a_single_process_run(tmp_path: Path) -> None:
     assert not (two / SHARDS).exists()
 
 
+def test_torchrun_run_with_a_progress_bar_counts_every_rank_s_records(tmp_path: Path) -> None:
+    # without --quiet rank 0 feeds a progress bar from a store counter that every rank adds to per record
+    # (rich draws nothing without a terminal: this checks the path runs and loses nothing)
+    out = tmp_path / "p"
+    args = [a for a in _run_args(out, "--scenario", "scaler_agreement") if a != "--quiet"]
+    res = subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=_env(**{COSTS_ENV: "none"}), timeout=120,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    n = len(read_jsonl(out / "records.jsonl"))
+    assert n == 2 * len(STRATEGIES) and f"{n} records in" in res.stdout
+
+
 def test_torchrun_real_collectives_match_the_simulation_bit_for_bit(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
     res = subprocess.run([*TORCHRUN, "-m", "harness.distributed", "check", "--device", "cpu", "--numel", "1680",

@@ -185,6 +185,7 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
     box: list[Any] = [None]
     if g.rank == 0:
         box[0], writer, previous = _lead(cfg, g, all_cases, resume)
+        box[0]["progress"] = progress is not None  # only then do ranks count records in the store
     dist.broadcast_object_list(box, src=0)
     plan = box[0]
     out = Path(plan["out"])
@@ -201,9 +202,10 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
             for n, rec in enumerate(run_case_records(case, [cfg.strategies[j] for j in slots], cfg.device, refs,
                                                      summary, cfg.timeout)):
                 shard.record(current, slots[n], rec)
-                done = counter.add("done", 1)
-                if progress is not None and g.rank == 0:
-                    progress(plan["previous"] + done, plan["total"], f"{case.id} {rec['strategy']}")
+                if plan["progress"]:  # a store round trip per record: skipped when nobody shows it
+                    done = counter.add("done", 1)
+                    if progress is not None and g.rank == 0:
+                        progress(plan["previous"] + done, plan["total"], f"{case.id} {rec['strategy']}")
             current = None
         lines, busy = shard.close(), time.perf_counter() - t0
         barrier(counter, g.world, "finished")  # no rank enters the gather while another still works
