@@ -7,6 +7,8 @@ previous amaxes (the current one joins the history after use, as in Transformer 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .formats import FORMATS
@@ -38,10 +40,47 @@ class AmaxHistory:
         return torch.where(ref > 0, fmax / ref, torch.ones_like(ref))
 
 
+#: Use the one-pass Triton kernel (:mod:`harness._triton_quant`) where it applies; tests switch it off to
+#: compare it with the PyTorch expression below, which defines the function.
+FUSED_QUANTIZE = True
+_FUSED_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_quant():
+    """:mod:`harness._triton_quant`, or None without Triton."""
+    try:
+        from . import _triton_quant
+    except ImportError:
+        return None
+    return _triton_quant
+
+
+def _fused(x: torch.Tensor, fmt, scale: float | torch.Tensor) -> torch.Tensor | None:
+    """The fused kernel's result where it applies (CUDA, a device scale, a dense row- or column-major
+    operand of a float dtype), else None."""
+    if not (FUSED_QUANTIZE and x.is_cuda and isinstance(scale, torch.Tensor) and scale.is_cuda
+            and scale.numel() == 1 and scale.dtype == torch.float32 and x.dtype in _FUSED_INPUTS):
+        return None
+    transposed = not x.is_contiguous()
+    if transposed and not (x.dim() == 2 and x.t().is_contiguous()):
+        return None
+    kernels = _triton_quant()
+    if kernels is None:
+        return None
+    src = x.t() if transposed else x  # a column-major operand stays column-major (what _scaled_mm wants)
+    y = kernels.quantize(src, fmt.dtype, fmt.max, not fmt.finite_only, scale)
+    return y.t() if transposed else y
+
+
 def quantize_fp8(x: torch.Tensor, fmt, scale: float | torch.Tensor) -> torch.Tensor:
     """Scale then cast to FP8. Finite values past the format's max saturate to it, as the scaled GEMMs
     do; inf and NaN stay non-finite (NaN in E4M3, which has no inf), so an overflow upstream is never
-    hidden: torch's cast alone saturates inf to 448 in E4M3."""
+    hidden: torch's cast alone saturates inf to 448 in E4M3. On a GPU with Triton one fused pass
+    computes the same bits (:mod:`harness._triton_quant`)."""
+    fused = _fused(x, fmt, scale)
+    if fused is not None:
+        return fused
     y = x.float() * scale
     keep = y if not fmt.finite_only else torch.full_like(y, float("nan"))
     return torch.where(torch.isfinite(y), y.clamp(-fmt.max, fmt.max), keep).to(fmt.dtype)
@@ -63,7 +102,8 @@ def _mm(x8: torch.Tensor, y8: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, 
 
 
 def _amax(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().abs().amax()
+    """max |x| in one read (NaN if any element is NaN), without the copy ``x.abs()`` would write."""
+    return torch.linalg.vector_norm(x.detach(), float("inf"))
 
 
 class _FP8MatMul(torch.autograd.Function):

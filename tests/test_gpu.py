@@ -141,6 +141,58 @@ def test_quantize_fp8_keeps_overflow_non_finite() -> None:
     assert e5[:2] == [float("inf"), -float("inf")] and e5[4] == -FORMATS["fp8_e5m2"].max
 
 
+def _fp8_inputs(dtype: torch.dtype, fmax: float) -> torch.Tensor:
+    """Random values across FP8's whole range (normal, subnormal, past max, exact ties) plus inf and NaN."""
+    g = torch.Generator().manual_seed(7)
+    mag = torch.exp2(torch.empty(4096).uniform_(-24, 18, generator=g))  # 2^-24 .. 2^18: under and past fmax
+    x = mag * torch.where(torch.rand(4096, generator=g) < 0.5, -1.0, 1.0)
+    ties = torch.tensor([1.0625, 1.1875, -2.125, fmax * 1.0001, -fmax, 2.0 ** -9 * 1.5, 2.0 ** -17])  # halfway
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])
+    return torch.cat([x, ties, special]).to(dtype)
+
+
+@pytest.mark.cuda
+@cuda
+@triton_ok
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_quantize_equals_the_pytorch_expression_bit_for_bit(fmt: str, dtype: torch.dtype,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import harness.fp8 as fp8
+    f = FORMATS[fmt]
+    x = _fp8_inputs(dtype, f.max).cuda()
+    n = x.numel() - x.numel() % 16
+    row_major, col_major = x.reshape(-1, 1), x[:n].reshape(16, -1).t()
+    for scale in (1.0, 3.0, 2.0 ** -7):
+        s = torch.tensor(scale, device="cuda")
+        for view in (row_major, col_major):
+            assert fp8._fused(view, f, s) is not None  # both layouts take the kernel
+            got = quantize_fp8(view, f, s)
+            monkeypatch.setattr(fp8, "FUSED_QUANTIZE", False)
+            want = quantize_fp8(view, f, s)
+            monkeypatch.setattr(fp8, "FUSED_QUANTIZE", True)
+            assert got.shape == view.shape and got.stride() == view.stride()  # column-major stays so
+            g, w = got.float(), want.float()
+            assert torch.equal(torch.isnan(g), torch.isnan(w))  # NaN where the expression has NaN
+            same = ~torch.isnan(w)
+            gb, wb = got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)
+            assert torch.equal(gb[same.contiguous()], wb[same.contiguous()])  # the same bits elsewhere
+            assert torch.equal(torch.isinf(g), torch.isinf(w))  # +-inf kept in E5M2 (the hardware saturates)
+            assert bool(torch.isinf(w).any()) == (f.name == "fp8_e5m2")
+
+
+@pytest.mark.cuda
+@cuda
+def test_amax_is_one_pass_and_propagates_nan() -> None:
+    from harness.fp8 import _amax
+    x = torch.randn(1000, device="cuda", dtype=torch.bfloat16) * 7
+    assert _amax(x).item() == x.abs().amax().item()
+    x[17] = float("nan")
+    assert torch.isnan(_amax(x))
+    x[17] = -float("inf")
+    assert _amax(x).item() == float("inf")
+
+
 # -- the tensor_core scenarios through the engine ---------------------------------------------------------------
 @pytest.mark.cuda
 @cuda
