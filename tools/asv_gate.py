@@ -68,8 +68,9 @@ class Change:
         unit = f" {self.unit}" if self.unit else ""
         if self.new is None:
             return f"{label}: {self.base:.4g}{unit} -> failed"
-        how = "worse" if self.ratio > 1 else "better"
-        return f"{label}: {self.base:.4g} -> {self.new:.4g}{unit} (x{self.ratio:.2f} {how})"
+        r = self.ratio
+        how, times = ("worse", r) if r > 1 else ("better", (1 / r if r > 0 else math.inf))  # both as factors >= 1
+        return f"{label}: {self.base:.4g} -> {self.new:.4g}{unit} (x{times:.2f} {how})"
 
 
 def higher_is_better(name: str, unit: str) -> bool | None:
