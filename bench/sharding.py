@@ -34,9 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 1.8
-#: Measurements of the process rather than results: how long a record took, and the CUDA allocator's
-#: peak, whose baseline holds whatever the process allocated before the case (library workspaces made
-#: on first use, earlier cases' leftovers), so it depends on which cases ran before on that process.
+#: Measurements of the process rather than results: how long a record took, and the CUDA memory a
+#: case allocated beyond what it started with, which still counts a library's workspace in whichever case
+#: first used that library in the process (5 of 3276 records differed so on two H200s).
 MEASUREMENTS = ("seconds", "peak_bytes")
 #: A rank names its own device in error messages ("cuda:1" where one process says "cuda:0").
 _DEVICE_INDEX = re.compile(r"cuda:\d+")
