@@ -98,14 +98,13 @@ def time_events(fn: Callable[[], Any], iters: int) -> list[float]:
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-def time_do_bench(fn: Callable[[], Any], estimate_ms: float) -> float | None:
-    """triton.testing.do_bench's median over about ten calls or more (None without Triton)."""
+def time_do_bench(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> float | None:
+    """triton.testing.do_bench's median with that warm-up and repetition window (None without Triton)."""
     try:
         from triton.testing import do_bench
     except ImportError:
         return None
-    return float(do_bench(fn, warmup=max(25, int(3 * estimate_ms)), rep=max(100, int(10 * estimate_ms)),
-                          return_mode="median"))
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
 #: Burst regime, as the ceilings were measured: seconds idle first, warm-up calls, timed calls.
@@ -126,13 +125,8 @@ def measure_burst(kind: str, name: str, fmt: str, flops: float, fn: Callable[[],
     ms = time_events(fn, BURST_CALLS)
     torch.cuda.synchronize()
     time.sleep(idle)
-    try:
-        from triton.testing import do_bench
-        est = statistics.median(ms)
-        db: float | None = float(do_bench(fn, warmup=BURST_WARM_CALLS * est, rep=BURST_CALLS * est,
-                                          return_mode="median"))
-    except ImportError:
-        db = None
+    est = statistics.median(ms)
+    db = time_do_bench(fn, BURST_WARM_CALLS * est, BURST_CALLS * est)
     return _row(kind, name, fmt, flops, ms, db, dict(extra or {}, regime="burst"))
 
 
@@ -142,7 +136,8 @@ def measure(kind: str, name: str, fmt: str, flops: float, fn: Callable[[], Any],
     state), and turn the median into TFLOP/s and a share of the format's ceiling."""
     est = warm_up(fn, sizes.warm_s)
     ms = time_events(fn, max(sizes.iters, math.ceil(1000 * sizes.measure_s / est)))
-    db = time_do_bench(fn, statistics.median(ms))
+    med = statistics.median(ms)
+    db = time_do_bench(fn, max(25, int(3 * med)), max(100, int(10 * med)))  # about ten calls or more
     return _row(kind, name, fmt, flops, ms, db, dict(extra or {}, regime="sustained"))
 
 
