@@ -118,7 +118,8 @@ def device_info(device: str = "cuda") -> dict[str, Any]:
 
 def device_profile(device: str = "cuda", formats: Sequence[str] = PROBED_FORMATS,
                    backend: str = "triton") -> dict[str, Any]:
-    """The measured profile of ``device`` per input format (computed once per process and reused)."""
+    """The measured profile of ``device`` per input format (computed once per process and reused: a
+    profile holds what was found, and ``seconds`` what this call took)."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: the Tensor-Core probes need a CUDA device (none here); "
                          "use --model to profile the CPU model instead")
@@ -146,7 +147,6 @@ def render_table(result: dict[str, Any]) -> str:
     for f in FIELDS:
         rows.append([f, *(_cell(result["formats"][x].get(f)) if "unsupported" not in result["formats"][x]
                           and "error" not in result["formats"][x] else "-" for x in fmts)])
-    rows.append(["seconds", *(_cell(result["formats"][x].get("seconds")) for x in fmts)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for x in fmts:
@@ -155,6 +155,8 @@ def render_table(result: dict[str, Any]) -> str:
             if key in p:
                 lines.append(f"{x}: {key}: {p[key]}")
         lines += [f"{x}: {n}" for n in p.get("notes", [])]
+    if "seconds" in result:  # what this call took (formats measured earlier in the process are reused)
+        lines.append(f"seconds: {result['seconds']}")
     return "\n".join(lines)
 
 

@@ -33,7 +33,6 @@ note saying why):
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -332,7 +331,6 @@ def profile_format(matmul: MatMul, fmt_name: str, backend: str = "model", k: int
     fmt = get_format(fmt_name)
     if fmt_name not in PROBED_FORMATS:
         raise ValueError(f"format {fmt_name!r} has no Tensor-Core probes; choose one of {', '.join(PROBED_FORMATS)}")
-    t0 = time.perf_counter()
     prof: dict[str, Any] = {"format": fmt_name, "backend": backend, "k": k, **{f: None for f in FIELDS}}
     notes: list[str] = []
 
@@ -367,5 +365,4 @@ def profile_format(matmul: MatMul, fmt_name: str, backend: str = "model", k: int
             notes.append(f"the model reproduces {100 * agree:.1f}% of random inner products: the rest differ "
                          "(a library may split K into partial sums or reorder it)")
     prof["notes"] = notes
-    prof["seconds"] = round(time.perf_counter() - t0, 3)
     return prof

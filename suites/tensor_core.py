@@ -29,9 +29,6 @@ def _profile_run(ex, inp: dict, p: dict) -> Output:
     prof = res["formats"][fmt]
     if "error" in prof or "unsupported" in prof:
         raise RuntimeError(f"{fmt} probes on {p['backend']}: {prof.get('error') or prof.get('unsupported')}")
-    # the probes' own run time is a measurement of this process (the profile is measured once per process
-    # and reused): the record keeps what was found, and its ``seconds`` time the case
-    prof = {k: v for k, v in prof.items() if k != "seconds"}
     return Output(extra={"profile": prof, "profile_device": res["device"]})
 
 
