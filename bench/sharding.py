@@ -18,7 +18,8 @@ two single-process runs show as well (a nondeterministic scenario) are told apar
 a record.
 
 Usage: ``python bench/sharding.py [--ranks 2] [--device cuda] [--tier full] [--family F]... [--unhinted]
-[--repeat] [--show K] [--keep DIR] [--check]``
+[--repeat] [--show K] [--keep DIR] [--check]``; ``--from DIR`` compares the runs an earlier ``--keep DIR``
+wrote, running nothing.
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from harness.results import read_run  # noqa: E402
+
 TARGET = 1.8
 #: Measurements of the process rather than results: how long a record took, and the CUDA memory a
 #: case allocated beyond what it started with, which still counts a library's workspace in whichever case
@@ -50,8 +56,15 @@ def _env(costs: str) -> dict[str, str]:
     return env
 
 
+def _load(out: Path, wall: float | None = None) -> dict:
+    """A run directory's records and summary, with the process wall time where it was measured."""
+    head, records = read_run(out)
+    return {"wall_s": wall, "run_s": head["summary"]["wall_seconds"], "summary": head["summary"],
+            "records": records}
+
+
 def _run(launcher: list[str], args: list[str], out: Path, costs: str) -> dict:
-    """One run into ``out``: its process wall time and its summary."""
+    """One run into ``out``: its process wall time, its summary and records."""
     t0 = time.perf_counter()
     proc = subprocess.run([*launcher, "-m", "harness", "run", *args, "--quiet", "--out", str(out)], cwd=ROOT,
                           env=_env(costs), capture_output=True, text=True)
@@ -59,9 +72,28 @@ def _run(launcher: list[str], args: list[str], out: Path, costs: str) -> dict:
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise SystemExit(f"{' '.join(launcher)} -m harness run ... exited {proc.returncode}:\n{tail}")
-    head = json.loads((out / "run.json").read_text())
-    return {"wall_s": wall, "run_s": head["summary"]["wall_seconds"], "summary": head["summary"],
-            "records": [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line]}
+    return _load(out, wall)
+
+
+def _where_time_went(one: dict, r: dict, top: int = 2) -> list[str]:
+    """Where the sharded run spent more than the single one: the harness's time buckets summed over
+    ranks, the records' own seconds (the ``top`` largest increases named: start-up costs land in a
+    rank's first cases), and how many records' ``peak_bytes`` differ."""
+    a, b = one["summary"], r["summary"]
+    buckets = ", ".join(f"{k[len('seconds_'):].replace('_', ' ')} {a[k]:.1f} -> {b[k]:.1f} s"
+                        for k in ("seconds_in_scenarios", "seconds_in_references", "seconds_building_inputs")
+                        if k in a and k in b)
+    mine = {(x["case"], x["strategy"]): x for x in one["records"]}
+    more = sorted(((y["seconds"] - mine[k]["seconds"], k) for y in r["records"]
+                   if (k := (y["case"], y["strategy"])) in mine), reverse=True)
+    named = "; ".join(f"{d:+.2f} s {k[0]} {k[1]}" for d, k in more[:top])
+    rest = sum(d for d, _ in more[top:])
+    peaks = sum(1 for y in r["records"] if (k := (y["case"], y["strategy"])) in mine
+                and y.get("peak_bytes") != mine[k].get("peak_bytes"))
+    return [f"time, single -> sharded (summed over ranks): {buckets}",
+            f"records' seconds: {sum(d for d, _ in more):+.1f} s in all; largest {named}; the other "
+            f"{len(more) - top} records {rest:+.1f} s",
+            f"peak_bytes differs in {peaks} of {len(more)} records"]
 
 
 def _normal(v: object) -> object:
@@ -103,6 +135,24 @@ def _ranks(summary: dict) -> str:
     return "; ".join(parts) + f" (max/mean {max(busy) / (sum(busy) / len(busy)):.3f})"
 
 
+def _compare(one: dict, r: dict, label: str, inherent: dict[str, set], a: argparse.Namespace) -> tuple[float, bool]:
+    """Print how the sharded run ``r`` compares with the single run ``one``; returns (run speed-up, whether
+    the sharding changed a record beyond what two single runs differ in)."""
+    up_run = one["run_s"] / r["run_s"]
+    up_process = (f"{one['wall_s'] / r['wall_s']:.2f}x (process), " if one["wall_s"] and r["wall_s"] else "")
+    walls = f"process {r['wall_s']:7.1f} s, " if r["wall_s"] else ""
+    diff = _differences(one["records"], r["records"], a.show)
+    induced = {k: v - inherent.get(k, set()) for k, v in diff.items() if v - inherent.get(k, set())}
+    print(f"  {a.ranks} ranks ({label}): {walls}run {r['run_s']:7.1f} s -> speed-up {up_process}"
+          f"{up_run:.2f}x (run); target {TARGET}x", flush=True)
+    print(f"    {_ranks(r['summary'])}", flush=True)
+    print(f"    records differ from the single run in: {_counts(diff)}"
+          + (f"; beyond what two single runs differ in: {_counts(induced)}" if a.repeat else ""), flush=True)
+    for line in _where_time_went(one, r):
+        print(f"    {line}", flush=True)
+    return up_run, bool(induced)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=2, help="torchrun --nproc-per-node (GPUs on the host)")
@@ -111,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", action="append", default=[], help="restrict to these families")
     ap.add_argument("--unhinted", action="store_true", help="also run the sharded matrix without cost hints")
     ap.add_argument("--keep", type=Path, default=None, help="write the run directories here")
+    ap.add_argument("--from", dest="source", type=Path, default=None, metavar="DIR",
+                    help="run nothing: compare the run directories an earlier --keep DIR wrote")
     ap.add_argument("--repeat", action="store_true",
                     help="run the single process twice: fields that differ there too are not the sharding's")
     ap.add_argument("--show", type=int, default=0, metavar="K", help="print K examples of each differing field")
@@ -118,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.ranks < 2:
         ap.error(f"--ranks must be >= 2, got {a.ranks}")
+    if a.source is not None:
+        return _from_kept(a)
     args = ["--device", a.device, "--tier", a.tier] + [x for f in a.family for x in ("--family", f)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(a.ranks)]
     worst, induced_any = float("inf"), False
@@ -132,17 +186,29 @@ def main(argv: list[str] | None = None) -> int:
                                                          "none")["records"], a.show)
             print(f"  two single-process runs differ in (records per field): {_counts(inherent)}", flush=True)
         for name, costs in [("hinted", str(base / "single"))] + ([("unhinted", "none")] if a.unhinted else []):
-            r = _run(torchrun, args, base / f"sharded-{a.ranks}-{name}", costs)
-            up_process, up_run = one["wall_s"] / r["wall_s"], one["run_s"] / r["run_s"]
+            up_run, induced = _compare(one, _run(torchrun, args, base / f"sharded-{a.ranks}-{name}", costs), name,
+                                       inherent, a)
             worst = min(worst, up_run) if name == "hinted" else worst
-            diff = _differences(one["records"], r["records"], a.show)
-            induced = {k: v - inherent.get(k, set()) for k, v in diff.items() if v - inherent.get(k, set())}
-            induced_any = induced_any or bool(induced)
-            print(f"  {a.ranks} ranks ({name}): process {r['wall_s']:7.1f} s, run {r['run_s']:7.1f} s -> speed-up "
-                  f"{up_process:.2f}x (process), {up_run:.2f}x (run); target {TARGET}x", flush=True)
-            print(f"    {_ranks(r['summary'])}", flush=True)
-            print(f"    records differ from the single run in: {_counts(diff)}"
-                  + (f"; beyond what two single runs differ in: {_counts(induced)}" if a.repeat else ""), flush=True)
+            induced_any = induced_any or induced
+    return 1 if (a.check and (worst < TARGET or induced_any)) else 0
+
+
+def _from_kept(a: argparse.Namespace) -> int:
+    """``--from DIR``: the comparison of the run directories in DIR (single, sharded-N-*), without timing
+    processes (their walls are not in the run files); exit 2 when DIR holds no such runs."""
+    runs = sorted(a.source.glob(f"sharded-{a.ranks}-*"))
+    if not (a.source / "single").is_dir() or not runs:
+        print(f"error: --from {a.source}: expected the folders single/ and sharded-{a.ranks}-*/ that "
+              f"--keep writes", file=sys.stderr)
+        return 2
+    one = _load(a.source / "single")
+    print(f"{a.source}: {len(one['records'])} records; 1 rank: run {one['run_s']:7.1f} s", flush=True)
+    inherent = (_differences(one["records"], _load(a.source / "single-again")["records"], a.show)
+                if a.repeat and (a.source / "single-again").is_dir() else {})
+    worst, induced_any = float("inf"), False
+    for run in runs:
+        up_run, induced = _compare(one, _load(run), run.name.split("-", 2)[-1], inherent, a)
+        worst, induced_any = min(worst, up_run), induced_any or induced
     return 1 if (a.check and (worst < TARGET or induced_any)) else 0
 
 

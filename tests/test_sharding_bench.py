@@ -1,0 +1,65 @@
+"""bench/sharding.py's comparison of kept runs (``--from DIR``): speed-up, record differences, and where
+the sharded run spent its extra time, on two hand-made run directories."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.results import RunWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import sharding  # noqa: E402
+
+
+def _rec(case: str, strategy: str, seconds: float, peak: int, outcome: str = "pass") -> dict:
+    return {"schema_version": 1, "scenario": case.split("[")[0], "case": case, "family": "reduction",
+            "params": {}, "seed": 0, "strategy": strategy, "strategy_spec": strategy, "device": "cuda",
+            "outcome": outcome, "reason": "", "metrics": {}, "seconds": seconds, "peak_bytes": peak}
+
+
+def _write(d: Path, recs: list[dict], summary: dict) -> None:
+    w = RunWriter(d, {"environment": {"device": "cuda"}})
+    for r in recs:
+        w.append(r)
+    w.close(summary)
+
+
+@pytest.fixture
+def kept(tmp_path: Path) -> Path:
+    single = [_rec("a[n=1]", "fp32", 1.0, 100), _rec("a[n=1]", "bf16", 0.5, 100),
+              _rec("b[n=2]", "fp32", 2.0, 200), _rec("b[n=2]", "bf16", 0.5, 200)]
+    sharded = [_rec("a[n=1]", "fp32", 5.0, 100), _rec("a[n=1]", "bf16", 0.75, 100),  # start-up in a's fp32
+               _rec("b[n=2]", "fp32", 4.0, 264), _rec("b[n=2]", "bf16", 0.5, 200)]  # and b's, one peak moved
+    _write(tmp_path / "single", single, {"wall_seconds": 10.0, "seconds_in_scenarios": 4.0,
+                                         "seconds_in_references": 1.0, "seconds_building_inputs": 0.5})
+    ranks = [{"rank": 0, "cases": 1, "wall_seconds": 6.0}, {"rank": 1, "cases": 1, "wall_seconds": 6.5}]
+    _write(tmp_path / "sharded-2-hinted", sharded, {"wall_seconds": 6.25, "seconds_in_scenarios": 8.0,
+                                                    "seconds_in_references": 2.25, "seconds_building_inputs": 0.5,
+                                                    "ranks": ranks})
+    return tmp_path
+
+
+def test_from_kept_runs_names_where_the_sharded_run_spent_more(kept: Path, capsys) -> None:
+    assert sharding.main(["--from", str(kept)]) == 0
+    out = capsys.readouterr().out
+    assert "run     6.2 s -> speed-up 1.60x (run); target 1.8x" in out  # 10 / 6.25, no process walls known
+    assert "rank 0: 1 cases, 6.0 s; rank 1: 1 cases, 6.5 s (max/mean 1.040)" in out
+    assert "records differ from the single run in: none" in out  # seconds and peak_bytes are measurements
+    assert "in scenarios 4.0 -> 8.0 s, in references 1.0 -> 2.2 s, building inputs 0.5 -> 0.5 s" in out
+    assert ("records' seconds: +6.2 s in all; largest +4.00 s a[n=1] fp32; +2.00 s b[n=2] fp32; "
+            "the other 2 records +0.2 s") in out
+    assert "peak_bytes differs in 1 of 4 records" in out
+    assert sharding.main(["--from", str(kept), "--check"]) == 1  # 1.60x is below the target
+
+
+def test_from_kept_runs_counts_a_changed_outcome_and_rejects_a_bad_dir(kept: Path, capsys) -> None:
+    recs = [dict(r) for r in sharding.read_run(kept / "sharded-2-hinted")[1]]
+    recs[3]["outcome"] = "diverged"
+    _write(kept / "sharded-2-hinted", recs, sharding.read_run(kept / "sharded-2-hinted")[0]["summary"])
+    assert sharding.main(["--from", str(kept)]) == 0
+    assert 'records differ from the single run in: {"outcome": 1}' in capsys.readouterr().out
+    assert sharding.main(["--from", str(kept / "nothing")]) == 2
+    assert "expected the folders single/ and sharded-2-*/" in capsys.readouterr().err
