@@ -24,7 +24,7 @@ from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
 from .metrics import compare
 from .reference import ReferenceCache
 from .results import SCHEMA_VERSION, RunWriter, case_seed_key, environment, read_records, tally
-from .scenario import Case, Output, Scenario, cases, seed_generator
+from .scenario import Case, Scenario, cases, seed_generator
 from .strategy import Strategy
 from .timing import sync
 from .verdict import UNDERFLOW_BUDGET, Verdict, judge
@@ -175,12 +175,10 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
             torch.manual_seed(case.seed)
             sync(device)
             t1 = time.perf_counter()
-            out: Output = s.run(ex, inputs, case.params)
+            out = s.execute(ex, inputs, case.params)
             sync(device)
             inner = time.perf_counter() - t1
         extra["peak_bytes"] = _peak(device, mem0)
-        if not isinstance(out, Output):
-            raise TypeError(f"scenario {s.name}.run returned {type(out).__name__}, expected harness.Output")
         if ex.fp8_history.fallbacks:  # never a silent downgrade: say which GEMMs were not native
             extra["emulated"] = [*ex.notes, f"{ex.fp8_history.fallbacks} FP8 GEMMs emulated: dimensions not "
                                             "multiples of 16, which torch._scaled_mm requires"]

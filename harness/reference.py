@@ -65,11 +65,8 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
 
     def run(ex: Execution) -> Output:
         torch.manual_seed(case.seed)  # as before each strategy's run: global randomness is the same
-        with _deterministic(), ex.gemm_flags():  # TF32 off even where a scenario's GEMM is outside autocast()
-            out = s.run(ex, inputs, p)
-        if not isinstance(out, Output):
-            raise TypeError(f"scenario {s.name}.run returned {type(out).__name__}, expected harness.scenario.Output")
-        return out
+        with _deterministic():
+            return s.execute(ex, inputs, p)  # FP32 flags (TF32 off) for the whole run, as a strategy's own
 
     out32 = run(Execution(PRESETS["fp32"], device))
     out64 = run(FP64(device))

@@ -118,6 +118,16 @@ class Scenario:
                 return e
         return None
 
+    def execute(self, ex: Any, inputs: dict, params: dict) -> Output:
+        """``run`` under the strategy's GEMM flags for the whole call (a GEMM or convolution outside
+        ``ex.autocast()`` too: the reference's FP32 runs and every strategy's run alike), checked to
+        return an :class:`Output`."""
+        with ex.gemm_flags():
+            out = self.run(ex, inputs, params)
+        if not isinstance(out, Output):
+            raise TypeError(f"scenario {self.name}.run returned {type(out).__name__}, expected harness.Output")
+        return out
+
     def summary(self) -> dict:
         return {"name": self.name, "family": self.family, "description": self.description,
                 "grid": self.grid, "quick": self.quick or {}, "version": self.version}

@@ -205,3 +205,40 @@ def test_peak_bytes_counts_only_what_the_case_allocated(monkeypatch) -> None:
     assert calls == [cuda] and start == 100 * 2**20
     assert engine._peak(cuda, start) == 150 * 2**20
     assert engine._peak_reset(torch.device("cpu")) == 0 and engine._peak(torch.device("cpu"), 0) is None
+
+
+def test_every_run_of_a_scenario_is_under_the_strategy_s_gemm_flags(tmp_path: Path, temp_scenarios: list,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # the reference's FP32 runs and each strategy's run call Scenario.execute, which holds ex.gemm_flags()
+    # for the whole run: a GEMM outside ex.autocast() is under the strategy's TF32 setting too
+    import contextlib
+
+    from harness.execution import Execution
+    inside: list[str] = []
+    entered: list[str] = []
+
+    @contextlib.contextmanager
+    def flags(self):  # noqa: ANN001, ANN202
+        entered.append(self.strategy.compute)
+        yield
+
+    monkeypatch.setattr(Execution, "gemm_flags", flags)
+
+    def run(ex, inp, p) -> Output:  # noqa: ANN001
+        inside.append(ex.strategy.compute if entered and entered[-1] == ex.strategy.compute else "outside")
+        return Output(value=inp["x"] @ inp["x"].T)  # a GEMM outside ex.autocast()
+
+    s = add_scenario(temp_scenarios, Scenario(name="t_bare_gemm", family="reduction", description="d",
+                                              grid={"k": [0]}, inputs=lambda p, g: {"x": torch.rand(4, 8, generator=g)},
+                                              run=run, n=lambda p: 8))
+    run_matrix(RunConfig([s], [PRESETS["fp32"], PRESETS["tf32"]], torch.device("cpu"), out=tmp_path / "r"))
+    # reference: FP32 and FP64 runs; then the fp32 and tf32 strategies
+    assert inside == ["fp32", "fp64", "fp32", "tf32"], inside
+
+
+def test_execute_rejects_what_is_not_an_output() -> None:
+    from harness.execution import Execution
+    s = Scenario(name="t_bad", family="reduction", description="d", grid={}, inputs=lambda p, g: {},
+                 run=lambda ex, inp, p: {"value": 1})
+    with pytest.raises(TypeError, match="scenario t_bad.run returned dict, expected harness.Output"):
+        s.execute(Execution(PRESETS["fp32"], torch.device("cpu")), {}, {})

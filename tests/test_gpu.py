@@ -295,3 +295,27 @@ def test_cuda_execution_sets_and_restores_the_gemm_flags() -> None:
             assert m.allow_fp16_reduced_precision_reduction and m.allow_bf16_reduced_precision_reduction
             raise RuntimeError("scenario failed")
     assert (m.allow_tf32, m.allow_fp16_reduced_precision_reduction) == before
+
+
+@pytest.mark.cuda
+@cuda
+def test_a_gemm_outside_autocast_runs_under_the_strategy_s_tf32_setting(tmp_path: Path, temp_scenarios: list) -> None:
+    from conftest import add_scenario
+    from harness.engine import RunConfig, run_matrix
+    from harness.scenario import Output, Scenario
+    from harness.strategy import PRESETS
+    seen: list[tuple[bool, bool]] = []
+
+    def run(ex, inp, p) -> Output:  # noqa: ANN001
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        x = ex.act(inp["x"])
+        return Output(value=x @ x.T)  # outside ex.autocast()
+
+    s = add_scenario(temp_scenarios, Scenario(name="t_bare_gemm_cuda", family="reduction", description="d",
+                                              grid={"k": [0]}, inputs=lambda p, g: {"x": torch.rand(64, 64, generator=g)},
+                                              run=run, n=lambda p: 64, devices=("cuda",)))
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    run_matrix(RunConfig([s], [PRESETS["fp32"], PRESETS["tf32"]], torch.device("cuda"), out=tmp_path / "r"))
+    # the reference's FP32, FP64 and FP32 rerun, then the fp32 and tf32 strategies
+    assert seen == [(False, False)] * 4 + [(True, True)], seen
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before  # restored
