@@ -85,8 +85,20 @@ def warm_up(fn: Callable[[], Any], seconds: float) -> float:
     return 1000 * (time.perf_counter() - t0) / n
 
 
-def time_events(fn: Callable[[], Any], iters: int) -> list[float]:
-    """Milliseconds of each of ``iters`` back-to-back calls, each bracketed by its own pair of CUDA events."""
+def gpu_load() -> dict[str, float | None]:
+    """The SM clock (MHz) and board power (W) now, through NVML (None where it cannot be read)."""
+    out: dict[str, float | None] = {"sm_clock_mhz": None, "power_w": None}
+    try:
+        out["sm_clock_mhz"] = float(torch.cuda.clock_rate())
+        out["power_w"] = torch.cuda.power_draw() / 1000.0
+    except Exception:  # no NVML (pynvml) here, or a device that does not report it
+        pass
+    return out
+
+
+def time_events(fn: Callable[[], Any], iters: int) -> tuple[list[float], dict[str, float | None]]:
+    """Milliseconds of each of ``iters`` back-to-back calls, each bracketed by its own pair of CUDA events,
+    and the GPU's clock and power read while the queued calls still run (:func:`gpu_load`)."""
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     torch.cuda.synchronize()
@@ -94,8 +106,9 @@ def time_events(fn: Callable[[], Any], iters: int) -> list[float]:
         s.record()
         fn()
         e.record()
+    load = gpu_load()
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)], load
 
 
 def time_do_bench(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> float | None:
@@ -122,12 +135,12 @@ def measure_burst(kind: str, name: str, fmt: str, flops: float, fn: Callable[[],
     time.sleep(idle)
     for _ in range(BURST_WARM_CALLS):
         fn()
-    ms = time_events(fn, BURST_CALLS)
+    ms, load = time_events(fn, BURST_CALLS)
     torch.cuda.synchronize()
     time.sleep(idle)
     est = statistics.median(ms)
     db = time_do_bench(fn, BURST_WARM_CALLS * est, BURST_CALLS * est)
-    return _row(kind, name, fmt, flops, ms, db, dict(extra or {}, regime="burst"))
+    return _row(kind, name, fmt, flops, ms, db, dict(extra or {}, regime="burst", **load))
 
 
 def measure(kind: str, name: str, fmt: str, flops: float, fn: Callable[[], Any], sizes: Sizes,
@@ -135,10 +148,10 @@ def measure(kind: str, name: str, fmt: str, flops: float, fn: Callable[[], Any],
     """Warm up, time ``fn`` with events (median), check against do_bench right after (same thermal
     state), and turn the median into TFLOP/s and a share of the format's ceiling."""
     est = warm_up(fn, sizes.warm_s)
-    ms = time_events(fn, max(sizes.iters, math.ceil(1000 * sizes.measure_s / est)))
+    ms, load = time_events(fn, max(sizes.iters, math.ceil(1000 * sizes.measure_s / est)))
     med = statistics.median(ms)
     db = time_do_bench(fn, max(25, int(3 * med)), max(100, int(10 * med)))  # about ten calls or more
-    return _row(kind, name, fmt, flops, ms, db, dict(extra or {}, regime="sustained"))
+    return _row(kind, name, fmt, flops, ms, db, dict(extra or {}, regime="sustained", **load))
 
 
 def _row(kind: str, name: str, fmt: str, flops: float, ms: list[float], db: float | None,
@@ -261,11 +274,11 @@ def block_rows(names: list[str], sizes: Sizes) -> list[dict[str, Any]]:
 
 # -- output ------------------------------------------------------------------------------------------------
 def render(rows: list[dict[str, Any]]) -> str:
-    head = ["kind", "name", "regime", "ms", "TFLOP/s", "ceiling", "share", "do_bench ms", "diff", "ok"]
+    head = ["kind", "name", "regime", "ms", "TFLOP/s", "ceiling", "share", "do_bench ms", "diff", "MHz", "W", "ok"]
     body = []
     for r in rows:
         if "unsupported" in r:
-            body.append([r["kind"], r["name"], "-", "-", "-", "-", "-", "-", "-", r["unsupported"][:40]])
+            body.append([r["kind"], r["name"], *["-"] * 9, r["unsupported"][:40]])
             continue
         ok = []
         if r.get("meets_target") is not None:
@@ -274,10 +287,12 @@ def render(rows: list[dict[str, Any]]) -> str:
             ok.append("do_bench" if r["do_bench_agrees"] else "DO_BENCH-DIFF")
         body.append([r["kind"], r["name"], r.get("regime", "sustained"), f"{r['ms']:.3f}", f"{r['tflops']:.1f}", f"{r['ceiling_tflops']:.0f}",
                      f"{100 * r['share']:.1f}%", "-" if r["ms_do_bench"] is None else f"{r['ms_do_bench']:.3f}",
-                     "-" if r["do_bench_diff"] is None else f"{100 * r['do_bench_diff']:.1f}%", " ".join(ok)])
+                     "-" if r["do_bench_diff"] is None else f"{100 * r['do_bench_diff']:.1f}%",
+                     "-" if r.get("sm_clock_mhz") is None else f"{r['sm_clock_mhz']:.0f}",
+                     "-" if r.get("power_w") is None else f"{r['power_w']:.0f}", " ".join(ok)])
     table = [head] + body
     w = [max(len(row[i]) for row in table) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w[i]) if i in (3, 4, 5, 6, 7, 8) else c.ljust(w[i])
+    return "\n".join("  ".join(c.rjust(w[i]) if 3 <= i <= 10 else c.ljust(w[i])
                                for i, c in enumerate(row)).rstrip() for row in table)
 
 

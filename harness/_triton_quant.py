@@ -5,8 +5,8 @@ tensor five times (scale, finiteness, clamp, select, cast); this kernel reads it
 bytes once. Semantics, bit for bit (``tests/test_gpu.py`` compares the two on random and special values):
 the product is FP32 (``x`` upcast, times the FP32 scale read from the device: no host synchronization),
 finite values saturate to +-max and round to nearest even, NaN stays NaN, and an infinity stays
-non-finite: +-inf in E5M2, NaN in E4M3 (which has no inf). The hardware conversion saturates an
-infinity to max, so the kernel writes the infinity's bit pattern itself.
+non-finite: +-inf in E5M2, NaN in E4M3 (which has no inf). The kernel selects NaN and writes E5M2's
+infinity bits itself rather than rely on how the conversion instruction treats non-finite inputs.
 
 Imported only where Triton and a CUDA device are present (:func:`harness.fp8.quantize_fp8` decides).
 """

@@ -74,9 +74,9 @@ def _fused(x: torch.Tensor, fmt, scale: float | torch.Tensor) -> torch.Tensor | 
 
 
 def quantize_fp8(x: torch.Tensor, fmt, scale: float | torch.Tensor) -> torch.Tensor:
-    """Scale then cast to FP8. Finite values past the format's max saturate to it, as the scaled GEMMs
-    do; inf and NaN stay non-finite (NaN in E4M3, which has no inf), so an overflow upstream is never
-    hidden: torch's cast alone saturates inf to 448 in E4M3. On a GPU with Triton one fused pass
+    """Scale then cast to FP8. Finite values past the format's max saturate to it; inf and NaN stay
+    non-finite (NaN in E4M3, which has no inf), so an overflow upstream is never hidden: torch's cast
+    alone saturates inf to 448 in E4M3 (seen on the CPU). On a GPU with Triton one fused pass
     computes the same bits (:mod:`harness._triton_quant`)."""
     fused = _fused(x, fmt, scale)
     if fused is not None:

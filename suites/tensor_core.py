@@ -100,6 +100,7 @@ register(Scenario(
     n=lambda p: 2,
     devices=("cuda",),
     expect=(Expect(("fp8*",), "diverged", "FP8 Tensor Cores accumulate in fewer bits than FP32 (tc_profile's "
-                   "accumulator_bits: 14 on Hopper): once the sum is 2^bits times a product, products are lost "
-                   "whole", when=lambda p: p["gemm"] == "tensor_core" and p["k"] >= 65536, device="cuda"),),
+                   "accumulator_bits: 14 on Hopper): the truncated sum drifts, and once it is 2^bits times a "
+                   "product, products are lost whole (on an H200 rel_err 7.1e-2 at k=4096, 3.7x the bound, and "
+                   "0.72 at k=262144)", when=lambda p: p["gemm"] == "tensor_core", device="cuda"),),
 ))
