@@ -15,8 +15,9 @@ second that brings the GPU to its sustained clock (``regime: sustained``); each 
 ``triton.testing.do_bench`` (median) on the same callable right after, which must agree within 5%.
 GEMMs are also timed the way the ceilings of DESIGN.md section 7 were measured (``regime: burst``: after
 a second idle, 3 calls of warm-up and 10 timed calls; do_bench over a window of as many calls, after
-another second idle), because under load the H200 lowers its clock to stay within its
-power limit: a share of a burst ceiling is only like-for-like with a burst time. The target is judged
+another second idle), because under a second of load the H200 ran its Tensor-Core GEMMs at a lower
+clock (each row records the SM clock and board power read through NVML while its calls ran): a share
+of a burst ceiling is only like-for-like with a burst time. The target is judged
 in both regimes and both are reported. Rates are
 model FLOPs (2mnk per GEMM; 3x the forward for forward+backward) per second, and a share of the ceilings
 of DESIGN.md section 7. A compact table is printed last; ``--out FILE`` writes every number as JSON.
@@ -74,9 +75,9 @@ QUICK = Sizes(gemm=1024, d=512, heads=8, batch=2, seq=256, iters=5, measure_s=0.
 def warm_up(fn: Callable[[], Any], seconds: float) -> float:
     """Call ``fn`` (synchronized) for at least ``seconds`` and 3 calls; returns milliseconds per call.
 
-    On the H200 a GEMM timed right after a short warm-up ran faster than once the clock had settled
-    under the power limit (``--warm-s 0`` shows the difference), which overstates what a training run
-    sustains; this warm-up reaches the sustained state first."""
+    On the H200 a GEMM timed right after a short warm-up ran faster (at 1980 MHz) than after a second of
+    load (1365 to 1530 MHz for the Tensor-Core GEMMs), which overstates what a training run sustains;
+    this warm-up reaches the sustained state first."""
     n, t0 = 0, time.perf_counter()
     while n < 3 or time.perf_counter() - t0 < seconds:
         fn()
@@ -128,8 +129,8 @@ def measure_burst(kind: str, name: str, fmt: str, flops: float, fn: Callable[[],
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Time ``fn`` from idle like the ceilings: :data:`BURST_WARM_CALLS` calls, then the median of
     :data:`BURST_CALLS` event-timed calls; then, after another idle second, do_bench over the same window
-    (warm-up and repetitions of as many calls: its default 100 ms would run into the power limit and
-    time another regime). ``--quick`` shortens the idle with the warm-up."""
+    (warm-up and repetitions of as many calls: with its default 100 ms window it disagreed
+    with the 10-call burst by up to 13.5% on the H200). ``--quick`` shortens the idle with the warm-up."""
     idle = BURST_IDLE_S * min(1.0, sizes.warm_s)
     torch.cuda.synchronize()
     time.sleep(idle)
