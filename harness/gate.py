@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from .report.tables import counts_from_records, failure_rate, pct, wilson
-from .results import SCHEMA_VERSION, SEVERITY, RunFileError, case_key, device_class, num, read_run, write_json_atomic
+from .results import ERROR_METRICS, SCHEMA_VERSION, SEVERITY, RunFileError, case_key, device_class, num, read_run, write_json_atomic
 
 __all__ = ["Thresholds", "Finding", "GateResult", "make_baseline", "load_baseline", "check_compatible",
            "compare", "render", "add_command", "ERROR_METRICS", "BASELINE_KIND"]
 
 BASELINE_KIND = "mp-harness baseline"
-ERROR_METRICS = ("rel_err", "grad_rel_err", "loss_divergence")
 UPDATE_HINT = "python -m harness gate RUN_DIR --baseline {path} --update"
 
 

@@ -22,6 +22,7 @@ import torch
 from .execution import FP64, Execution
 from .formats import FORMATS
 from .metrics import compare
+from .results import ERROR_METRICS
 from .scenario import Case, Output
 from .strategy import PRESETS
 from .tolerance import bound, describe
@@ -52,11 +53,8 @@ def _deterministic() -> Iterator[None]:
 
 #: Devices whose FP32 reference is computed twice to detect nondeterministic kernels (see module doc).
 RERUN_DEVICES: tuple[str, ...] = ("cuda",)
-_ERRORS = ("rel_err", "grad_rel_err", "loss_divergence")
-
-
 def _worst(m: dict[str, Any]) -> float:
-    return max((m.get(k, 0.0) for k in _ERRORS), default=0.0)
+    return max((m.get(k, 0.0) for k in ERROR_METRICS), default=0.0)
 
 
 def compute_reference(case: Case, inputs: dict, device: torch.device) -> Reference:

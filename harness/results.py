@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "SEVERITY", "tally", "case_seed_key", "RECORD_FIELDS", "RunWriter", "read_run", "read_records", "num", "clean",
+__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "ERROR_METRICS", "SEVERITY", "tally", "case_seed_key", "RECORD_FIELDS", "RunWriter", "read_run", "read_records", "num", "clean",
            "environment", "device_class", "write_json_atomic", "RunFileError"]
 
 SCHEMA_VERSION = 1
@@ -26,6 +26,9 @@ SCHEMA_VERSION = 1
 #: so that reports and the gate read them without importing the engine.
 OUTCOMES = ("pass", "diverged", "overflow", "underflow", "scale_exhausted", "stalled", "unsupported", "error")
 FAILURES = tuple(o for o in OUTCOMES if o not in ("pass", "unsupported"))
+#: The errors a verdict bounds and the gate compares: the output's and the gradients' normwise relative
+#: errors, and a training run's loss-curve divergence.
+ERROR_METRICS = ("rel_err", "grad_rel_err", "loss_divergence")
 #: How bad an outcome is, for the gate: higher is worse.
 SEVERITY = {"pass": 0, "unsupported": 0, "diverged": 1, "underflow": 2, "stalled": 3, "overflow": 4,
             "scale_exhausted": 5, "error": 6}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .formats import FORMATS, Format
-from .results import FAILURES, OUTCOMES, SEVERITY
+from .results import ERROR_METRICS, FAILURES, OUTCOMES, SEVERITY
 from .scaling import ScalerSpec, format_number, parse_scaler
 from .tolerance import bound, describe
 
@@ -153,11 +153,8 @@ def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: fl
         return Verdict("diverged", f"updates: {_pct(m['updates_lost'])} of (update, weight) pairs with a gradient "
                                    f"left the weight unchanged (w + dw == w), {_pct(m['updates_lost_excess'])} more "
                                    f"than the reference > budget {_pct(underflow_budget)}", b)
-    for key in ("rel_err", "grad_rel_err"):
+    for key in ERROR_METRICS:
         if key in m and m[key] > b:
             return Verdict("diverged", f"{key} {_e(m[key])} > {_e(b)} = {_how(fmt, n, kappa, factor, truncating, floor, floor_source)}", b)
-    if "loss_divergence" in m and m["loss_divergence"] > b:
-        return Verdict("diverged", f"loss_divergence {_e(m['loss_divergence'])} > {_e(b)} = "
-                                   f"{_how(fmt, n, kappa, factor, truncating, floor, floor_source)}", b)
-    errs = [f"{k} {_e(m[k])}" for k in ("rel_err", "grad_rel_err", "loss_divergence") if k in m]
+    errs = [f"{k} {_e(m[k])}" for k in ERROR_METRICS if k in m]
     return Verdict("pass", f"{', '.join(errs) or 'no error'} <= {_e(b)}", b)
