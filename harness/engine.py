@@ -246,15 +246,29 @@ def run_header(cfg: RunConfig, n_cases: int) -> dict[str, Any]:
             "cases": n_cases, "expected_records": n_cases * len(cfg.strategies)}
 
 
-def run_stats(wall: float, refs: ReferenceCache, summary: Summary, records: int, ran: int,
-              resume: bool) -> dict[str, Any]:
-    """What a run measured about itself: wall time, references, where the time went."""
-    inside = summary.seconds_in_scenarios + refs.seconds + summary.seconds_building_inputs
-    return {"wall_seconds": wall, "references_computed": refs.computed, "references_reused": refs.reused,
-            "records": records, "records_this_session": ran, "resumed": resume,
-            "seconds_in_scenarios": summary.seconds_in_scenarios, "seconds_in_references": refs.seconds,
-            "seconds_building_inputs": summary.seconds_building_inputs,
-            "bookkeeping_ms_per_record": 1000 * (wall - inside) / max(ran, 1)}
+#: The counts and times :func:`run_stats` reports, which a sharded run sums over its ranks.
+SUMMED_STATS = ("references_computed", "references_reused", "seconds_in_scenarios", "seconds_in_references",
+                "seconds_building_inputs")
+
+
+def run_stats(wall: float, parts: dict[str, float], records: int, ran: int, resume: bool,
+              bookkeeping_ms: float | None = None) -> dict[str, Any]:
+    """What a run measured about itself: wall time, references and where the time went (``parts``, keyed
+    by :data:`SUMMED_STATS`), and the harness's own time per record of this session (by default the wall
+    time left outside scenarios, references and inputs)."""
+    if bookkeeping_ms is None:
+        inside = parts["seconds_in_scenarios"] + parts["seconds_in_references"] + parts["seconds_building_inputs"]
+        bookkeeping_ms = 1000 * (wall - inside) / max(ran, 1)
+    return {"wall_seconds": wall, **{k: parts[k] for k in SUMMED_STATS}, "records": records,
+            "records_this_session": ran, "resumed": resume, "bookkeeping_ms_per_record": bookkeeping_ms}
+
+
+def session_stats(wall: float, refs: ReferenceCache, summary: Summary, ran: int, resume: bool) -> dict[str, Any]:
+    """:func:`run_stats` of one process: its reference cache and its summary of the records."""
+    parts = {"references_computed": refs.computed, "references_reused": refs.reused,
+             "seconds_in_scenarios": summary.seconds_in_scenarios, "seconds_in_references": refs.seconds,
+             "seconds_building_inputs": summary.seconds_building_inputs}
+    return run_stats(wall, parts, summary.records, ran, resume)
 
 
 def _done_keys(out: Path) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
@@ -272,23 +286,18 @@ def _done_keys(out: Path) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
 
 
 def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None,
-               shard: tuple[int, int] | None = None, resume: bool = False) -> tuple[Path, Summary, dict]:
+               resume: bool = False) -> tuple[Path, Summary, dict]:
     """Run the whole matrix into a run directory; returns (directory, summary, run stats).
 
-    ``shard=(rank, world)`` runs only the cases whose index is ``rank`` modulo ``world``. ``resume``
-    keeps the records already in ``cfg.out`` and runs exactly the missing (case, strategy) pairs.
+    ``resume`` keeps the records already in ``cfg.out`` and runs exactly the missing (case, strategy) pairs.
     SIGINT and SIGTERM end the run with what is done written and ``run.json`` marked interrupted."""
     out = cfg.out or default_out_dir(cfg.device)
     all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)
-    if shard is not None:
-        rank, world = shard
-        all_cases = all_cases[rank::world]
     done_keys, previous = _done_keys(Path(out)) if resume else (set(), [])
     writer = RunWriter(out, run_header(cfg, len(all_cases)), append=resume)
     summary = Summary.of(previous)
     refs = ReferenceCache()
     total = len(all_cases) * len(cfg.strategies)
-    done = len(previous)
     t_start = time.perf_counter()
     status = "complete"
     try:
@@ -299,14 +308,13 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
                     continue
                 for rec in run_case_records(case, todo, cfg.device, refs, summary, cfg.timeout):
                     writer.append(rec)
-                    done += 1
                     if progress:
-                        progress(done, total, f"{case.id} {rec['strategy']}")
+                        progress(summary.records, total, f"{case.id} {rec['strategy']}")
     except BaseException:  # SIGINT, SIGTERM, or a fault of the harness itself: the run is not complete
         status = "interrupted"
         raise
     finally:
-        stats = run_stats(time.perf_counter() - t_start, refs, summary, done, done - len(previous), resume)
+        stats = session_stats(time.perf_counter() - t_start, refs, summary, summary.records - len(previous), resume)
         writer.close({**summary.as_dict(), **stats}, status=status)
     return out, summary, stats
 

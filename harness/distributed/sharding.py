@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch.distributed as dist
 
 from ..engine import RunConfig, Summary, _done_keys, _record, default_out_dir, resume_config, run_case_records, \
-    run_header, run_stats
+    SUMMED_STATS, run_header, run_stats, session_stats
 from ..guard import sigterm_as_interrupt
 from ..reference import ReferenceCache
 from ..results import RunFileError, RunWriter, case_seed_key, clean, read_run
@@ -217,7 +217,7 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
             writer.close({"note": f"stopped: the records are in {SHARDS}/; `python -m harness.distributed merge "
                                   f"{out}` collects them"}, status="interrupted")
         raise
-    mine = run_stats(busy, refs, summary, summary.records, summary.records, resume)  # this rank's busy time
+    mine = session_stats(busy, refs, summary, summary.records, resume)  # this rank's busy time
     mine.update(rank=g.rank, host=g.host, device=str(cfg.device), cases=claimed)
     gathered: list[Any] | None = [None] * g.world if g.rank == 0 else None
     dist.gather_object({"lines": lines, "stats": mine}, gathered, dst=0)
@@ -241,15 +241,12 @@ def _finish(cfg: RunConfig, all_cases: list[Case], writer: RunWriter, previous: 
     merged = _ordered(recs, lost, cfg, all_cases)
     summary = _append(writer, previous, merged)
     ranks = [part["stats"] for part in gathered]
-    summed = {k: sum(r[k] for r in ranks) for k in ("references_computed", "references_reused", "seconds_in_scenarios",
-                                                     "seconds_in_references", "seconds_building_inputs")}
+    summed = {k: sum(r[k] for r in ranks) for k in SUMMED_STATS}
     summary.seconds_in_scenarios = summed["seconds_in_scenarios"]
     summary.seconds_building_inputs = summed["seconds_building_inputs"]
     ran = sum(r["records_this_session"] for r in ranks)
-    stats = {"wall_seconds": time.perf_counter() - t0, **summed, "records": summary.records,
-             "records_this_session": ran, "resumed": resume,
-             "bookkeeping_ms_per_record": sum(r["bookkeeping_ms_per_record"] * r["records_this_session"]
-                                              for r in ranks) / max(ran, 1),
+    per_record = sum(r["bookkeeping_ms_per_record"] * r["records_this_session"] for r in ranks) / max(ran, 1)
+    stats = {**run_stats(time.perf_counter() - t0, summed, summary.records, ran, resume, per_record),
              "world_size": len(ranks), "lost_records": len(lost), "ranks": ranks}
     writer.close({**summary.as_dict(), **stats})
     return writer.dir, summary, stats
