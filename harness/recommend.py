@@ -13,10 +13,11 @@ from typing import Any, Callable, Iterable
 
 from .diagnose import Diagnosis
 from .formats import FORMATS
-from .strategy import parse
-from .window import TensorWindow, Window
+from .report.tables import compute_format
+from .results import FAILURES
+from .window import TensorWindow, Window, pow2_above, pow2_below
 
-__all__ = ["gradient_span", "window_sentence", "recommend", "pow2_above", "pow2_below", "PREFERENCE"]
+__all__ = ["gradient_span", "window_sentence", "recommend", "PREFERENCE"]
 
 #: Which passing strategy to name first: no loss scaler needed (bf16), then the real GradScaler, then
 #: the rest; FP32 and TF32 last (they keep FP32's memory footprint and add no range).
@@ -27,17 +28,6 @@ FP16 = FORMATS["fp16"]
 
 def _p2(x: float) -> str:
     return f"2^{int(round(math.log2(x)))}"
-
-
-def pow2_above(x: float) -> float:
-    """The smallest power of two strictly above ``x > 0`` (exact: read off the binary exponent)."""
-    return math.ldexp(1.0, math.frexp(x)[1])
-
-
-def pow2_below(x: float) -> float:
-    """The largest power of two strictly below ``x > 0``."""
-    m, e = math.frexp(x)
-    return math.ldexp(1.0, e - 2 if m == 0.5 else e - 1)
 
 
 def _live(w: Window) -> list[TensorWindow]:
@@ -90,12 +80,12 @@ def recommend(records: list[dict[str, Any]], window: Window, diagnoses: dict[str
     """One line, ``"<strategy>: <why>"``: which strategy to use for this model, from its records (one per
     strategy), the FP16 window of its FP32 gradients and the diagnoses of the strategies that failed."""
     by = {r["strategy"]: r for r in records}
-    compute = {s: parse(r["strategy_spec"]).compute for s, r in by.items()}
+    compute = {s: compute_format(r) for s, r in by.items()}
     passing = [s for s in _ordered(by) if by[s]["outcome"] == "pass"]
     reduced = [s for s in passing if compute[s] not in ("fp32", "fp64", "tf32")]
     bf16 = [s for s in reduced if compute[s] == "bf16"]
     fp16 = [s for s in reduced if compute[s] == "fp16"]
-    failed = {s: by[s]["outcome"] for s in by if by[s]["outcome"] not in ("pass", "unsupported")}
+    failed = {s: by[s]["outcome"] for s in by if by[s]["outcome"] in FAILURES}
     span = gradient_span(window)
     range16 = f"FP16's 2^{FP16.dynamic_range_log2:.0f}"
     span_txt = f"gradients span 2^{span:.0f}" if span is not None else "no gradient to scale"

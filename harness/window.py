@@ -32,20 +32,27 @@ import torch
 from .formats import FORMATS, Format
 from .scaling import format_number
 
-__all__ = ["TensorWindow", "Window", "tensor_window", "scale_window", "pow2_inside"]
+__all__ = ["TensorWindow", "Window", "tensor_window", "scale_window", "pow2_inside", "pow2_above", "pow2_below"]
+
+
+def pow2_above(x: float) -> float:
+    """The smallest power of two strictly above ``x > 0``. Exact: ``x = m * 2^e`` with m in [0.5, 1)."""
+    return math.ldexp(1.0, math.frexp(x)[1])
+
+
+def pow2_below(x: float) -> float:
+    """The largest power of two strictly below ``x > 0``: 2^(e-1), or 2^(e-2) when x is itself 2^(e-1)."""
+    m, e = math.frexp(x)
+    return math.ldexp(1.0, e - 2 if m == 0.5 else e - 1)
 
 
 def pow2_inside(lo: float, hi: float) -> tuple[float | None, float | None]:
     """(smallest, largest) power of two strictly inside ``(lo, hi)``; (None, None) if there is none
-    (or the interval is unbounded). Exact: read off the binary exponent, no logarithms."""
+    (or the interval is unbounded)."""
     if not (0 < lo < hi < math.inf):
         return None, None
-    m_lo, e_lo = math.frexp(lo)  # lo = m * 2^e, m in [0.5, 1): the next power of two above is 2^e
-    m_hi, e_hi = math.frexp(hi)  # the last one below hi is 2^(e-1), or 2^(e-2) when hi is itself 2^(e-1)
-    first, last = e_lo, (e_hi - 2 if m_hi == 0.5 else e_hi - 1)
-    if first > last:
-        return None, None
-    return math.ldexp(1.0, first), math.ldexp(1.0, last)
+    first, last = pow2_above(lo), pow2_below(hi)
+    return (first, last) if first <= last else (None, None)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import gradplots, plots
+from ..results import FAILURES
 from .compare import Run, compare_tables
 from .tables import (Table, environment_table, failure_table, family_table, format_comparison_table,
                      outcome_table)
@@ -104,7 +105,7 @@ def _declared(r: dict[str, Any]) -> str:
 
 def _failures(records: list[dict[str, Any]]) -> Table:
     """Failing records, the unexpected ones (no declared expected failure matches) first."""
-    bad = [r for r in records if r["outcome"] not in ("pass", "unsupported")]
+    bad = [r for r in records if r["outcome"] in FAILURES]
     bad.sort(key=lambda r: _declared(r) == "expected")
     rows = [[str(r.get("case", r.get("scenario"))), str(r.get("seed")), r["strategy"], r["outcome"], _declared(r),
              str(r.get("reason", ""))] for r in bad[:MAX_FAILURES]]
