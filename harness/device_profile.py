@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .strategy import tensor_core_support
 from .tc_probes import FIELDS, PROBED_FORMATS, model_from_profile, profile_format
 from .tensor_core_model import MatMul, TensorCoreModel
 
@@ -84,11 +85,7 @@ def device_matmul(fmt: str, backend: str = "triton", device: str = "cuda") -> Ma
 
 def _support(fmt: str, device: torch.device) -> str | None:
     """Why ``fmt`` cannot be probed on ``device`` (None when it can)."""
-    cap = torch.cuda.get_device_capability(device)
-    need = {"bf16": (8, 0), "tf32": (8, 0), "fp8_e4m3": (8, 9)}.get(fmt, (7, 0))
-    if cap < need:
-        return f"sm_{cap[0]}{cap[1]} has no {fmt} Tensor Cores (needs sm_{need[0]}{need[1]}+)"
-    return None
+    return tensor_core_support(fmt, device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,14 +13,14 @@ True
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .formats import Format, get_format
 from .scaling import SCALER_PRESETS, ScalerSpec, parse_scaler
 
-__all__ = ["Strategy", "PRESETS", "parse", "resolve", "support"]
+__all__ = ["Strategy", "PRESETS", "parse", "resolve", "support", "tensor_core_support", "MIN_CAPABILITY"]
 
 COMPUTE = ("fp64", "fp32", "tf32", "fp16", "bf16", "fp8")
 APPLY = ("autocast", "cast")
@@ -191,6 +191,22 @@ def resolve(names: list[str] | None) -> list[Strategy]:
     return out
 
 
+#: The compute capability whose Tensor Cores take each input format (FP16 from the first generation).
+MIN_CAPABILITY = {"fp16": (7, 0), "bf16": (8, 0), "tf32": (8, 0), "fp8": (8, 9)}
+
+
+def tensor_core_support(compute: str, device: torch.device | str) -> str | None:
+    """Why the CUDA ``device`` has no Tensor Cores for ``compute`` inputs (``fp8`` or ``fp8_e4m3``, ``bf16``,
+    ...), or None when it has them (and for formats no Tensor Core takes: FP32, FP64)."""
+    need = MIN_CAPABILITY.get(compute.split("_")[0])
+    cap = torch.cuda.get_device_capability(device)
+    if need is None or cap >= need:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return (f"{name} (sm_{cap[0]}{cap[1]}) has no {compute.split('_')[0].upper()} Tensor Cores "
+            f"(needs sm_{need[0]}{need[1]}+)")
+
+
 def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[str]]:
     """Whether ``strategy`` runs on ``device``: (supported, reason if not, emulation notes).
 
@@ -209,15 +225,10 @@ def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[s
                            "no CPU kernel honours it"), notes
         return True, "", notes
     if device.type == "cuda":
-        cap = torch.cuda.get_device_capability(device)
-        name = torch.cuda.get_device_name(device)
-        if strategy.compute in ("bf16", "fp8") and cap < (8, 0):
-            return False, f"{name} (sm_{cap[0]}{cap[1]}) has no BF16 Tensor Cores (needs sm_80+)", notes
-        if strategy.compute == "tf32" and cap < (8, 0):
-            return False, f"{name} (sm_{cap[0]}{cap[1]}) has no TF32 Tensor Cores (needs sm_80+)", notes
+        why = tensor_core_support(strategy.compute, device)
+        if why:
+            return False, why, notes
         if strategy.compute == "fp8":
-            if cap < (8, 9):
-                return False, f"{name} (sm_{cap[0]}{cap[1]}) has no FP8 Tensor Cores (needs sm_89+)", notes
             if not hasattr(torch, "_scaled_mm"):
                 return False, f"torch {torch.__version__} lacks torch._scaled_mm", notes
         return True, "", notes

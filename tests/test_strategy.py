@@ -118,3 +118,22 @@ def test_cpu_support_names_emulation_and_refuses_reduced_reductions() -> None:
 def test_master_weights_need_16_bit_parameters() -> None:
     with pytest.raises(ValueError, match="needs params=fp16 or bf16"):
         parse("compute=fp64,apply=cast,params=fp64,master=yes")
+
+
+def test_tensor_core_support_names_the_format_and_the_capability_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from harness.strategy import support, tensor_core_support
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    assert tensor_core_support("fp16", "cuda") is None and tensor_core_support("fp32", "cuda") is None
+    assert tensor_core_support("bf16", "cuda") == "Tesla T4 (sm_75) has no BF16 Tensor Cores (needs sm_80+)"
+    assert tensor_core_support("tf32", "cuda") == "Tesla T4 (sm_75) has no TF32 Tensor Cores (needs sm_80+)"
+    # FP8 on a pre-Ampere GPU is refused for FP8, not for BF16; the probes' format name works too
+    assert tensor_core_support("fp8", "cuda") == "Tesla T4 (sm_75) has no FP8 Tensor Cores (needs sm_89+)"
+    assert tensor_core_support("fp8_e4m3", "cuda") == tensor_core_support("fp8", "cuda")
+    ok, why, _ = support(parse("fp8-tensorwise"), torch.device("cuda"))
+    assert not ok and "FP8 Tensor Cores (needs sm_89+)" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    assert tensor_core_support("bf16", "cuda") is None
+    assert tensor_core_support("fp8", "cuda") == "Tesla T4 (sm_80) has no FP8 Tensor Cores (needs sm_89+)"
