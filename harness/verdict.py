@@ -40,6 +40,7 @@ class Verdict:
     outcome: str
     reason: str
     bound: float | None = None
+    direction: str | None = None  # scale_exhausted: "max" or "min", the way the scale ran out of room
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -78,6 +79,11 @@ def _ran(sc: dict, spec: ScalerSpec | None) -> ScalerSpec | None:
         return spec
 
 
+def _exhausted(direction: str, text: str) -> Verdict:
+    """``scale_exhausted`` in ``direction`` (the reason starts with it, for people and old readers)."""
+    return Verdict("scale_exhausted", f"{direction}: {text}", direction=direction)
+
+
 def _scaling(m: dict, spec: ScalerSpec | None, budget: float) -> Verdict | None:
     """``scale_exhausted`` (reason ``max: ...`` or ``min: ...``, the direction the scale ran out of room
     in) or ``stalled`` from the scaler's trace; None when the scaler kept training going."""
@@ -90,13 +96,13 @@ def _scaling(m: dict, spec: ScalerSpec | None, budget: float) -> Verdict | None:
     under = max(m.get("grad_underflow_frac", 0.0), m.get("underflow_frac", 0.0))
     s_min, s_max, s_final = sc["scale_min"], sc["scale_max"], sc["scale_final"]
     if sc.get("raised"):
-        return Verdict("scale_exhausted", f"min: gradients still overflow at the floor scale "
+        return _exhausted("min", f"gradients still overflow at the floor scale "
                                           f"{format_number(spec.min) if spec else '?'} and the policy raises there "
                                           f"(floor=raise): training stopped after {steps} steps, {skipped} skipped")
     if sc["scale_nonfinite"] or (s_max is not None and s_max >= _FP32_INF_AT):
         finite = [x for x in sc.get("trajectory", []) if isinstance(x, (int, float)) and math.isfinite(x)]
         grown = s_max if math.isfinite(s_max) or not (finite and spec) else max(finite) * spec.growth
-        return Verdict("scale_exhausted", f"max: loss scale grew to {format_number(grown)}, past FP32's max: as an "
+        return _exhausted("max", f"loss scale grew to {format_number(grown)}, past FP32's max: as an "
                                           f"FP32 tensor it is inf, every scaled loss overflows and the scale cannot "
                                           f"back off from inf; {of}")
     if s_final is not None and s_final < FORMATS["fp32"].min_normal and skipped:
@@ -104,15 +110,15 @@ def _scaling(m: dict, spec: ScalerSpec | None, budget: float) -> Verdict | None:
                   if s_final < _FP32_INV_INF_BELOW else "below FP32's smallest normal")
         poisoned = (f"; {m['nonfinite_params']} weights inf/NaN afterwards: non-finite gradients were applied"
                     if m.get("nonfinite_params") else "")
-        return Verdict("scale_exhausted", f"min: loss scale collapsed from {format_number(s_max)} to "
+        return _exhausted("min", f"loss scale collapsed from {format_number(s_max)} to "
                                           f"{format_number(s_final)} ({silent}); {of}{poisoned}")
     at_floor = spec is None or s_final <= spec.min
     if sc["floor_steps"] and at_floor:
-        return Verdict("scale_exhausted", f"min: gradients still overflow at the floor scale {format_number(s_min)} "
+        return _exhausted("min", f"gradients still overflow at the floor scale {format_number(s_min)} "
                                           f"and the policy keeps skipping there (floor=stall): {sc['floor_steps']} "
                                           f"floor steps, {of}")
     if spec is not None and math.isfinite(spec.max) and s_max >= spec.max and under > budget:
-        return Verdict("scale_exhausted", f"max: at the cap scale {format_number(spec.max)} gradients still underflow: "
+        return _exhausted("max", f"at the cap scale {format_number(spec.max)} gradients still underflow: "
                                           f"{_pct(under)} of non-zero values lost > budget {_pct(budget)}")
     if steps and skipped / steps > STALL_RATE:
         floor = f", {sc['floor_steps']} of them at the floor before recovering" if sc["floor_steps"] else ""
@@ -131,9 +137,9 @@ def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: fl
     b = max(bound(fmt, n, kappa, factor, truncating), floor)
     v = _scaling(m, scaler, underflow_budget)
     if v is not None:
-        if v.outcome == "scale_exhausted":
-            m["scale_direction"] = v.reason.split(":", 1)[0]  # "max" or "min", for reports to filter on
-        return Verdict(v.outcome, v.reason, b)
+        if v.direction is not None:
+            m["scale_direction"] = v.direction  # for reports to filter on
+        return Verdict(v.outcome, v.reason, b, v.direction)
     for key, what in (("nonfinite", "output"), ("grad_nonfinite", "gradient"), ("loss_nonfinite", "loss")):
         if m.get(key):
             total = m.get("numel") if key == "nonfinite" else None
