@@ -179,9 +179,7 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
             sync(device)
             inner = time.perf_counter() - t1
         extra["peak_bytes"] = _peak(device, mem0)
-        if ex.fp8_history.fallbacks:  # never a silent downgrade: say which GEMMs were not native
-            extra["emulated"] = [*ex.notes, f"{ex.fp8_history.fallbacks} FP8 GEMMs emulated: dimensions not "
-                                            "multiples of 16, which torch._scaled_mm requires"]
+        extra["emulated"] = ex.emulation_notes()
         fmt = ex.judged_format
         extra["judged_format"] = fmt.name
         metrics = compare(out, ref.output, fmt)

@@ -62,13 +62,12 @@ class Execution:
             return self.act_format
         return self.format
 
-    @property
-    def is_reference(self) -> bool:
-        return not self.strategy.reduced
-
-    @property
-    def emulated(self) -> bool:
-        return bool(self.notes)
+    def emulation_notes(self) -> list[str]:
+        """What ran other than natively, for the record: the strategy's own notes (CPU emulation), and
+        the native FP8 GEMMs that fell back to the emulation (never a silent downgrade)."""
+        n = self.fp8_history.fallbacks
+        return self.notes + ([f"{n} FP8 GEMMs emulated: dimensions not multiples of 16, which torch._scaled_mm "
+                              "requires"] if n else [])
 
     # -- what scenarios call ---------------------------------------------------------------
     def act(self, x: torch.Tensor) -> torch.Tensor:

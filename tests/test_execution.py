@@ -66,7 +66,7 @@ def test_gemm_flags_are_left_alone_on_the_cpu_and_restored_by_the_setter() -> No
 
 def test_tf32_gemm_is_emulated_on_the_cpu_forward_and_backward() -> None:
     ex = ex_of("tf32")
-    assert ex.emulated and "tf32 emulated" in ex.notes[0]
+    assert ex.emulation_notes() == ex.notes and "tf32 emulated" in ex.notes[0]
     a = torch.tensor([[1 + 2**-12, 3.0], [1.0, 1 + 2**-9]], requires_grad=True)
     b = torch.tensor([[1.0, 2**-13], [1 + 2**-11 + 2**-13, 1.0]], requires_grad=True)
     y = ex.matmul(a, b)
@@ -114,13 +114,13 @@ def test_delayed_scaling_forgets_amaxes_older_than_its_history() -> None:
 def test_unsupported_is_explicit_never_a_silent_downgrade() -> None:
     ex = ex_of("compute=fp16,reduction=reduced")
     assert not ex.supported and "needs cuBLAS" in ex.unsupported_reason
-    assert ex_of("fp16").supported and not ex_of("fp16").emulated
+    assert ex_of("fp16").supported and ex_of("fp16").emulation_notes() == []
 
 
 def test_fp64_execution_and_formats() -> None:
     ex = FP64(CPU)
-    assert ex.dtype == torch.float64 and ex.param_dtype == torch.float64 and ex.is_reference
-    assert ex_of("fp16-master").format.name == "fp16" and not ex_of("fp16-master").is_reference
+    assert ex.dtype == torch.float64 and ex.param_dtype == torch.float64 and not ex.strategy.reduced
+    assert ex_of("fp16-master").format.name == "fp16" and ex_of("fp16-master").strategy.reduced
 
 
 def test_route_linears_sends_nn_linear_through_the_strategy_gemm() -> None:
@@ -161,3 +161,14 @@ def test_gemm_flag_restore_returns_each_of_the_four_flags() -> None:
         assert (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction) == (False, True)
     finally:
         execution._set_flags(**before)
+
+
+def test_the_record_names_fp8_gemms_that_fell_back() -> None:
+    from harness.fp8 import fp8_matmul
+    ex = ex_of("fp8-tensorwise")
+    before = list(ex.emulation_notes())  # on the CPU: the strategy's own emulation note
+    a = torch.linspace(-1.0, 1.0, 24).reshape(4, 6)
+    fp8_matmul(a, torch.linspace(0.5, 2.0, 48).reshape(6, 8), "mm", ex.fp8_history, delayed=False, native=True,
+               out_dtype=torch.float32)
+    assert ex.emulation_notes() == before + ["1 FP8 GEMMs emulated: dimensions not multiples of 16, which "
+                                             "torch._scaled_mm requires"]
