@@ -17,7 +17,6 @@ Usage: ``python bench/run_default.py [--cases 300] [--check]`` (``--check``: exi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
@@ -28,6 +27,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from harness.results import read_header  # noqa: E402
+
 TARGETS = {"wall_s": 60.0, "rss_gib": 3.0, "bookkeeping_ms": 5.0}
 TRIVIAL_STRATEGIES = ("fp32", "fp16", "fp16-dynamic", "bf16")
 
@@ -72,7 +76,7 @@ def _run(args: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 
 def _summary(out: Path) -> dict:
-    s = json.loads((out / "run.json").read_text())["summary"]
+    s = read_header(out)["summary"]
     # what the scenarios themselves cost: their runs, their references (FP32 and FP64) and their inputs
     s["inside_s"] = (s["seconds_in_scenarios"] + s.get("seconds_in_references", 0.0)
                      + s.get("seconds_building_inputs", 0.0))

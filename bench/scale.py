@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from harness.results import read_header, read_records  # noqa: E402
+from run_default import _env  # noqa: E402  (the same environment for the child runs)
+
 GRID = 100  # parameter values of the scenario's full grid; --seeds makes up the rest of the case count
 
 MODULE = f'''
@@ -55,14 +60,15 @@ def measure(cases: int, strategies: list[str], tmp: Path) -> dict:
             "--seeds", str(cases // GRID), "--device", "cpu", "--quiet", "--out", str(out)]
     for s in strategies:
         args += ["--strategy", s]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp), os.environ.get("PYTHONPATH", "")]))
+    env = _env(str(tmp))
     proc = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"run of {cases} cases failed: {proc.stderr[-2000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    header = json.loads((out / "run.json").read_text())
-    records = sum(1 for _ in open(out / "records.jsonl"))
+    # streamed, not loaded: loading the 2,000 records here raised the next child run's reported peak RSS by
+    # 6 MiB (its ru_maxrss starts from this process's), so this process stays small
+    header = read_header(out)
+    records = sum(1 for _ in read_records(out / "records.jsonl"))
     if res["rc"] != 0 or header["status"] != "complete" or records != cases * len(strategies):
         raise RuntimeError(f"run of {cases} cases: rc {res['rc']}, status {header['status']}, {records} records")
     return {"cases": cases, "records": records, "peak_rss_mib": res["peak_rss_kib"] / 1024, "wall_s": res["wall_s"],

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -38,6 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from harness.results import read_run  # noqa: E402
+import run_default  # noqa: E402  (the environment of the child runs)
 
 TARGET = 1.8
 #: Measurements of the process rather than results: how long a record took, and the CUDA memory a
@@ -49,10 +49,8 @@ _DEVICE_INDEX = re.compile(r"cuda:\d+")
 
 
 def _env(costs: str) -> dict[str, str]:
-    env = dict(os.environ, MP_HARNESS_COSTS=costs)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.pop("WORLD_SIZE", None)
+    env = dict(run_default._env(), MP_HARNESS_COSTS=costs)
+    env.pop("WORLD_SIZE", None)  # a single-process run must not think it is a rank
     return env
 
 

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "ERROR_METRICS", "SEVERITY", "tally", "case_seed_key", "RECORD_FIELDS", "RunWriter", "read_run", "read_records", "num", "clean",
+__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "ERROR_METRICS", "SEVERITY", "tally", "case_seed_key", "RECORD_FIELDS", "RunWriter", "read_run", "read_header", "read_records", "num", "clean",
            "environment", "device_class", "write_json_atomic", "RunFileError"]
 
 SCHEMA_VERSION = 1
@@ -170,13 +170,14 @@ def read_records(path: Path, skipped: list[str] | None = None) -> Iterator[dict[
             yield rec
 
 
-def read_run(directory: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(header, records) of a run directory; raises RunFileError with a one-line reason."""
+def read_header(directory: Path | str) -> dict[str, Any]:
+    """The ``run.json`` header of a run directory ({} where there is none yet); raises RunFileError with a
+    one-line reason for a folder that is no run directory or a header that cannot be read."""
     d = Path(directory)
     if not d.is_dir():
         raise RunFileError(f"{d}: not a run directory (expected a folder with run.json and records.jsonl)")
-    head_path, rec_path = d / "run.json", d / "records.jsonl"
-    if not rec_path.is_file():
+    head_path = d / "run.json"
+    if not (d / "records.jsonl").is_file():
         raise RunFileError(f"{d}: no records.jsonl; pass a directory written by `python -m harness run`")
     header: dict[str, Any] = {}
     if head_path.is_file():
@@ -190,6 +191,13 @@ def read_run(directory: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]
         if v != SCHEMA_VERSION:
             raise RunFileError(f"{head_path}: schema version {v}, this harness reads {SCHEMA_VERSION}; "
                                "re-run with this version")
+    return header
+
+
+def read_run(directory: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(header, records) of a run directory; raises RunFileError with a one-line reason."""
+    header = read_header(directory)
+    rec_path = Path(directory) / "records.jsonl"
     skipped: list[str] = []
     records = list(read_records(rec_path, skipped))
     if skipped and not records:
