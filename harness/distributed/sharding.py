@@ -18,7 +18,7 @@ from ..engine import RunConfig, Summary, _done_keys, _record, default_out_dir, r
     SUMMED_STATS, run_header, run_stats, session_stats
 from ..guard import sigterm_as_interrupt
 from ..reference import ReferenceCache
-from ..results import RunFileError, RunWriter, case_seed_key, clean, read_run
+from ..results import RunFileError, RunWriter, case_seed_key, clean, read_header, read_run
 from ..scenario import Case, cases
 from ..verdict import Verdict
 from .group import MULTICAST_OFF, Group, barrier, init_group
@@ -60,10 +60,10 @@ def cost_hints(device_type: str, tier: str, root: Path = Path("results/runs")) -
 def _matches(head_path: Path, device_type: str, tier: str) -> bool:
     """Whether a ``run.json`` is a finished run on ``device_type`` at ``tier`` (unreadable: no)."""
     try:
-        head = json.loads(head_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        head = read_header(head_path.parent)
+    except RunFileError:
         return False
-    c = head.get("config", {}) if isinstance(head, dict) else {}
+    c = head.get("config", {})
     return head.get("status") == "complete" and c.get("device") == device_type and c.get("tier") == tier
 
 
@@ -209,6 +209,8 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
             current = None
         lines, busy = shard.close(), time.perf_counter() - t0
         barrier(counter, g.world, "finished")  # no rank enters the gather while another still works
+        if progress is not None and g.rank == 0:  # the other ranks' last records, counted after rank 0's
+            progress(plan["previous"] + counter.add("done", 0), plan["total"], "all ranks done")
     except KeyboardInterrupt:
         if current is not None:
             shard.release(current)
@@ -277,8 +279,7 @@ def merge_run(out: Path) -> dict[str, Any]:
     recs, lost = merge_shard_lines(line for f in files for line in f.read_text().splitlines())
     done, previous = _done_keys(out)
     new = [r for r in _ordered(recs, lost, cfg, all_cases) if (case_seed_key(r), r["strategy"]) not in done]
-    header = {k: v for k, v in json.loads((out / "run.json").read_text()).items()
-              if k not in ("status", "summary", "schema_version")}
+    header = {k: v for k, v in read_header(out).items() if k not in ("status", "summary", "schema_version")}
     writer = RunWriter(out, header, append=True)
     summary = _append(writer, previous, new)
     missing = len(all_cases) * len(cfg.strategies) - summary.records
