@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from harness.report.markdown import render_table as markdown_table  # noqa: E402
-from harness.report.tables import Table, compute_format, failure_rate, rate_cell, render_text  # noqa: E402
+from harness.report.tables import Table, failure_rate, format_counts, format_strategies, rate_cell, render_text  # noqa: E402
 from harness.results import read_run  # noqa: E402
 
 FORMATS = ("fp16", "bf16", "fp8")
@@ -45,14 +45,6 @@ def _ratio(r: dict | None, base: dict | None) -> str:
     return "-" if r is None or base is None else f"{r['tflops'] / base['tflops']:.1f}x"
 
 
-def _counts(records: list[dict], fmt: str, family: str | None = None) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in records:
-        if compute_format(r) == fmt and (family is None or r.get("family") == family):
-            out[r["outcome"]] = out.get(r["outcome"], 0) + 1
-    return out
-
-
 def tradeoff(throughput: dict[str, Any], records: list[dict[str, Any]]) -> tuple[list[Table], dict[str, Any]]:
     """The two tables (speed and failures; failures per family) and the numbers behind them."""
     rows = throughput.get("rows", [])
@@ -65,8 +57,8 @@ def tradeoff(throughput: dict[str, Any], records: list[dict[str, Any]]) -> tuple
                    "strategy computing in the format (unsupported cases not counted).")
     for fmt in FORMATS:
         sp = {k: _row(rows, k, fmt) for k in ("gemm", "block", "train")}
-        k, n = failure_rate(_counts(records, fmt))
-        strategies = sorted({r["strategy"] for r in records if compute_format(r) == fmt})
+        k, n = failure_rate(format_counts(records, fmt))
+        strategies = format_strategies(records, fmt)
         t.rows.append([fmt, _speed(sp["gemm"]), _ratio(sp["gemm"], base["gemm"]), _speed(sp["block"]),
                        _speed(sp["train"]), _ratio(sp["train"], base["train"]), rate_cell(k, n),
                        ", ".join(strategies) or "-"])
@@ -76,7 +68,7 @@ def tradeoff(throughput: dict[str, Any], records: list[dict[str, Any]]) -> tuple
     fam = Table("failure rate per family", ["family", *FORMATS],
                 note="failures/judged cases, rate and 95% Wilson interval")
     for f in families:
-        fam.rows.append([f, *(rate_cell(*failure_rate(_counts(records, x, f))) for x in FORMATS)])
+        fam.rows.append([f, *(rate_cell(*failure_rate(format_counts(records, x, f))) for x in FORMATS)])
     return [t, fam], summary
 
 

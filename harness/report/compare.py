@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..results import case_key
-from .tables import ENV_KEYS, PAIR, Table, compute_format, counts_from_records, failure_rate, rate_cell, wilson
+from .tables import ENV_KEYS, PAIR, Table, counts_from_records, format_counts, failure_rate, rate_cell, wilson
 
 __all__ = ["Run", "environment_diff", "rate_comparison", "pair_comparison", "outcome_changes", "compare_tables",
            "MAX_CHANGES"]
@@ -54,11 +54,7 @@ def pair_comparison(a: Run, b: Run, pair: tuple[str, str] = PAIR) -> Table:
     for fmt in pair:
         cells = [fmt]
         for run in (a, b):
-            c: dict[str, int] = {}
-            for r in run[2]:
-                if compute_format(r) == fmt:
-                    c[r["outcome"]] = c.get(r["outcome"], 0) + 1
-            cells.append(rate_cell(*failure_rate(c)))
+            cells.append(rate_cell(*failure_rate(format_counts(run[2], fmt))))
         rows.append(cells)
     return Table(f"{pair[0].upper()} against {pair[1].upper()}", ["compute", a[0], b[0]], rows)
 

@@ -12,7 +12,7 @@ import math
 from typing import Any, Iterator
 
 from ..results import num
-from .tables import OUTCOMES, PAIR, compute_format, counts_from_records, failure_rate, wilson
+from .tables import OUTCOMES, PAIR, compute_format, counts_from_records, format_counts, failure_rate, wilson
 
 __all__ = ["figure", "log_axis", "short", "rates_svg", "family_heatmap_svg", "format_pair_svg", "error_vs_n_svg", "error_scatter_svg",
            "OUTCOME_COLORS", "FORMAT_COLORS"]
@@ -142,10 +142,7 @@ def format_pair_svg(records: list[dict[str, Any]], pair: tuple[str, str] = PAIR)
         w = 0.38
         for i, fam in enumerate(families):
             for j, fmt in enumerate(pair):
-                c: dict[str, int] = {}
-                for r in recs:
-                    if compute_format(r) == fmt and fam in ("all", r["family"]):
-                        c[r["outcome"]] = c.get(r["outcome"], 0) + 1
+                c = format_counts(recs, fmt, None if fam == "all" else fam)
                 total = sum(c.values())
                 if not total:
                     continue

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 from ..results import FAILURES, OUTCOMES, SEVERITY, tally
 
 __all__ = ["OUTCOMES", "FAILURES", "SEVERITY", "Table", "wilson", "counts_from_records", "failure_rate",
-           "failure_table_rows", "render_failure_table", "render_text", "compute_format", "failure_table",
+           "failure_table_rows", "render_failure_table", "render_text", "compute_format", "format_counts", "format_strategies", "outcome_counts", "failure_table",
            "family_table", "format_comparison_table", "outcome_table", "environment_table", "pct", "rate_cell"]
 
 #: The two 16-bit formats the FP16-against-BF16 comparison sets side by side.
@@ -148,11 +148,22 @@ def family_table(records: list[dict[str, Any]]) -> Table:
                  "all strategies but fp32 (the reference preset) pooled")
 
 
-def _outcome_counts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+def outcome_counts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Records per outcome."""
     c: dict[str, int] = {}
     for r in records:
         c[r["outcome"]] = c.get(r["outcome"], 0) + 1
     return c
+
+
+def format_counts(records: Iterable[dict[str, Any]], fmt: str, family: str | None = None) -> dict[str, int]:
+    """Records per outcome of every strategy computing in ``fmt`` pooled (within ``family`` if given)."""
+    return outcome_counts(r for r in records if compute_format(r) == fmt and family in (None, r["family"]))
+
+
+def format_strategies(records: Iterable[dict[str, Any]], fmt: str) -> list[str]:
+    """The strategies of ``records`` that compute in ``fmt``, sorted."""
+    return sorted({r["strategy"] for r in records if compute_format(r) == fmt})
 
 
 def format_comparison_table(records: list[dict[str, Any]], pair: tuple[str, str] = PAIR) -> Table:
@@ -164,10 +175,10 @@ def format_comparison_table(records: list[dict[str, Any]], pair: tuple[str, str]
     for f in [*fams, "all"]:
         cells = [f]
         for fmt in pair:
-            c = _outcome_counts(r for r in records if compute_format(r) == fmt and f in ("all", r["family"]))
+            c = format_counts(records, fmt, None if f == "all" else f)
             cells += [rate_cell(*failure_rate(c)), _breakdown(c)]
         rows.append(cells)
-    strategies = {fmt: sorted({r["strategy"] for r in records if compute_format(r) == fmt}) for fmt in pair}
+    strategies = {fmt: format_strategies(records, fmt) for fmt in pair}
     note = "; ".join(f"{fmt}: {', '.join(s) or 'none'}" for fmt, s in strategies.items())
     return Table(f"{a.upper()} against {b.upper()}", head, rows, f"strategies pooled per format: {note}")
 
@@ -178,10 +189,7 @@ def _breakdown(c: dict[str, int]) -> str:
 
 def outcome_table(records: list[dict[str, Any]]) -> Table:
     """Cases per strategy and outcome (the breakdown behind every failure rate)."""
-    by_s: dict[str, dict[str, int]] = {}
-    for r in records:
-        c = by_s.setdefault(r["strategy"], {})
-        c[r["outcome"]] = c.get(r["outcome"], 0) + 1
+    by_s, _ = counts_from_records(records)
     used = [o for o in OUTCOMES if any(o in c for c in by_s.values())]
     rows = [[s, compute_format({"strategy_spec": _spec(records, s)}), *(str(c.get(o, 0)) for o in used)]
             for s, c in by_s.items()]
