@@ -110,23 +110,15 @@ def _progress_bar(console: Any):
 
 
 def _run_config(args: argparse.Namespace):
-    from .engine import RunConfig, resolve_device, resume_config
-    from .scenario import TIERS, discover
-    from .strategy import resolve
+    from .engine import RunConfig, resume_config, select_matrix
     if args.resume is not None:
         given = [f for f, v in (("--scenario", args.scenario), ("--family", args.family), ("--strategy", args.strategy),
                                 ("--import", args.imports), ("--out", args.out)) if v]
         if given:
             raise UsageError(f"--resume takes its configuration from the run directory; drop {', '.join(given)}")
         return resume_config(args.resume), True
-    if args.tier not in TIERS:
-        raise UsageError(f"unknown tier {args.tier!r}; tiers: {', '.join(TIERS)}")
-    device = resolve_device(args.device)
-    strategies = resolve(args.strategy)
-    reg = discover(args.imports)
-    scenarios = reg.select(args.scenario, args.family)
-    if not scenarios:
-        raise UsageError("the filters select no scenario; `python -m harness list` shows them")
+    scenarios, strategies, device = select_matrix(args.tier, args.device, args.strategy, args.imports,
+                                                  args.scenario, args.family)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory; pass a new or existing directory")
     if args.out is not None and (args.out / "records.jsonl").exists():

@@ -15,7 +15,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -235,6 +235,22 @@ def run_case_records(case: Case, strategies: list[Strategy], device: torch.devic
             yield rec
     finally:
         refs.drop(case, device)
+
+
+def select_matrix(tier: str, device: str, strategies: Sequence[str], imports: Sequence[str] = (),
+                  scenario_globs: Sequence[str] = (), families: Sequence[str] = ()) -> tuple[list, list, torch.device]:
+    """(scenarios, strategies, device) of a selection, as ``run`` and ``pytest --harness`` take it; raises
+    ValueError with one line for an unknown tier, device or strategy, or filters that select nothing."""
+    from .scenario import TIERS, discover
+    from .strategy import resolve
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
+    dev = resolve_device(device)
+    chosen = resolve(list(strategies))
+    scenarios = discover(list(imports)).select(scenario_globs, families)
+    if not scenarios:
+        raise ValueError("the filters select no scenario; `python -m harness list` shows them")
+    return scenarios, chosen, dev
 
 
 def run_header(cfg: RunConfig, n_cases: int) -> dict[str, Any]:

@@ -90,19 +90,15 @@ class _Cases:
 
 
 def _select(config: pytest.Config) -> tuple[list, list, Any]:
-    from .engine import resolve_device
-    from .scenario import TIERS, cases, discover
-    from .strategy import resolve
-    tier = config.getoption("harness_tier")
-    if tier not in TIERS:
-        raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
+    from .engine import select_matrix
+    from .scenario import cases
     seeds = config.getoption("harness_seeds")
     if not str(seeds).isdigit() or int(seeds) < 1:
         raise ValueError(f"--harness-seeds {seeds!r}: a whole number >= 1")
-    device = resolve_device(config.getoption("harness_device"))
-    strategies = resolve(config.getoption("harness_strategy"))
-    reg = discover(config.getoption("harness_import"))
-    scenarios = reg.select(config.getoption("harness_scenario"), config.getoption("harness_family"))
+    tier = config.getoption("harness_tier")
+    scenarios, strategies, device = select_matrix(
+        tier, config.getoption("harness_device"), config.getoption("harness_strategy"),
+        config.getoption("harness_import"), config.getoption("harness_scenario"), config.getoption("harness_family"))
     return cases(scenarios, tier, int(seeds)), strategies, device
 
 

@@ -110,6 +110,7 @@ def test_junitxml_and_keyword_selection(run_user, tmp_path):
     ("--harness-scenario", "nosuchscenario", "unknown scenario 'nosuchscenario'"),
     ("--harness-tier", "huge", "unknown tier 'huge'"),
     ("--harness-seeds", "0", "--harness-seeds '0': a whole number >= 1"),
+    ("--harness-scenario", "nosuch*", "the filters select no scenario"),  # as `run` says (one selection)
 ])
 def test_bad_options_are_usage_errors(pytester, flag, value, message):
     res = pytester.runpytest("--harness", flag, value, *QUIET)
