@@ -110,12 +110,18 @@ def test_junitxml_and_keyword_selection(run_user, tmp_path):
     ("--harness-scenario", "nosuchscenario", "unknown scenario 'nosuchscenario'"),
     ("--harness-tier", "huge", "unknown tier 'huge'"),
     ("--harness-seeds", "0", "--harness-seeds '0': a whole number >= 1"),
-    ("--harness-scenario", "nosuch*", "the filters select no scenario"),  # as `run` says (one selection)
 ])
 def test_bad_options_are_usage_errors(pytester, flag, value, message):
     res = pytester.runpytest("--harness", flag, value, *QUIET)
     assert res.ret == pytest.ExitCode.USAGE_ERROR
     assert message in res.stderr.str()
+
+
+def test_filters_that_select_nothing_are_a_usage_error_as_in_run(pytester):
+    # each filter matches alone, together nothing: `run` refused this and the plugin collected no item
+    res = pytester.runpytest("--harness", "--harness-family", "tensor_core", "--harness-scenario", "softmax*", *QUIET)
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    assert "the filters select no scenario" in res.stderr.str()
 
 
 def test_assert_robust_passes_and_returns_the_record():
