@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from harness.device_profile import device_info  # noqa: E402
 from harness.execution import Execution, route_linears  # noqa: E402
 from harness.strategy import parse  # noqa: E402
 from harness.training import Trainer  # noqa: E402
@@ -298,15 +299,8 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 def environment() -> dict[str, Any]:
-    p = torch.cuda.get_device_properties(0)
-    env = {"gpu": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-           "torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    return env
+    """The device profile's environment (GPU, capability, torch, CUDA, Triton) and the SM count."""
+    return {**device_info("cuda"), "sms": torch.cuda.get_device_properties(0).multi_processor_count}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,10 +72,6 @@ class Strategy:
         return ("yes" if v else "no") if isinstance(v, bool) else str(v)
 
     @property
-    def spec(self) -> str:
-        return str(self)
-
-    @property
     def label(self) -> str:
         return self.name or str(self)
 

@@ -137,9 +137,9 @@ def tensor_window(name: str, g: torch.Tensor, fmt: Format = FORMATS["fp16"], bud
     return TensorWindow(name, (fmt.smallest / 2) / q, fmt.overflow_threshold / mx, mx, float(srt[0]))
 
 
-def scale_window(grads: dict[str, torch.Tensor], fmt: Format = FORMATS["fp16"], budget: float = 0.01,
-                 whole: bool = True) -> Window:
-    """Per-tensor windows and their intersection (``whole``: also the window of all gradients pooled)."""
+def scale_window(grads: dict[str, torch.Tensor], fmt: Format = FORMATS["fp16"], budget: float = 0.01) -> Window:
+    """Per-tensor windows, their intersection, and (for several tensors) the window of all gradients
+    pooled, under ``(all)``."""
     w = Window(budget=budget, format=fmt.name)
     for name, g in grads.items():
         w.per_tensor[name] = tensor_window(name, g, fmt, budget)
@@ -148,7 +148,7 @@ def scale_window(grads: dict[str, torch.Tensor], fmt: Format = FORMATS["fp16"], 
         lo_t = max(live, key=lambda t: t.lo)
         hi_t = min(live, key=lambda t: t.hi)
         w.lo, w.lo_tensor, w.hi, w.hi_tensor = lo_t.lo, lo_t.name, hi_t.hi, hi_t.name
-    if whole and len(grads) > 1:
+    if len(grads) > 1:
         pooled = torch.cat([g.detach().reshape(-1).double() for g in grads.values()])
         w.per_tensor["(all)"] = tensor_window("(all)", pooled, fmt, budget)
     return w

@@ -27,10 +27,6 @@ __all__ = ["AsvResult", "read_result_file", "load_results", "benchmark_info", "h
 #: The benchmarks the history plot draws (names as asv gives them, relative to suites/benchmarks).
 THROUGHPUT = "bench_ops.Gemm.track_tflops"
 FAILURE_RATE = "bench_matrix.FailureRate.track_failure_rate"
-#: Keys of a result file's ``params`` that name the machine rather than an environment choice.
-MACHINE_KEYS = ("machine", "gpu", "torch", "cuda", "python")
-
-
 def _unquote(p: str) -> str:
     """asv stores parameter values as their repr (``"'fp16'"``); give back the plain text."""
     try:
