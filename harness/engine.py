@@ -207,7 +207,7 @@ def _inputs(case: Case, device: torch.device) -> dict:
             for k, v in case.scenario.inputs(case.params, seed_generator(case)).items()}
 
 
-def _input_error(case: Case, strategy: Strategy, device: torch.device, exc: Exception) -> dict[str, Any]:
+def _input_error(case: Case, strategy: Strategy, device: torch.device, exc: BaseException) -> dict[str, Any]:
     v = Verdict("error", f"building inputs failed: {type(exc).__name__}: {exc}"[:300])
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return _record(case, strategy, device, v, {}, 0.0, {"traceback": tb})
@@ -219,10 +219,7 @@ def run_case_records(case: Case, strategies: list[Strategy], device: torch.devic
     are built once from the seed (a failure there is an error record for every strategy); the reference
     is computed once and dropped when the case is done."""
     t0 = time.perf_counter()
-    try:
-        inputs, input_exc = _inputs(case, device), None
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken scenario is an error record
-        inputs, input_exc = {}, exc
+    inputs, input_exc = case_inputs(case, device)
     summary.seconds_building_inputs += time.perf_counter() - t0
     try:
         for strategy in strategies:
@@ -235,6 +232,15 @@ def run_case_records(case: Case, strategies: list[Strategy], device: torch.devic
             yield rec
     finally:
         refs.drop(case, device)
+
+
+def case_inputs(case: Case, device: torch.device) -> tuple[dict, BaseException | None]:
+    """(inputs on ``device``, None), or ({}, the exception) where building them failed: a broken scenario
+    (``exit()`` included) makes error records, not a crash."""
+    try:
+        return _inputs(case, device), None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001
+        return {}, exc
 
 
 def select_matrix(tier: str, device: str, strategies: Sequence[str], imports: Sequence[str] = (),

@@ -110,18 +110,15 @@ class _Runner:
         self.device = device
         self.refs = ReferenceCache()
         self._case: Any = None
-        self._inputs: tuple[dict, Exception | None] = ({}, None)
+        self._inputs: tuple[dict, BaseException | None] = ({}, None)
 
     def run(self, case: Any, strategy: Any) -> dict[str, Any]:
-        from .engine import _input_error, _inputs, run_case
+        from .engine import _input_error, case_inputs, run_case
         if self._case is None or self._case.key != case.key:
             if self._case is not None:
                 self.refs.drop(self._case, self.device)
             self._case = case
-            try:
-                self._inputs = (_inputs(case, self.device), None)
-            except Exception as exc:  # noqa: BLE001 - the engine makes it an error record
-                self._inputs = ({}, exc)
+            self._inputs = case_inputs(case, self.device)
         inputs, exc = self._inputs
         if exc is not None:
             return _input_error(case, strategy, self.device, exc)
@@ -267,7 +264,7 @@ def assert_robust(fn: Callable, inputs: Any, strategy: Any, *, device: str = "cp
     """
     import torch
 
-    from .engine import resolve_device, run_case
+    from .engine import _inputs, resolve_device, run_case
     from .reference import ReferenceCache
     from .scenario import Case, Scenario, Tolerance
     from .strategy import Strategy, parse
@@ -282,8 +279,8 @@ def assert_robust(fn: Callable, inputs: Any, strategy: Any, *, device: str = "cp
                         description="assert_robust", grid={}, inputs=lambda p, g: dict(kwargs),
                         run=_make_run(fn, positional, loss, steps), n=lambda p: n,
                         tolerance=Tolerance("declared by the caller of assert_robust", factor) if factor != 1 else None)
-    moved = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    rec, _ = run_case(Case(scenario, {}, 0), st, dev, moved, ReferenceCache())
+    case = Case(scenario, {}, 0)
+    rec, _ = run_case(case, st, dev, _inputs(case, dev), ReferenceCache())
     _raise_for(rec, f"{name} under {st.label} on {dev.type}")
     return rec
 
