@@ -28,7 +28,7 @@ import torch
 
 from .execution import Execution
 from .formats import FORMATS
-from .metrics import tensor_metrics
+from . import metrics
 from .scaling import format_number
 from .strategy import PRESETS, Strategy
 from .user_model import ModelSpec, Probe, train_trajectory
@@ -203,9 +203,7 @@ def fp32_gradients(spec: ModelSpec, device: torch.device | str) -> dict[str, tor
 def underflow_by_tensor(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], fmt_name: str
                         ) -> dict[str, float]:
     """Per tensor, the share of entries non-zero in ``ref`` and zero in ``grads`` (only tensors that lost some)."""
-    fmt = FORMATS[fmt_name]
-    lost = {k: tensor_metrics(grads[k], ref[k], fmt)["underflow_frac"] for k in ref if k in grads}
-    return {k: v for k, v in lost.items() if v > 0}
+    return metrics.underflow_by_tensor(grads, ref, FORMATS[fmt_name])
 
 
 def diagnose(spec: ModelSpec, strategy: Strategy, device: torch.device | str, steps: int,

@@ -13,7 +13,7 @@ import torch
 from .formats import Format
 from .scenario import Output
 
-__all__ = ["tensor_metrics", "compare", "ulp"]
+__all__ = ["tensor_metrics", "compare", "ulp", "underflow_by_tensor"]
 
 
 def ulp(y: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -64,15 +64,22 @@ def tensor_metrics(cand: torch.Tensor, ref: torch.Tensor, fmt: Format) -> dict[s
     }
 
 
+def underflow_by_tensor(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], fmt: Format
+                        ) -> dict[str, float]:
+    """Per tensor of ``ref`` (and ``cand``), the share of entries non-zero in ``ref`` and zero in ``cand``;
+    only tensors that lost some."""
+    lost = {k: tensor_metrics(cand[k], ref[k], fmt)["underflow_frac"] for k in ref if k in cand}
+    return {k: v for k, v in lost.items() if v > 0}
+
+
 def _grads_metrics(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], fmt: Format) -> dict[str, Any]:
     missing = sorted(set(ref) - set(cand))
     if missing:
         raise ValueError(f"candidate has no gradient for {', '.join(missing)}")
-    per = {k: tensor_metrics(cand[k], ref[k], fmt) for k in ref}
     c = torch.cat([cand[k].detach().double().reshape(-1) for k in ref])
     r = torch.cat([ref[k].detach().double().reshape(-1).to(c.device) for k in ref])
     allm = tensor_metrics(c, r, fmt)
-    lost = {k: m["underflow_frac"] for k, m in per.items() if m["underflow_frac"] > 0}
+    lost = underflow_by_tensor(cand, ref, fmt)
     return {"grad_rel_err": allm["rel_err"], "grad_nonfinite": allm["nonfinite"],
             "grad_underflow_frac": allm["underflow_frac"], "grad_overflow_frac": allm["overflow_frac"],
             "grad_underflow_by_tensor": lost}
