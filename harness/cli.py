@@ -111,6 +111,7 @@ def _progress_bar(console: Any):
 
 def _run_config(args: argparse.Namespace):
     from .engine import RunConfig, resume_config, select_matrix
+    from .results import check_new_out
     if args.resume is not None:
         given = [f for f, v in (("--scenario", args.scenario), ("--family", args.family), ("--strategy", args.strategy),
                                 ("--import", args.imports), ("--out", args.out)) if v]
@@ -119,11 +120,7 @@ def _run_config(args: argparse.Namespace):
         return resume_config(args.resume), True
     scenarios, strategies, device = select_matrix(args.tier, args.device, args.strategy, args.imports,
                                                   args.scenario, args.family)
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out}: exists and is not a directory; pass a new or existing directory")
-    if args.out is not None and (args.out / "records.jsonl").exists():
-        raise UsageError(f"--out {args.out}: already holds a run; use --resume {args.out} to complete it, "
-                         "or pass a new directory")
+    check_new_out(args.out, resumable=True)
     return RunConfig(scenarios, strategies, device, args.seeds, args.tier, args.out, args.imports,
                      args.timeout or None), False
 

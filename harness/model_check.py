@@ -18,7 +18,7 @@ import torch
 from .diagnose import Diagnosis, diagnose as run_diagnosis, fp16_window, fp32_gradients
 from .engine import RunConfig, resolve_device, run_matrix
 from .recommend import recommend, window_sentence
-from .results import read_run, write_json_atomic
+from .results import check_new_out, read_run, write_json_atomic
 from .scaling import format_number
 from .strategy import resolve
 from .user_model import DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, load_spec, model_scenario
@@ -95,8 +95,7 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if out is not None and (Path(out) / "records.jsonl").exists():  # never write over an earlier run
-        raise ValueError(f"--out {out}: already holds a run; pass a new directory")
+    check_new_out(out)
     if not torch.cuda.is_initialized():  # deterministic cuBLAS (see user_model._reproducible); read at CUDA start
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     spec = load_spec(target)
@@ -151,9 +150,6 @@ def add_command(subparsers: Any) -> None:
 
 
 def _cmd(args: Any) -> int:
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out}: exists and is not a directory; pass a new or existing directory")
-
     def progress(done: int, total: int, what: str) -> None:
         print(f"[{done}/{total}] {what}", file=sys.stderr)
 

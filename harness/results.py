@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "ERROR_METRICS", "SEVERITY", "tally", "case_seed_key", "RECORD_FIELDS", "RunWriter", "read_run", "read_header", "read_records", "num", "clean",
+__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "ERROR_METRICS", "SEVERITY", "tally", "case_seed_key", "RECORD_FIELDS", "RunWriter", "read_run", "read_header", "check_new_out", "read_records", "num", "clean",
            "environment", "device_class", "write_json_atomic", "RunFileError"]
 
 SCHEMA_VERSION = 1
@@ -168,6 +168,19 @@ def read_records(path: Path, skipped: list[str] | None = None) -> Iterator[dict[
                 skip(f"{path}:{i}: skipping a line that is not a JSON object")
                 continue
             yield rec
+
+
+def check_new_out(out: Path | str | None, resumable: bool = False) -> None:
+    """Refuse an ``--out`` a new run must not write to: a file, or a directory that already holds a run
+    (``resumable``: say that ``--resume`` completes it). None (the default directory) is fine."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory; pass a new or existing directory")
+    if (out / "records.jsonl").exists():  # never write over an earlier run
+        hint = f"use --resume {out} to complete it, or pass a new directory" if resumable else "pass a new directory"
+        raise ValueError(f"--out {out}: already holds a run; {hint}")
 
 
 def read_header(directory: Path | str) -> dict[str, Any]:
