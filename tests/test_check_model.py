@@ -101,6 +101,11 @@ def test_third_party_transformer_passes(capsys, tmp_path: Path) -> None:
                                                                           {"steps": 3}, "pass")
         assert {"loss_divergence", "final_loss_ratio", "rel_err", "updates_lost"} <= set(r["metrics"])
         assert "scaler" not in r["metrics"]  # neither strategy scales the loss
+    fp32, bf16 = (r["metrics"] for r in records)
+    # FP32 sits at FP32's rounding from the reference; BF16 moves orders of magnitude more, within its bound
+    assert fp32["loss_divergence"] < 1e-6 and fp32["final_loss_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert 100 * fp32["loss_divergence"] < bf16["loss_divergence"] <= records[1]["bound"]
+    assert 100 * fp32["rel_err"] < bf16["rel_err"] <= records[1]["bound"]
     assert header["config"]["imports"] == ["examples.third_party_model"]
     diag = json.loads((out / "diagnosis.json").read_text())
     assert diag["diagnoses"] == {} and diag["recommendation"].startswith("bf16: follows FP32's training")
