@@ -10,8 +10,9 @@ simulation bit for bit; on more ranks the real order depends on the library's al
 channels, trees) and the two agree within the rounding-error bound. ``check`` measures both.
 
 **Sharded matrix.** ``torchrun --nproc-per-node N -m harness run ...`` hands the run to
-:func:`run_sharded` (see :mod:`harness.cli`): one process per GPU (``cuda:LOCAL_RANK``, process group
-``cpu:gloo,cuda:nccl``) or per CPU share (gloo). Ranks claim whole cases from a counter in the
+:func:`run_sharded` (see :mod:`harness.cli`): one process per GPU (``cuda:LOCAL_RANK``) or per CPU
+share, in a gloo process group (the ranks exchange Python objects only; ``check`` adds NCCL for its
+CUDA tensors). Ranks claim whole cases from a counter in the
 rendezvous store, largest first when an earlier run says what each case costs (:func:`cost_hints`),
 so a rank never waits for work while another has a queue. Each rank streams every record to its own
 shard file (``<run>/shards/<session>-rank-<r>.jsonl``), preceded by a line claiming the case; at the

@@ -20,7 +20,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if not launched():
         raise ValueError("check compares real collectives across ranks: start it with torchrun, e.g. "
                          "torchrun --nproc-per-node 2 -m harness.distributed check")
-    g = init_group(resolve_device(args.device))
+    g = init_group(resolve_device(args.device), cuda_collectives=True)
     try:
         rows = check_collectives(g, args.numel, args.seed)
     finally:

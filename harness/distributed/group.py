@@ -49,23 +49,25 @@ class Group:
     host: str
 
 
-def init_group(device: torch.device) -> Group:
+def init_group(device: torch.device, cuda_collectives: bool = False) -> Group:
     """Join the process group torchrun describes in the environment, NVLink multicast off.
 
-    On CUDA each rank takes ``cuda:LOCAL_RANK`` and the group is ``cpu:gloo,cuda:nccl`` (CUDA tensors
-    through NCCL, Python objects through gloo); on the CPU it is gloo."""
+    On CUDA each rank takes ``cuda:LOCAL_RANK``. The group is gloo: Python objects and the store's
+    counters are all a sharded run exchanges. ``cuda_collectives`` (the check of the real collectives)
+    makes it ``cpu:gloo,cuda:nccl``: CUDA tensors through NCCL, Python objects through gloo."""
     for key, value in MULTICAST_OFF.items():
         os.environ.setdefault(key, value)
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    backend = "gloo"
     if device.type == "cuda":
         count = torch.cuda.device_count()
         if local >= count:
             raise ValueError(f"LOCAL_RANK {local} has no GPU: this host has {count}; start at most {count} "
                              f"processes per host (torchrun --nproc-per-node {count})")
         torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "cpu:gloo,cuda:nccl"
-    else:
-        backend = "gloo"
+        device = torch.device("cuda", local)
+        if cuda_collectives:
+            backend = "cpu:gloo,cuda:nccl"
     store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=TIMEOUT))
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,
                             timeout=TIMEOUT)
