@@ -135,8 +135,9 @@ class RunWriter:
         write_json_atomic(self.dir / "run.json", dict(self.header, status="running"))
         self._f = open(self.dir / "records.jsonl", "a" if append else "w", buffering=1)
 
-    def append(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(clean(record), separators=(",", ":")) + "\n")
+    def append(self, record: dict[str, Any], text: str | None = None) -> None:
+        """One record; ``text``: its JSON as written before (a shard file's), written as it is."""
+        self._f.write((json.dumps(clean(record), separators=(",", ":")) if text is None else text) + "\n")
         self._f.flush()
 
     def close(self, summary: dict[str, Any], status: str = "complete") -> None:
