@@ -24,7 +24,7 @@ from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
 from .metrics import compare
 from .reference import ReferenceCache
 from .results import SCHEMA_VERSION, RunWriter, case_seed_key, environment, read_records, tally
-from .scenario import Case, Scenario, cases, seed_generator
+from .scenario import Case, Scenario, cases, seed_generator, seed_global
 from .strategy import Strategy
 from .timing import sync
 from .verdict import UNDERFLOW_BUDGET, Verdict, judge
@@ -172,7 +172,7 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
             if ref.window is not None:
                 extra["window"] = ref.window
             mem0 = _peak_reset(device)
-            torch.manual_seed(case.seed)
+            seed_global(case.seed, device)
             sync(device)
             t1 = time.perf_counter()
             out = s.execute(ex, inputs, case.params)

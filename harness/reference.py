@@ -23,7 +23,7 @@ from .execution import FP64, Execution
 from .formats import FORMATS
 from .metrics import compare
 from .results import ERROR_METRICS
-from .scenario import Case, Output
+from .scenario import Case, Output, seed_global
 from .strategy import PRESETS
 from .tolerance import bound, describe
 from .window import scale_window
@@ -62,7 +62,7 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
     s, p = case.scenario, case.params
 
     def run(ex: Execution) -> Output:
-        torch.manual_seed(case.seed)  # as before each strategy's run: global randomness is the same
+        seed_global(case.seed, device)  # as before each strategy's run: global randomness is the same
         with _deterministic():
             return s.execute(ex, inputs, p)  # FP32 flags (TF32 off) for the whole run, as a strategy's own
 

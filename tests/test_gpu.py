@@ -51,6 +51,19 @@ def test_device_profile_is_complete_and_predicts_the_device() -> None:
 
 @pytest.mark.cuda
 @cuda
+def test_seed_global_on_cuda_draws_what_torch_manual_seed_draws() -> None:
+    from harness.scenario import seed_global
+    dev = torch.device("cuda")
+    torch.manual_seed(5)
+    want = torch.randn(64, device=dev), torch.randn(4)
+    torch.manual_seed(6)
+    seed_global(5, dev)
+    got = torch.randn(64, device=dev), torch.randn(4)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+@pytest.mark.cuda
+@cuda
 def test_cublas_profile_sees_the_same_tensor_cores() -> None:
     from harness.device_profile import device_profile
     tri = device_profile("cuda", ("fp16", "bf16"), "triton")["formats"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.scenario import (FAMILIES, REGISTRY, Case, Expect, Output, Registry, Scenario, case_id, cases, discover,
-                              seed_generator)
+                              seed_generator, seed_global)
 
 
 def _s(name: str, family: str = "reduction", **kw) -> Scenario:
@@ -98,6 +98,18 @@ def test_seed_generator_is_reproducible_and_distinct_per_case() -> None:
     assert torch.equal(draw({"n": 1}, 0), draw({"n": 1}, 0))
     assert not torch.equal(draw({"n": 1}, 0), draw({"n": 1}, 1))
     assert not torch.equal(draw({"n": 1}, 0), draw({"n": 2}, 0))
+
+
+def test_seed_global_draws_what_torch_manual_seed_draws() -> None:
+    """A scenario drawing from the global RNG sees the same numbers as under torch.manual_seed."""
+    torch.manual_seed(123)
+    want = torch.randn(6), torch.rand(3)
+    torch.manual_seed(999)  # another state first: the seeding, not a leftover state, gives the draw
+    seed_global(123, torch.device("cpu"))
+    got = torch.randn(6), torch.rand(3)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    seed_global(124, torch.device("cpu"))
+    assert not torch.equal(torch.randn(6), want[0])
 
 
 def test_discover_finds_the_project_suites() -> None:
