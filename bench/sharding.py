@@ -6,7 +6,10 @@ is set):
 1. ``python -m harness run --tier full --device D`` on one process (one GPU);
 2. ``torchrun --nproc-per-node N -m harness run ...`` (one GPU per rank), its cases scheduled costliest
    first from run 1's timings (``MP_HARNESS_COSTS``: what a repeated run reads from the last one);
-3. with ``--unhinted`` also the sharded run without cost hints (cases claimed in matrix order).
+3. with ``--unhinted`` also the sharded run without cost hints (cases claimed in matrix order);
+4. with ``--concurrent`` also N single-process runs at once (one GPU each, through
+   ``CUDA_VISIBLE_DEVICES``): whether processes on the other GPUs slow a run down (the host's CPUs, memory,
+   PCIe), apart from any sharding.
 
 It prints both walls (the whole process, and the run's own ``wall_seconds``, which leaves out
 interpreter start-up and, for torchrun, the launcher), the speed-up, each rank's busy time and cases
@@ -18,13 +21,14 @@ two single-process runs show as well (a nondeterministic scenario) are told apar
 a record.
 
 Usage: ``python bench/sharding.py [--ranks 2] [--device cuda] [--tier full] [--family F]... [--unhinted]
-[--repeat] [--show K] [--keep DIR] [--check]``; ``--from DIR`` compares the runs an earlier ``--keep DIR``
+[--concurrent] [--repeat] [--show K] [--keep DIR] [--check]``; ``--from DIR`` compares the runs an earlier ``--keep DIR``
 wrote, running nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -64,13 +68,43 @@ def _load(out: Path, wall: float | None = None) -> dict:
 def _run(launcher: list[str], args: list[str], out: Path, costs: str) -> dict:
     """One run into ``out``: its process wall time, its summary and records."""
     t0 = time.perf_counter()
-    proc = subprocess.run([*launcher, "-m", "harness", "run", *args, "--quiet", "--out", str(out)], cwd=ROOT,
-                          env=_env(costs), capture_output=True, text=True)
+    proc = subprocess.run(_command(launcher, args, out), cwd=ROOT, env=_env(costs), capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise SystemExit(f"{' '.join(launcher)} -m harness run ... exited {proc.returncode}:\n{tail}")
+    _check(proc.returncode, launcher, proc.stderr)
     return _load(out, wall)
+
+
+def _command(launcher: list[str], args: list[str], out: Path) -> list[str]:
+    return [*launcher, "-m", "harness", "run", *args, "--quiet", "--out", str(out)]
+
+
+def _check(returncode: int, launcher: list[str], stderr: str) -> None:
+    if returncode != 0:
+        tail = "\n".join(stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"{' '.join(launcher)} -m harness run ... exited {returncode}:\n{tail}")
+
+
+def _run_concurrent(args: list[str], base: Path, n: int, device: str) -> list[dict]:
+    """``n`` single-process runs started together, on CUDA one GPU each (the i-th visible one)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g.strip() for g in visible.split(",")] if visible else [str(i) for i in range(n)]
+    procs = []
+    for i in range(n):
+        env = _env("none")
+        if device == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        procs.append(subprocess.Popen(_command([sys.executable], args, base / f"concurrent-{i}"), cwd=ROOT, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _check(proc.wait(), [sys.executable], proc.stderr.read())
+    return [_load(base / f"concurrent-{i}") for i in range(n)]
+
+
+def _concurrent_line(one: dict, runs: list[dict], device: str) -> str:
+    where = " (one GPU each)" if device == "cuda" else ""
+    walls = ", ".join(f"{r['run_s']:.1f}" for r in runs)
+    ratios = ", ".join(f"{r['run_s'] / one['run_s']:.2f}x" for r in runs)
+    return f"  {len(runs)} single-process runs at once{where}: run {walls} s = {ratios} the run alone"
 
 
 def _where_time_went(one: dict, r: dict, top: int = 2) -> list[str]:
@@ -158,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tier", default="full", choices=("quick", "full"))
     ap.add_argument("--family", action="append", default=[], help="restrict to these families")
     ap.add_argument("--unhinted", action="store_true", help="also run the sharded matrix without cost hints")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="also run N single processes at once, one GPU each: do they slow each other down?")
     ap.add_argument("--keep", type=Path, default=None, help="write the run directories here")
     ap.add_argument("--from", dest="source", type=Path, default=None, metavar="DIR",
                     help="run nothing: compare the run directories an earlier --keep DIR wrote")
@@ -183,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             inherent = _differences(one["records"], _run([sys.executable], args, base / "single-again",
                                                          "none")["records"], a.show)
             print(f"  two single-process runs differ in (records per field): {_counts(inherent)}", flush=True)
+        if a.concurrent:
+            print(_concurrent_line(one, _run_concurrent(args, base, a.ranks, a.device), a.device), flush=True)
         for name, costs in [("hinted", str(base / "single"))] + ([("unhinted", "none")] if a.unhinted else []):
             up_run, induced = _compare(one, _run(torchrun, args, base / f"sharded-{a.ranks}-{name}", costs), name,
                                        inherent, a)
@@ -203,6 +241,11 @@ def _from_kept(a: argparse.Namespace) -> int:
     print(f"{a.source}: {len(one['records'])} records; 1 rank: run {one['run_s']:7.1f} s", flush=True)
     inherent = (_differences(one["records"], _load(a.source / "single-again")["records"], a.show)
                 if a.repeat and (a.source / "single-again").is_dir() else {})
+    together = sorted(a.source.glob("concurrent-*"), key=lambda d: d.name)
+    if together:
+        device = one["records"][0].get("device", "") if one["records"] else ""
+        print(_concurrent_line(one, [_load(d) for d in together], "cuda" if device.startswith("cuda") else device),
+              flush=True)
     worst, induced_any = float("inf"), False
     for run in runs:
         up_run, induced = _compare(one, _load(run), run.name.split("-", 2)[-1], inherent, a)

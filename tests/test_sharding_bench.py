@@ -63,3 +63,33 @@ def test_from_kept_runs_counts_a_changed_outcome_and_rejects_a_bad_dir(kept: Pat
     assert 'records differ from the single run in: {"outcome": 1}' in capsys.readouterr().out
     assert sharding.main(["--from", str(kept / "nothing")]) == 2
     assert "expected the folders single/ and sharded-2-*/" in capsys.readouterr().err
+
+
+def test_from_kept_runs_compares_single_runs_made_at_once_with_the_one_alone(kept: Path, capsys) -> None:
+    base = [_rec("a[n=1]", "fp32", 1.0, 100)]
+    _write(kept / "concurrent-0", base, {"wall_seconds": 10.5})
+    _write(kept / "concurrent-1", base, {"wall_seconds": 9.0})
+    assert sharding.main(["--from", str(kept)]) == 0
+    out = capsys.readouterr().out
+    assert "2 single-process runs at once (one GPU each): run 10.5, 9.0 s = 1.05x, 0.90x the run alone" in out
+
+
+def test_concurrent_runs_each_get_their_own_gpu(tmp_path: Path, monkeypatch) -> None:
+    """Popen is replaced: each process must be told a different visible GPU, in the user's own list."""
+    seen: list[str] = []
+
+    class Done:
+        stderr = type("E", (), {"read": staticmethod(lambda: "")})()
+
+        def __init__(self, cmd, env, **kw):
+            seen.append(env["CUDA_VISIBLE_DEVICES"])
+            out = Path(cmd[cmd.index("--out") + 1])
+            _write(out, [_rec("a[n=1]", "fp32", 1.0, 100)], {"wall_seconds": 1.0})
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(sharding.subprocess, "Popen", Done)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    runs = sharding._run_concurrent(["--device", "cuda"], tmp_path, 2, "cuda")
+    assert seen == ["3", "5"] and [r["run_s"] for r in runs] == [1.0, 1.0]
