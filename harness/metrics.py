@@ -66,20 +66,51 @@ def tensor_metrics(cand: torch.Tensor, ref: torch.Tensor, fmt: Format) -> dict[s
 
 def underflow_by_tensor(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], fmt: Format
                         ) -> dict[str, float]:
-    """Per tensor of ``ref`` (and ``cand``), the share of entries non-zero in ``ref`` and zero in ``cand``;
-    only tensors that lost some."""
-    lost = {k: tensor_metrics(cand[k], ref[k], fmt)["underflow_frac"] for k in ref if k in cand}
-    return {k: v for k, v in lost.items() if v > 0}
+    """Per tensor of ``ref`` (and ``cand``), the share of entries non-zero in ``ref`` and zero in ``cand``
+    (``tensor_metrics``' ``underflow_frac`` of each); only tensors that lost some. One pass over all the
+    tensors, one host sync."""
+    keys = [k for k in ref if k in cand]
+    _same_shapes(cand, ref, keys)
+    if not keys:
+        return {}
+    c = torch.cat([cand[k].detach().reshape(-1).double() for k in keys])
+    return _underflow_fracs(c, _flat_ref(ref, keys, c.device), [ref[k].numel() for k in keys], keys)
+
+
+def _same_shapes(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], keys: list[str]) -> None:
+    for k in keys:
+        if cand[k].shape != ref[k].shape:
+            raise ValueError(f"candidate {k} has shape {tuple(cand[k].shape)}, the reference's is "
+                             f"{tuple(ref[k].shape)}")
+
+
+def _flat_ref(ref: dict[str, torch.Tensor], keys: list[str], device: torch.device) -> torch.Tensor:
+    return torch.cat([ref[k].detach().reshape(-1).double().to(device) for k in keys])
+
+
+def _underflow_fracs(c: torch.Tensor, r: torch.Tensor, sizes: list[int], keys: list[str]) -> dict[str, float]:
+    """``underflow_by_tensor`` on tensors laid end to end (``sizes`` entries each, named ``keys``)."""
+    nonzero = torch.isfinite(r) & (r != 0)
+    lost = nonzero & (c == 0)
+    seg = torch.repeat_interleave(torch.arange(len(sizes), device=c.device),
+                                  torch.tensor(sizes, device=c.device))
+    counts = torch.zeros(2, len(sizes), dtype=torch.float64, device=c.device)
+    counts[0].index_add_(0, seg, lost.double())
+    counts[1].index_add_(0, seg, nonzero.double())
+    n_lost, n_nonzero = counts.tolist()
+    return {k: a / b for k, a, b in zip(keys, n_lost, n_nonzero) if a > 0}
 
 
 def _grads_metrics(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], fmt: Format) -> dict[str, Any]:
     missing = sorted(set(ref) - set(cand))
     if missing:
         raise ValueError(f"candidate has no gradient for {', '.join(missing)}")
-    c = torch.cat([cand[k].detach().double().reshape(-1) for k in ref])
-    r = torch.cat([ref[k].detach().double().reshape(-1).to(c.device) for k in ref])
+    keys = list(ref)
+    _same_shapes(cand, ref, keys)
+    c = torch.cat([cand[k].detach().double().reshape(-1) for k in keys])
+    r = _flat_ref(ref, keys, c.device)
     allm = tensor_metrics(c, r, fmt)
-    lost = underflow_by_tensor(cand, ref, fmt)
+    lost = _underflow_fracs(c, r, [ref[k].numel() for k in keys], keys)
     return {"grad_rel_err": allm["rel_err"], "grad_nonfinite": allm["nonfinite"],
             "grad_underflow_frac": allm["underflow_frac"], "grad_overflow_frac": allm["overflow_frac"],
             "grad_underflow_by_tensor": lost}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.formats import FORMATS
-from harness.metrics import compare, tensor_metrics, ulp
+from harness.metrics import compare, tensor_metrics, ulp, underflow_by_tensor
 from harness.scaling import Scaler, ScaleTrace, parse_scaler
 from harness.scenario import Output
 
@@ -117,3 +117,26 @@ def test_compare_refuses_missing_outputs() -> None:
         compare(Output(grads={"w": t(1.0)}), Output(value=t(1.0)), F16)
     with pytest.raises(ValueError, match="no gradient for b"):
         compare(Output(grads={"a": t(1.0)}), Output(grads={"a": t(1.0), "b": t(2.0)}), F16)
+
+
+def test_underflow_by_tensor_equals_each_tensors_own_underflow_frac() -> None:
+    """The one-pass computation against tensor_metrics on each tensor: zeros, infs, NaNs, an empty tensor,
+    a tensor that lost nothing, and one only in the reference."""
+    g = torch.Generator().manual_seed(3)
+    ref, cand = {}, {}
+    for k, n in [("w", 200), ("b", 7), ("empty", 0), ("whole", 50), ("odd", 31)]:
+        r = torch.randn(n, generator=g) * 2.0 ** torch.randint(-30, 5, (n,), generator=g)
+        c = torch.where(r.abs() < 2.0**-14, torch.zeros_like(r), r)  # FP16-like flush of the small ones
+        if k == "odd":
+            r[0], r[1], c[2], r[3] = float("inf"), 0.0, float("nan"), float("nan")
+        if k == "whole":
+            r = r.abs() + 1.0
+            c = r.clone()
+        ref[k], cand[k] = r.reshape(-1, 1) if k == "odd" else r, c.reshape(-1, 1) if k == "odd" else c
+    ref["only_ref"] = torch.ones(3)
+    got = underflow_by_tensor(cand, ref, F16)
+    want = {k: tensor_metrics(cand[k], ref[k], F16)["underflow_frac"] for k in ref if k in cand}
+    assert {k: v for k, v in want.items() if v > 0} == got
+    assert set(got) == {"w", "b", "odd"} and all(0 < v <= 1 for v in got.values()) and 0 < got["w"] < 1
+    with pytest.raises(ValueError, match="shape"):
+        underflow_by_tensor({"w": cand["w"][:10]}, {"w": ref["w"]}, F16)
