@@ -93,3 +93,14 @@ def test_concurrent_runs_each_get_their_own_gpu(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     runs = sharding._run_concurrent(["--device", "cuda"], tmp_path, 2, "cuda")
     assert seen == ["3", "5"] and [r["run_s"] for r in runs] == [1.0, 1.0]
+
+
+def test_repeat_measures_the_speed_up_against_the_second_single_run(kept: Path, capsys) -> None:
+    recs = sharding.read_run(kept / "single")[1]
+    _write(kept / "single-again", recs, {"wall_seconds": 9.0, "seconds_in_scenarios": 4.0,
+                                         "seconds_in_references": 1.0, "seconds_building_inputs": 0.5})
+    assert sharding.main(["--from", str(kept), "--repeat"]) == 0
+    out = capsys.readouterr().out
+    assert "1 rank, again: run     9.0 s (the baseline below" in out
+    assert "run     6.2 s -> speed-up 1.44x (run)" in out  # 9.0 / 6.25, not 10.0 / 6.25
+    assert "two single-process runs differ in (records per field): none" in out
