@@ -73,8 +73,8 @@ def underflow_by_tensor(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tens
     _same_shapes(cand, ref, keys)
     if not keys:
         return {}
-    c = torch.cat([cand[k].detach().reshape(-1).double() for k in keys])
-    return _underflow_fracs(c, _flat_ref(ref, keys, c.device), [ref[k].numel() for k in keys], keys)
+    c = _flat(cand, keys)
+    return _underflow_fracs(c, _flat(ref, keys, c.device), [ref[k].numel() for k in keys], keys)
 
 
 def _same_shapes(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], keys: list[str]) -> None:
@@ -84,8 +84,9 @@ def _same_shapes(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], ke
                              f"{tuple(ref[k].shape)}")
 
 
-def _flat_ref(ref: dict[str, torch.Tensor], keys: list[str], device: torch.device) -> torch.Tensor:
-    return torch.cat([ref[k].detach().reshape(-1).double().to(device) for k in keys])
+def _flat(tensors: dict[str, torch.Tensor], keys: list[str], device: torch.device | None = None) -> torch.Tensor:
+    """The tensors named ``keys`` end to end, in FP64 (on ``device`` if given)."""
+    return torch.cat([tensors[k].detach().reshape(-1).double().to(device) for k in keys])
 
 
 def _underflow_fracs(c: torch.Tensor, r: torch.Tensor, sizes: list[int], keys: list[str]) -> dict[str, float]:
@@ -107,8 +108,8 @@ def _grads_metrics(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], 
         raise ValueError(f"candidate has no gradient for {', '.join(missing)}")
     keys = list(ref)
     _same_shapes(cand, ref, keys)
-    c = torch.cat([cand[k].detach().double().reshape(-1) for k in keys])
-    r = _flat_ref(ref, keys, c.device)
+    c = _flat(cand, keys)
+    r = _flat(ref, keys, c.device)
     allm = tensor_metrics(c, r, fmt)
     lost = _underflow_fracs(c, r, [ref[k].numel() for k in keys], keys)
     return {"grad_rel_err": allm["rel_err"], "grad_nonfinite": allm["nonfinite"],

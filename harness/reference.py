@@ -53,6 +53,8 @@ def _deterministic() -> Iterator[None]:
 
 #: Devices whose FP32 reference is computed twice to detect nondeterministic kernels (see module doc).
 RERUN_DEVICES: tuple[str, ...] = ("cuda",)
+
+
 def _worst(m: dict[str, Any]) -> float:
     return max((m.get(k, 0.0) for k in ERROR_METRICS), default=0.0)
 

@@ -124,9 +124,9 @@ def test_merge_shard_lines_orders_slots_and_finds_what_a_dead_rank_lost() -> Non
         '{"slot": [3, 0], "rec',                                         # torn
     ]
     with pytest.warns(UserWarning, match="torn"):
-        recs, lost, texts = merge_shard_lines(lines)
-    assert [recs[k]["r"] for k in sorted(recs)] == ["0.0", "0.1", "2.0"]
-    assert {k: json.loads(t) for k, t in texts.items()} == recs  # the text kept is the first record's
+        recs, lost = merge_shard_lines(lines)
+    assert [recs[k][0]["r"] for k in sorted(recs)] == ["0.0", "0.1", "2.0"]
+    assert all(json.loads(text) == rec for rec, text in recs.values())  # the text kept is the first record's
     assert [(i, j, c["rank"]) for i, j, c in lost] == [(2, 1, 1)]
 
 

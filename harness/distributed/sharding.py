@@ -102,17 +102,16 @@ class ShardFile:
         return self.path.read_text().splitlines()
 
 
-def merge_shard_lines(lines: Iterable[str]) -> tuple[dict[tuple[int, int], dict], list[tuple[int, int, dict]],
-                                                       dict[tuple[int, int], str]]:
-    """Records by slot (case index, strategy index); (case index, strategy index, claim) for every
-    claimed slot without a record whose rank died (a rank that was stopped releases its case: its
-    missing slots are left for ``run --resume``); and each record's JSON text as the shard holds it
-    (what ``records.jsonl`` gets, without encoding it again).
+def merge_shard_lines(lines: Iterable[str]) -> tuple[dict[tuple[int, int], tuple[dict, str]],
+                                                       list[tuple[int, int, dict]]]:
+    """(record, its JSON text as the shard holds it) by slot (case index, strategy index), and (case
+    index, strategy index, claim) for every claimed slot without a record whose rank died (a rank that
+    was stopped releases its case: its missing slots are left for ``run --resume``). The text is what
+    ``records.jsonl`` gets, without encoding the record again.
 
     Sorting the slots gives matrix order, the order a single process writes. A torn line (a rank killed
     mid-write) is skipped with a warning; a slot recorded twice keeps its first record."""
-    recs: dict[tuple[int, int], dict[str, Any]] = {}
-    texts: dict[tuple[int, int], str] = {}
+    recs: dict[tuple[int, int], tuple[dict[str, Any], str]] = {}
     claims: dict[int, dict[str, Any]] = {}
     released: set[int] = set()
     for line in lines:
@@ -126,15 +125,12 @@ def merge_shard_lines(lines: Iterable[str]) -> tuple[dict[tuple[int, int], dict]
         if "claim" in obj:
             claims.setdefault(int(obj["claim"]), obj)
         elif "slot" in obj:
-            slot = (int(obj["slot"][0]), int(obj["slot"][1]))
-            if slot not in recs:
-                recs[slot] = obj["record"]
-                texts[slot] = _record_text(line)
+            recs.setdefault((int(obj["slot"][0]), int(obj["slot"][1])), (obj["record"], _record_text(line)))
         elif "released" in obj:
             released.add(int(obj["released"]))
     missing = [(i, j, c) for i, c in sorted(claims.items()) if i not in released for j in c["slots"]
                if (i, j) not in recs]
-    return recs, missing, texts
+    return recs, missing
 
 
 def _record_text(line: str) -> str:
@@ -143,11 +139,11 @@ def _record_text(line: str) -> str:
     return line[start:].strip()[:-1].strip()
 
 
-def _ordered(recs: dict[tuple[int, int], dict], lost: list[tuple[int, int, dict]], cfg: RunConfig,
-             all_cases: list[Case], texts: dict[tuple[int, int], str]) -> list[tuple[dict[str, Any], str | None]]:
+def _ordered(recs: dict[tuple[int, int], tuple[dict, str]], lost: list[tuple[int, int, dict]], cfg: RunConfig,
+             all_cases: list[Case]) -> list[tuple[dict[str, Any], str | None]]:
     """(record, its JSON text or None) in matrix order, with an ``error`` record for every claimed slot
     that has none."""
-    merged = {k: (r, texts.get(k)) for k, r in recs.items()}
+    merged: dict[tuple[int, int], tuple[dict[str, Any], str | None]] = dict(recs)
     for i, j, claim in lost:
         why = (f"rank {claim.get('rank')} on {claim.get('host')} stopped while running this case (its process "
                "ended before the record was written); its log says why")
@@ -253,8 +249,8 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
 def _finish(cfg: RunConfig, all_cases: list[Case], writer: RunWriter, previous: list[dict], gathered: list[Any],
             t0: float, resume: bool) -> tuple[Path, Summary, dict[str, Any]]:
     """Rank 0: every rank's shard merged in matrix order into one run directory."""
-    recs, lost, texts = merge_shard_lines(line for part in gathered for line in part["lines"])
-    merged = _ordered(recs, lost, cfg, all_cases, texts)
+    recs, lost = merge_shard_lines(line for part in gathered for line in part["lines"])
+    merged = _ordered(recs, lost, cfg, all_cases)
     summary = _append(writer, previous, merged)
     ranks = [part["stats"] for part in gathered]
     summed = {k: sum(r[k] for r in ranks) for k in SUMMED_STATS}
@@ -291,9 +287,9 @@ def merge_run(out: Path) -> dict[str, Any]:
     if not files:
         raise ValueError(f"{out}: no shard files in {out / SHARDS}; nothing to merge")
     all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)
-    recs, lost, texts = merge_shard_lines(line for f in files for line in f.read_text().splitlines())
+    recs, lost = merge_shard_lines(line for f in files for line in f.read_text().splitlines())
     done, previous = _done_keys(out)
-    new = [(r, t) for r, t in _ordered(recs, lost, cfg, all_cases, texts)
+    new = [(r, t) for r, t in _ordered(recs, lost, cfg, all_cases)
            if (case_seed_key(r), r["strategy"]) not in done]
     header = {k: v for k, v in read_header(out).items() if k not in ("status", "summary", "schema_version")}
     writer = RunWriter(out, header, append=True)
