@@ -87,7 +87,8 @@ def _check(returncode: int, launcher: list[str], stderr: str) -> None:
 
 
 def _run_concurrent(args: list[str], base: Path, n: int, device: str) -> list[dict]:
-    """``n`` single-process runs started together, on CUDA one GPU each (the i-th visible one)."""
+    """``n`` single-process runs started together, on CUDA one GPU each (the i-th visible one); each
+    one's stderr goes to ``stderr-concurrent-<i>.txt`` (a pipe nobody reads could fill and stop it)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = [g.strip() for g in visible.split(",")] if visible else [str(i) for i in range(n)]
     procs = []
@@ -95,10 +96,11 @@ def _run_concurrent(args: list[str], base: Path, n: int, device: str) -> list[di
         env = _env("none")
         if device == "cuda":
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        procs.append(subprocess.Popen(_command([sys.executable], args, base / f"concurrent-{i}"), cwd=ROOT, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        _check(proc.wait(), [sys.executable], proc.stderr.read())
+        with open(base / f"stderr-concurrent-{i}.txt", "w") as err:
+            procs.append(subprocess.Popen(_command([sys.executable], args, base / f"concurrent-{i}"), cwd=ROOT,
+                                          env=env, stdout=subprocess.DEVNULL, stderr=err, text=True))
+    for i, proc in enumerate(procs):
+        _check(proc.wait(), [sys.executable], (base / f"stderr-concurrent-{i}.txt").read_text())
     return [_load(base / f"concurrent-{i}") for i in range(n)]
 
 

@@ -18,6 +18,7 @@ Usage: ``python bench/start_up.py [--device cuda] [--case NAME] [--tier full] [-
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -29,11 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CASE = {"cuda": "train_transformer", "cpu": "update_swamping"}
 
 
-def _sync(torch, dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _phases(device: str) -> list[list]:
     """[name, seconds] of each start-up phase, in a process that has imported nothing yet."""
     rows: list[list] = []
@@ -43,31 +39,31 @@ def _phases(device: str) -> list[list]:
         fn()
         rows.append([name, time.perf_counter() - t])
 
-    mods: dict = {}
-    timed("import torch", lambda: mods.update(torch=__import__("torch")))
-    torch = mods["torch"]
+    timed("import torch", lambda: importlib.import_module("torch"))
+    import torch
 
     def harness():
         from harness.scenario import discover
         discover()
     timed("import the harness, discover the suites", harness)
+    from harness.timing import sync
     dev = torch.device(device)
     if dev.type == "cuda":
-        timed("CUDA context", lambda: (torch.zeros(1, device=dev), _sync(torch, dev)))
-    timed("import torch._dynamo (the first optimizer)", lambda: __import__("torch._dynamo"))
+        timed("CUDA context", lambda: (torch.zeros(1, device=dev), sync(dev)))
+    timed("import torch._dynamo (the first optimizer)", lambda: importlib.import_module("torch._dynamo"))
     if dev.type != "cuda":
         return rows
     a = torch.randn(256, 256, device=dev)
-    timed("first FP32 GEMM (cuBLAS)", lambda: (a @ a, _sync(torch, dev)))
+    timed("first FP32 GEMM (cuBLAS)", lambda: (a @ a, sync(dev)))
     x = torch.randn(8, 3, 16, 16, device=dev, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, device=dev, requires_grad=True)
     timed("first convolution, forward and backward (cuDNN)",
-          lambda: (torch.nn.functional.conv2d(x, w).sum().backward(), _sync(torch, dev)))
+          lambda: (torch.nn.functional.conv2d(x, w).sum().backward(), sync(dev)))
     from harness.execution import Execution
     from harness.strategy import PRESETS, tensor_core_support
     if tensor_core_support("fp8", dev) is None:
         ex = Execution(PRESETS["fp8-tensorwise"], dev)
-        timed("first FP8 GEMM (Triton quantization, _scaled_mm)", lambda: (ex.matmul(a, a), _sync(torch, dev)))
+        timed("first FP8 GEMM (Triton quantization, _scaled_mm)", lambda: (ex.matmul(a, a), sync(dev)))
     return rows
 
 

@@ -79,10 +79,9 @@ def test_concurrent_runs_each_get_their_own_gpu(tmp_path: Path, monkeypatch) -> 
     seen: list[str] = []
 
     class Done:
-        stderr = type("E", (), {"read": staticmethod(lambda: "")})()
-
-        def __init__(self, cmd, env, **kw):
+        def __init__(self, cmd, env, stderr, **kw):
             seen.append(env["CUDA_VISIBLE_DEVICES"])
+            stderr.write("a warning\n")
             out = Path(cmd[cmd.index("--out") + 1])
             _write(out, [_rec("a[n=1]", "fp32", 1.0, 100)], {"wall_seconds": 1.0})
 
@@ -93,6 +92,7 @@ def test_concurrent_runs_each_get_their_own_gpu(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     runs = sharding._run_concurrent(["--device", "cuda"], tmp_path, 2, "cuda")
     assert seen == ["3", "5"] and [r["run_s"] for r in runs] == [1.0, 1.0]
+    assert (tmp_path / "stderr-concurrent-1.txt").read_text() == "a warning\n"
 
 
 def test_repeat_measures_the_speed_up_against_the_second_single_run(kept: Path, capsys) -> None:
