@@ -147,25 +147,31 @@ def test_tensor_core_support_names_the_format_and_the_capability_it_needs(monkey
     assert tensor_core_support("fp8", "cuda") == "Tesla T4 (sm_80) has no FP8 Tensor Cores (needs sm_89+)"
 
 
+_GOOD_SCALERS = ("none", "torch", "apex", "deepspeed", "deepspeed-0.17.0", "megatron", "static(2^10)",
+                 "dynamic(apex,interval=8)", "dynamic(min=-0)", "gradscaler(interval=7)")
+_BAD_SCALERS = ("static(nan)", "static(1e400)", "dynamic(interval=inf)", "dynamic(hysteresis=nan)",
+                "dynamic(init=2^10,init=2^20)", "gradscaler(init=2^200)", "dynamic(interval=2.5)",
+                "gradscaler(interval=2^31)", "static(", "dynamic(interval=-inf)", "dynamic(growth=1e400)")
 _VALUES = {"compute": COMPUTE, "apply": APPLY, "params": PARAMS, "master": ("yes", "no", "maybe", ""),
-           "reduction": REDUCTION, "fp8": FP8_RECIPES,
-           "scaler": ("none", "torch", "apex", "deepspeed", "deepspeed-0.17.0", "megatron", "static(2^10)",
-                      "static(nan)", "static(1e400)", "dynamic(interval=inf)", "dynamic(hysteresis=nan)",
-                      "dynamic(init=2^10,init=2^20)", "gradscaler(init=2^200)", "dynamic(interval=2.5)",
-                      "dynamic(apex,interval=8)", "gradscaler(interval=2^31)", "static(", "dynamic(min=-0)")}
+           "reduction": REDUCTION, "fp8": FP8_RECIPES}
 
 
 @given(parts=st.lists(st.sampled_from(list(_VALUES)).flatmap(lambda k: st.sampled_from(_VALUES[k]).map(
-    lambda v: f"{k}={v}")), min_size=1, max_size=9),
-       junk=st.sampled_from(["", ",", "(", ")", ")(", ",,", "=", "compute"]))
-def test_any_spec_is_a_strategy_that_round_trips_or_one_value_error(parts: list[str], junk: str) -> None:
+    lambda v: f"{k}={v}")), max_size=8),
+       scaler=st.sampled_from(_GOOD_SCALERS + _BAD_SCALERS), at=st.integers(0, 8),
+       junk=st.sampled_from(["", "", "", ",", "(", ")", ")(", ",,", "=", "compute"]))
+def test_any_spec_is_a_strategy_that_round_trips_or_one_value_error(parts: list[str], scaler: str, at: int,
+                                                                     junk: str) -> None:
     """Over the grammar (repeated keys, hostile scaler values, stray brackets): either a strategy whose
-    string parses back to it, or a ValueError of one line; never another exception."""
+    string parses back to it, or a ValueError of one line; never another exception, never a bad value
+    or a repeated key accepted."""
+    parts.insert(min(at, len(parts)), f"scaler={scaler}")
     text = ",".join(parts) + junk
     try:
         s = parse(text)
     except ValueError as exc:
         assert str(exc) and "\n" not in str(exc)
         return
+    assert scaler not in _BAD_SCALERS
     assert len({p.split("=", 1)[0] for p in parts}) == len(parts)  # a repeated key never parses
     assert parse(str(s)) == s
