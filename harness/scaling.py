@@ -124,9 +124,9 @@ def _whole(text: str, what: str) -> int:
 def _fp32_range(what: str, x: float) -> None:
     """``x`` must be a positive number that stays positive and finite in FP32 (the scale multiplies an FP32
     loss, whatever holds it): 2^-149 up to FP32's max 3.4e38."""
-    f = _f32(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+    f = _f32(float(x))
     if not 0 < f < math.inf:
-        shown = format_number(x) if isinstance(x, (int, float)) else repr(x)
+        shown = format_number(float(x))
         raise ValueError(f"{what} must be a number from 2^-149 to 3.4e38 (FP32's range: the scale multiplies an "
                          f"FP32 loss), got {shown}")
 
@@ -151,6 +151,10 @@ class ScalerSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown scaler kind {self.kind!r}; allowed: {', '.join(KINDS)}")
+        for k in ("init", "growth", "backoff", "min", "max"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, int) and abs(v) > 2**1023):
+                raise ValueError(f"scaler {k} must be a number within a double's range, got {v!r}")
         if self.kind != "none":
             _fp32_range("loss scale" if self.kind == "static" else "scaler init", self.init)
         if self.dynamic:

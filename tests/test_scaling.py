@@ -212,9 +212,10 @@ def test_format_number_calls_only_exact_powers_of_two_powers() -> None:
 
 
 @pytest.mark.parametrize("field,value", [("interval", 2.5), ("interval", True), ("hysteresis", 2.0),
-                                         ("interval", 0), ("init", math.nan), ("init", 2.0**130)])
+                                         ("interval", 0), ("init", math.nan), ("init", 2.0**130), ("init", 10**400),
+                                         ("growth", "2"), ("max", True)])
 def test_a_spec_built_in_code_is_checked_as_a_parsed_one(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match="scaler (interval|hysteresis|init) must be"):
+    with pytest.raises(ValueError, match="scaler (interval|hysteresis|init|growth|max) must be"):
         ScalerSpec("dynamic", **{field: value})
 
 
