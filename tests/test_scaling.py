@@ -6,6 +6,7 @@ import re
 from dataclasses import replace
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -221,13 +222,14 @@ def test_a_spec_built_in_code_is_checked_as_a_parsed_one(field: str, value: obje
 
 # ---- the extremes, against the real implementations -------------------------------------------------------
 
-def _torch_steps(init: float, growth: float, backoff: float, interval: int, found: list[bool]) -> list[float]:
+def _torch_steps(init: float, growth: float, backoff: float, interval: int, found: list[bool],
+                 device: str = "cpu") -> list[float]:
     """The scale after each step, from the real ``torch._amp_update_scale_`` (what GradScaler.update runs)."""
-    import torch
-    scale, tracker = torch.full((), init, dtype=torch.float32), torch.zeros((), dtype=torch.int32)
+    scale = torch.full((), init, dtype=torch.float32, device=device)
+    tracker = torch.zeros((), dtype=torch.int32, device=device)
     out = []
     for f in found:
-        torch._amp_update_scale_(scale, tracker, torch.tensor(float(f)), growth, backoff, interval)
+        torch._amp_update_scale_(scale, tracker, torch.tensor(float(f), device=device), growth, backoff, interval)
         out.append(scale.item())
     return out
 
@@ -259,6 +261,18 @@ def test_torch_preset_is_amp_update_scale_step_by_step(init: float, growth: floa
     subnormals to 0, factors that are not powers of two (one rounding to FP32, from the double product)."""
     spec = ScalerSpec("dynamic", init=init, growth=growth, backoff=backoff, interval=interval)
     assert _ours(spec, found) == _torch_steps(init, growth, backoff, interval, found)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("init,growth,backoff,interval", [(2.0**126, 2.0, 0.5, 1), (2.0**-140, 1.5, 0.1, 3),
+                                                          (3.0e38, 1.0001, 0.999, 1)])
+def test_torch_preset_is_the_cuda_amp_update_scale_too(init: float, growth: float, backoff: float,
+                                                       interval: int) -> None:
+    """GradScaler on a GPU runs the CUDA kernel of ``_amp_update_scale_``: the same scales, step by step."""
+    found = [F, F, T, T] + [F, T, F, F, F, T, T, F, F, F, F] * 4 + [T] * 40 + [F] * 12
+    spec = ScalerSpec("dynamic", init=init, growth=growth, backoff=backoff, interval=interval)
+    assert _ours(spec, found) == _torch_steps(init, growth, backoff, interval, found, "cuda")
 
 
 def test_torch_preset_collapses_to_zero_in_fp32_as_gradscaler_does() -> None:
@@ -366,7 +380,6 @@ def test_deepspeed_presets_are_deepspeed_step_by_step(preset: str, new: bool, fo
 def test_megatron_grows_to_inf_in_fp32_and_cannot_back_off() -> None:
     """Megatron-LM multiplies its FP32 scale tensor by the growth factor unchecked: the state the
     ``max: ... cannot back off from inf`` verdict describes, which torch's GradScaler never enters."""
-    import torch
     scale, lo = torch.tensor([2.0**126]), torch.tensor([1.0])
     real = []
     for f in [F, F, T, T]:  # interval 1: every good step grows; hysteresis 1
