@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 __all__ = ["ScalerSpec", "Decision", "Scaler", "LossScaleFloorError", "ScaleTrace", "SCALER_PRESETS",
            "SCALER_EMULATES", "parse_scaler", "format_number", "parse_number"]
@@ -155,6 +155,10 @@ class ScalerSpec:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, int) and abs(v) > 2**1023):
                 raise ValueError(f"scaler {k} must be a number within a double's range, got {v!r}")
+        printed = {"none": (), "static": ("init",)}.get(self.kind, _KEYS.get(self.kind, ()))
+        for f in fields(self):  # a field its kind does not print would be lost by str() and parse()
+            if f.name not in ("kind", *printed) and getattr(self, f.name) != f.default:
+                raise ValueError(f"scaler {f.name} applies to dynamic scalers, not to {self.kind}")
         if self.kind != "none":
             _fp32_range("loss scale" if self.kind == "static" else "scaler init", self.init)
         if self.dynamic:

@@ -212,6 +212,13 @@ def test_format_number_calls_only_exact_powers_of_two_powers() -> None:
     assert format_number(2.0**60) == "2^60" and format_number(2.0**-30) == "2^-30"
 
 
+@pytest.mark.parametrize("kind,field,value", [("gradscaler", "store", "fp64"), ("gradscaler", "min", 1.0),
+                                              ("static", "interval", 7), ("none", "hysteresis", 2)])
+def test_a_field_its_kind_does_not_print_is_refused_not_lost(kind: str, field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"scaler {field} applies to dynamic scalers, not to {kind}"):
+        ScalerSpec(kind, **{field: value})
+
+
 @pytest.mark.parametrize("field,value", [("interval", 2.5), ("interval", True), ("hysteresis", 2.0),
                                          ("interval", 0), ("init", math.nan), ("init", 2.0**130), ("init", 10**400),
                                          ("growth", "2"), ("max", True)])
