@@ -10,16 +10,24 @@ Megatron-LM)::
         if hysteresis_left <= 0:        # tolerate `hysteresis` overflows before backing off; once
             # used up, every further overflow backs off until the next growth (DeepSpeed, Megatron-LM)
             if S at the floor: stall (keep S, keep skipping) or raise LossScaleFloorError
-            else S = max(S * backoff, min)
-        good_steps = 0
+            else S = store(max(S * backoff, min))
+        good_steps = 0; due = interval (+1 with first_growth=interval+1: DeepSpeed >= 0.17.1)
     else:
         good_steps += 1
-        if good_steps == interval: S = min(S * growth, max); good_steps = 0; hysteresis_left = hysteresis
+        if good_steps == due:
+            new = store(min(S * growth, max)); good_steps = 0; due = interval
+            hysteresis_left = hysteresis
+            S = S if new is inf and to_inf=refuse else new   # torch refuses to grow to inf
+
+``store`` rounds to the precision the implementation holds its scale in: ``fp32`` (torch's GradScaler and
+Megatron-LM keep a 0-d FP32 tensor: past 2^128 inf, below 2^-149 zero) or ``fp64`` (apex and DeepSpeed keep
+a Python float). Which implementation and version each preset of :data:`SCALER_PRESETS` emulates is in
+:data:`SCALER_EMULATES`.
 
 Specs print and parse: ``none``, ``static(1024)``,
-``dynamic(init=65536,growth=2,backoff=0.5,interval=2000,min=0,max=inf,hysteresis=1,floor=stall)``,
-``gradscaler(init=65536,growth=2,backoff=0.5,interval=2000)`` (drives the real torch.amp.GradScaler).
-Named policies of known implementations are in :data:`SCALER_PRESETS`.
+``dynamic(init=65536,growth=2,backoff=0.5,interval=2000,min=0,max=inf,hysteresis=1,floor=stall,store=fp32,
+to_inf=refuse,first_growth=interval)``, ``gradscaler(init=65536,growth=2,backoff=0.5,interval=2000)`` (drives
+the real torch.amp.GradScaler).
 """
 from __future__ import annotations
 
@@ -28,10 +36,20 @@ import struct
 from dataclasses import dataclass, field, fields, replace
 
 __all__ = ["ScalerSpec", "Decision", "Scaler", "LossScaleFloorError", "ScaleTrace", "SCALER_PRESETS",
-           "parse_scaler", "format_number", "parse_number"]
+           "SCALER_EMULATES", "parse_scaler", "format_number", "parse_number"]
 
 KINDS = ("none", "static", "dynamic", "gradscaler")
 FLOORS = ("stall", "raise")
+STORES = ("fp32", "fp64")
+TO_INF = ("refuse", "allow")
+FIRST_GROWTH = ("interval", "interval+1")
+#: torch's growth tracker is an int32 tensor: a longer interval is never reached (and hysteresis shares the bound).
+MAX_COUNT = 2**31 - 1
+#: The keys of each kind's spec, in the order they print.
+_KEYS = {"gradscaler": ("init", "growth", "backoff", "interval"),
+         "dynamic": ("init", "growth", "backoff", "interval", "min", "max", "hysteresis", "floor", "store", "to_inf",
+                     "first_growth")}
+_WORDS = {"floor": FLOORS, "store": STORES, "to_inf": TO_INF, "first_growth": FIRST_GROWTH}
 
 
 def _f32(x: float) -> float:
@@ -45,11 +63,13 @@ def _f32(x: float) -> float:
         return math.copysign(math.inf, x)
 
 
-def _f32_within(x: float, lo: float, hi: float) -> float:
-    """``x`` in FP32, kept inside [lo, hi] when rounding to FP32 would step past a bound that FP32
-    cannot represent exactly (max=0.3 must not become 0.30000001)."""
+def _stored(x: float, lo: float, hi: float, store: str) -> float:
+    """``x`` as the scale's ``store`` holds it, kept inside [lo, hi] when rounding to FP32 would step past a
+    bound that FP32 cannot represent exactly (max=0.3 must not become 0.30000001). FP64 is Python's float."""
+    if store == "fp64":
+        return x
     f = _f32(x)
-    if f > hi or f < lo:
+    if math.isfinite(f) and (f > hi or f < lo):
         bits = struct.unpack("<I", struct.pack("<f", f))[0]
         f = struct.unpack("<f", struct.pack("<I", bits - 1 if f > hi else bits + 1))[0]
     return f
@@ -75,16 +95,40 @@ def format_number(x: float) -> str:
 
 
 def parse_number(text: str, what: str) -> float:
+    """A number as the grammar spells it (65536, 2^16, 0.5, 1e-3, inf); ValueError naming ``what`` otherwise.
+    A literal past a double's range (1e400, 2^100000) is refused, not read as inf: inf is spelled inf."""
     t = text.strip()
     try:
         if "^" in t:
             base, exp = t.split("^", 1)
-            return math.pow(float(base), float(exp))  # real or ValueError, unlike ** (complex for (-2)^0.5)
-        return float(t)
+            value = math.pow(float(base), float(exp))  # real or ValueError, unlike ** (complex for (-2)^0.5)
+        else:
+            value = float(t)
     except OverflowError:
         raise ValueError(f"{what}: {text!r} is too large for a float (use inf for no limit)") from None
     except ValueError:
         raise ValueError(f"{what}: {text!r} is not a number (use e.g. 65536, 2^16, 0.5, inf)") from None
+    if math.isinf(value) and "inf" not in t.lower():  # float("1e400") is inf: a typo, not "no limit"
+        raise ValueError(f"{what}: {text!r} is too large for a float (use inf for no limit)")
+    return value
+
+
+def _whole(text: str, what: str) -> int:
+    """A whole number as the grammar spells it (8, 2^10, 1e3); ValueError for fractions, inf and NaN."""
+    num = parse_number(text, what)
+    if not num.is_integer():
+        raise ValueError(f"{what} must be a whole number from 1 to 2^31-1, got {text.strip()!r}")
+    return int(num)
+
+
+def _fp32_range(what: str, x: float) -> None:
+    """``x`` must be a positive number that stays positive and finite in FP32 (the scale multiplies an FP32
+    loss, whatever holds it): 2^-149 up to FP32's max 3.4e38."""
+    f = _f32(float(x))
+    if not 0 < f < math.inf:
+        shown = format_number(float(x))
+        raise ValueError(f"{what} must be a number from 2^-149 to 3.4e38 (FP32's range: the scale multiplies an "
+                         f"FP32 loss), got {shown}")
 
 
 @dataclass(frozen=True)
@@ -100,44 +144,61 @@ class ScalerSpec:
     max: float = math.inf
     hysteresis: int = 1
     floor: str = "stall"
+    store: str = "fp32"
+    to_inf: str = "refuse"
+    first_growth: str = "interval"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown scaler kind {self.kind!r}; allowed: {', '.join(KINDS)}")
-        if not (self.init > 0 and math.isfinite(self.init)):
-            raise ValueError(f"loss scale must be a finite number > 0, got {format_number(self.init)}")
-        if self.kind in ("dynamic", "gradscaler"):
-            if not self.growth > 1:
-                raise ValueError(f"scaler growth must be > 1, got {self.growth}")
-            if not 0 < self.backoff < 1:
-                raise ValueError(f"scaler backoff must be in (0, 1), got {self.backoff}")
-            for k in ("interval", "hysteresis"):
-                if getattr(self, k) < 1:
-                    raise ValueError(f"scaler {k} must be a whole number >= 1, got {getattr(self, k)}")
-            if not 0 <= self.min <= self.init <= self.max:
-                raise ValueError(f"scaler needs 0 <= min <= init <= max, got min={format_number(self.min)} "
-                                 f"init={format_number(self.init)} max={format_number(self.max)}")
-        if self.floor not in FLOORS:
-            raise ValueError(f"scaler floor must be one of {', '.join(FLOORS)}, got {self.floor!r}")
+        for k in ("init", "growth", "backoff", "min", "max"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, int) and abs(v) > 2**1023):
+                raise ValueError(f"scaler {k} must be a number within a double's range, got {v!r}")
+        printed = {"none": (), "static": ("init",)}.get(self.kind, _KEYS.get(self.kind, ()))
+        for f in fields(self):  # a field its kind does not print would be lost by str() and parse()
+            if f.name not in ("kind", *printed) and getattr(self, f.name) != f.default:
+                raise ValueError(f"scaler {f.name} applies to dynamic scalers, not to {self.kind}")
+        if self.kind != "none":
+            _fp32_range("loss scale" if self.kind == "static" else "scaler init", self.init)
+        if self.dynamic:
+            self._check_dynamic()
+        for key, allowed in _WORDS.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"scaler {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+
+    def _check_dynamic(self) -> None:
+        if not (self.growth > 1 and _f32(self.growth) < math.inf):
+            raise ValueError(f"scaler growth must be a number > 1 and at most 3.4e38, got {format_number(self.growth)}")
+        if not 0 < self.backoff < 1:
+            raise ValueError(f"scaler backoff must be a number in (0, 1), got {format_number(self.backoff)}")
+        for k in ("interval", "hysteresis"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_COUNT:
+                raise ValueError(f"scaler {k} must be a whole number from 1 to 2^31-1, got {v!r}")
+        if not (0 <= self.min <= self.init <= self.max and math.isfinite(self.min)):
+            raise ValueError(f"scaler needs 0 <= min <= init <= max, got min={format_number(self.min)} "
+                             f"init={format_number(self.init)} max={format_number(self.max)}")
+        if math.isfinite(self.max):
+            _fp32_range("scaler max (or inf for no cap)", self.max)
 
     def __str__(self) -> str:
         if self.kind == "none":
             return "none"
         if self.kind == "static":
             return f"static({format_number(self.init)})"
-        keys = ["init", "growth", "backoff", "interval"]
-        if self.kind == "dynamic":
-            keys += ["min", "max", "hysteresis", "floor"]
         parts = []
-        for k in keys:
+        for k in _KEYS[self.kind]:
             v = getattr(self, k)
             parts.append(f"{k}={v if isinstance(v, str) else format_number(v)}")
         return f"{self.kind}({','.join(parts)})"
 
     @property
     def initial_scale(self) -> float:
-        """The scale the first step uses: ``init`` in FP32, or 1 without a scaler."""
-        return _f32(self.init) if self.kind != "none" else 1.0
+        """The scale the first step uses: ``init`` as the spec's store holds it, or 1 without a scaler."""
+        if self.kind == "none":
+            return 1.0
+        return self.init if self.kind == "dynamic" and self.store == "fp64" else _f32(self.init)
 
     @property
     def dynamic(self) -> bool:
@@ -145,16 +206,28 @@ class ScalerSpec:
 
 
 SCALER_PRESETS: dict[str, ScalerSpec] = {
-    # torch.amp.GradScaler's defaults: no cap, no floor.
     "torch": ScalerSpec("dynamic", init=2.0**16, growth=2, backoff=0.5, interval=2000),
-    # apex's amp caps the scale at 2^24.
-    "apex": ScalerSpec("dynamic", init=2.0**16, growth=2, backoff=0.5, interval=2000, max=2.0**24),
-    # DeepSpeed: hysteresis 2, floor 1, raise when it overflows at the floor.
-    "deepspeed": ScalerSpec("dynamic", init=2.0**16, growth=2, backoff=0.5, interval=1000, min=1,
-                            hysteresis=2, floor="raise"),
-    # Megatron-LM: init 2^32, hysteresis 2, floor 1, keeps skipping at the floor.
-    "megatron": ScalerSpec("dynamic", init=2.0**32, growth=2, backoff=0.5, interval=1000, min=1,
-                           hysteresis=2, floor="stall"),
+    "apex": ScalerSpec("dynamic", init=2.0**16, growth=2, backoff=0.5, interval=2000, max=2.0**24, store="fp64",
+                       to_inf="allow"),
+    "deepspeed": ScalerSpec("dynamic", init=2.0**16, growth=2, backoff=0.5, interval=1000, min=1, hysteresis=2,
+                            floor="raise", store="fp64", to_inf="allow", first_growth="interval+1"),
+    "deepspeed-0.17.0": ScalerSpec("dynamic", init=2.0**16, growth=2, backoff=0.5, interval=1000, min=1,
+                                   hysteresis=2, floor="raise", store="fp64", to_inf="allow"),
+    "megatron": ScalerSpec("dynamic", init=2.0**32, growth=2, backoff=0.5, interval=1000, min=1, hysteresis=2,
+                           floor="stall", store="fp32", to_inf="allow"),
+}
+#: Which implementation, file and version each preset emulates (read from their source; docs/scaling.md).
+SCALER_EMULATES: dict[str, str] = {
+    "torch": "torch.amp.GradScaler defaults, torch 2.13 (torch._amp_update_scale_: FP32 scale tensor, a growth "
+             "that would give inf is skipped)",
+    "apex": "apex.amp LossScaler (apex/amp/scaler.py, current master): Python-float scale, cap 2^24, no floor",
+    "deepspeed": "DeepSpeed >= 0.17.1 DynamicLossScaler with its config defaults (deepspeed/runtime/fp16/"
+                 "loss_scaler.py): Python-number scale, hysteresis 2, floor 1, raises there; the first growth "
+                 "after the start or an overflow needs interval+1 good steps",
+    "deepspeed-0.17.0": "DeepSpeed <= 0.17.0 DynamicLossScaler: as deepspeed, but every growth after interval good "
+                        "steps",
+    "megatron": "Megatron-LM DynamicGradScaler (megatron/core/optimizer/grad_scaler.py) with its argument defaults: "
+                "FP32 scale tensor that grows to inf unchecked, init 2^32, hysteresis 2, floor 1",
 }
 
 
@@ -163,7 +236,8 @@ def _split_args(body: str) -> list[str]:
 
 
 def parse_scaler(text: str) -> ScalerSpec:
-    """Parse a scaler spec (see module doc); a bare preset name (``torch``, ``apex``...) is allowed."""
+    """Parse a scaler spec (see module doc); a bare preset name (``torch``, ``apex``...) is allowed, and
+    ``dynamic(PRESET,key=value,...)`` starts from a preset."""
     t = text.strip()
     if t in SCALER_PRESETS:
         return SCALER_PRESETS[t]
@@ -178,27 +252,26 @@ def parse_scaler(text: str) -> ScalerSpec:
         return ScalerSpec("static", init=parse_number(body, "static scale"))
     if kind not in ("dynamic", "gradscaler"):
         raise ValueError(f"unknown scaler kind {kind!r}; allowed: {', '.join(KINDS)}")
-    names = {f.name for f in fields(ScalerSpec)} - {"kind"}
-    if kind == "gradscaler":
-        names -= {"min", "max", "hysteresis", "floor"}
-    base = SCALER_PRESETS["torch"] if kind == "dynamic" else ScalerSpec("gradscaler")
+    names = _KEYS[kind]
+    base, base_name = (SCALER_PRESETS["torch"] if kind == "dynamic" else ScalerSpec("gradscaler")), None
     kw: dict = {}
     for arg in _split_args(body):
         if "=" not in arg:
             if arg in SCALER_PRESETS and kind == "dynamic":
-                base = SCALER_PRESETS[arg]
+                if base_name is not None:
+                    raise ValueError(f"scaler {text!r} starts from two presets ({base_name}, {arg}); name one")
+                base, base_name = SCALER_PRESETS[arg], arg
                 continue
-            raise ValueError(f"scaler argument {arg!r} must be key=value; keys: {', '.join(sorted(names))}")
+            raise ValueError(f"scaler argument {arg!r} must be key=value; keys: {', '.join(names)}")
         k, v = (s.strip() for s in arg.split("=", 1))
         if k not in names:
-            raise ValueError(f"unknown scaler key {k!r} for {kind}; allowed: {', '.join(sorted(names))}")
-        if k == "floor":
+            raise ValueError(f"unknown scaler key {k!r} for {kind}; allowed: {', '.join(names)}")
+        if k in kw:
+            raise ValueError(f"scaler key {k!r} given twice in {text!r}; give each key once")
+        if k in _WORDS:
             kw[k] = v
         elif k in ("interval", "hysteresis"):
-            num = parse_number(v, f"scaler {k}")
-            if num != int(num):
-                raise ValueError(f"scaler {k} must be a whole number, got {v!r}")
-            kw[k] = int(num)
+            kw[k] = _whole(v, f"scaler {k}")
         else:
             kw[k] = parse_number(v, f"scaler {k}")
     return replace(base, kind=kind, **kw)
@@ -217,11 +290,15 @@ class Decision:
 
 
 class Scaler:
-    """Our own scaler for ``none``, ``static`` and ``dynamic`` specs (caps, floors, hysteresis).
+    """Our own scaler for ``none``, ``static`` and ``dynamic`` specs (caps, floors, hysteresis, the store's
+    precision, torch's refusal to grow to inf, DeepSpeed's late first growth).
 
     >>> s = Scaler(parse_scaler("dynamic(init=4,interval=1,max=8)"))
     >>> [s.update(False).next_scale for _ in range(3)]
     [8.0, 8.0, 8.0]
+    >>> s = Scaler(parse_scaler("dynamic(init=2^126,interval=1)"))  # torch: never grows to inf
+    >>> [format_number(s.update(f).next_scale) for f in (False, False, True, True)]
+    ['2^127', '2^127', '2^126', '2^125']
     """
 
     def __init__(self, spec: ScalerSpec) -> None:
@@ -230,7 +307,15 @@ class Scaler:
         self.spec = spec
         self.scale = spec.initial_scale
         self._good = 0
+        self._due = self._first_due()
         self._hyst = spec.hysteresis
+
+    def _first_due(self) -> int:
+        """Good steps until the first growth after the start or an overflow."""
+        return self.spec.interval + (self.spec.first_growth == "interval+1")
+
+    def _store(self, x: float) -> float:
+        return _stored(x, self.spec.min, self.spec.max, self.spec.store)
 
     def update(self, found_inf: bool) -> Decision:
         spec, s = self.spec, self.scale
@@ -240,12 +325,15 @@ class Scaler:
             return Decision(s, found_inf, found_inf, s, "hold")
         if not found_inf:
             self._good += 1
-            if self._good >= spec.interval:
-                self._good, self._hyst = 0, spec.hysteresis
-                self.scale = _f32_within(min(s * spec.growth, spec.max), spec.min, spec.max)
-                return Decision(s, False, False, self.scale, "grow" if self.scale > s else "hold")
+            if self._good >= self._due:
+                self._good, self._due, self._hyst = 0, spec.interval, spec.hysteresis
+                new = self._store(min(s * spec.growth, spec.max))
+                if math.isinf(new) and spec.to_inf == "refuse":
+                    new = s  # torch: "do not grow the scale past fp32 bounds to inf"; the count restarts
+                self.scale = new
+                return Decision(s, False, False, new, "grow" if new > s else "hold")
             return Decision(s, False, False, s, "hold")
-        self._good = 0
+        self._good, self._due = 0, self._first_due()
         self._hyst = max(self._hyst - 1, 0)  # reset only by growth, as in DeepSpeed and Megatron-LM
         if self._hyst > 0:
             return Decision(s, True, True, s, "hold")
@@ -253,7 +341,7 @@ class Scaler:
             if spec.floor == "raise":
                 raise LossScaleFloorError(f"gradient overflow at the minimum loss scale {format_number(spec.min)}")
             return Decision(s, True, True, s, "floor")
-        self.scale = _f32_within(max(s * spec.backoff, spec.min), spec.min, spec.max)
+        self.scale = self._store(max(s * spec.backoff, spec.min))
         return Decision(s, True, True, self.scale, "backoff")
 
 

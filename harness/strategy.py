@@ -116,12 +116,15 @@ PRESETS: dict[str, Strategy] = {}
 
 
 def _split_top(text: str) -> list[str]:
+    """The top-level ``key=value`` parts (commas inside a scaler's parentheses stay with it)."""
     parts, depth, cur = [], 0, []
     for ch in text:
         if ch == "(":
             depth += 1
         elif ch == ")":
             depth -= 1
+            if depth < 0:  # a ')' before its '(' would otherwise balance a later '(' and split inside it
+                break
         if ch == "," and depth == 0:
             parts.append("".join(cur))
             cur = []

@@ -5,9 +5,10 @@ Checks run in this order, the first that fires decides:
 1. the loss scaler ran out of room (``scale_exhausted``; the reason starts with the direction, ``max:``
    or ``min:``, also put in ``metrics["scale_direction"]``): it raised at its floor, or ended the run
    stalled there, while gradients still overflowed; its scale collapsed below FP32's normal range (below
-   2^-128, 1/scale is inf: every later step is skipped however healthy its gradients) or grew past
-   FP32's max; or it reached its cap while gradients still underflowed. The trace names the scaler
-   that ran, and its cap and floor are read from there;
+   2^-128, 1/scale is inf: every later step is skipped however healthy its gradients) or grew to inf in
+   its store (only a policy that grows unchecked does: Megatron-LM's FP32 tensor, ``to_inf=allow``;
+   torch's GradScaler refuses such a growth); or it reached its cap while gradients still underflowed.
+   The trace names the scaler that ran, and its cap and floor are read from there;
 2. the scaler skipped more than ``STALL_RATE`` of the steps (``stalled``);
 3. anything finite in the reference is inf/NaN here (``overflow``);
 4. more than the underflow budget of the reference's non-zero values became zero (``underflow``);
@@ -84,6 +85,17 @@ def _exhausted(direction: str, text: str) -> Verdict:
     return Verdict("scale_exhausted", f"{direction}: {text}", direction=direction)
 
 
+def _grown_to_inf(sc: dict, spec: ScalerSpec | None, of: str) -> str:
+    """The reason for a scale that grew to inf in its store (a scale past FP32's max that its store holds
+    finite, as DeepSpeed's Python float does, makes the scaled loss overflow and backs off: not this)."""
+    finite = [x for x in sc.get("trajectory", []) if isinstance(x, (int, float)) and math.isfinite(x)]
+    grown = max(finite) * spec.growth if finite and spec else math.inf
+    store = spec.store.upper() if spec else "its store"
+    return (f"loss scale grew to {format_number(grown)}, past {store}'s max: the scale it holds is inf, every "
+            f"scaled loss overflows and backing off from inf stays inf (a policy that grows unchecked, "
+            f"to_inf=allow); {of}")
+
+
 def _scaling(m: dict, spec: ScalerSpec | None, budget: float) -> Verdict | None:
     """``scale_exhausted`` (reason ``max: ...`` or ``min: ...``, the direction the scale ran out of room
     in) or ``stalled`` from the scaler's trace; None when the scaler kept training going."""
@@ -99,12 +111,8 @@ def _scaling(m: dict, spec: ScalerSpec | None, budget: float) -> Verdict | None:
         return _exhausted("min", f"gradients still overflow at the floor scale "
                                           f"{format_number(spec.min) if spec else '?'} and the policy raises there "
                                           f"(floor=raise): training stopped after {steps} steps, {skipped} skipped")
-    if sc["scale_nonfinite"] or (s_max is not None and s_max >= _FP32_INF_AT):
-        finite = [x for x in sc.get("trajectory", []) if isinstance(x, (int, float)) and math.isfinite(x)]
-        grown = s_max if math.isfinite(s_max) or not (finite and spec) else max(finite) * spec.growth
-        return _exhausted("max", f"loss scale grew to {format_number(grown)}, past FP32's max: as an "
-                                          f"FP32 tensor it is inf, every scaled loss overflows and the scale cannot "
-                                          f"back off from inf; {of}")
+    if sc["scale_nonfinite"]:  # only a policy that grows unchecked (to_inf=allow) holds inf; torch refuses
+        return _exhausted("max", _grown_to_inf(sc, spec, of))
     if s_final is not None and s_final < FORMATS["fp32"].min_normal and skipped:
         silent = ("below 2^-128 1/scale overflows FP32, so the unscaled gradients are inf/NaN even when healthy"
                   if s_final < _FP32_INV_INF_BELOW else "below FP32's smallest normal")

@@ -8,7 +8,11 @@ default) with round-to-nearest-even loses a value in two ways, and each gives on
 * **underflow**: ``S*|g|`` rounds to zero while it is at most half the smallest subnormal (``2^-25`` for
   FP16; exactly half ties to zero, the even neighbour). A tensor may lose at most ``budget`` of its
   non-zero gradients: with ``q`` the ``(floor(budget*N)+1)``-th smallest non-zero ``|g|``, every
-  ``S > lo = (smallest/2) / q`` keeps all but the budget.
+  ``S > lo = (smallest/2) / q`` keeps all but the budget. ``floor(budget*N)`` is exact (:func:`budget_count`):
+  a budget of 0.29 of 100 values allows 29, not the 28 that binary floating point gives.
+
+Gradients that are already inf/NaN in FP32 stay so at every loss scale. They are counted (``nonfinite``),
+the window of the finite values is still computed, and the description starts with them.
 
 So the scales that work form the open interval ``(lo, hi)``. Dynamic loss scalers only ever use powers
 of two (growth 2, backoff 1/2 from 2^16), so the window also reports ``lo_pow2``/``hi_pow2``, the
@@ -26,13 +30,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 
 from .formats import FORMATS, Format
 from .scaling import format_number
 
-__all__ = ["TensorWindow", "Window", "tensor_window", "scale_window", "pow2_inside", "pow2_above", "pow2_below"]
+__all__ = ["TensorWindow", "Window", "tensor_window", "scale_window", "pow2_inside", "pow2_above", "pow2_below",
+           "budget_count"]
+
+
+def budget_count(budget: float, n: int) -> int:
+    """How many of ``n`` values a ``budget`` (a fraction) allows to lose: ``floor(budget * n)``, computed
+    exactly on the decimal the budget was written as (``repr``, the shortest spelling that reads back to the
+    same float), not on its binary approximation: 0.29 of 100 is 29 (``0.29 * 100`` is 28.999999999999996).
+
+    >>> budget_count(0.29, 100), budget_count(0.01, 250), budget_count(0.0, 7)
+    (29, 2, 0)
+    """
+    if not 0 <= budget < 1:
+        raise ValueError(f"underflow budget must be in [0, 1), got {budget}")
+    return math.floor(Fraction(repr(float(budget))) * n)
 
 
 def pow2_above(x: float) -> float:
@@ -62,8 +81,10 @@ class TensorWindow:
     name: str
     lo: float  # S must exceed this to keep all but the budget from flushing to zero (0: nothing to lose)
     hi: float  # S must stay below this for the largest |g| not to overflow (inf for an all-zero tensor)
-    max_abs: float
+    max_abs: float  # of the finite values
     min_nonzero: float
+    nonfinite: int = 0  # values already inf/NaN in FP32: no loss scale makes them finite
+    size: int = 0  # all its values
 
     @property
     def empty(self) -> bool:
@@ -72,7 +93,7 @@ class TensorWindow:
     def as_dict(self) -> dict:
         lo2, hi2 = pow2_inside(self.lo, self.hi)
         return {"lo": self.lo, "hi": self.hi, "lo_pow2": lo2, "hi_pow2": hi2, "max_abs": self.max_abs,
-                "min_nonzero": self.min_nonzero}
+                "min_nonzero": self.min_nonzero, "nonfinite": self.nonfinite}
 
 
 @dataclass
@@ -92,11 +113,25 @@ class Window:
         return self.lo >= self.hi
 
     @property
+    def nonfinite(self) -> dict[str, int]:
+        """Tensors (not the pooled ``(all)``) whose FP32 gradients hold inf/NaN, with how many."""
+        return {n: t.nonfinite for n, t in self.per_tensor.items() if t.nonfinite and n != "(all)"}
+
+    @property
     def pow2(self) -> tuple[float | None, float | None]:
         """The smallest and largest power-of-two loss scale that work for every tensor."""
         return pow2_inside(self.lo, self.hi)
 
     def describe(self) -> str:
+        """One line: which loss scales work, or why none does; non-finite FP32 gradients first."""
+        bad = self.nonfinite
+        if bad:
+            where = ", ".join(f"{n} ({k} of {self.per_tensor[n].size})" for n, k in bad.items())
+            head = f"FP32 gradients already inf/NaN in {where}: no loss scale makes them finite"
+            return head if self.lo_tensor is None else f"{head}; of the finite ones, {self._describe_finite()}"
+        return self._describe_finite()
+
+    def _describe_finite(self) -> str:
         if not self.per_tensor:
             return "no gradients"
         if self.lo_tensor is None:
@@ -117,24 +152,23 @@ class Window:
         lo2, hi2 = self.pow2
         return {"format": self.format, "budget": self.budget, "lo": self.lo, "hi": self.hi,
                 "lo_pow2": lo2, "hi_pow2": hi2, "lo_tensor": self.lo_tensor, "hi_tensor": self.hi_tensor,
-                "empty": self.empty, "describe": self.describe(),
+                "empty": self.empty, "nonfinite": sum(self.nonfinite.values()), "describe": self.describe(),
                 "per_tensor": {k: w.as_dict() for k, w in self.per_tensor.items()}}
 
 
 def tensor_window(name: str, g: torch.Tensor, fmt: Format = FORMATS["fp16"], budget: float = 0.01) -> TensorWindow:
-    """The window of one tensor (see module doc); non-finite entries are ignored."""
-    if not 0 <= budget < 1:
-        raise ValueError(f"underflow budget must be in [0, 1), got {budget}")
+    """The window of one tensor's finite values (see module doc), with the count of its inf/NaN ones."""
     a = g.detach().abs().double().reshape(-1)
-    a = a[torch.isfinite(a)]
-    nz = a[a > 0]
+    finite = torch.isfinite(a)
+    size = a.numel()
+    bad = size - int(finite.sum())
+    nz = a[finite & (a > 0)]
+    k = budget_count(budget, nz.numel())  # how many values may be lost; the (k+1)-th must be kept
     if nz.numel() == 0:
-        return TensorWindow(name, 0.0, math.inf, 0.0, 0.0)
+        return TensorWindow(name, 0.0, math.inf, 0.0, 0.0, bad, size)
     srt = torch.sort(nz).values
-    k = int(math.floor(budget * srt.numel()))  # how many values may be lost; the (k+1)-th must be kept
-    q = float(srt[k])
-    mx = float(srt[-1])
-    return TensorWindow(name, (fmt.smallest / 2) / q, fmt.overflow_threshold / mx, mx, float(srt[0]))
+    q, mx = float(srt[k]), float(srt[-1])
+    return TensorWindow(name, (fmt.smallest / 2) / q, fmt.overflow_threshold / mx, mx, float(srt[0]), bad, size)
 
 
 def scale_window(grads: dict[str, torch.Tensor], fmt: Format = FORMATS["fp16"], budget: float = 0.01) -> Window:

@@ -47,7 +47,7 @@ BAD = {
     "unknown_strategy": (["run", "--strategy", "fp61", "--scenario", "softmax_long"],
                          ["unknown strategy 'fp61'", "did you mean fp16", "presets: fp32, tf32, fp16"]),
     "malformed_spec": (["run", "--strategy", "compute=fp16,scaler=static(-1)", "--scenario", "softmax_long"],
-                       ["loss scale must be a finite number > 0, got -1"]),
+                       ["loss scale must be a number from 2^-149 to 3.4e38", "got -1"]),
     "unbalanced_spec": (["run", "--strategy", "compute=fp16,scaler=static(2", "--scenario", "softmax_long"],
                         ["unbalanced parentheses", "'compute=fp16,scaler=static(2'"]),
     "huge_scale": (["run", "--strategy", "compute=fp16,scaler=static(2^100000)", "--scenario", "softmax_long"],
@@ -125,7 +125,8 @@ def test_bad_input_is_one_line_and_exit_2(cli_batch: dict, out_dir: Path, name: 
 
 def test_bad_input_end_to_end_in_its_own_process() -> None:
     r = run_cli("run", "--strategy", "compute=fp16,scaler=static(-1)", "--scenario", "softmax_long")
-    assert (r.rc, r.stderr) == (2, "error: loss scale must be a finite number > 0, got -1\n")
+    assert (r.rc, r.stderr) == (2, "error: loss scale must be a number from 2^-149 to 3.4e38 (FP32's range: the scale "
+                                   "multiplies an FP32 loss), got -1\n")
 
 
 # -- a small run, with a scenario that raises -------------------------------------------------------

@@ -6,11 +6,12 @@ import re
 from dataclasses import replace
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.scaling import (SCALER_PRESETS, LossScaleFloorError, Scaler, ScalerSpec, ScaleTrace, format_number,
-                             parse_number, parse_scaler)
+from harness.scaling import (SCALER_EMULATES, SCALER_PRESETS, LossScaleFloorError, Scaler, ScalerSpec, ScaleTrace,
+                             format_number, parse_number, parse_scaler)
 
 T, F = True, False
 
@@ -106,6 +107,9 @@ SPECS = [ScalerSpec("none"), ScalerSpec("static", init=1024), ScalerSpec("static
          ScalerSpec("dynamic", init=2.0**10, growth=1.5, backoff=0.125, interval=7, min=2.0**-10, max=2.0**24,
                     hysteresis=3, floor="raise"),
          ScalerSpec("gradscaler", init=2.0**10, growth=4, backoff=0.25, interval=7),
+         ScalerSpec("dynamic", init=3.0, interval=2**31 - 1, hysteresis=2**31 - 1, store="fp64", to_inf="allow",
+                    first_growth="interval+1"),
+         ScalerSpec("static", init=2.0**-149), ScalerSpec("dynamic", init=2.0**127, max=2.0**127),
          *SCALER_PRESETS.values()]
 
 
@@ -123,10 +127,17 @@ def test_preset_names_parse_to_the_presets(name: str) -> None:
 
 def test_presets_print_their_policies() -> None:
     assert str(SCALER_PRESETS["torch"]) == \
-        "dynamic(init=2^16,growth=2,backoff=0.5,interval=2000,min=0,max=inf,hysteresis=1,floor=stall)"
-    assert str(SCALER_PRESETS["apex"]).count("max=2^24") == 1
-    assert "min=1,max=inf,hysteresis=2,floor=raise" in str(SCALER_PRESETS["deepspeed"])
+        ("dynamic(init=2^16,growth=2,backoff=0.5,interval=2000,min=0,max=inf,hysteresis=1,floor=stall,store=fp32,"
+         "to_inf=refuse,first_growth=interval)")
+    assert str(SCALER_PRESETS["apex"]).endswith("max=2^24,hysteresis=1,floor=stall,store=fp64,to_inf=allow,"
+                                                "first_growth=interval)")
+    assert str(SCALER_PRESETS["deepspeed"]).endswith(
+        "min=1,max=inf,hysteresis=2,floor=raise,store=fp64,to_inf=allow,first_growth=interval+1)")
+    assert str(SCALER_PRESETS["deepspeed-0.17.0"]) == str(SCALER_PRESETS["deepspeed"]).replace("interval+1", "interval")
     assert str(SCALER_PRESETS["megatron"]).startswith("dynamic(init=2^32,")
+    assert "store=fp32,to_inf=allow" in str(SCALER_PRESETS["megatron"])
+    assert set(SCALER_EMULATES) == set(SCALER_PRESETS)
+    assert "0.17.1" in SCALER_EMULATES["deepspeed"] and "0.17.0" in SCALER_EMULATES["deepspeed-0.17.0"]
 
 
 def test_a_preset_as_base_with_overrides() -> None:
@@ -151,13 +162,41 @@ BAD = [
     ("static(abc)", "'abc' is not a number"), ("static(2^100000)", "'2^100000' is too large"),
     ("static(-2^0.5)", "'-2^0.5' is not a number"),
     ("dynamic(foo=1)", "unknown scaler key 'foo'"), ("dynamic(interval=2.5)", "'2.5'"),
-    ("dynamic(interval=0)", "interval must be a whole number >= 1, got 0"),
-    ("dynamic(hysteresis=0)", "hysteresis must be a whole number >= 1, got 0"),
-    ("dynamic(growth=1)", "growth must be > 1, got 1"), ("dynamic(backoff=1.5)", "got 1.5"),
+    ("dynamic(interval=0)", "interval must be a whole number from 1 to 2^31-1, got 0"),
+    ("dynamic(hysteresis=0)", "hysteresis must be a whole number from 1 to 2^31-1, got 0"),
+    ("dynamic(growth=1)", "growth must be a number > 1 and at most 3.4e38, got 1"), ("dynamic(backoff=1.5)", "got 1.5"),
     ("dynamic(init=4,min=8)", "min=8 init=4"), ("dynamic(init=4,max=2)", "init=4 max=2"),
     ("dynamic(floor=explode)", "'explode'"), ("banana(1)", "unknown scaler kind 'banana'"),
     ("dynamic(init=4", "malformed scaler 'dynamic(init=4'"), ("static", "malformed scaler 'static'"),
     ("gradscaler(min=1)", "unknown scaler key 'min' for gradscaler"), ("dynamic(1)", "argument '1' must be key=value"),
+    ("gradscaler(store=fp64)", "unknown scaler key 'store' for gradscaler"),
+    # numbers past a field's range: one ValueError naming the range, never OverflowError or a conversion message
+    ("dynamic(interval=inf)", "scaler interval must be a whole number from 1 to 2^31-1, got 'inf'"),
+    ("dynamic(interval=-inf)", "scaler interval must be a whole number from 1 to 2^31-1, got '-inf'"),
+    ("dynamic(interval=nan)", "scaler interval must be a whole number from 1 to 2^31-1, got 'nan'"),
+    ("dynamic(interval=1e400)", "scaler interval: '1e400' is too large for a float (use inf for no limit)"),
+    ("dynamic(interval=2^31)", "scaler interval must be a whole number from 1 to 2^31-1, got 2147483648"),
+    ("dynamic(hysteresis=inf)", "scaler hysteresis must be a whole number from 1 to 2^31-1, got 'inf'"),
+    ("dynamic(hysteresis=-1)", "scaler hysteresis must be a whole number from 1 to 2^31-1, got -1"),
+    ("dynamic(init=1e400)", "scaler init: '1e400' is too large for a float"),
+    ("static(1e400)", "static scale: '1e400' is too large for a float"),
+    ("gradscaler(init=2^200)", "scaler init must be a number from 2^-149 to 3.4e38 (FP32's range: the scale "
+                               "multiplies an FP32 loss), got 2^200"),
+    ("dynamic(init=2^200,max=inf)", "scaler init must be a number from 2^-149 to 3.4e38"),
+    ("static(2^-150)", "loss scale must be a number from 2^-149 to 3.4e38"), ("static(2^128)", "got 2^128"),
+    ("dynamic(max=2^200)", "scaler max (or inf for no cap) must be a number from 2^-149 to 3.4e38"),
+    ("dynamic(growth=inf)", "scaler growth must be a number > 1 and at most 3.4e38, got inf"),
+    ("dynamic(growth=1e39)", "growth must be a number > 1 and at most 3.4e38"),
+    ("dynamic(growth=nan)", "got nan"), ("dynamic(backoff=nan)", "backoff must be a number in (0, 1), got nan"),
+    ("dynamic(min=nan)", "min=nan"), ("dynamic(min=inf)", "min=inf"), ("dynamic(max=nan)", "max=nan"),
+    ("dynamic(min=-1)", "min=-1"),
+    ("dynamic(store=fp16)", "scaler store must be one of fp32, fp64, got 'fp16'"),
+    ("dynamic(to_inf=maybe)", "scaler to_inf must be one of refuse, allow"),
+    ("dynamic(first_growth=interval+2)", "first_growth must be one of interval, interval+1"),
+    # a key given twice was silently the last one
+    ("dynamic(init=2^10,init=2^20)", "scaler key 'init' given twice in 'dynamic(init=2^10,init=2^20)'"),
+    ("gradscaler(interval=8,interval=9)", "scaler key 'interval' given twice"),
+    ("dynamic(apex,deepspeed)", "starts from two presets (apex, deepspeed); name one"),
 ]
 
 
@@ -171,3 +210,210 @@ def test_format_number_calls_only_exact_powers_of_two_powers() -> None:
     near = 2.0**60 * (1 + 2.0**-52)  # log2 rounds to 60.0, but it is not 2^60
     assert format_number(near) != "2^60" and parse_number(format_number(near), "x") == near
     assert format_number(2.0**60) == "2^60" and format_number(2.0**-30) == "2^-30"
+
+
+@pytest.mark.parametrize("kind,field,value", [("gradscaler", "store", "fp64"), ("gradscaler", "min", 1.0),
+                                              ("static", "interval", 7), ("none", "hysteresis", 2)])
+def test_a_field_its_kind_does_not_print_is_refused_not_lost(kind: str, field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"scaler {field} applies to dynamic scalers, not to {kind}"):
+        ScalerSpec(kind, **{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("interval", 2.5), ("interval", True), ("hysteresis", 2.0),
+                                         ("interval", 0), ("init", math.nan), ("init", 2.0**130), ("init", 10**400),
+                                         ("growth", "2"), ("max", True)])
+def test_a_spec_built_in_code_is_checked_as_a_parsed_one(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match="scaler (interval|hysteresis|init|growth|max) must be"):
+        ScalerSpec("dynamic", **{field: value})
+
+
+# ---- the extremes, against the real implementations -------------------------------------------------------
+
+def _torch_steps(init: float, growth: float, backoff: float, interval: int, found: list[bool],
+                 device: str = "cpu") -> list[float]:
+    """The scale after each step, from the real ``torch._amp_update_scale_`` (what GradScaler.update runs)."""
+    scale = torch.full((), init, dtype=torch.float32, device=device)
+    tracker = torch.zeros((), dtype=torch.int32, device=device)
+    out = []
+    for f in found:
+        torch._amp_update_scale_(scale, tracker, torch.tensor(float(f), device=device), growth, backoff, interval)
+        out.append(scale.item())
+    return out
+
+
+def _ours(spec: ScalerSpec, found: list[bool]) -> list[float]:
+    s = Scaler(spec)
+    return [s.update(f).next_scale for f in found]
+
+
+def test_torch_preset_never_grows_to_inf_as_amp_update_scale_refuses() -> None:
+    found = [F, F, T, T]
+    real = _torch_steps(2.0**126, 2.0, 0.5, 1, found)
+    assert real == [2.0**127, 2.0**127, 2.0**126, 2.0**125]
+    assert _ours(parse_scaler("dynamic(init=2^126,interval=1)"), found) == real
+    assert _ours(replace(SCALER_PRESETS["torch"], init=2.0**126, interval=1), found) == real
+    # the refused growth restarts the count, as torch's tracker does: the next growth is `interval` steps later
+    s = Scaler(parse_scaler("dynamic(init=2^126,interval=2)"))
+    assert [d.event for d in (s.update(F) for _ in range(6))] == ["hold", "grow", "hold", "hold", "hold", "hold"]
+
+
+@pytest.mark.parametrize("init,growth,backoff,interval", [
+    (2.0**126, 2.0, 0.5, 1), (2.0**120, 3.0, 0.3, 2), (2.0**-145, 2.0, 0.5, 1), (2.0**-140, 1.5, 0.1, 3),
+    (3.0e38, 1.0001, 0.999, 1), (1.0, 7.0, 0.125, 1),
+])
+@given(found=st.lists(st.booleans(), min_size=1, max_size=80))
+def test_torch_preset_is_amp_update_scale_step_by_step(init: float, growth: float, backoff: float, interval: int,
+                                                        found: list[bool]) -> None:
+    """Side by side with the real op at the extremes of FP32: growth into 2^128, backoff through the
+    subnormals to 0, factors that are not powers of two (one rounding to FP32, from the double product)."""
+    spec = ScalerSpec("dynamic", init=init, growth=growth, backoff=backoff, interval=interval)
+    assert _ours(spec, found) == _torch_steps(init, growth, backoff, interval, found)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("init,growth,backoff,interval", [(2.0**126, 2.0, 0.5, 1), (2.0**-140, 1.5, 0.1, 3),
+                                                          (3.0e38, 1.0001, 0.999, 1)])
+def test_torch_preset_is_the_cuda_amp_update_scale_too(init: float, growth: float, backoff: float,
+                                                       interval: int) -> None:
+    """GradScaler on a GPU runs the CUDA kernel of ``_amp_update_scale_``: the same scales, step by step."""
+    found = [F, F, T, T] + [F, T, F, F, F, T, T, F, F, F, F] * 4 + [T] * 40 + [F] * 12
+    spec = ScalerSpec("dynamic", init=init, growth=growth, backoff=backoff, interval=interval)
+    assert _ours(spec, found) == _torch_steps(init, growth, backoff, interval, found, "cuda")
+
+
+def test_torch_preset_collapses_to_zero_in_fp32_as_gradscaler_does() -> None:
+    found = [T] * 170 + [F] * 4
+    real = _torch_steps(2.0**16, 2.0, 0.5, 2, found)
+    assert real[164] == 2.0**-149 and real[165:] == [0.0] * 9  # 2^-150 ties to 0; 0 * 2 stays 0
+    assert _ours(replace(SCALER_PRESETS["torch"], interval=2), found) == real
+
+
+class _Apex:
+    """apex/amp/scaler.py LossScaler.update_scale, transcribed: a Python float, halved on overflow (no floor
+    by default), doubled after ``scale_window`` unskipped steps up to the cap 2^24."""
+
+    def __init__(self, window: int) -> None:
+        self.scale, self.window, self.unskipped = 2.0**16, window, 0
+
+    def update(self, overflow: bool) -> float:
+        if overflow:
+            self.scale, self.unskipped = self.scale / 2.0, 0
+        else:
+            self.unskipped += 1
+        if self.unskipped == self.window:
+            self.scale, self.unskipped = min(2.0**24, self.scale * 2.0), 0
+        return self.scale
+
+
+def test_apex_holds_a_python_float_and_recovers_where_fp32_is_stuck_at_zero() -> None:
+    found = [T] * 170 + [F] * 6
+    spec = replace(SCALER_PRESETS["apex"], interval=2)
+    ours = _ours(spec, found)
+    assert ours[169] == 2.0**-154 and ours[-1] == 2.0**-151  # 170 halvings, then 3 growths: not stuck at 0
+    ref = _Apex(2)
+    assert ours == [ref.update(f) for f in found]
+    assert _ours(replace(spec, store="fp32"), found)[-1] == 0.0  # what an FP32 store did: 0, for ever
+
+
+@given(found=st.lists(st.booleans(), min_size=1, max_size=120))
+def test_apex_preset_is_apex_step_by_step(found: list[bool]) -> None:
+    ref = _Apex(3)
+    assert _ours(replace(SCALER_PRESETS["apex"], interval=3), found) == [ref.update(f) for f in found]
+
+
+class _DeepSpeed:
+    """deepspeed/runtime/fp16/loss_scaler.py DynamicLossScaler.update_scale, transcribed from 0.17.0 and
+    0.17.1 (``new``): the growth test is the only difference."""
+
+    def __init__(self, init: float, window: int, min_scale: float, delayed_shift: int, new: bool) -> None:
+        self.cur_scale, self.cur_iter, self.last_overflow_iter = init, 0, -1
+        self.window, self.min_scale, self.delayed_shift, self.cur_hysteresis = window, min_scale, delayed_shift, \
+            delayed_shift
+        self.new = new
+
+    def update(self, overflow: bool) -> float:
+        if overflow:
+            if self.delayed_shift == 1 or self.cur_hysteresis == 1:
+                if self.cur_scale == self.min_scale:
+                    raise LossScaleFloorError("at minimum")
+                self.cur_scale = max(self.cur_scale / 2.0, self.min_scale)
+            else:
+                self.cur_hysteresis -= 1
+            self.last_overflow_iter = self.cur_iter
+        else:
+            if self.new:
+                stable = self.cur_iter - self.last_overflow_iter - 1
+                due = stable > 0 and stable % self.window == 0
+            else:
+                due = (self.cur_iter - self.last_overflow_iter) % self.window == 0
+            if due:
+                self.cur_hysteresis = self.delayed_shift
+                self.cur_scale *= 2.0
+        self.cur_iter += 1
+        return self.cur_scale
+
+
+def _until_raise(step, found: list[bool]) -> list[object]:
+    out: list[object] = []
+    for f in found:
+        try:
+            out.append(step(f))
+        except LossScaleFloorError:
+            out.append("raise")
+            break
+    return out
+
+
+@pytest.mark.parametrize("preset,new", [("deepspeed", True), ("deepspeed-0.17.0", False)])
+def test_deepspeed_first_growth_needs_interval_plus_one_good_steps_from_0_17_1(preset: str, new: bool) -> None:
+    spec = replace(SCALER_PRESETS[preset], init=2.0**4, interval=3)
+    s = Scaler(spec)
+    grows = [i + 1 for i in range(10) if s.update(F).event == "grow"]  # good steps counted from 1
+    assert grows == ([4, 7, 10] if new else [3, 6, 9])
+    s.update(T)  # held by hysteresis 2: the count restarts from the overflow
+    grows = [i + 1 for i in range(7) if s.update(F).event == "grow"]
+    assert grows == ([4, 7] if new else [3, 6])
+
+
+@pytest.mark.parametrize("preset,new", [("deepspeed", True), ("deepspeed-0.17.0", False)])
+@given(found=st.lists(st.booleans(), min_size=1, max_size=120))
+def test_deepspeed_presets_are_deepspeed_step_by_step(preset: str, new: bool, found: list[bool]) -> None:
+    spec = replace(SCALER_PRESETS[preset], init=2.0**6, interval=3)
+    ours, ref = Scaler(spec), _DeepSpeed(2.0**6, 3, 1, 2, new)
+    assert _until_raise(lambda f: ours.update(f).next_scale, found) == _until_raise(ref.update, found)
+
+
+def test_megatron_grows_to_inf_in_fp32_and_cannot_back_off() -> None:
+    """Megatron-LM multiplies its FP32 scale tensor by the growth factor unchecked: the state the
+    ``max: ... cannot back off from inf`` verdict describes, which torch's GradScaler never enters."""
+    scale, lo = torch.tensor([2.0**126]), torch.tensor([1.0])
+    real = []
+    for f in [F, F, T, T]:  # interval 1: every good step grows; hysteresis 1
+        scale = torch.max(scale * 0.5, lo) if f else scale * 2.0
+        real.append(scale.item())
+    assert real == [2.0**127, math.inf, math.inf, math.inf]
+    spec = replace(SCALER_PRESETS["megatron"], init=2.0**126, interval=1, hysteresis=1)
+    assert _ours(spec, [F, F, T, T]) == real
+    # in FP64 (DeepSpeed's Python float) the same growth is finite and backs off again
+    assert _ours(replace(spec, store="fp64"), [F, F, T, T]) == [2.0**127, 2.0**128, 2.0**127, 2.0**126]
+
+
+_HOSTILE = ["nan", "inf", "-inf", "1e400", "2^200", "2^-200", "-1", "0", "2.5", "2^31", "1e-320", "abc", "", "2^",
+            "--1", "0x10"]
+
+
+@given(key=st.sampled_from(["init", "growth", "backoff", "interval", "min", "max", "hysteresis", "floor", "store",
+                            "to_inf", "first_growth"]),
+       value=st.one_of(st.sampled_from(_HOSTILE), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                       st.integers(-2**70, 2**70).map(str)),
+       kind=st.sampled_from(["dynamic", "gradscaler", "static"]))
+def test_any_value_of_any_field_is_a_valid_spec_or_one_value_error(key: str, value: str, kind: str) -> None:
+    text = f"static({value})" if kind == "static" else f"{kind}({key}={value})"
+    try:
+        spec = parse_scaler(text)
+    except ValueError as exc:
+        assert "\n" not in str(exc) and str(exc)
+        return
+    assert parse_scaler(str(spec)) == spec  # what parses prints back to itself
+    assert 0 < spec.initial_scale < math.inf

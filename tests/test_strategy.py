@@ -6,6 +6,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from harness.scaling import ScalerSpec
 from harness.strategy import (APPLY, COMPUTE, FP8_RECIPES, PARAMS, PRESETS, REDUCTION, Strategy, parse, resolve,
@@ -81,7 +83,13 @@ BAD = [
     ("compute=fp16,apply=cast,params=bf16", "apply=cast stores parameters in the compute format: set params=fp16"),
     ("compute=fp16,fp8=delayed", "compute=fp8 needs an fp8 recipe"),
     ("compute=fp8", "compute=fp8 needs an fp8 recipe"),
-    ("compute=fp16,scaler=static(-1)", "loss scale must be a finite number > 0, got -1"),
+    ("compute=fp16,scaler=static(-1)", "loss scale must be a number from 2^-149 to 3.4e38 (FP32's range: the "
+                                       "scale multiplies an FP32 loss), got -1"),
+    ("compute=fp16,scaler=dynamic(interval=inf)", "scaler interval must be a whole number from 1 to 2^31-1, got 'inf'"),
+    ("compute=fp16,scaler=gradscaler(init=2^200)", "scaler init must be a number from 2^-149 to 3.4e38"),
+    ("compute=fp16,scaler=dynamic(init=2^10,init=2^20)", "scaler key 'init' given twice"),
+    ("compute=fp16,scaler=static(1)),(", "unbalanced parentheses in strategy spec 'compute=fp16,scaler=static(1)),('"),
+    ("compute=fp16),scaler=(static(1", "unbalanced parentheses"),
     ("compute=fp16,scaler=static(1", "unbalanced parentheses in strategy spec 'compute=fp16,scaler=static(1'"),
     ("compute=fp16,scaler=static(1))", "unbalanced parentheses"),
     ("compute=fp16,fast", "strategy spec part 'fast' must be key=value"),
@@ -137,3 +145,33 @@ def test_tensor_core_support_names_the_format_and_the_capability_it_needs(monkey
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
     assert tensor_core_support("bf16", "cuda") is None
     assert tensor_core_support("fp8", "cuda") == "Tesla T4 (sm_80) has no FP8 Tensor Cores (needs sm_89+)"
+
+
+_GOOD_SCALERS = ("none", "torch", "apex", "deepspeed", "deepspeed-0.17.0", "megatron", "static(2^10)",
+                 "dynamic(apex,interval=8)", "dynamic(min=-0)", "gradscaler(interval=7)")
+_BAD_SCALERS = ("static(nan)", "static(1e400)", "dynamic(interval=inf)", "dynamic(hysteresis=nan)",
+                "dynamic(init=2^10,init=2^20)", "gradscaler(init=2^200)", "dynamic(interval=2.5)",
+                "gradscaler(interval=2^31)", "static(", "dynamic(interval=-inf)", "dynamic(growth=1e400)")
+_VALUES = {"compute": COMPUTE, "apply": APPLY, "params": PARAMS, "master": ("yes", "no", "maybe", ""),
+           "reduction": REDUCTION, "fp8": FP8_RECIPES}
+
+
+@given(parts=st.lists(st.sampled_from(list(_VALUES)).flatmap(lambda k: st.sampled_from(_VALUES[k]).map(
+    lambda v: f"{k}={v}")), max_size=8),
+       scaler=st.sampled_from(_GOOD_SCALERS + _BAD_SCALERS), at=st.integers(0, 8),
+       junk=st.sampled_from(["", "", "", ",", "(", ")", ")(", ",,", "=", "compute"]))
+def test_any_spec_is_a_strategy_that_round_trips_or_one_value_error(parts: list[str], scaler: str, at: int,
+                                                                     junk: str) -> None:
+    """Over the grammar (repeated keys, hostile scaler values, stray brackets): either a strategy whose
+    string parses back to it, or a ValueError of one line; never another exception, never a bad value
+    or a repeated key accepted."""
+    parts.insert(min(at, len(parts)), f"scaler={scaler}")
+    text = ",".join(parts) + junk
+    try:
+        s = parse(text)
+    except ValueError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert scaler not in _BAD_SCALERS
+    assert len({p.split("=", 1)[0] for p in parts}) == len(parts)  # a repeated key never parses
+    assert parse(str(s)) == s

@@ -104,10 +104,24 @@ def test_scale_exhausted_when_the_scale_collapses_below_fp32_range() -> None:
     assert v.outcome == "scale_exhausted" and "collapsed from 2^-120 to 2^-130" in v.reason
 
 
-def test_scale_exhausted_when_the_scale_grows_past_fp32_max() -> None:
-    m = {"scaler": _trace("dynamic(init=2^127,interval=1)", [False, False])}
+def test_scale_exhausted_when_the_scale_grows_to_inf_in_its_fp32_store() -> None:
+    """Only a policy that grows unchecked (Megatron-LM's FP32 tensor) reaches inf and stays there."""
+    m = {"scaler": _trace("dynamic(megatron,init=2^127,interval=1,hysteresis=1)", [False, False, True])}
     v = judge(m, F16, 8)
-    assert v.outcome == "scale_exhausted" and v.reason.startswith("max: loss scale grew to 2^128")
+    assert v.outcome == "scale_exhausted" and m["scale_direction"] == "max"
+    assert v.reason.startswith("max: loss scale grew to 2^128, past FP32's max: the scale it holds is inf")
+    assert v.reason.endswith("(a policy that grows unchecked, to_inf=allow); 1 of 3 steps skipped")
+
+
+@pytest.mark.parametrize("spec", ["dynamic(torch,init=2^127,interval=1)",
+                                  "dynamic(init=2^127,interval=1,store=fp64,to_inf=allow)"])
+def test_a_scale_that_cannot_become_inf_is_not_exhausted_at_the_top(spec: str) -> None:
+    """torch's GradScaler refuses a growth to inf (the scale stays 2^127); a Python float (DeepSpeed, apex)
+    holds 2^128 finite, the scaled loss overflows and the scale backs off: neither is stuck at inf."""
+    m = {"scaler": _trace(spec, [False] * 4 + [True, False, False]), "grad_rel_err": 1e-4}
+    assert m["scaler"]["scale_nonfinite"] == 0
+    v = judge(m, F16, 8)
+    assert v.outcome == "pass", v.reason
 
 
 def test_scale_exhausted_at_the_cap_while_gradients_underflow() -> None:

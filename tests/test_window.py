@@ -11,7 +11,7 @@ from harness.formats import FORMATS
 from harness.reference import ReferenceCache
 from harness.scenario import Case, discover, seed_generator
 from harness.strategy import PRESETS
-from harness.window import pow2_inside, scale_window, tensor_window
+from harness.window import budget_count, pow2_above, pow2_inside, scale_window, tensor_window
 
 F16, BF16 = FORMATS["fp16"], FORMATS["bf16"]
 
@@ -121,3 +121,41 @@ def test_every_record_with_gradients_carries_the_window() -> None:
     ref = scale_window({"a": inputs["g_a"], "b": inputs["g_b"]})
     assert (win["lo"], win["hi"]) == (ref.lo, ref.hi)
     assert rec["outcome"] == "underflow"  # the scaler settles where b fits, so a is flushed
+
+
+@pytest.mark.parametrize("budget,allowed", [(0.29, 29), (0.07, 7), (0.57, 57), (0.01, 1), (0.5, 50), (0.0, 0)])
+def test_a_decimal_budget_allows_exactly_its_share(budget: float, allowed: int) -> None:
+    """0.29 * 100 is 28.999999999999996 in binary floating point: floor() of it allowed one value too few.
+    The 100 values are 2^-120..2^-21: the lower end is set by the (allowed+1)-th smallest, 2^(allowed-120),
+    checked against the real FP16 cast at the two powers of two around it."""
+    g = _powers(-120, -21)
+    w = tensor_window("g", g, F16, budget)
+    assert w.lo == 2.0**-25 / 2.0 ** (allowed - 120)
+    lo2 = pow2_above(w.lo)  # the upper end is far below (FP16 spans 40 binades): only the lower end matters
+    assert _lost(g, lo2) == allowed < _lost(g, lo2 / 2)  # the window's end is where the budget is met, exactly
+
+
+def test_budget_count_is_the_exact_floor_of_the_written_decimal() -> None:
+    assert [budget_count(b, n) for b, n in ((0.29, 100), (0.57, 100), (0.07, 100), (0.1, 30), (0.3, 10))] == \
+        [29, 57, 7, 3, 3]
+    assert [math.floor(b * n) for b, n in ((0.29, 100), (0.57, 100), (0.1, 30))] == [28, 56, 3]  # what it was
+    with pytest.raises(ValueError, match=r"underflow budget must be in \[0, 1\), got nan"):
+        budget_count(math.nan, 4)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_a_tensor_holding_inf_or_nan_is_not_all_zero(bad: float) -> None:
+    w = scale_window({"a": torch.tensor([0.0, bad, 0.0, 0.0])}, F16)
+    assert w.nonfinite == {"a": 1} and w.as_dict()["nonfinite"] == 1
+    assert w.describe() == "FP32 gradients already inf/NaN in a (1 of 4): no loss scale makes them finite"
+    assert w.per_tensor["a"].as_dict()["nonfinite"] == 1
+
+
+def test_non_finite_gradients_lead_the_model_window_and_the_pooled_one_counts_them() -> None:
+    grads = {"a": _powers(-30, -20), "b": torch.tensor([2.0**-12, float("inf"), float("nan"), -2.0**-8])}
+    w = scale_window(grads, F16, budget=0.0)
+    assert w.nonfinite == {"b": 2} and w.per_tensor["(all)"].nonfinite == 2
+    assert (w.lo, w.hi) == (2.0**5, 65520.0 * 2**8)  # the finite values' window, as before
+    assert w.describe() == ("FP32 gradients already inf/NaN in b (2 of 4): no loss scale makes them finite; of the "
+                            "finite ones, fp16 loss scales from 64 to 2^23 work (at most 0% of non-zero gradients "
+                            "flushed)")
