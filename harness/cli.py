@@ -9,10 +9,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import exits
+from .results_schema import InputError
+
 __all__ = ["main", "Parser", "UsageError", "positive_int"]
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Bad input on the command line: one line on stderr and exit 2."""
 
 
@@ -169,16 +172,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    """Run a command and map what it raised to one line and an exit code (:mod:`harness.exits`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parser().parse_args(argv)
         return args.func(args)
-    except ValueError as exc:  # bad names, specs, numbers, files: one line, exit 2
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a path given that cannot be read or written (permissions, a folder for a file)
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: records written so far are kept", file=sys.stderr)
-        return 130
+        return exits.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001  (every exception becomes one line and a documented code)
+        return _report_exception(exc, argv)
+
+
+def _report_exception(exc: Exception, argv: list[str]) -> int:
+    if exits.is_system_failure(exc):
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        print(f"error: the system failed{where}: {what}; free space or memory, then run again "
+              "(an interrupted run completes with `run --resume DIR`)", file=sys.stderr)
+        return exits.SYSTEM
+    if exits.is_bad_input(exc):
+        if isinstance(exc, OSError):  # a path given that cannot be read or written (permissions, a folder for a file)
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
+        else:  # bad names, specs, numbers, files
+            print(f"error: {exc}", file=sys.stderr)
+        return exits.BAD_INPUT
+    path = exits.write_crash_report(exc, argv)
+    where = f"traceback in {path}" if path else "traceback above"
+    print(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (a fault of the "
+          f"harness, not of your input; {where}; please report it)", file=sys.stderr)
+    return exits.INTERNAL
