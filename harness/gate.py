@@ -133,9 +133,9 @@ def _error_rule(res: GateResult, key: str, b: BaseCase, r: dict, th: Thresholds)
     worst: tuple[float, str] | None = None
     best: tuple[float, str] | None = None
     for k in ERROR_METRICS:
-        if m.get(k) is None or k not in b.metrics:
+        if k not in m or k not in b.metrics:  # a metric this run or the baseline does not have
             continue
-        old, new = b.metrics[k], num(m[k])
+        old, new = b.metrics[k], num(m[k])  # null reads as NaN: nothing measured is no improvement
         text = f"{k} {old:.3g} -> {new:.3g}"
         if math.isfinite(old) and not math.isfinite(new):  # finite -> inf/NaN: the worst there is
             worst = (math.inf, f"{text} (a finite error became non-finite)")

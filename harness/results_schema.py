@@ -162,14 +162,14 @@ class _Stream:
             return v
 
 
-def iter_object_members(f: IO[str], inner: str) -> Iterator[tuple[str | None, str, Any]]:
+def iter_object_members(f: IO[str], inner: str, chunk: int = 1 << 20) -> Iterator[tuple[str | None, str, Any]]:
     """Members of the JSON object in ``f``: ``(None, key, value)`` for each top-level member, and for the
     top-level member ``inner``, when it is an object, ``(None, inner, {})`` then ``(inner, key, value)`` for
     each of its members, one at a time.
 
     Raises ``json.JSONDecodeError`` for text that is not JSON, ``ValueError`` for JSON that is no object,
-    and ``RecursionError`` for a value nested too deep."""
-    s = _Stream(f)
+    and ``RecursionError`` for a value nested too deep. ``chunk``: characters read at a time."""
+    s = _Stream(f, chunk)
     if s.peek() != "{":
         if s.peek() in '["-0123456789tfn':
             raise ValueError("not a JSON object")
