@@ -347,7 +347,6 @@ def test_load_baseline_reads_the_committed_file_case_by_case():
 
 def test_compare_reads_the_run_once_and_holds_no_record(baseline):
     """The gate streams: each record is dropped once its rules ran (structural check of flat memory)."""
-    import gc
     import weakref
     header, records = read_run(GOLDEN)
     base = load_baseline(baseline)
@@ -355,8 +354,7 @@ def test_compare_reads_the_run_once_and_holds_no_record(baseline):
     alive: list[int] = []
 
     def once():
-        for r in records:
-            gc.collect()
+        for r in records:  # (no cycles: a record the gate dropped is freed at once)
             alive.append(sum(ref() is not None for ref in refs))  # earlier records still held by the gate
             box = type("Rec", (dict,), {})(r)
             refs.append(weakref.ref(box))
@@ -364,7 +362,8 @@ def test_compare_reads_the_run_once_and_holds_no_record(baseline):
             del box
 
     res = compare(base, header, once())
-    assert res.compared == 65 and len(refs) == 65 and max(alive) == 0
+    # at most the one record the gate's loop variable still names while it asks for the next
+    assert res.compared == 65 and len(refs) == 65 and max(alive) == 1
 
 
 def test_two_records_for_one_case_are_refused(tmp_path, baseline, capsys):
