@@ -291,12 +291,29 @@ def test_the_summary_keeps_counts_not_records():
     assert max(alive) == 1
 
 
-def test_report_streams_each_run(monkeypatch, capsys):
-    """`report DIR` reads the run through the streaming reader and never into a list."""
-    import harness.results as results
-    monkeypatch.setattr(results, "read_run", lambda *a: pytest.fail("report loaded the whole run"))
-    assert main(["report", str(CPU), str(H200)]) == 0
-    assert "Cases whose outcome changed" in capsys.readouterr().out
+def test_report_streams_each_run():
+    """`report DIR` holds no run: its runs are RunRecords (re-read per pass), and the tables of one run
+    take one pass that keeps no record."""
+    import weakref
+    from harness.report.cli import load_runs, run_tables
+    from harness.results import RunRecords
+    (label, header, recs), = load_runs([CPU])
+    assert isinstance(recs, RunRecords) and label == "cpu_small"
+    refs, alive, passes = [], [], []
+
+    class Counted:
+        def __iter__(self):
+            passes.append(1)
+            for r in recs:
+                alive.append(sum(ref() is not None for ref in refs))
+                box = type("Rec", (dict,), {})(r)
+                refs.append(weakref.ref(box))
+                yield box
+                del box
+
+    tabs = run_tables((label, header, Counted()))
+    assert len(passes) == 1 and len(refs) == 65 and max(alive) <= 1
+    assert [t.title for t in tabs][-1] == "Margin of passing cases"
 
 
 def test_error_plot_survives_nan_and_inf_bounds():
