@@ -46,7 +46,7 @@ def _seconds(text: str) -> float:
     return v
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = Parser(prog="python -m harness", description="Numerical-robustness harness for mixed-precision training")
     sub = p.add_subparsers(dest="command", parser_class=Parser)
     sub.required = True
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="per (case, strategy) deadline; 0 disables it (default 600)")
     r.add_argument("--resume", type=Path, default=None, metavar="DIR",
                    help="complete an interrupted run: run exactly the cases missing from DIR")
-    for mod in COMMAND_MODULES:
+    for mod in _command_modules(argv):
         importlib.import_module(mod).add_command(sub)
     return p
 
@@ -159,6 +159,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 #: Modules that add a subcommand: each defines ``add_command(subparsers)`` and sets ``func`` on its
 #: parser (``func(args) -> exit code``; raise ValueError for bad input).
 COMMAND_MODULES: tuple[str, ...] = ("harness.report.cli", "harness.gate", "harness.model_check")
+#: The command each view module adds: ``report`` and ``gate`` are pure functions of run files and must run
+#: where torch is absent (a laptop with runs copied from a GPU box), so only their own module is imported.
+VIEW_COMMANDS = {"report": "harness.report.cli", "gate": "harness.gate"}
+
+
+def _command_modules(argv: Sequence[str]) -> tuple[str, ...]:
+    """The modules whose commands the parser needs for ``argv``: the view's own for ``report``/``gate``
+    (no torch), every one otherwise (``--help`` lists them all)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return (VIEW_COMMANDS[command],) if command in VIEW_COMMANDS else COMMAND_MODULES
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
@@ -175,7 +185,7 @@ def _main(argv: Sequence[str] | None) -> int:
     """Run a command and map what it raised to one line and an exit code (:mod:`harness.exits`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(argv).parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted: records written so far are kept", file=sys.stderr)

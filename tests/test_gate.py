@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,27 @@ def test_gate_and_reports_import_no_torch():
             "print(sorted(m for m in sys.modules if m in ('torch', 'harness.engine', 'harness.verdict')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_gate_and_report_commands_run_without_torch(tmp_path):
+    """`python -m harness report|gate` built every subcommand's parser, and check-model's imports torch: the
+    views took 2 s and 200 MB for nothing, and failed on a laptop without torch. Torch is blocked here."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now raises ImportError
+        from harness.cli import main
+        rcs = [main(["report", {str(GOLDEN)!r}]),
+               main(["gate", {str(GOLDEN)!r}, "--baseline", {str(tmp_path / 'b.json')!r}, "--update"]),
+               main(["gate", {str(GOLDEN)!r}, "--baseline", {str(tmp_path / 'b.json')!r}])]
+        print("RCS", rcs, sorted(m for m in sys.modules if m.startswith("harness.")))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("RCS [0, 0, 0]"), out.stderr[-2000:]
+    mods = set(eval(line.split("] ", 1)[1]))
+    assert mods <= {"harness.cli", "harness.exits", "harness.results", "harness.results_schema", "harness.baseline",
+                    "harness.gate", "harness.report", "harness.report.cli", "harness.report.compare",
+                    "harness.report.markdown", "harness.report.summary", "harness.report.tables"}, mods
 
 
 def test_committed_cpu_baseline_covers_the_quick_tier():
