@@ -225,12 +225,14 @@ def test_the_gate_and_report_commands_run_without_torch(tmp_path):
         rcs = [main(["report", {str(GOLDEN)!r}]),
                main(["gate", {str(GOLDEN)!r}, "--baseline", {str(tmp_path / 'b.json')!r}, "--update"]),
                main(["gate", {str(GOLDEN)!r}, "--baseline", {str(tmp_path / 'b.json')!r}])]
-        print("RCS", rcs, sorted(m for m in sys.modules if m.startswith("harness.")))
+        import json
+        print(json.dumps({"rcs": rcs, "mods": sorted(m for m in sys.modules if m.startswith("harness."))}))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    line = out.stdout.strip().splitlines()[-1]
-    assert line.startswith("RCS [0, 0, 0]"), out.stderr[-2000:]
-    mods = set(eval(line.split("] ", 1)[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["rcs"] == [0, 0, 0], out.stderr[-2000:]
+    mods = set(doc["mods"])
     assert mods <= {"harness.cli", "harness.exits", "harness.results", "harness.results_schema", "harness.baseline",
                     "harness.gate", "harness.report", "harness.report.cli", "harness.report.compare",
                     "harness.report.markdown", "harness.report.summary", "harness.report.tables"}, mods
