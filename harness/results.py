@@ -5,7 +5,12 @@ already done; a torn last line is detected on read and skipped with a warning. `
 written by atomic replace, so it is either absent or whole. Non-finite numbers are stored as the
 strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON); :func:`num` reads them back.
 
-This module imports nothing else of the harness: reports and the gate are pure functions of run files.
+Views read a run one record at a time (:func:`iter_run_records`, :class:`RunRecords`), each record checked
+against the schema (:mod:`harness.results_schema`), so a hostile line is one error naming its file and
+line, and memory does not grow with the run. A user's mistake is an :class:`InputError` (exit 2).
+
+This module imports nothing else of the harness but its schema: reports and the gate are pure functions
+of run files.
 """
 from __future__ import annotations
 
