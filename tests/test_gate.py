@@ -226,7 +226,7 @@ def test_the_gate_and_report_commands_run_without_torch(tmp_path):
                main(["gate", {str(GOLDEN)!r}, "--baseline", {str(tmp_path / 'b.json')!r}, "--update"]),
                main(["gate", {str(GOLDEN)!r}, "--baseline", {str(tmp_path / 'b.json')!r}])]
         import json
-        print(json.dumps({"rcs": rcs, "mods": sorted(m for m in sys.modules if m.startswith("harness."))}))
+        print(json.dumps({{"rcs": rcs, "mods": sorted(m for m in sys.modules if m.startswith("harness."))}}))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
