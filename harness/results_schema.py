@@ -103,7 +103,47 @@ def _fine(rec: dict[str, Any]) -> bool:
         x = m.get(key)
         if x is not None and (type(x) not in _NUM_TYPES or (type(x) is str and x not in NON_FINITE)):
             return False
-    return True
+    return _nested_problem(rec) is None
+
+
+def _num(x: Any) -> bool:
+    return type(x) in (int, float) or (type(x) is str and x in NON_FINITE)
+
+
+def _nested_problem(rec: dict[str, Any]) -> str | None:
+    """What is wrong inside the nested fields the HTML report draws (``window``, ``metrics.scaler``), or
+    None: their shape is part of the schema, so a hostile one is an error on read, not a crash in a plot."""
+    w = rec.get("window")
+    if w is not None:
+        for key in ("lo", "hi"):
+            if w.get(key) is not None and not _num(w[key]):
+                return f"window.{key} is {_kind(w[key])}; expected {_NUM}"
+        per = w.get("per_tensor")
+        if per is not None:
+            if type(per) is not dict:
+                return f"window.per_tensor is {_kind(per)}; expected an object"
+            for name, t in per.items():
+                if type(t) is not dict or not all(k in t and (t[k] is None or _num(t[k])) for k in ("lo", "hi")):
+                    return f"window.per_tensor.{name} is {_kind(t)}; expected an object with lo and hi (numbers or null)"
+        h = w.get("log2_hist")
+        if h is not None:
+            if (type(h) is not dict or type(h.get("lo")) is not int or type(h.get("counts")) is not list
+                    or not all(type(c) is int and c >= 0 for c in h["counts"]) or type(h.get("formats")) is not dict):
+                return (f"window.log2_hist is {_kind(h)}; expected an object with an integer lo, a list of counts "
+                        "(integers >= 0) and an object of formats")
+            for fmt, r in h["formats"].items():
+                if type(r) is not dict or not all(type(v) in (int, float) and v > 0 for v in r.values()):
+                    return f"window.log2_hist.formats.{fmt} is {_kind(r)}; expected an object of positive numbers"
+    sc = rec["metrics"].get("scaler")
+    if sc is not None:
+        if type(sc) is not dict:
+            return f"metrics.scaler is {_kind(sc)}; expected an object"
+        traj, stride = sc.get("trajectory"), sc.get("trajectory_stride")
+        if traj is not None and (type(traj) is not list or not all(_num(x) for x in traj)):
+            return f"metrics.scaler.trajectory is {_kind(traj)}; expected a list of numbers"
+        if stride is not None and (type(stride) is not int or stride < 1):
+            return f"metrics.scaler.trajectory_stride is {_kind(stride)}; expected an integer >= 1"
+    return None
 
 
 def check_record(rec: dict[str, Any], where: str) -> None:
@@ -129,6 +169,9 @@ def _explain(rec: dict[str, Any], where: str) -> None:
         v = rec["metrics"].get(key)
         if v is not None and not is_number(v):
             raise RunFileError(f"{where}: metrics.{key} is {_kind(v)}; expected {_NUM} or null")
+    problem = _nested_problem(rec)
+    if problem:
+        raise RunFileError(f"{where}: record field {problem} (re-run, or delete the line)")
 
 
 def check_header(header: Any, where: str) -> None:

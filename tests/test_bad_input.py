@@ -172,6 +172,13 @@ HOSTILE_RECORDS = {
     "rec_metrics_str": _set(metrics="rel_err 0.1"), "rec_str_schema": _set(schema_version="1"),
     "rec_relerr_str": lambda r: r["metrics"].update(rel_err="small"), "rec_reference_list": _set(reference=[1]),
     "rec_bound_str": _set(bound="tight"), "rec_margin_list": _set(margin=[0.5]),
+    # nested fields the HTML plots draw (the third golden record is a scaled-gradient case with a window)
+    "rec_window_list": _set(window=[1]), "rec_per_tensor_str": lambda r: r["window"].update(per_tensor="w"),
+    "rec_per_tensor_lo": lambda r: r["window"]["per_tensor"]["w"].pop("lo"),
+    "rec_hist_counts": lambda r: r["window"]["log2_hist"].update(counts=[1, -2]),
+    "rec_hist_formats": lambda r: r["window"]["log2_hist"]["formats"].update(fp16={"max": "big"}),
+    "rec_scaler_list": lambda r: r["metrics"].update(scaler=[2.0]),
+    "rec_trajectory": lambda r: r["metrics"].update(scaler={"trajectory": [1.0, "x"]}),
 }
 #: Baselines whose cases have the wrong shape (the first case edited).
 HOSTILE_BASELINES = {
@@ -355,6 +362,13 @@ _RECORD_MESSAGES = {
     "rec_str_schema": "schema_version is \"1\", expected the integer 1",
     "rec_relerr_str": "metrics.rel_err is \"small\"; expected a number", "rec_reference_list": "'reference' is a JSON array",
     "rec_bound_str": "'bound' is \"tight\"; expected a number", "rec_margin_list": "'margin' is a JSON array",
+    "rec_window_list": "'window' is a JSON array; expected an object",
+    "rec_per_tensor_str": "window.per_tensor is \"w\"; expected an object",
+    "rec_per_tensor_lo": "window.per_tensor.w is a JSON object; expected an object with lo and hi",
+    "rec_hist_counts": "window.log2_hist is a JSON object; expected an object with an integer lo, a list of counts",
+    "rec_hist_formats": "window.log2_hist.formats.fp16 is a JSON object; expected an object of positive numbers",
+    "rec_scaler_list": "metrics.scaler is a JSON array; expected an object",
+    "rec_trajectory": "metrics.scaler.trajectory is a JSON array; expected a list of numbers",
 }
 for _name, _msg in _RECORD_MESSAGES.items():
     for _cmd in ("report", "gate"):
