@@ -18,7 +18,7 @@ strategy) and the numbers:
 
 The run is read one record at a time: memory holds the baseline's packed cases and the findings, not the
 run. Exit codes of ``python -m harness gate``: 0 nothing got worse, 1 a regression, 2 bad input, 3 an
-internal error of the harness (:mod:`harness.cli`). The gate imports only :mod:`harness.results` (and its
+internal error of the harness, 4 the system failed (disk full; :mod:`harness.exits`). The gate imports only :mod:`harness.results` (and its
 own :mod:`harness.baseline` and the pure :mod:`harness.report.tables`): it is a pure function of run
 files, and runs on a laptop with runs copied from a GPU box.
 """
@@ -257,7 +257,8 @@ def _fraction(text: str) -> float:
 def add_command(sub: Any) -> None:
     """``gate DIR --baseline FILE [--update] [thresholds]`` (see module doc)."""
     d = Thresholds()
-    g = sub.add_parser("gate", help="compare a run with a baseline: exit 0 no regression, 1 regression, 2 bad input")
+    g = sub.add_parser("gate", help="compare a run with a baseline: exit 0 no regression, 1 regression, 2 bad input, "
+                                           "3 internal error")
     g.set_defaults(func=_cmd_gate)
     g.add_argument("run_dir", metavar="DIR", type=Path)
     g.add_argument("--baseline", required=True, type=Path, metavar="FILE")

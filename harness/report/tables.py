@@ -215,9 +215,11 @@ def margin_table(records: Records) -> Table:
             continue
         cells = [f"{_median(ms):.3g}", f"{max(ms):.3g}"] if len(ms) else ["-", "-"]
         rows.append([s, f"{len(ms) + bad}/{counts.get('pass', 0)}", *cells, str(bad) if bad else ""])
+    note = ("margin = the worst error metric / the bound it was judged against (1 = at the bound); "
+            + ("records without a margin (older runs) are not counted" if rows else
+               "no passing record carries a margin (a run from before records had one)"))
     return Table("Margin of passing cases", ["strategy", "with margin/passed", "median", "max", "non-finite"], rows,
-                 "margin = the worst error metric / the bound it was judged against (1 = at the bound); "
-                 "records without a margin (older runs) are not counted")
+                 note)
 
 
 ENV_KEYS = ("harness", "git_commit", "torch", "cuda", "gpu", "gpu_capability", "driver", "cpu", "cpu_count",
