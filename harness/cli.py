@@ -9,10 +9,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import exits
+from .results_schema import InputError
+
 __all__ = ["main", "Parser", "UsageError", "positive_int"]
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Bad input on the command line: one line on stderr and exit 2."""
 
 
@@ -43,7 +46,7 @@ def _seconds(text: str) -> float:
     return v
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p = Parser(prog="python -m harness", description="Numerical-robustness harness for mixed-precision training")
     sub = p.add_subparsers(dest="command", parser_class=Parser)
     sub.required = True
@@ -73,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="per (case, strategy) deadline; 0 disables it (default 600)")
     r.add_argument("--resume", type=Path, default=None, metavar="DIR",
                    help="complete an interrupted run: run exactly the cases missing from DIR")
-    for mod in COMMAND_MODULES:
+    for mod in _command_modules(argv):
         importlib.import_module(mod).add_command(sub)
     return p
 
@@ -154,8 +157,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 #: Modules that add a subcommand: each defines ``add_command(subparsers)`` and sets ``func`` on its
-#: parser (``func(args) -> exit code``; raise ValueError for bad input).
+#: parser (``func(args) -> exit code``; raise ``results.InputError``, or ValueError/TypeError from a ``raise``
+#: in harness code, for bad input: :mod:`harness.exits`).
 COMMAND_MODULES: tuple[str, ...] = ("harness.report.cli", "harness.gate", "harness.model_check")
+#: The command each view module adds: ``report`` and ``gate`` are pure functions of run files and must run
+#: where torch is absent (a laptop with runs copied from a GPU box), so only their own module is imported.
+VIEW_COMMANDS = {"report": "harness.report.cli", "gate": "harness.gate"}
+
+
+def _command_modules(argv: Sequence[str]) -> tuple[str, ...]:
+    """The modules whose commands the parser needs for ``argv``: the view's own for ``report``/``gate``
+    (no torch), every one otherwise (``--help`` lists them all)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return (VIEW_COMMANDS[command],) if command in VIEW_COMMANDS else COMMAND_MODULES
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
@@ -169,16 +183,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    """Run a command and map what it raised to one line and an exit code (:mod:`harness.exits`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(argv).parse_args(argv)
         return args.func(args)
-    except ValueError as exc:  # bad names, specs, numbers, files: one line, exit 2
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a path given that cannot be read or written (permissions, a folder for a file)
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: records written so far are kept", file=sys.stderr)
-        return 130
+        return exits.INTERRUPTED
+    except Exception as exc:  # noqa: BLE001  (every exception becomes one line and a documented code)
+        return _report_exception(exc, argv)
+
+
+def _report_exception(exc: Exception, argv: list[str]) -> int:
+    if exits.is_system_failure(exc):
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        print(f"error: the system failed{where}: {what}; free space or memory, then run again "
+              "(an interrupted run completes with `run --resume DIR`)", file=sys.stderr)
+        return exits.SYSTEM
+    if exits.is_bad_input(exc):
+        if isinstance(exc, OSError):  # a path given that cannot be read or written (permissions, a folder for a file)
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
+        else:  # bad names, specs, numbers, files
+            print(f"error: {exc}", file=sys.stderr)
+        return exits.BAD_INPUT
+    path = exits.write_crash_report(exc, argv)
+    where = f"traceback in {path}" if path else "traceback above"
+    print(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (a fault of the "
+          f"harness, not of your input; {where}; please report it)", file=sys.stderr)
+    return exits.INTERNAL

@@ -1,42 +1,43 @@
 """The regression gate: a run against a committed baseline, for CI.
 
-A **baseline** is one JSON file: the schema version, the device class (:func:`harness.results.device_class`),
-the environment it was made in, and per case key ``case#seed|strategy`` the outcome, the key error
-metrics (``rel_err``, ``grad_rel_err``, ``loss_divergence``, 4 significant digits) and the bound.
-
-Rules, each finding naming the case (or strategy) and the numbers:
+The baseline file is described in :mod:`harness.baseline`. Rules, each finding naming the case (or
+strategy) and the numbers:
 
 * **outcome** - a case got worse: ``pass`` to anything else, or a failure to a more severe one
   (:data:`harness.results.SEVERITY`); the reverse is an improvement;
-* **error** - a case passing in both grew an error metric by more than ``error_factor``; errors below
+* **error** - a case passing in both grew an error metric by more than ``error_factor``, or an error
+  that was finite became inf or NaN (always a regression, never an improvement); errors below
   ``error_floor`` times the case's bound are not compared (a 1000x growth of 1e-10 is noise), nor are
   the errors of a case whose FP32 reference was nondeterministic in either run (GPU kernels that add in
   another order each run, :mod:`harness.reference`): that is a notice, while its outcome is still gated;
-* **rate** - a strategy's failure rate rose by more than ``rate_margin`` *and* the run's 95% Wilson
+* **rate** - over the cases both hold (a run of one family is compared with that family's part of the
+  baseline), a strategy's failure rate rose by more than ``rate_margin`` *and* the run's 95% Wilson
   interval lies above the baseline's rate, so a case or two flipping in a large sample does not trip it;
 * **missing** / **new** - cases in only one of the two (missing is a regression unless allowed; new
   cases are listed, and fail the gate only with ``fail_on_new``).
 
-Exit codes of ``python -m harness gate``: 0 nothing got worse, 1 a regression, 2 bad input. The gate
-imports only :mod:`harness.results` and the pure :mod:`harness.report.tables`: it is a pure function of
-run files, and runs on a laptop with runs copied from a GPU box.
+The run is read one record at a time: memory holds the baseline's packed cases and the findings, not the
+run. Exit codes of ``python -m harness gate``: 0 nothing got worse, 1 a regression, 2 bad input, 3 an
+internal error of the harness, 4 the system failed (disk full; :mod:`harness.exits`). The gate imports only :mod:`harness.results` (and its
+own :mod:`harness.baseline` and the pure :mod:`harness.report.tables`): it is a pure function of run
+files, and runs on a laptop with runs copied from a GPU box.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from .report.tables import counts_from_records, failure_rate, pct, wilson
-from .results import ERROR_METRICS, SCHEMA_VERSION, SEVERITY, RunFileError, case_key, device_class, num, read_run, write_json_atomic
+from .baseline import (BASELINE_KIND, BaseCase, as_case, load_baseline, make_baseline, nondeterministic,
+                       write_baseline)
+from .report.tables import failure_rate, pct, wilson
+from .results import ERROR_METRICS, SEVERITY, InputError, RunFileError, RunRecords, case_key, device_class, num, read_header
 
 __all__ = ["Thresholds", "Finding", "GateResult", "make_baseline", "load_baseline", "check_compatible",
            "compare", "render", "add_command", "ERROR_METRICS", "BASELINE_KIND"]
-
-BASELINE_KIND = "mp-harness baseline"
-UPDATE_HINT = "python -m harness gate RUN_DIR --baseline {path} --update"
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,12 @@ class Thresholds:
 
     def __post_init__(self) -> None:
         if not 1 < self.error_factor < float("inf"):
-            raise ValueError(f"--error-factor {self.error_factor:g}: must be > 1 and finite "
+            raise InputError(f"--error-factor {self.error_factor:g}: must be > 1 and finite "
                              "(e.g. 4 = four times the error)")
         if not 0 <= self.error_floor <= 1:
-            raise ValueError(f"--error-floor {self.error_floor:g}: a fraction of the case's bound in [0, 1]")
+            raise InputError(f"--error-floor {self.error_floor:g}: a fraction of the case's bound in [0, 1]")
         if not 0 <= self.rate_margin < 1:
-            raise ValueError(f"--rate-margin {self.rate_margin:g}: a failure-rate difference in [0, 1)")
+            raise InputError(f"--rate-margin {self.rate_margin:g}: a failure-rate difference in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -86,80 +87,29 @@ class GateResult:
                 **{k: [asdict(f) for f in getattr(self, k)] for k in ("regressions", "improvements", "notices")}}
 
 
-def _sig(x: Any) -> Any:
-    """4 significant digits: baselines stay stable across CPUs whose last bits differ."""
-    v = num(x)
-    return float(f"{v:.4g}") if v == v and abs(v) != float("inf") else x
-
-
 def _require_header(header: dict[str, Any], where: str) -> None:
     if not header.get("environment"):
         raise RunFileError(f"{where}: no run.json with an environment, so its device class is unknown; "
                            "pass a directory written by `python -m harness run`")
 
 
-def _by_key(records: list[dict[str, Any]], where: str) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for r in records:
-        k = case_key(r)
-        if k in out:
-            raise RunFileError(f"{where}: two records for {k}; a run holds one record per case and strategy")
-        out[k] = r
-    return out
-
-
-def make_baseline(header: dict[str, Any], records: list[dict[str, Any]], source: str = "") -> dict[str, Any]:
-    """The baseline of a run (see module doc); ``source`` names the run it was made from."""
-    cases = {}
-    for key, r in sorted(_by_key(records, source or "run").items()):
-        m = r.get("metrics") or {}
-        cases[key] = {"scenario": r.get("scenario"), "family": r.get("family"), "strategy": r.get("strategy"),
-                      "outcome": r.get("outcome"), "bound": _sig(r["bound"]) if r.get("bound") is not None else None,
-                      "metrics": {k: _sig(m[k]) for k in ERROR_METRICS if k in m}}
-        if _nondeterministic(r):
-            cases[key]["nondeterministic"] = True
-    cfg = header.get("config", {})
-    return {"kind": BASELINE_KIND, "schema_version": SCHEMA_VERSION, "device_class": device_class(header),
-            "environment": header.get("environment", {}), "created": header.get("created"), "source_run": source,
-            "tier": cfg.get("tier"), "seeds": cfg.get("seeds"), "cases": cases}
-
-
-def load_baseline(path: Path | str) -> dict[str, Any]:
-    """Read and check a baseline file; raises ValueError with one line naming the fix."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"baseline {p} is a directory; pass the baseline's JSON file, e.g. results/baselines/cpu.json")
-    if not p.is_file():
-        raise ValueError(f"baseline {p} does not exist; write one with `{UPDATE_HINT.format(path=p)}`")
-    try:
-        b = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"baseline {p}: unreadable ({exc}); regenerate it with `{UPDATE_HINT.format(path=p)}`") from None
-    if not isinstance(b, dict) or b.get("kind") != BASELINE_KIND or not isinstance(b.get("cases"), dict):
-        raise ValueError(f"{p} is not a harness baseline (expected kind {BASELINE_KIND!r} and a 'cases' object)")
-    if b.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"baseline {p} has schema version {b.get('schema_version')}, this harness writes "
-                         f"{SCHEMA_VERSION}; regenerate it with `{UPDATE_HINT.format(path=p)}`")
-    return b
-
-
 def check_compatible(baseline: dict[str, Any], header: dict[str, Any], path: str = "baseline") -> None:
     """Refuse a baseline of another device class: numbers of a GPU and a CPU are not comparable."""
     run_class, base_class = device_class(header), baseline.get("device_class")
     if run_class != base_class:
-        raise ValueError(f"baseline {path} is for device class {base_class!r} but the run is {run_class!r}; "
+        raise InputError(f"baseline {path} is for device class {base_class!r} but the run is {run_class!r}; "
                          "gate against the baseline of that device class (results/baselines/)")
 
 
-def _outcome_rule(res: GateResult, key: str, b: dict, r: dict) -> None:
-    bo, ro = b["outcome"], r["outcome"]
+def _outcome_rule(res: GateResult, key: str, bo: str, r: dict) -> None:
+    ro = r["outcome"]
     if bo == ro:
         return
     exp = (r.get("expected") or {}).get("outcome")
     note = " (a declared expected failure)" if exp == ro else ""
     msg = f"{bo} -> {ro}{note}: {r.get('reason', '')}"
-    worse = (bo == "pass") or SEVERITY.get(ro, 99) > SEVERITY.get(bo, 99)
-    better = (ro == "pass") or SEVERITY.get(ro, 99) < SEVERITY.get(bo, 99)
+    worse = (bo == "pass") or SEVERITY[ro] > SEVERITY[bo]
+    better = (ro == "pass") or SEVERITY[ro] < SEVERITY[bo]
     if worse:
         res.add(Finding("outcome", key, msg, True))
     elif better and ro != "unsupported":
@@ -168,30 +118,32 @@ def _outcome_rule(res: GateResult, key: str, b: dict, r: dict) -> None:
         res.add(Finding("outcome", key, msg, False))
 
 
-def _nondeterministic(r: dict[str, Any]) -> bool:
-    """Whether a record's (or a baseline case's) FP32 reference differed between two runs of itself."""
-    return bool(r.get("nondeterministic") or (r.get("reference") or {}).get("nondeterministic"))
-
-
-def _error_rule(res: GateResult, key: str, b: dict, r: dict, th: Thresholds) -> None:
-    if _nondeterministic(b) or _nondeterministic(r):
-        spread = (r.get("reference") or {}).get("fp32_rerun_diff") if _nondeterministic(r) else None
-        where = "this run" if _nondeterministic(r) else "the baseline"
+def _error_rule(res: GateResult, key: str, b: BaseCase, r: dict, th: Thresholds) -> None:
+    """Error metrics of a case passing in both. Every comparison is written so that NaN cannot slip
+    through: NaN compares false both ways, so non-finite values are sorted out before any ``>``."""
+    if b.nondeterministic or nondeterministic(r):
+        spread = (r.get("reference") or {}).get("fp32_rerun_diff") if nondeterministic(r) else None
+        where = "this run" if nondeterministic(r) else "the baseline"
         res.add(Finding("error", key, f"errors not compared: the FP32 reference was nondeterministic in {where}"
                                       + (f" (rerun spread {num(spread):.3g})" if spread is not None else ""), False))
         return
-    bound = num(b.get("bound") if b.get("bound") is not None else r.get("bound"))
-    floor = th.error_floor * bound if bound == bound else 0.0
+    bound = b.bound if b.bound is not None else num(r.get("bound"))
+    floor = th.error_floor * bound if math.isfinite(bound) and bound > 0 else 0.0
     m = r.get("metrics") or {}
     worst: tuple[float, str] | None = None
     best: tuple[float, str] | None = None
     for k in ERROR_METRICS:
-        if k not in m or k not in b["metrics"]:
+        if k not in m or k not in b.metrics:  # a metric this run or the baseline does not have
             continue
-        old, new = num(b["metrics"][k]), num(m[k])
+        old, new = b.metrics[k], num(m[k])  # null reads as NaN: nothing measured is no improvement
         text = f"{k} {old:.3g} -> {new:.3g}"
-        if new > th.error_factor * max(old, floor):
-            ratio = new / old if old > 0 else float("inf")
+        if math.isfinite(old) and not math.isfinite(new):  # finite -> inf/NaN: the worst there is
+            worst = (math.inf, f"{text} (a finite error became non-finite)")
+        elif not math.isfinite(old):  # inf/NaN -> anything: no ratio to take
+            if math.isfinite(new) and best is None:
+                best = (0.0, f"{text} (a non-finite error became finite)")
+        elif new > th.error_factor * max(old, floor):
+            ratio = new / old if old > 0 else math.inf
             if worst is None or ratio > worst[0]:
                 worst = (ratio, f"{text} (x{ratio:.3g} > x{th.error_factor:g}; errors below {floor:.2g} = "
                                 f"{th.error_floor:g}*bound {bound:.2g} are not compared)")
@@ -199,58 +151,87 @@ def _error_rule(res: GateResult, key: str, b: dict, r: dict, th: Thresholds) -> 
             ratio = new / old
             if best is None or ratio < best[0]:
                 best = (ratio, f"{text} (x{ratio:.3g})")
+    margin = _margin_text(b, r)
     if worst:
-        res.add(Finding("error", key, worst[1], True))
+        res.add(Finding("error", key, worst[1] + margin, True))
     elif best:
-        res.add(Finding("error", key, best[1], False), improvement=True)
+        res.add(Finding("error", key, best[1] + margin, False), improvement=True)
 
 
-def _rate_rule(res: GateResult, base_cases: dict, records: list[dict], th: Thresholds) -> None:
-    base_counts, _ = counts_from_records(base_cases.values())
-    run_counts, _ = counts_from_records(records)
-    for s in sorted(set(base_counts) & set(run_counts)):
-        kb, nb = failure_rate(base_counts[s])
-        kr, nr = failure_rate(run_counts[s])
-        if not nb or not nr:
-            continue
-        pb, pr = kb / nb, kr / nr
-        lo, hi = wilson(kr, nr)
-        text = (f"failure rate {kb}/{nb} {pct(pb)} -> {kr}/{nr} {pct(pr)} ({100 * (pr - pb):+.1f} points; "
-                f"95% CI of the run {pct(lo)}-{pct(hi)})")
-        if pr - pb > th.rate_margin and lo > pb:
-            res.add(Finding("rate", s, f"{text}: rose by more than {100 * th.rate_margin:g} points and the "
-                                       "interval excludes the baseline's rate", True))
-        elif pb - pr > th.rate_margin and hi < pb:
-            res.add(Finding("rate", s, text, False), improvement=True)
+def _margin_text(b: BaseCase, r: dict) -> str:
+    """``; margin 0.12 -> 0.9`` where both the baseline and the record carry a margin (older files lack it)."""
+    if b.margin is None or r.get("margin") is None:
+        return ""
+    return f"; margin {b.margin:.3g} -> {num(r['margin']):.3g}"
 
 
-def compare(baseline: dict[str, Any], header: dict[str, Any], records: list[dict[str, Any]],
-            th: Thresholds = Thresholds()) -> GateResult:
-    """Every finding of a run against a baseline (see module doc for the rules)."""
+class _Rates:
+    """Outcome counts per strategy over the cases both the baseline and the run hold."""
+
+    def __init__(self) -> None:
+        self.base: dict[str, dict[str, int]] = {}
+        self.run: dict[str, dict[str, int]] = {}
+
+    def add(self, strategy: str, bo: str, ro: str) -> None:
+        for counts, o in ((self.base, bo), (self.run, ro)):
+            c = counts.setdefault(strategy, {})
+            c[o] = c.get(o, 0) + 1
+
+    def findings(self, res: GateResult, th: Thresholds) -> None:
+        for s in sorted(self.run):
+            kb, nb = failure_rate(self.base[s])
+            kr, nr = failure_rate(self.run[s])
+            if not nb or not nr:
+                continue
+            pb, pr = kb / nb, kr / nr
+            lo, hi = wilson(kr, nr)
+            text = (f"failure rate {kb}/{nb} {pct(pb)} -> {kr}/{nr} {pct(pr)} ({100 * (pr - pb):+.1f} points; "
+                    f"95% CI of the run {pct(lo)}-{pct(hi)})")
+            if pr - pb > th.rate_margin and lo > pb:
+                res.add(Finding("rate", s, f"{text}: rose by more than {100 * th.rate_margin:g} points and the "
+                                           "interval excludes the baseline's rate", True))
+            elif pb - pr > th.rate_margin and hi < pb:
+                res.add(Finding("rate", s, text, False), improvement=True)
+
+
+def compare(baseline: dict[str, Any], header: dict[str, Any], records: Iterable[dict[str, Any]],
+            th: Thresholds = Thresholds(), where: str = "run") -> GateResult:
+    """Every finding of a run against a baseline (see module doc for the rules), reading ``records`` once,
+    one at a time; findings are listed by case key, the rate findings last."""
     res = GateResult()
-    run = _by_key(records, "run")
     base = baseline["cases"]
-    for key in sorted(set(base) | set(run)):
-        b, r = base.get(key), run.get(key)
-        if r is None:
-            res.add(Finding("missing", key, f"in the baseline ({b['outcome']}), not in this run",
-                            not th.allow_missing))
-        elif b is None:
+    pending = dict.fromkeys(base)  # baseline cases not yet seen in the run (keys shared, no values)
+    new: set[str] = set()
+    rates = _Rates()
+    for r in records:
+        key = case_key(r)
+        if key in pending:
+            del pending[key]
+            b = as_case(base[key])
+            res.compared += 1
+            _outcome_rule(res, key, b.outcome, r)
+            if b.outcome == r["outcome"] == "pass":
+                _error_rule(res, key, b, r, th)
+            rates.add(r["strategy"], b.outcome, r["outcome"])
+        elif key in base or key in new:
+            raise RunFileError(f"{where}: two records for {key}; a run holds one record per case and strategy")
+        else:
+            new.add(key)
             res.add(Finding("new", key, f"not in the baseline ({r['outcome']}); --update the baseline to gate it",
                             th.fail_on_new))
-        else:
-            res.compared += 1
-            _outcome_rule(res, key, b, r)
-            if b["outcome"] == r["outcome"] == "pass":
-                _error_rule(res, key, b, r, th)
-    _rate_rule(res, base, records, th)
+    for key in pending:
+        res.add(Finding("missing", key, f"in the baseline ({as_case(base[key]).outcome}), not in this run",
+                        not th.allow_missing))
+    for items in (res.regressions, res.improvements, res.notices):
+        items.sort(key=lambda f: f.key)
+    rates.findings(res, th)
     return res
 
 
 def render(res: GateResult, run_dir: str, baseline_path: str, baseline: dict[str, Any],
            header: dict[str, Any]) -> str:
     """The gate's report: a line on what was compared, the findings grouped, and the verdict."""
-    env = baseline.get("environment", {})
+    env = baseline.get("environment") or {}
     lines = [f"gate: {run_dir} ({device_class(header)}, status {header.get('status', '?')}) against {baseline_path} "
              f"({len(baseline['cases'])} cases, torch {env.get('torch', '?')}, commit "
              f"{str(env.get('git_commit') or '?')[:10]}): {res.compared} cases compared"]
@@ -276,7 +257,8 @@ def _fraction(text: str) -> float:
 def add_command(sub: Any) -> None:
     """``gate DIR --baseline FILE [--update] [thresholds]`` (see module doc)."""
     d = Thresholds()
-    g = sub.add_parser("gate", help="compare a run with a baseline: exit 0 no regression, 1 regression, 2 bad input")
+    g = sub.add_parser("gate", help="compare a run with a baseline: exit 0 no regression, 1 regression, 2 bad input, "
+                                           "3 internal error")
     g.set_defaults(func=_cmd_gate)
     g.add_argument("run_dir", metavar="DIR", type=Path)
     g.add_argument("--baseline", required=True, type=Path, metavar="FILE")
@@ -294,23 +276,22 @@ def add_command(sub: Any) -> None:
 
 def _cmd_gate(args: argparse.Namespace) -> int:
     th = Thresholds(args.error_factor, args.error_floor, args.rate_margin, args.allow_missing, args.fail_on_new)
-    header, records = read_run(args.run_dir)
+    header = read_header(args.run_dir)
     _require_header(header, str(args.run_dir))
+    records = RunRecords(args.run_dir)
     if args.update:
         if header.get("status") != "complete":
-            raise ValueError(f"{args.run_dir}: run status is {header.get('status')!r}, not 'complete'; "
+            raise InputError(f"{args.run_dir}: run status is {header.get('status')!r}, not 'complete'; "
                              "a baseline is made from a whole run")
         if args.baseline.is_dir():
-            raise ValueError(f"--baseline {args.baseline} is a directory; pass a file name such as "
+            raise InputError(f"--baseline {args.baseline} is a directory; pass a file name such as "
                              f"{args.baseline / 'cpu.json'}")
-        args.baseline.parent.mkdir(parents=True, exist_ok=True)
-        base = make_baseline(header, records, source=args.run_dir.name)
-        write_json_atomic(args.baseline, base)
-        print(f"baseline {args.baseline}: {len(base['cases'])} cases, device class {base['device_class']}")
+        n = write_baseline(args.baseline, header, records, source=args.run_dir.name)
+        print(f"baseline {args.baseline}: {n} cases, device class {device_class(header)}")
         return 0
     base = load_baseline(args.baseline)
     check_compatible(base, header, str(args.baseline))
-    res = compare(base, header, records, th)
+    res = compare(base, header, records, th, where=str(args.run_dir))
     if args.json:
         print(json.dumps(res.as_dict(), indent=1))
     else:

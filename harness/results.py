@@ -5,7 +5,12 @@ already done; a torn last line is detected on read and skipped with a warning. `
 written by atomic replace, so it is either absent or whole. Non-finite numbers are stored as the
 strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON); :func:`num` reads them back.
 
-This module imports nothing else of the harness: reports and the gate are pure functions of run files.
+Views read a run one record at a time (:func:`iter_run_records`, :class:`RunRecords`), each record checked
+against the schema (:mod:`harness.results_schema`), so a hostile line is one error naming its file and
+line, and memory does not grow with the run. A user's mistake is an :class:`InputError` (exit 2).
+
+This module imports nothing else of the harness but its schema: reports and the gate are pure functions
+of run files.
 """
 from __future__ import annotations
 
@@ -18,17 +23,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "ERROR_METRICS", "SEVERITY", "tally", "case_seed_key", "RECORD_FIELDS", "RunWriter", "read_run", "read_header", "check_new_out", "read_records", "num", "clean",
-           "environment", "device_class", "write_json_atomic", "RunFileError"]
+__all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "ERROR_METRICS", "SEVERITY", "tally", "case_seed_key", "case_key",
+           "RECORD_FIELDS", "RunWriter", "read_run", "read_header", "check_new_out", "read_records", "RunRecords",
+           "iter_run_records", "num", "finite", "is_number", "clean", "environment", "device_class",
+           "write_json_atomic", "InputError", "RunFileError", "check_record", "iter_object_members"]
 
-SCHEMA_VERSION = 1
-#: A record's ``outcome``: the verdicts of :mod:`harness.verdict`. They live here, with the schema,
-#: so that reports and the gate read them without importing the engine.
-OUTCOMES = ("pass", "diverged", "overflow", "underflow", "scale_exhausted", "stalled", "unsupported", "error")
+from .results_schema import (ERROR_METRICS, OUTCOMES, SCHEMA_VERSION, InputError, RunFileError, check_header,
+                             check_record, finite, is_number, iter_object_members)
+
 FAILURES = tuple(o for o in OUTCOMES if o not in ("pass", "unsupported"))
-#: The errors a verdict bounds and the gate compares: the output's and the gradients' normwise relative
-#: errors, and a training run's loss-curve divergence.
-ERROR_METRICS = ("rel_err", "grad_rel_err", "loss_divergence")
 #: How bad an outcome is, for the gate: higher is worse.
 SEVERITY = {"pass": 0, "unsupported": 0, "diverged": 1, "underflow": 2, "stalled": 3, "overflow": 4,
             "scale_exhausted": 5, "error": 6}
@@ -43,10 +46,6 @@ def tally(by_strategy: dict, by_family: dict, record: dict[str, Any]) -> None:
     fam[o] = fam.get(o, 0) + 1
 RECORD_FIELDS = ("schema_version", "scenario", "family", "params", "seed", "strategy", "strategy_spec", "device",
                  "outcome", "reason", "metrics", "seconds")
-
-
-class RunFileError(ValueError):
-    """A run file that cannot be used (missing, unreadable, corrupted, another schema version)."""
 
 
 def clean(x: Any) -> Any:
@@ -145,14 +144,14 @@ class RunWriter:
         write_json_atomic(self.dir / "run.json", dict(self.header, status=status, summary=summary))
 
 
-def read_records(path: Path, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Records of a ``records.jsonl``; a torn or corrupted line is skipped with a warning (or, when
-    ``skipped`` is a list, with the warning's text appended to it instead)."""
+def _numbered_records(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of a ``records.jsonl``; torn or corrupted lines are reported through
+    ``skipped`` (a list) or as warnings. A line nested too deep to parse is a RunFileError, not a skip."""
     path = Path(path)
 
     def skip(text: str) -> None:
         if skipped is None:
-            warnings.warn(text, stacklevel=3)
+            warnings.warn(text, stacklevel=4)
         else:
             skipped.append(text)
 
@@ -165,10 +164,20 @@ def read_records(path: Path, skipped: list[str] | None = None) -> Iterator[dict[
             except json.JSONDecodeError:
                 skip(f"{path}:{i}: skipping a torn or corrupted record line")
                 continue
+            except RecursionError:
+                raise RunFileError(f"{path}:{i}: JSON nested too deep to read; this line was not written by the "
+                                   "harness: delete it or restore the file") from None
             if not isinstance(rec, dict):
                 skip(f"{path}:{i}: skipping a line that is not a JSON object")
                 continue
-            yield rec
+            yield i, rec
+
+
+def read_records(path: Path, skipped: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Records of a ``records.jsonl``, unvalidated; a torn or corrupted line is skipped with a warning (or,
+    when ``skipped`` is a list, with the warning's text appended to it instead)."""
+    for _, rec in _numbered_records(path, skipped):
+        yield rec
 
 
 def check_new_out(out: Path | str | None, resumable: bool = False) -> None:
@@ -178,15 +187,16 @@ def check_new_out(out: Path | str | None, resumable: bool = False) -> None:
         return
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory; pass a new or existing directory")
+        raise InputError(f"--out {out}: exists and is not a directory; pass a new or existing directory")
     if (out / "records.jsonl").exists():  # never write over an earlier run
         hint = f"use --resume {out} to complete it, or pass a new directory" if resumable else "pass a new directory"
-        raise ValueError(f"--out {out}: already holds a run; {hint}")
+        raise InputError(f"--out {out}: already holds a run; {hint}")
 
 
 def read_header(directory: Path | str) -> dict[str, Any]:
     """The ``run.json`` header of a run directory ({} where there is none yet); raises RunFileError with a
-    one-line reason for a folder that is no run directory or a header that cannot be read."""
+    one-line reason for a folder that is no run directory or a header that cannot be read or is of
+    another schema (see :func:`harness.results_schema.check_header`)."""
     d = Path(directory)
     if not d.is_dir():
         raise RunFileError(f"{d}: not a run directory (expected a folder with run.json and records.jsonl)")
@@ -197,33 +207,58 @@ def read_header(directory: Path | str) -> dict[str, Any]:
     if head_path.is_file():
         try:
             header = json.loads(head_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise RunFileError(f"{head_path}: unreadable run header ({exc}); re-run or restore the file") from None
-        if not isinstance(header, dict):
-            raise RunFileError(f"{head_path}: expected a JSON object")
-        v = header.get("schema_version")
-        if v != SCHEMA_VERSION:
-            raise RunFileError(f"{head_path}: schema version {v}, this harness reads {SCHEMA_VERSION}; "
-                               "re-run with this version")
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as exc:
+            why = "nested too deep" if isinstance(exc, RecursionError) else exc
+            raise RunFileError(f"{head_path}: unreadable run header ({why}); re-run or restore the file") from None
+        check_header(header, str(head_path))
     return header
 
 
-def read_run(directory: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(header, records) of a run directory; raises RunFileError with a one-line reason."""
-    header = read_header(directory)
+#: Messages about skipped lines held back until a readable record shows the file is no garbage.
+_HELD_WARNINGS = 20
+
+
+def iter_run_records(directory: Path | str) -> Iterator[dict[str, Any]]:
+    """The records of a run directory one at a time, each checked against the schema
+    (:func:`check_record`; a RunFileError names the file and line). Memory does not grow with the run.
+
+    A torn or corrupted line is skipped with a warning; a file with no readable record at all is a
+    RunFileError (its warnings are then not shown: the one error line says it all)."""
     rec_path = Path(directory) / "records.jsonl"
-    skipped: list[str] = []
-    records = list(read_records(rec_path, skipped))
-    if skipped and not records:
-        raise RunFileError(f"{rec_path}: none of its {len(skipped)} lines is a readable record (the file is "
+    held: list[str] = []
+    n_skipped = n_read = 0
+    for i, rec in _numbered_records(rec_path, held):
+        check_record(rec, f"{rec_path}:{i}")
+        if held:
+            n_skipped += len(held)
+            for text in held[:_HELD_WARNINGS]:
+                warnings.warn(text, stacklevel=2)
+            held.clear()
+        n_read += 1
+        yield rec
+    if held and not n_read:
+        raise RunFileError(f"{rec_path}: none of its {len(held)} lines is a readable record (the file is "
                            "corrupted); re-run, or restore the file from a copy")
-    for text in skipped:
+    for text in held[:max(0, _HELD_WARNINGS - n_skipped)]:
         warnings.warn(text, stacklevel=2)
-    for r in records:
-        if r.get("schema_version") != SCHEMA_VERSION:
-            raise RunFileError(f"{rec_path}: a record has schema version {r.get('schema_version')}, this harness "
-                               f"reads {SCHEMA_VERSION}")
-    return header, records
+
+
+class RunRecords:
+    """The records of a run directory as an iterable that streams the file again on each iteration
+    (:func:`iter_run_records`), for views that need more than one pass without holding the run."""
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter_run_records(self.directory)
+
+
+def read_run(directory: Path | str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(header, records) of a run directory, the records checked and held in a list; raises RunFileError
+    with a one-line reason. Views stream with :func:`iter_run_records` instead."""
+    header = read_header(directory)
+    return header, list(iter_run_records(directory))
 
 
 def case_seed_key(r: dict[str, Any]) -> str:

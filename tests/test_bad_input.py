@@ -132,7 +132,62 @@ def _files(tmp: Path) -> Path:
                                                                                schema_version=2)) + "\n" for line in ls])
     _copy_run("cpu_small", tmp / "foreign", records=lambda ls: ['{"schema_version": 1, "hello": "world"}\n'])
     _copy_run("cpu_small", tmp / "interrupted", header=lambda h: h.update(status="interrupted"))
+    for name, edit in HOSTILE_RECORDS.items():  # the third record edited, the others left whole
+        _copy_run("cpu_small", tmp / name, records=lambda ls, e=edit: [*ls[:2], _edit_line(ls[2], e), *ls[3:]])
+    deep = "[" * 100_000 + "]" * 100_000
+    _copy_run("cpu_small", tmp / "deeprec", records=lambda ls: [*ls[:2], f'{{"schema_version": 1, "x": {deep}}}\n'])
+    _copy_run("cpu_small", tmp / "deephead", header=lambda h: h.update(environment={}))
+    (tmp / "deephead" / "run.json").write_text(f'{{"schema_version": 1, "config": {deep}}}')
+    for key, value in (("environment", [1, 2]), ("config", "quick"), ("schema_version", "1"), ("summary", 3)):
+        _copy_run("cpu_small", tmp / f"head_{key}", header=lambda h, k=key, v=value: h.update({k: v}))
+    for name, edit in HOSTILE_BASELINES.items():
+        b = json.loads(text)
+        edit(b["cases"])
+        (tmp / f"{name}.json").write_text(json.dumps(b))
+    (tmp / "base_deep.json").write_text(text.replace('"cases": {', f'"cases": {{"x#0|fp32": {deep},', 1))
+    (tmp / "base_strschema.json").write_text(text.replace('"schema_version": 1', '"schema_version": "1"', 1))
     return tmp
+
+
+def _edit_line(line: str, edit) -> str:
+    r = json.loads(line)
+    edit(r)
+    return json.dumps(r) + "\n"
+
+
+def _set(**kv):
+    return lambda r: r.update(kv)
+
+
+def _drop(key: str):
+    return lambda r: r.pop(key)
+
+
+#: Records a view must refuse with the file and line (records.jsonl:3), never count or crash on.
+HOSTILE_RECORDS = {
+    "rec_no_outcome": _drop("outcome"), "rec_no_strategy": _drop("strategy"), "rec_no_family": _drop("family"),
+    "rec_null_outcome": _set(outcome=None), "rec_unknown_outcome": _set(outcome="fine"),
+    "rec_list_outcome": _set(outcome=["pass"]), "rec_list_strategy": _set(strategy=["fp16"]),
+    "rec_list_family": _set(family=["reduction"]), "rec_metrics_list": _set(metrics=[1, 2]),
+    "rec_metrics_str": _set(metrics="rel_err 0.1"), "rec_str_schema": _set(schema_version="1"),
+    "rec_relerr_str": lambda r: r["metrics"].update(rel_err="small"), "rec_reference_list": _set(reference=[1]),
+    "rec_bound_str": _set(bound="tight"), "rec_margin_list": _set(margin=[0.5]),
+    # nested fields the HTML plots draw (the third golden record is a scaled-gradient case with a window)
+    "rec_window_list": _set(window=[1]), "rec_per_tensor_str": lambda r: r["window"].update(per_tensor="w"),
+    "rec_per_tensor_lo": lambda r: r["window"]["per_tensor"]["w"].pop("lo"),
+    "rec_hist_counts": lambda r: r["window"]["log2_hist"].update(counts=[1, -2]),
+    "rec_hist_formats": lambda r: r["window"]["log2_hist"]["formats"].update(fp16={"max": "big"}),
+    "rec_scaler_list": lambda r: r["metrics"].update(scaler=[2.0]),
+    "rec_trajectory": lambda r: r["metrics"].update(scaler={"trajectory": [1.0, "x"]}),
+}
+#: Baselines whose cases have the wrong shape (the first case edited).
+HOSTILE_BASELINES = {
+    "base_case_list": lambda c: c.update({next(iter(c)): [1, 2]}),
+    "base_case_outcome": lambda c: next(iter(c.values())).update(outcome="fine"),
+    "base_case_metrics": lambda c: next(iter(c.values())).update(metrics="low"),
+    "base_case_relerr": lambda c: next(iter(c.values()))["metrics"].update(rel_err=[0.1]),
+    "base_case_bound": lambda c: next(iter(c.values())).update(bound={"x": 1}),
+}
 
 
 ONE = ["--scenario", "softmax_long", "--strategy", "fp32", "--device", "cpu", "--quiet"]
@@ -289,7 +344,53 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
                          ["--out {t}/afile: exists and is not a directory"]),
     # the command line itself
     "unknown-command": (["bogus"], ["invalid choice: 'bogus'"]),
+    # hostile run files: one line naming the file and line, for report and gate alike
+    "deep-record": (["report", "{t}/deeprec"], ["{t}/deeprec/records.jsonl:3: JSON nested too deep"]),
+    "deep-record-gate": (["gate", "{t}/deeprec", "--baseline", "{t}/base.json"], ["records.jsonl:3: JSON nested too deep"]),
+    "deep-header": (["report", "{t}/deephead"], ["{t}/deephead/run.json: unreadable run header (nested too deep)"]),
+    "head-environment": (["report", "{t}/head_environment"], ["run.json: 'environment' is a JSON array; expected an object"]),
+    "head-environment-gate": (["gate", "{t}/head_environment", "--baseline", "{t}/base.json"], ["'environment' is a JSON array"]),
+    "head-config": (["report", "{t}/head_config"], ["run.json: 'config' is \"quick\"; expected an object"]),
+    "head-summary": (["report", "{t}/head_summary"], ["run.json: 'summary' is 3; expected an object"]),
+    "head-str-schema": (["report", "{t}/head_schema_version"],
+                        ["run.json: schema_version is \"1\", expected the integer 1"]),
+    "base-deep": (["gate", "{t}/run", "--baseline", "{t}/base_deep.json"], ["base_deep.json: unreadable (nested too deep)"]),
+    "base-str-schema": (["gate", "{t}/run", "--baseline", "{t}/base_strschema.json"],
+                        ["has schema version '1', this harness writes 1"]),
+    "base-case-list": (["gate", "{t}/run", "--baseline", "{t}/base_case_list.json"], ["is a JSON list, expected an object"]),
+    "base-case-outcome": (["gate", "{t}/run", "--baseline", "{t}/base_case_outcome.json"],
+                          ["outcome 'fine' is not one of pass, diverged"]),
+    "base-case-metrics": (["gate", "{t}/run", "--baseline", "{t}/base_case_metrics.json"], ["metrics is a JSON str"]),
+    "base-case-relerr": (["gate", "{t}/run", "--baseline", "{t}/base_case_relerr.json"], ["metrics.rel_err is [0.1]"]),
+    "base-case-bound": (["gate", "{t}/run", "--baseline", "{t}/base_case_bound.json"], ["bound is {'x': 1}"]),
 }
+_RECORD_MESSAGES = {
+    "rec_no_outcome": "record field 'outcome' missing; expected one of pass, diverged",
+    "rec_no_strategy": "record field 'strategy' missing", "rec_no_family": "record field 'family' missing",
+    "rec_null_outcome": "record field 'outcome' is null; expected one of pass",
+    "rec_unknown_outcome": "record field 'outcome' is \"fine\"; expected one of pass, diverged, overflow",
+    "rec_list_outcome": "record field 'outcome' is a JSON array", "rec_list_strategy": "'strategy' is a JSON array",
+    "rec_list_family": "'family' is a JSON array", "rec_metrics_list": "'metrics' is a JSON array; expected an object",
+    "rec_metrics_str": "'metrics' is \"rel_err 0.1\"; expected an object",
+    "rec_str_schema": "schema_version is \"1\", expected the integer 1",
+    "rec_relerr_str": "metrics.rel_err is \"small\"; expected a number", "rec_reference_list": "'reference' is a JSON array",
+    "rec_bound_str": "'bound' is \"tight\"; expected a number", "rec_margin_list": "'margin' is a JSON array",
+    "rec_window_list": "'window' is a JSON array; expected an object",
+    "rec_per_tensor_str": "window.per_tensor is \"w\"; expected an object",
+    "rec_per_tensor_lo": "window.per_tensor.w is a JSON object; expected an object with lo and hi",
+    "rec_hist_counts": "window.log2_hist is a JSON object; expected an object with an integer lo, a list of counts",
+    "rec_hist_formats": "window.log2_hist.formats.fp16 is a JSON object; expected an object of positive numbers",
+    "rec_scaler_list": "metrics.scaler is a JSON array; expected an object",
+    "rec_trajectory": "metrics.scaler.trajectory is a JSON array; expected a list of numbers",
+}
+for _name, _msg in _RECORD_MESSAGES.items():
+    for _cmd in ("report", "gate"):
+        CASES[f"{_cmd}-{_name}"] = ([_cmd, f"{{t}}/{_name}", *(["--baseline", "{t}/base.json"] if _cmd == "gate" else [])],
+                                   [f"{{t}}/{_name}/records.jsonl:3: ", _msg])
+CASES["report-two-runs-hostile-second"] = (["report", "{t}/run", "{t}/rec_unknown_outcome"],
+                                           ["rec_unknown_outcome/records.jsonl:3: record field 'outcome'"])
+CASES["gate-update-hostile"] = (["gate", "{t}/rec_metrics_list", "--baseline", "{t}/newbase/b.json", "--update"],
+                                ["rec_metrics_list/records.jsonl:3: "])
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:

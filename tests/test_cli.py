@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -218,3 +219,84 @@ def test_fp16_overflows_on_a_loss_past_its_max(quick_run: tuple) -> None:
     fp16 = [r for r in recs if r["strategy"] == "fp16"]
     assert fp16 and all(r["outcome"] == "overflow" and "65504" in r["reason"] for r in fp16)
     assert all(r["outcome"] == "pass" for r in recs if r["strategy"] == "bf16")
+
+
+# -- exit codes: an internal fault is 3 with its traceback in a file, never 1 or 2 ------------------
+class _Boom:
+    def items(self):
+        raise KeyError("injected")
+
+
+def _faults(tmp: Path) -> dict:
+    """command: (argv, module, attribute, replacement, exception name) - a fault injected inside each command."""
+    from harness.results import num
+    golden = ROOT / "tests" / "golden" / "cpu_small"
+    base = tmp / "base.json"
+    return {
+        "list": (["list"], "harness.scenario", "discover", lambda *a, **k: 1 / 0, "ZeroDivisionError"),
+        "strategies": (["strategies"], "harness.strategy", "PRESETS", _Boom(), "KeyError"),
+        "run": (["run", *ONE, "--out", str(tmp / "new")], "harness.engine", "select_matrix",
+                lambda *a, **k: [][1], "IndexError"),
+        "report": (["report", str(golden)], "harness.report.summary.RunSummary", "add",
+                   lambda self, r: {}["x"], "KeyError"),
+        "gate": (["gate", str(golden), "--baseline", str(base)], "harness.gate", "as_case",
+                 lambda b: (_ for _ in ()).throw(RuntimeError("injected")), "RuntimeError"),
+        # a ValueError from inside a library (json), not raised on purpose for bad input: still 3
+        "gate-library-valueerror": (["gate", str(golden), "--baseline", str(base)], "harness.gate", "as_case",
+                                    lambda b: json.loads("{"), "JSONDecodeError"),
+        # a ValueError of an operation in harness code (float('abc') in results.num), not a `raise`: still 3
+        "gate-operation-valueerror": (["gate", str(golden), "--baseline", str(base)], "harness.gate", "as_case",
+                                      lambda b: num("abc"), "ValueError"),
+        "check-model": (["check-model", "nowhere:factory", "--device", "cpu"], "harness.model_check", "_cmd",
+                        lambda args: 1 / 0, "ZeroDivisionError"),
+    }
+
+
+@pytest.mark.parametrize("name", ["list", "strategies", "run", "report", "gate", "gate-library-valueerror",
+                                  "gate-operation-valueerror", "check-model"])
+def test_an_internal_fault_exits_3_with_one_line_naming_the_traceback_file(name, tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+    assert main(["gate", str(ROOT / "tests" / "golden" / "cpu_small"), "--baseline", str(tmp_path / "base.json"),
+                 "--update"]) == 0
+    argv, where, attr, fake, exc_name = _faults(tmp_path)[name]
+    monkeypatch.setattr(f"{where}.{attr}", fake)
+    monkeypatch.setenv("MP_HARNESS_CRASH_DIR", str(tmp_path))
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert rc == 3, err
+    assert len(lines) == 1 and lines[0].startswith(f"internal error: {exc_name}: ") and "Traceback" not in err
+    path = Path(re.search(r"traceback in (\S+);", lines[0]).group(1))
+    assert path.parent == tmp_path and path.name.startswith("mp-harness-crash-")
+    text = path.read_text()
+    assert "Traceback (most recent call last)" in text and exc_name in text and f"python -m harness {argv[0]}" in text
+    assert not (tmp_path / "new").exists()
+
+
+def test_disk_full_exits_4_naming_the_path(tmp_path, monkeypatch, capsys):
+    import errno
+    import harness.gate
+    from harness.cli import main
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(harness.gate, "write_baseline", full)
+    rc = main(["gate", str(ROOT / "tests" / "golden" / "cpu_small"), "--baseline", str(tmp_path / "b.json"), "--update"])
+    err = capsys.readouterr().err
+    assert rc == 4 and err == (f"error: the system failed ({tmp_path / 'b.json'}): No space left on device; free "
+                               "space or memory, then run again (an interrupted run completes with `run --resume DIR`)\n")
+
+
+def test_bad_input_raised_on_purpose_is_still_2(tmp_path, capsys):
+    from harness import exits
+    from harness.cli import UsageError, main
+    from harness.results import InputError, RunFileError
+    assert issubclass(UsageError, InputError) and issubclass(RunFileError, InputError)
+    assert main(["gate", str(tmp_path), "--baseline", str(tmp_path / "b.json")]) == 2
+    assert exits.is_bad_input(InputError("x")) and not exits.is_bad_input(ZeroDivisionError())
+    try:
+        float("abc")  # raised by an operation in a test file, not by a `raise` in the harness
+    except ValueError as exc:
+        assert not exits.is_bad_input(exc)

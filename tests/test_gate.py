@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,29 @@ def test_gate_and_reports_import_no_torch():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_gate_and_report_commands_run_without_torch(tmp_path):
+    """`python -m harness report|gate` built every subcommand's parser, and check-model's imports torch: the
+    views took 2 s and 200 MB for nothing, and failed on a laptop without torch. Torch is blocked here."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now raises ImportError
+        from harness.cli import main
+        rcs = [main(["report", {str(GOLDEN)!r}]),
+               main(["gate", {str(GOLDEN)!r}, "--baseline", {str(tmp_path / 'b.json')!r}, "--update"]),
+               main(["gate", {str(GOLDEN)!r}, "--baseline", {str(tmp_path / 'b.json')!r}])]
+        import json
+        print(json.dumps({{"rcs": rcs, "mods": sorted(m for m in sys.modules if m.startswith("harness."))}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["rcs"] == [0, 0, 0], out.stderr[-2000:]
+    mods = set(doc["mods"])
+    assert mods <= {"harness.cli", "harness.exits", "harness.results", "harness.results_schema", "harness.baseline",
+                    "harness.gate", "harness.report", "harness.report.cli", "harness.report.compare",
+                    "harness.report.markdown", "harness.report.summary", "harness.report.tables"}, mods
+
+
 def test_committed_cpu_baseline_covers_the_quick_tier():
     """results/baselines/cpu.json is what `.ci/run` gates against: a CPU quick-tier baseline of every case."""
     from harness.scenario import cases, discover
@@ -224,3 +248,151 @@ def test_committed_cpu_baseline_covers_the_quick_tier():
     stale = sorted(keys ^ set(b["cases"]))
     assert not stale, (f"results/baselines/cpu.json is stale ({len(stale)} case keys differ, e.g. {stale[:3]}); "
                        "regenerate it as docs/gate.md says")
+
+
+# -- subsets, non-finite errors, margins, streaming -------------------------------------------------
+COMMITTED = ROOT / "results" / "baselines" / "cpu.json"
+
+
+def _records_of(cases: dict, family: str) -> list[dict]:
+    """The records a run of one family would hold had nothing changed: the baseline's own cases."""
+    out = []
+    for key, c in cases.items():
+        if c["family"] != family:
+            continue
+        case_seed, _, strategy = key.rpartition("|")
+        case, _, seed = case_seed.rpartition("#")
+        out.append({"schema_version": SCHEMA_VERSION, "scenario": c["scenario"], "case": case, "seed": int(seed),
+                    "family": family, "strategy": strategy, "strategy_spec": "", "outcome": c["outcome"],
+                    "reason": "", "metrics": dict(c["metrics"]), "bound": c["bound"]})
+    return out
+
+
+def _write_run(d: Path, records: list[dict]) -> Path:
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "status": "complete",
+                                            "environment": {"device": "cpu"}, "config": {"tier": "quick"}}))
+    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return d
+
+
+@pytest.mark.parametrize("family, cases", [("exploding_loss", 169), ("tiny_gradient", 117), ("training", 39),
+                                           ("reduction", 247)])
+def test_a_subset_is_rated_against_the_same_cases_of_the_committed_baseline(tmp_path, capsys, family, cases):
+    """`run --family F` gated with --allow-missing: the rate rule compared the subset's failure rate with
+    the whole baseline's (fp16-dynamic 26/63 -> 10/13 on exploding_loss: four 'rate' regressions, no
+    outcome changed). Over the same cases nothing changed, so nothing is reported."""
+    doc = json.loads(COMMITTED.read_text())
+    recs = _records_of(doc["cases"], family)
+    assert len(recs) == cases
+    run = _write_run(tmp_path / "sub", recs)
+    rc, out, _ = _gate(run, COMMITTED, "--allow-missing", capsys=capsys)
+    assert rc == 0 and "REGRESSIONS" not in out and "rate " not in out, out
+    assert f"{cases} cases compared" in out and "gate ok: 0 regressions, 0 improvements" in out
+
+
+def test_a_rate_rise_within_a_subset_is_still_caught(tmp_path):
+    doc = json.loads(COMMITTED.read_text())
+    recs = _records_of(doc["cases"], "exploding_loss")
+    for r in recs:
+        if r["strategy"] == "bf16":
+            r["outcome"] = "diverged" if r["outcome"] == "pass" else r["outcome"]
+    base = load_baseline(COMMITTED)
+    res = compare(base, {"environment": {"device": "cpu"}}, recs, Thresholds(allow_missing=True))
+    rate = [f for f in res.regressions if f.rule == "rate"]
+    # bf16 fails 3 of the family's 13 cases in the baseline (not 9 of 63, its rate over every family)
+    assert [f.key for f in rate] == ["bf16"] and rate[0].message.startswith("failure rate 3/13 23.1% -> 13/13 100.0%")
+
+
+@pytest.mark.parametrize("value, shown", [("nan", "nan"), ("inf", "inf"), (float("nan"), "nan"), (None, "nan")])
+def test_a_finite_error_that_becomes_non_finite_is_a_regression(tmp_path, baseline, capsys, value, shown):
+    """NaN compares false both ways: `old > max(floor, 4*nan)` was true, so a NaN error was an improvement."""
+    rc, out, _ = _gate(_copy(tmp_path, lambda by: by[SOFTMAX_BF16]["metrics"].update(rel_err=value)), baseline,
+                       capsys=capsys)
+    assert rc == 1 and "improvements (" not in out and "1 regressions, 0 improvements" in out
+    assert f"error    {SOFTMAX_BF16}: rel_err 0.00404 -> {shown} (a finite error became non-finite)" in out
+
+
+def test_a_non_finite_baseline_error_that_becomes_finite_is_an_improvement():
+    base = make_baseline({"environment": {"device": "cpu"}}, _synthetic(0, 2))
+    base["cases"]["c0#0|s"]["metrics"] = {"rel_err": "nan"}
+    base["cases"]["c1#0|s"]["metrics"] = {"rel_err": "inf"}
+    recs = [dict(r, metrics={"rel_err": 2.0**-10}) for r in _synthetic(0, 2)]
+    res = compare(base, {"environment": {"device": "cpu"}}, recs)
+    assert res.regressions == [] and [f.message for f in res.improvements] == [
+        "rel_err nan -> 0.000977 (a non-finite error became finite)", "rel_err inf -> 0.000977 (a non-finite error "
+        "became finite)"]
+    # both non-finite: nothing to compare, nothing reported
+    assert compare(base, {}, [dict(r, metrics={"rel_err": "nan"}) for r in _synthetic(0, 2)]).improvements == []
+
+
+def test_a_nan_or_inf_bound_does_not_disable_or_break_the_error_rule():
+    recs = [dict(r, metrics={"rel_err": 2.0**-10}, bound="nan") for r in _synthetic(0, 1)]
+    base = make_baseline({"environment": {"device": "cpu"}}, recs)
+    grown = [dict(r, metrics={"rel_err": 2.0**-4}) for r in recs]
+    res = compare(base, {}, grown)  # an unusable bound sets no floor: the x64 growth is compared
+    assert [f.message.split(" (")[0] for f in res.regressions] == ["rel_err 0.000977 -> 0.0625"]
+    base["cases"]["c0#0|s"]["bound"] = "inf"
+    assert [f.rule for f in compare(base, {}, grown).regressions] == ["error"]
+
+
+def test_margin_is_shown_where_both_carry_it_and_old_files_without_it_still_gate():
+    recs = [dict(r, metrics={"rel_err": 2.0**-10}, bound=2.0**-8, margin=0.25) for r in _synthetic(0, 1)]
+    base = make_baseline({"environment": {"device": "cpu"}}, recs)
+    assert base["cases"]["c0#0|s"]["margin"] == 0.25
+    grown = [dict(r, metrics={"rel_err": 2.0**-6}, margin=1.0) for r in recs]
+    assert [f.message for f in compare(base, {}, grown).regressions] == [
+        "rel_err 0.000977 -> 0.0156 (x16 > x4; errors below 0.00039 = 0.1*bound 0.0039 are not compared); "
+        "margin 0.25 -> 1"]
+    del base["cases"]["c0#0|s"]["margin"]  # a baseline from before margins
+    old_records = [{k: v for k, v in r.items() if k != "margin"} for r in grown]
+    assert [f.message.endswith("are not compared)") for f in compare(base, {}, grown).regressions] == [True]
+    assert len(compare(base, {}, old_records).regressions) == 1
+
+
+def test_update_streams_the_same_bytes_as_the_dict_baseline(tmp_path, baseline):
+    from harness.baseline import write_baseline
+    header, records = read_run(GOLDEN)
+    write_baseline(tmp_path / "b.json", header, iter(records), source=GOLDEN.name)
+    assert (tmp_path / "b.json").read_text() == baseline.read_text()
+    empty = tmp_path / "e.json"
+    write_baseline(empty, header, [], source="x")
+    assert json.loads(empty.read_text())["cases"] == {} and load_baseline(empty)["cases"] == {}
+
+
+def test_load_baseline_reads_the_committed_file_case_by_case():
+    from harness.baseline import as_case
+    raw = json.loads(COMMITTED.read_text())
+    b = load_baseline(COMMITTED)
+    assert set(b["cases"]) == set(raw["cases"]) and all(isinstance(v, bytes) for v in b["cases"].values())
+    assert all(as_case(b["cases"][k]) == as_case(v) for k, v in raw["cases"].items())
+    assert {k: v for k, v in b.items() if k != "cases"} == {k: v for k, v in raw.items() if k != "cases"}
+
+
+def test_compare_reads_the_run_once_and_holds_no_record(baseline):
+    """The gate streams: each record is dropped once its rules ran (structural check of flat memory)."""
+    import weakref
+    header, records = read_run(GOLDEN)
+    base = load_baseline(baseline)
+    refs: list = []
+    alive: list[int] = []
+
+    def once():
+        for r in records:  # (no cycles: a record the gate dropped is freed at once)
+            alive.append(sum(ref() is not None for ref in refs))  # earlier records still held by the gate
+            box = type("Rec", (dict,), {})(r)
+            refs.append(weakref.ref(box))
+            yield box
+            del box
+
+    res = compare(base, header, once())
+    # at most the one record the gate's loop variable still names while it asks for the next
+    assert res.compared == 65 and len(refs) == 65 and max(alive) == 1
+
+
+def test_two_records_for_one_case_are_refused(tmp_path, baseline, capsys):
+    d = _copy(tmp_path)
+    lines = (d / "records.jsonl").read_text().splitlines(keepends=True)
+    (d / "records.jsonl").write_text("".join(lines + lines[:1]))
+    rc, out, err = _gate(d, baseline, capsys=capsys)
+    assert rc == 2 and out == "" and "two records for" in err and len(err.strip().splitlines()) == 1

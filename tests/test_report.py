@@ -197,3 +197,131 @@ def test_reference_records_a_log2_histogram_with_the_format_ranges():
     assert h["counts"] == [1] + [0] * 28 + [2, 0, 1]  # binades -30 (2^-30), -1 (0.5, 0.75), 1 (3)
     assert h["formats"]["fp16"] == {"smallest": 2.0**-24, "min_normal": 2.0**-14, "max": 65504.0}
     assert h["formats"]["fp8_e4m3"]["max"] == 448.0
+
+
+# -- intervals at the edges, margins, streaming, the committed H200 runs ----------------------------
+def test_wilson_holds_the_estimate_exactly_at_0_and_100_percent():
+    """c - h lands an ulp above 0 and c + h an ulp below 1 (4/4 gave 0.9999999999999999), so a plot got a
+    negative error bar and matplotlib refused it ('yerr' must not contain negative values)."""
+    for n in range(1, 2001):
+        for k in (0, 1, n // 2, n - 1, n):
+            lo, hi = tables.wilson(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+        assert tables.wilson(0, n)[0] == 0.0 and tables.wilson(n, n)[1] == 1.0
+
+
+ROOT = Path(__file__).resolve().parents[1]
+H200_RUNS = [ROOT / "results" / "h200" / "scaling_and_update_quick", ROOT / "results" / "h200" / "accumulation_full",
+             H200]
+
+
+@pytest.mark.parametrize("run", H200_RUNS, ids=lambda p: p.name)
+def test_html_report_of_the_committed_h200_runs(tmp_path, capsys, run):
+    pytest.importorskip("matplotlib")
+    page = tmp_path / "r.html"
+    assert main(["report", str(run), "--html", str(page)]) == 0, capsys.readouterr().err
+    doc = page.read_text()
+    assert doc.count("<svg") >= 3 and "Failure rate per strategy" in doc
+
+
+def _margin_records() -> list[dict]:
+    margins = {"fp16": [0.25, 0.5, 1.0, None], "bf16": [0.125, 0.75, "nan", 2.0**-10]}
+    out = []
+    for s, ms in margins.items():
+        for i, m in enumerate(ms):
+            out.append({"strategy": s, "family": "reduction", "outcome": "pass", "strategy_spec": f"compute={s}",
+                        "margin": m, "case": f"c{i}", "seed": 0})
+    out.append({"strategy": "fp16", "family": "reduction", "outcome": "diverged", "margin": 8.0, "case": "c9",
+                "seed": 0, "strategy_spec": "compute=fp16"})
+    return out
+
+
+def test_margin_table_gives_median_and_max_of_passing_cases():
+    t = tables.margin_table(_margin_records())
+    assert t.head == ["strategy", "with margin/passed", "median", "max", "non-finite"]
+    rows = {r[0]: r[1:] for r in t.rows}
+    # fp16: 0.25, 0.5, 1 (the failing case's 8 is not a pass; one pass has no margin)
+    assert rows["fp16"] == ["3/4", "0.5", "1", ""]
+    # bf16: 2^-10, 0.125, 0.75 finite (median of an odd count), NaN counted apart, never ordered
+    assert rows["bf16"] == ["4/4", "0.125", "0.75", "1"]
+    assert tables.margin_table([{"strategy": "s", "family": "f", "outcome": "pass"}]).rows == []  # older runs
+
+
+def test_report_prints_the_margin_table(tmp_path, capsys):
+    d = tmp_path / "run"
+    shutil.copytree(CPU, d)
+    _, records = read_run(d)
+    seen: dict[str, int] = {}
+    for r in records:  # per strategy 1, 0.5, 0.25, 0.125, 1, ...
+        i = seen[r["strategy"]] = seen.get(r["strategy"], -1) + 1
+        r["margin"] = 2.0 ** -(i % 4)
+    (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["report", str(d)]) == 0
+    out = capsys.readouterr().out
+    # fp32's 13 passes: 0.125 x3, 0.25 x3, 0.5 x3, 1 x4: the median is the 7th, 0.5
+    assert "Margin of passing cases" in out and re.search(r"^fp32\s+13/13\s+0\.5\s+1$", out, re.M), out
+
+
+def test_unknown_outcomes_are_never_counted_as_passes():
+    with pytest.raises(AssertionError, match="outcomes \\['fine'\\]"):
+        tables.failure_rate({"pass": 3, "fine": 19})
+
+
+def test_the_summary_keeps_counts_not_records():
+    """Memory flat in the record count, structurally: ten times the records, the same state (plus 8 bytes
+    per passing record's margin), and every record dropped as soon as it is counted."""
+    import weakref
+    recs = _margin_records()
+    small, big = tables.summarize(recs), tables.summarize(recs * 10)
+    assert big.records == 10 * small.records == 90
+    for attr in ("by_strategy", "by_family", "by_format", "specs", "formats"):
+        assert len(getattr(big, attr)) == len(getattr(small, attr)), attr
+    assert big.by_strategy["fp16"] == {"pass": 40, "diverged": 10}
+    refs, alive = [], []
+
+    def stream():
+        for r in recs * 10:
+            alive.append(sum(ref() is not None for ref in refs))
+            box = type("Rec", (dict,), {})(r)
+            refs.append(weakref.ref(box))
+            yield box
+            del box
+
+    tables.summarize(stream())
+    assert max(alive) == 1
+
+
+def test_report_streams_each_run():
+    """`report DIR` holds no run: its runs are RunRecords (re-read per pass), and the tables of one run
+    take one pass that keeps no record."""
+    import weakref
+    from harness.report.cli import load_runs, run_tables
+    from harness.results import RunRecords
+    (label, header, recs), = load_runs([CPU])
+    assert isinstance(recs, RunRecords) and label == "cpu_small"
+    refs, alive, passes = [], [], []
+
+    class Counted:
+        def __iter__(self):
+            passes.append(1)
+            for r in recs:
+                alive.append(sum(ref() is not None for ref in refs))
+                box = type("Rec", (dict,), {})(r)
+                refs.append(weakref.ref(box))
+                yield box
+                del box
+
+    tabs = run_tables((label, header, Counted()))
+    assert len(passes) == 1 and len(refs) == 65 and max(alive) <= 1
+    assert [t.title for t in tabs][-1] == "Margin of passing cases"
+
+
+def test_error_plot_survives_nan_and_inf_bounds():
+    pytest.importorskip("matplotlib")
+    from harness.report import plots
+    recs = [{"strategy": "fp16", "strategy_spec": "compute=fp16", "family": "reduction", "outcome": o, "n": n,
+             "bound": b, "metrics": {"rel_err": e}} for o, n, b, e in
+            [("pass", 64, 2.0**-8, 2.0**-10), ("diverged", 256, "inf", 0.5), ("pass", 1024, "nan", 2.0**-9),
+             ("overflow", 4096, 2.0**-6, "nan")]]
+    assert plots.error_vs_n_svg(recs).startswith("<svg")
+    assert plots.error_vs_n_svg(recs[1:3]) is None  # no usable bound: nothing to draw against

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,70 @@ def test_device_class_and_case_key() -> None:
     assert device_class({"environment": {"device": "cpu"}}) == "cpu"
     assert device_class({"environment": {"device": "cuda", "gpu": "NVIDIA H200"}}) == "cuda:NVIDIA H200"
     assert case_key(_record(3)) == "s[i=3]#0|fp16"
+
+
+# -- the read side: schema checks, streaming -------------------------------------------------------
+def test_every_record_is_checked_with_its_file_and_line(tmp_path: Path) -> None:
+    lines = [json.dumps(_record(i)) + "\n" for i in (1, 2)] + [json.dumps(_record(3, outcome="fine")) + "\n"]
+    d = _write_run(tmp_path / "r", lines)
+    it = results.iter_run_records(d)
+    assert [next(it)["params"]["i"], next(it)["params"]["i"]] == [1, 2]  # read as they come, before line 3
+    with pytest.raises(RunFileError, match=r"records.jsonl:3: record field 'outcome' is \"fine\"; expected one of "
+                                           r"pass, diverged"):
+        next(it)
+    assert issubclass(RunFileError, results.InputError) and issubclass(results.InputError, ValueError)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"outcome": None}, "'outcome' is null"), ({"strategy": 16}, "'strategy' is 16"),
+    ({"metrics": [0.5]}, "'metrics' is a JSON array"), ({"schema_version": "1"}, 'schema_version is "1"'),
+    ({"schema_version": True}, "schema_version is true"), ({"seed": 0.5}, "'seed' is 0.5; expected an integer"),
+    ({"margin": "wide"}, "'margin' is \"wide\""), ({"expected": "pass"}, "'expected' is \"pass\""),
+])
+def test_check_record_names_the_field_and_what_is_allowed(edit: dict, message: str) -> None:
+    with pytest.raises(RunFileError, match=re.escape(f"here:7: ") + ".*" + re.escape(message)):
+        results.check_record(_record(1, **edit), "here:7")
+    results.check_record(_record(1, margin="inf", bound=2.0**-8), "here:7")  # non-finite numbers as strings are fine
+
+
+def test_a_record_nested_100k_deep_is_one_error_not_a_recursion(tmp_path: Path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    d = _write_run(tmp_path / "r", [json.dumps(_record(1)) + "\n", '{"x": ' + deep + "}\n"])
+    with pytest.raises(RunFileError, match="records.jsonl:2: JSON nested too deep"):
+        read_run(d)
+
+
+def test_the_reader_is_a_generator_that_holds_one_record_at_a_time(tmp_path: Path) -> None:
+    """Memory flat in the record count, checked structurally: while the 500th record is handed out, the
+    earlier ones are gone (nothing in the reader keeps them)."""
+    import gc
+    import weakref
+
+    d = _write_run(tmp_path / "r", [json.dumps(_record(i)) + "\n" for i in range(500)])
+    it = results.iter_run_records(d)
+    assert iter(it) is it and not isinstance(it, (list, tuple))
+    refs = []
+    for r in it:
+        box = type("Rec", (dict,), {})(r)  # a dict subclass can be weakly referenced; drop the original
+        refs.append(weakref.ref(box))
+        del r, box
+    gc.collect()
+    assert len(refs) == 500 and sum(ref() is not None for ref in refs) == 0
+
+
+def test_iter_object_members_streams_a_json_object_in_small_chunks() -> None:
+    import io
+
+    doc = {"kind": "k", "cases": {f"c{i}#0|fp16": {"outcome": "pass", "metrics": {"rel_err": 1.5 * i}} for i in range(50)},
+           "tail": [1, 2.5e-300, "x"], "n": 123456789}
+    text = json.dumps(doc, indent=1)
+    for chunk in (1, 3, 64, 1 << 20):  # every value cut at every position somewhere
+        got = list(results.iter_object_members(io.StringIO(text), "cases", chunk=chunk))
+        top = {k: v for inner, k, v in got if inner is None}
+        inner = {k: v for i, k, v in got if i == "cases"}
+        assert top == {"kind": "k", "cases": {}, "tail": [1, 2.5e-300, "x"], "n": 123456789}
+        assert inner == doc["cases"]
+    with pytest.raises(json.JSONDecodeError):
+        list(results.iter_object_members(io.StringIO(text[:-5]), "cases"))
+    with pytest.raises(ValueError, match="not a JSON object"):
+        list(results.iter_object_members(io.StringIO("[1, 2]"), "cases"))

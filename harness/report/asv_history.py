@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..results import InputError
+
 __all__ = ["AsvResult", "read_result_file", "load_results", "benchmark_info", "history_svg", "THROUGHPUT",
            "FAILURE_RATE", "param_label"]
 
@@ -77,13 +79,13 @@ def read_result_file(path: Path | str) -> AsvResult:
     try:
         d = json.loads(p.read_text())
     except OSError as exc:
-        raise ValueError(f"{p}: cannot read it ({exc.strerror or exc})") from None
+        raise InputError(f"{p}: cannot read it ({exc.strerror or exc})") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        raise InputError(f"{p}: not JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(d, dict) or "results" not in d or "commit_hash" not in d:
-        raise ValueError(f"{p}: not an asv result file (no commit_hash/results); pass a file from results/asv/<machine>/")
+        raise InputError(f"{p}: not an asv result file (no commit_hash/results); pass a file from results/asv/<machine>/")
     if d.get("version") != 2:
-        raise ValueError(f"{p}: asv result format {d.get('version')}, this reads format 2 (asv 0.6)")
+        raise InputError(f"{p}: asv result format {d.get('version')}, this reads format 2 (asv 0.6)")
     cols = d.get("result_columns") or ["result", "params", "version"]
     values: dict[str, dict[tuple[str, ...], float | None]] = {}
     versions: dict[str, str] = {}
@@ -105,11 +107,11 @@ def load_results(results_dir: Path | str) -> list[AsvResult]:
     """Every result file under ``results_dir`` (``<machine>/<commit>-<env>.json``), oldest commit first."""
     root = Path(results_dir)
     if not root.is_dir():
-        raise ValueError(f"{root}: no such directory; record asv results first (docs/asv.md)")
+        raise InputError(f"{root}: no such directory; record asv results first (docs/asv.md)")
     out = [read_result_file(f) for machine in sorted(root.iterdir()) if (machine / "machine.json").is_file()
            for f in sorted(machine.glob("*.json")) if f.name != "machine.json"]
     if not out:
-        raise ValueError(f"{root}: no asv result files (expected <machine>/<commit>-<env>.json); "
+        raise InputError(f"{root}: no asv result files (expected <machine>/<commit>-<env>.json); "
                          "record some with tools/asv_history.sh")
     return sorted(out, key=lambda r: (r.machine, r.date, r.commit))
 
@@ -122,7 +124,7 @@ def benchmark_info(results_dir: Path | str) -> dict[str, dict[str, Any]]:
     try:
         d = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable ({exc}); re-run asv to rewrite it") from None
+        raise InputError(f"{path}: unreadable ({exc}); re-run asv to rewrite it") from None
     return {k: v for k, v in d.items() if isinstance(v, dict)}
 
 

@@ -9,31 +9,32 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..results import read_run
+from ..results import InputError, RunRecords, read_header
 from .compare import Run, compare_tables
 from .markdown import render_markdown
 from .tables import (Table, environment_table, failure_table, family_table, format_comparison_table,
-                     outcome_table, render_text)
+                     margin_table, outcome_table, render_text, summarize)
 
 __all__ = ["add_command", "load_runs", "run_tables"]
 
 
 def load_runs(dirs: list[Path]) -> list[Run]:
-    """(label, header, records) per run directory; labels are the directory names, made distinct."""
-    runs = []
+    """(label, header, records) per run directory; labels are the directory names, made distinct. The
+    records are a :class:`RunRecords`: each pass streams the file again, nothing is held."""
+    runs: list[Run] = []
     for d in dirs:
-        header, records = read_run(d)
-        runs.append((Path(d).resolve().name or str(d), header, records))
+        runs.append((Path(d).resolve().name or str(d), read_header(d), RunRecords(d)))
     if len(runs) == 2 and runs[0][0] == runs[1][0]:
         runs = [(f"{tag}: {r[0]}", r[1], r[2]) for tag, r in zip("AB", runs)]
     return runs
 
 
 def run_tables(run: Run) -> list[Table]:
-    """The tables of one run, in report order."""
+    """The tables of one run, in report order, from one pass over its records."""
     _, header, records = run
-    return [environment_table(header, records), failure_table(records), family_table(records),
-            format_comparison_table(records), outcome_table(records)]
+    sm = summarize(records)
+    return [environment_table(header, sm), failure_table(sm), family_table(sm), format_comparison_table(sm),
+            outcome_table(sm), margin_table(sm)]
 
 
 def add_command(sub: Any) -> None:
@@ -47,14 +48,14 @@ def add_command(sub: Any) -> None:
 
 def _out(path: Path, flag: str) -> Path:
     if path.exists() and path.is_dir():
-        raise ValueError(f"{flag} {path}: is a directory; pass a file name such as report.{flag.strip('-')[:4]}")
+        raise InputError(f"{flag} {path}: is a directory; pass a file name such as report.{flag.strip('-')[:4]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     if len(args.dirs) > 2:
-        raise ValueError(f"report takes one run directory or two to compare, got {len(args.dirs)}")
+        raise InputError(f"report takes one run directory or two to compare, got {len(args.dirs)}")
     runs = load_runs(args.dirs)
     if len(runs) == 2:
         sections = [(None, compare_tables(*runs)), *((f"run {r[0]}", run_tables(r)) for r in runs)]
@@ -70,9 +71,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401  (the plots need it; say so in one line)
         except ImportError:
-            raise ValueError("--html draws its plots with matplotlib, which is not installed: "
+            raise InputError("--html draws its plots with matplotlib, which is not installed: "
                              "pip install 'mp-harness[report]'") from None
         from .html import write_html
-        write_html(_out(args.html, "--html"), runs, args.asv)
+        # the plots draw every record (points, histograms): the HTML page holds the run in memory
+        write_html(_out(args.html, "--html"), [(r[0], r[1], list(r[2])) for r in runs], args.asv)
         print(f"wrote {args.html}")
     return 0

@@ -163,7 +163,7 @@ def windows_svg(records: list[dict[str, Any]]) -> str | None:
         for ax, (title, rows, whole) in zip(axes, panels):
             for i, (name, w) in enumerate(rows):
                 a, b = _log2(num(w["lo"]), lo, hi), _log2(num(w["hi"]), lo, hi)
-                empty = num(w["lo"]) > num(w["hi"])
+                empty = not num(w["lo"]) <= num(w["hi"])  # NaN compares false: an unknown window is no window
                 ax.barh(i, abs(b - a), left=min(a, b), height=0.6, color="#d62728" if empty else "#5aa02c",
                         alpha=0.75, hatch="//" if empty else None)
             if whole and 0 < num(whole["lo"]) and num(whole["hi"]) < math.inf:

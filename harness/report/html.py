@@ -17,7 +17,7 @@ from . import gradplots, plots
 from ..results import FAILURES
 from .compare import Run, compare_tables
 from .tables import (Table, environment_table, failure_table, family_table, format_comparison_table,
-                     outcome_table)
+                     margin_table, outcome_table)
 
 __all__ = ["render_html", "write_html", "run_sections", "table_html", "profiles", "MAX_FAILURES"]
 
@@ -131,7 +131,8 @@ def run_sections(label: str, header: dict[str, Any], records: list[dict[str, Any
         ("pair", "FP16 against BF16",
          _figure(plots.format_pair_svg(recs), "Share of cases per outcome for the strategies computing in FP16 "
                  "and in BF16, per family; whiskers: 95% Wilson interval.", "no FP16 or BF16 records")
-         + table_html(format_comparison_table(recs)) + table_html(outcome_table(recs))),
+         + table_html(format_comparison_table(recs)) + table_html(outcome_table(recs))
+         + table_html(margin_table(recs))),
         ("error-n", "Error against reduction length",
          _figure(plots.error_vs_n_svg(recs), "Normwise relative error of reduced-precision strategies against "
                  "the reduction length n; dashed: each format's bound (smallest at each n).",

@@ -183,6 +183,9 @@ def error_vs_n_svg(records: list[dict[str, Any]]) -> str | None:
            and r.get("bound") is not None and _err(r) is not None]
     if not pts:
         return None
+    pts = [(r, e) for r, e in pts if 0 < num(r["bound"]) < math.inf]  # a NaN/inf bound has no place on the axis
+    if not pts:
+        return None
     finite = [e for _, e in pts if 0 < e < math.inf]
     bounds = [num(r["bound"]) for r, _ in pts]
     lo = min(finite + bounds) / 3

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..results import FAILURES, OUTCOMES, SEVERITY, tally
+from .summary import RunSummary, compute_format, summarize
 
 __all__ = ["OUTCOMES", "FAILURES", "SEVERITY", "Table", "wilson", "counts_from_records", "failure_rate",
            "failure_table_rows", "render_failure_table", "render_text", "compute_format", "format_counts", "format_strategies", "outcome_counts", "failure_table",
-           "family_table", "format_comparison_table", "outcome_table", "environment_table", "pct", "rate_cell"]
+           "family_table", "format_comparison_table", "outcome_table", "environment_table", "margin_table", "pct",
+           "rate_cell", "RunSummary", "summarize"]
 
 #: The two 16-bit formats the FP16-against-BF16 comparison sets side by side.
 PAIR = ("fp16", "bf16")
@@ -42,7 +44,9 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     den = 1 + z * z / n
     c = (p + z * z / (2 * n)) / den
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, c - h), min(1.0, c + h))
+    # The interval always holds p; in floating point c - h can land an ulp above 0 at k = 0 and c + h an
+    # ulp below 1 at k = n, which would hand a plot a negative error bar. Clamp to [0, p] and [p, 1].
+    return (min(p, max(0.0, c - h)), max(p, min(1.0, c + h)))
 
 
 def counts_from_records(records: Iterable[dict[str, Any]]) -> tuple[dict, dict]:
@@ -56,8 +60,10 @@ def counts_from_records(records: Iterable[dict[str, Any]]) -> tuple[dict, dict]:
 
 def failure_rate(counts: dict[str, int]) -> tuple[int, int]:
     """(failures, judged cases) of outcome counts: unsupported cases are not judged."""
-    judged = sum(v for k, v in counts.items() if k != "unsupported")
-    return sum(counts.get(k, 0) for k in FAILURES), judged
+    unknown = set(counts) - set(OUTCOMES)
+    assert not unknown, f"outcomes {sorted(unknown)} reached a count: records are checked on read"
+    failed = sum(counts.get(k, 0) for k in FAILURES)
+    return failed, failed + counts.get("pass", 0)
 
 
 def pct(x: float) -> str:
@@ -117,33 +123,31 @@ def render_failure_table(by_strategy: dict, by_family: dict, title: str = "failu
     return render_text(Table(title, head, rows))
 
 
-def compute_format(record: dict[str, Any]) -> str:
-    """The ``compute=`` field of a record's strategy spec (``fp16``, ``bf16``...; ``?`` if absent)."""
-    for part in str(record.get("strategy_spec", "")).split(","):
-        key, _, value = part.partition("=")
-        if key.strip() == "compute":
-            return value.strip()
-    return "?"
-
-
 # -- the tables of one run -------------------------------------------------------------------------
-def failure_table(records: list[dict[str, Any]]) -> Table:
+Records = Iterable[dict[str, Any]] | RunSummary
+
+
+def failure_table(records: Records) -> Table:
     """Failure rate per strategy (95% Wilson interval), and per family in the columns."""
-    head, rows = failure_table_rows(*counts_from_records(records))
+    sm = summarize(records)
+    head, rows = failure_table_rows(sm.by_strategy, sm.by_family)
     return Table("Failure rate by strategy and family", head, rows,
                  "failed/judged over all cases (unsupported cases are not judged); [lo-hi] is the 95% Wilson "
                  "interval in percent")
 
 
-def family_table(records: list[dict[str, Any]]) -> Table:
+def family_table(records: Records) -> Table:
     """Failure rate per family over all strategies but the FP32 reference preset."""
-    by_f: dict[str, dict[str, int]] = {}
-    for r in records:
-        if r["strategy"] == "fp32":
-            continue
-        c = by_f.setdefault(r["family"], {})
-        c[r["outcome"]] = c.get(r["outcome"], 0) + 1
-    rows = [[f, rate_cell(*failure_rate(c))] for f, c in sorted(by_f.items())]
+    sm = summarize(records)
+    rows = []
+    for f, per_s in sorted(sm.by_family.items()):
+        c: dict[str, int] = {}
+        for s, counts in per_s.items():
+            if s != "fp32":
+                for o, v in counts.items():
+                    c[o] = c.get(o, 0) + v
+        if c:
+            rows.append([f, rate_cell(*failure_rate(c))])
     return Table("Failure rate by family", ["family", "failed/judged rate [95% CI]"], rows,
                  "all strategies but fp32 (the reference preset) pooled")
 
@@ -166,20 +170,20 @@ def format_strategies(records: Iterable[dict[str, Any]], fmt: str) -> list[str]:
     return sorted({r["strategy"] for r in records if compute_format(r) == fmt})
 
 
-def format_comparison_table(records: list[dict[str, Any]], pair: tuple[str, str] = PAIR) -> Table:
+def format_comparison_table(records: Records, pair: tuple[str, str] = PAIR) -> Table:
     """FP16 against BF16 per family: every strategy computing in each format pooled, with the outcomes."""
+    sm = summarize(records)
     a, b = pair
-    fams = sorted({r["family"] for r in records if compute_format(r) in pair})
+    fams = sorted({fam for (fmt, fam) in sm.by_format if fmt in pair})
     head = ["family", f"{a} rate [95% CI]", f"{a} outcomes", f"{b} rate [95% CI]", f"{b} outcomes"]
     rows = []
     for f in [*fams, "all"]:
         cells = [f]
         for fmt in pair:
-            c = format_counts(records, fmt, None if f == "all" else f)
+            c = sm.format_counts(fmt, None if f == "all" else f)
             cells += [rate_cell(*failure_rate(c)), _breakdown(c)]
         rows.append(cells)
-    strategies = {fmt: format_strategies(records, fmt) for fmt in pair}
-    note = "; ".join(f"{fmt}: {', '.join(s) or 'none'}" for fmt, s in strategies.items())
+    note = "; ".join(f"{fmt}: {', '.join(sm.format_strategies(fmt)) or 'none'}" for fmt in pair)
     return Table(f"{a.upper()} against {b.upper()}", head, rows, f"strategies pooled per format: {note}")
 
 
@@ -187,28 +191,46 @@ def _breakdown(c: dict[str, int]) -> str:
     return " ".join(f"{o} {c[o]}" for o in OUTCOMES if c.get(o)) or "-"
 
 
-def outcome_table(records: list[dict[str, Any]]) -> Table:
+def outcome_table(records: Records) -> Table:
     """Cases per strategy and outcome (the breakdown behind every failure rate)."""
-    by_s, _ = counts_from_records(records)
-    used = [o for o in OUTCOMES if any(o in c for c in by_s.values())]
-    rows = [[s, compute_format({"strategy_spec": _spec(records, s)}), *(str(c.get(o, 0)) for o in used)]
-            for s, c in by_s.items()]
+    sm = summarize(records)
+    used = [o for o in OUTCOMES if any(o in c for c in sm.by_strategy.values())]
+    rows = [[s, sm.formats[s], *(str(c.get(o, 0)) for o in used)] for s, c in sm.by_strategy.items()]
     return Table("Outcomes by strategy", ["strategy", "compute", *used], rows)
 
 
-def _spec(records: list[dict[str, Any]], strategy: str) -> str:
-    return next((r.get("strategy_spec", "") for r in records if r["strategy"] == strategy), "")
+def _median(xs: Any) -> float:
+    v = sorted(xs)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def margin_table(records: Records) -> Table:
+    """Per strategy, the margin (worst error / bound) of its passing cases: how close a pass came to failing."""
+    sm = summarize(records)
+    rows = []
+    for s, counts in sm.by_strategy.items():
+        ms, bad = sm.margins.get(s, ()), sm.nonfinite_margins.get(s, 0)
+        if not len(ms) and not bad:
+            continue
+        cells = [f"{_median(ms):.3g}", f"{max(ms):.3g}"] if len(ms) else ["-", "-"]
+        rows.append([s, f"{len(ms) + bad}/{counts.get('pass', 0)}", *cells, str(bad) if bad else ""])
+    note = ("margin = the worst error metric / the bound it was judged against (1 = at the bound); "
+            + ("records without a margin (older runs) are not counted" if rows else
+               "no passing record carries a margin (a run from before records had one)"))
+    return Table("Margin of passing cases", ["strategy", "with margin/passed", "median", "max", "non-finite"], rows,
+                 note)
 
 
 ENV_KEYS = ("harness", "git_commit", "torch", "cuda", "gpu", "gpu_capability", "driver", "cpu", "cpu_count",
             "python", "platform")
 
 
-def environment_table(header: dict[str, Any], records: list[dict[str, Any]]) -> Table:
+def environment_table(header: dict[str, Any], records: Records) -> Table:
     """What the run ran on and with: versions, hardware, tier, seeds, status, record count."""
-    env, cfg = header.get("environment", {}), header.get("config", {})
+    env, cfg = header.get("environment") or {}, header.get("config") or {}
     rows = [[k, str(env[k])] for k in ENV_KEYS if env.get(k) is not None]
     rows += [["created", str(header.get("created", "?"))], ["status", str(header.get("status", "?"))],
              ["tier", str(cfg.get("tier", "?"))], ["seeds", str(cfg.get("seeds", "?"))],
-             ["records", f"{len(records)} (expected {header.get('expected_records', '?')})"]]
+             ["records", f"{summarize(records).records} (expected {header.get('expected_records', '?')})"]]
     return Table("Environment", ["", ""], rows)
