@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -187,10 +188,13 @@ class _Rates:
             lo, hi = wilson(kr, nr)
             text = (f"failure rate {kb}/{nb} {pct(pb)} -> {kr}/{nr} {pct(pr)} ({100 * (pr - pb):+.1f} points; "
                     f"95% CI of the run {pct(lo)}-{pct(hi)})")
-            if pr - pb > th.rate_margin and lo > pb:
+            # exact: 5500/10000 - 500/1000 is 5 points, but 0.55 - 0.5 is 0.050000000000000044 in binary
+            rise = Fraction(kr, nr) - Fraction(kb, nb)
+            margin = Fraction(repr(th.rate_margin))
+            if rise > margin and lo > pb:
                 res.add(Finding("rate", s, f"{text}: rose by more than {100 * th.rate_margin:g} points and the "
                                            "interval excludes the baseline's rate", True))
-            elif pb - pr > th.rate_margin and hi < pb:
+            elif -rise > margin and hi < pb:
                 res.add(Finding("rate", s, text, False), improvement=True)
 
 

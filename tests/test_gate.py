@@ -396,3 +396,14 @@ def test_two_records_for_one_case_are_refused(tmp_path, baseline, capsys):
     (d / "records.jsonl").write_text("".join(lines + lines[:1]))
     rc, out, err = _gate(d, baseline, capsys=capsys)
     assert rc == 2 and out == "" and "two records for" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_rise_of_exactly_the_margin_is_not_a_regression():
+    """5000/10000 -> 5500/10000 rises by exactly 5 points; 0.55 - 0.5 = 0.050000000000000044 in binary
+    floating point, and the run's Wilson lower bound (0.540) lies above 0.5, so the float comparison
+    reported a rise "by more than 5 points"."""
+    base = make_baseline({"environment": {"device": "cpu"}}, _synthetic(5000, 10000))
+    header = {"environment": {"device": "cpu"}}
+    assert not [f for f in compare(base, header, _synthetic(5500, 10000)).regressions if f.rule == "rate"]
+    rate = [f for f in compare(base, header, _synthetic(5501, 10000)).regressions if f.rule == "rate"]
+    assert len(rate) == 1 and "5000/10000 50.0% -> 5501/10000 55.0%" in rate[0].message
