@@ -11,6 +11,7 @@ import torch
 from harness.execution import Execution
 from harness.scenario import Output
 from harness.training import TrainResult
+from harness.window import budget_count
 
 __all__ = ["DYNAMIC", "wide", "Probe", "Bias", "DeepNarrow", "magnitudes", "training_output", "blocked_sum",
            "one_pass_layernorm", "rms_norm", "ema", "realistic_gradients", "REALISTIC_SHARES"]
@@ -116,7 +117,7 @@ def realistic_gradients(n: int, g: torch.Generator) -> torch.Tensor:
     parts = []
     for share, lo, hi in REALISTIC_SHARES.values():
         if lo is not None:
-            parts.append(magnitudes(int(share * n), lo, hi, g))
+            parts.append(magnitudes(budget_count(share, n), lo, hi, g))  # exact: 0.31*n rounds in binary
     nonzero = torch.cat(parts)
     out = torch.zeros(n)
     out[torch.randperm(n, generator=g)[: nonzero.numel()]] = nonzero
