@@ -112,10 +112,12 @@ def _seed(g: torch.Generator) -> int:
 
 
 def _run(build: Callable[[], nn.Module], loss: Callable, data: Callable[[dict, int], tuple],
-         optimizer: Callable[[dict], Callable]) -> Callable[[Execution, dict, dict], Output]:
-    def run(ex: Execution, inp: dict, p: dict) -> Output:
+         optimizer: Callable[[dict], Callable]) -> Callable[..., Output]:
+    """The case's training run; ``perturb=k`` starts it from weights one ulp away (the reference's FP32
+    sensitivity runs, :mod:`harness.sensitivity`)."""
+    def run(ex: Execution, inp: dict, p: dict, perturb: int | None = None) -> Output:
         spec = ModelSpec("model", _seeded(build, inp["seed"]), lambda i: data(inp, i), loss, optimizer(p))
-        return train_trajectory(ex, spec, p["steps"])
+        return train_trajectory(ex, spec, p["steps"], perturb=perturb)
     return run
 
 
@@ -142,8 +144,9 @@ register(Scenario(
     grid={"steps": [128], "lr": [0.01, 0.1]},
     quick={"steps": [16], "lr": [0.01]},
     inputs=_mlp_inputs,
-    run=_run(MLP, lambda m, b: F.mse_loss(m(b[0]), b[1]), lambda inp, i: (inp["x"][i], inp["y"][i]),
-             lambda p: (lambda ps: torch.optim.SGD(ps, lr=p["lr"]))),
+    run=(_mlp_run := _run(MLP, lambda m, b: F.mse_loss(m(b[0]), b[1]), lambda inp, i: (inp["x"][i], inp["y"][i]),
+                          lambda p: (lambda ps: torch.optim.SGD(ps, lr=p["lr"])))),
+    perturbed=_mlp_run,
     n=lambda p: chain_length(DEPTH["mlp"], p["steps"]),
     tolerance=TOLERANCE,
     expect=(Expect(("bf16-pure",), "diverged", "BF16 weights absorb most updates lr*g: they are below half an ulp "
@@ -174,8 +177,10 @@ register(Scenario(
     grid={"steps": [128]},
     quick={"steps": [16]},
     inputs=_cnn_inputs,
-    run=_run(SmallCNN, lambda m, b: F.cross_entropy(m(b[0]), b[1]), lambda inp, i: (inp["x"][i], inp["labels"][i]),
-             lambda p: (lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9))),
+    run=(_cnn_run := _run(SmallCNN, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                          lambda inp, i: (inp["x"][i], inp["labels"][i]),
+                          lambda p: (lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9)))),
+    perturbed=_cnn_run,
     n=lambda p: chain_length(DEPTH["cnn"], p["steps"]),
     tolerance=TOLERANCE,
     expect=(Expect(("bf16-pure",), "diverged", "BF16 weights absorb the SGD steps below half an ulp (|w|*2^-9)"),
@@ -203,8 +208,9 @@ register(Scenario(
     grid={"steps": [128]},
     quick={"steps": [16]},
     inputs=_tf_inputs,
-    run=_run(TinyTransformer, _next_token_loss, lambda inp, i: (inp["tokens"][i],),
-             lambda p: (lambda ps: torch.optim.AdamW(ps, lr=3e-3))),
+    run=(_tf_run := _run(TinyTransformer, _next_token_loss, lambda inp, i: (inp["tokens"][i],),
+                         lambda p: (lambda ps: torch.optim.AdamW(ps, lr=3e-3)))),
+    perturbed=_tf_run,
     n=lambda p: chain_length(DEPTH["transformer"], p["steps"]),
     tolerance=TOLERANCE,
     expect=(

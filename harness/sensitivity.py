@@ -1,0 +1,84 @@
+"""FP32's own sensitivity to rounding-level perturbation: the floor a training run's error is judged above.
+
+A training trajectory can amplify any difference in its inputs: SGD with momentum through BatchNorm
+on small batches, or Adam turning gradients that are pure rounding noise into full-size steps of random
+sign. Then FP32 does not reproduce *itself* once its weights move by one unit in the last place, and a
+strategy whose trajectory differs from FP32's by as much has shown nothing about its precision. The
+stochastic-arithmetic tools (CADNA, Verificarlo) estimate the significant digits of a result the same
+way: run it a few times with rounding-level perturbations and read the spread.
+
+So the reference of a training case also runs FP32 :data:`RUNS` more times, each from the reference's
+weights moved one ulp up or down (directions drawn per entry from the run's index, same batches, same
+seed), and compares each run with the FP32 reference. The largest of each error metric over the runs
+(``rel_err``: the parameter drift, ``loss_divergence``, ``grad_rel_err``) is recorded in the reference
+check as ``fp32_sensitivity``, and :data:`FACTOR` times it floors that metric's bound for every strategy
+(``floors``). Where the drift or the loss divergence of FP32 against itself reaches :data:`CHAOTIC`, the
+run is recorded as ``chaotic``: at this horizon the trajectory says little about precision, every
+verdict's reason says so, and the recommendation does not blame reduced precision for it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from .formats import FORMATS
+from .metrics import compare
+from .results import ERROR_METRICS
+from .scenario import Output
+
+__all__ = ["RUNS", "FACTOR", "FACTOR_REASON", "CHAOTIC", "measure", "floors", "describe", "chaotic_note"]
+
+#: Perturbed FP32 runs per case: the largest of 3 draws is above the median draw with probability 7/8.
+RUNS = 3
+#: The floor is this many times FP32's measured sensitivity, for the triangle inequality: a strategy's
+#: trajectory t and the reference r both sit within the spread of FP32's own runs around the exact one,
+#: so |t - r| may reach the spread twice over, before precision has done anything.
+FACTOR = 2.0
+FACTOR_REASON = ("a strategy's run and the FP32 reference are two trajectories, each as far from the exact one "
+                 "as FP32's own perturbed runs (triangle inequality)")
+#: FP32's drift or loss divergence against itself at or above this: fewer than one significant decimal
+#: digit of the trajectory survives a one-ulp perturbation, and no format's bound can be judged on it.
+CHAOTIC = 0.1
+#: The metrics whose size against :data:`CHAOTIC` makes a run chaotic (the trajectory's; gradients of the
+#: first update are taken at the same weights, one ulp apart, and say nothing about the horizon).
+TRAJECTORY = ("rel_err", "loss_divergence")
+
+
+def measure(perturbed: Callable[[int], Output], ref: Output, runs: int = RUNS) -> dict[str, Any]:
+    """Run ``perturbed(k)`` for ``k < runs`` and compare each with ``ref`` (the FP32 reference run):
+    ``{"runs", "perturbation", "factor", "factor_reason", "chaotic", <metric>: largest error}``. A
+    non-finite error (a perturbed run that blew up) is recorded as inf and makes the run chaotic."""
+    fp32 = FORMATS["fp32"]
+    worst: dict[str, float] = {}
+    for k in range(runs):
+        m = compare(perturbed(k), ref, fp32)
+        for key in ERROR_METRICS:
+            if key in m:
+                v = float(m[key])
+                worst[key] = max(worst.get(key, 0.0), v if math.isfinite(v) else math.inf)
+    chaotic = any(worst.get(k, 0.0) >= CHAOTIC for k in TRAJECTORY)
+    return {"runs": runs, "perturbation": "every weight moved one ulp up or down (random signs per entry)",
+            **worst, "factor": FACTOR, "factor_reason": FACTOR_REASON, "chaotic": chaotic}
+
+
+def floors(sens: dict[str, Any] | None) -> dict[str, float]:
+    """Per error metric, :data:`FACTOR` times FP32's measured sensitivity (finite values only: an
+    infinite floor would pass everything)."""
+    if not sens:
+        return {}
+    return {k: FACTOR * float(sens[k]) for k in ERROR_METRICS if k in sens and math.isfinite(float(sens[k]))}
+
+
+def describe(sens: dict[str, Any], key: str) -> str:
+    """Where the floor of ``key`` comes from, for a verdict's reason."""
+    return (f"{FACTOR:g} x FP32's own sensitivity {float(sens[key]):.2e} (largest {key} of {sens.get('runs', RUNS)} "
+            "FP32 runs from weights one ulp apart)")
+
+
+def chaotic_note(sens: dict[str, Any] | None) -> str:
+    """The sentence every verdict of a chaotic case carries; empty when the case is not chaotic."""
+    if not sens or not sens.get("chaotic"):
+        return ""
+    parts = ", ".join(f"{k} {float(sens[k]):.2g}" for k in TRAJECTORY if k in sens)
+    return (f"chaotic: FP32 itself, from weights one ulp apart, reaches {parts} at this horizon (>= {CHAOTIC:g}), "
+            "so the trajectory cannot show what precision did; fewer steps can")
