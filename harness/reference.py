@@ -74,6 +74,10 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
 
     out32 = run(Execution(PRESETS["fp32"], device))
     out64 = run(FP64(device))
+    sens = None
+    if s.perturbed is not None:  # training: FP32's own spread under one-ulp perturbations (harness.sensitivity);
+        # first, as it marks the computational zeros every later comparison leaves out
+        sens = sensitivity.measure(lambda k: run(Execution(PRESETS["fp32"], device), k), out32, out64)
     fp32 = FORMATS["fp32"]
     m = compare(out32, out64, fp32)
     n = s.n(p)
@@ -85,8 +89,8 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
         spread = _worst(again)
         check["nondeterministic"] = bool(spread != 0 or again.get("nonfinite") or again.get("grad_nonfinite"))
         check["fp32_rerun_diff"] = spread
-    if s.perturbed is not None:  # training: FP32's own spread under one-ulp perturbations (harness.sensitivity)
-        check["fp32_sensitivity"] = sensitivity.measure(lambda k: run(Execution(PRESETS["fp32"], device), k), out32)
+    if sens is not None:
+        check["fp32_sensitivity"] = sens
     window = _window(out32)
     if worst > b or m.get("nonfinite") or m.get("grad_nonfinite"):
         check["reason"] = (f"fp32 rel_err {worst:.2e} > {b:.2e} = {describe(fp32, n, out64.kappa)}: "

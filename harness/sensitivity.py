@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import torch
+
 from .formats import FORMATS
 from .metrics import compare
 from .results import ERROR_METRICS
@@ -44,21 +46,54 @@ CHAOTIC = 0.1
 TRAJECTORY = ("rel_err", "loss_divergence")
 
 
-def measure(perturbed: Callable[[int], Output], ref: Output, runs: int = RUNS) -> dict[str, Any]:
-    """Run ``perturbed(k)`` for ``k < runs`` and compare each with ``ref`` (the FP32 reference run):
-    ``{"runs", "perturbation", "factor", "factor_reason", "chaotic", <metric>: largest error}``. A
-    non-finite error (a perturbed run that blew up) is recorded as inf and makes the run chaotic."""
+def measure(perturbed: Callable[[int], Output], out32: Output, out64: Output | None = None,
+            runs: int = RUNS) -> dict[str, Any]:
+    """Run ``perturbed(k)`` for ``k < runs`` and compare each with ``out32`` (the FP32 reference run):
+    ``{"runs", "perturbation", "factor", "factor_reason", "chaotic", <metric>: largest error,
+    "computational_zeros": {tensor: count}}``. A non-finite error (a perturbed run that blew up) is
+    recorded as inf and makes the run chaotic.
+
+    First the first update's gradients of the runs (and of ``out64``, the FP64 run) mark FP32's
+    *computational zeros*: entries whose FP32 gradient moves by half its size or more between runs that
+    differ by rounding only, so it carries no significant bit (CADNA's term). The mask goes into both
+    outputs' ``extra["computational_zeros"]``, and every comparison with either leaves those entries out
+    of the drift and the per-tensor underflow (:func:`harness.metrics.compare`)."""
+    outs = [perturbed(k) for k in range(runs)]
+    zeros = _computational_zeros(out32, outs + ([out64] if out64 is not None else []))
+    counts: dict[str, int] = {}
+    if zeros is not None:
+        for o in (out32, out64):
+            if o is not None:
+                o.extra["computational_zeros"] = zeros
+        sizes = [g.numel() for g in out32.grads.values()]  # type: ignore[union-attr]
+        counts = {k: int(z.sum()) for k, z in zip(out32.grads, zeros.split(sizes)) if z.any()}  # type: ignore[arg-type]
     fp32 = FORMATS["fp32"]
     worst: dict[str, float] = {}
-    for k in range(runs):
-        m = compare(perturbed(k), ref, fp32)
+    for out in outs:
+        m = compare(out, out32, fp32)
         for key in ERROR_METRICS:
             if key in m:
                 v = float(m[key])
                 worst[key] = max(worst.get(key, 0.0), v if math.isfinite(v) else math.inf)
     chaotic = any(worst.get(k, 0.0) >= CHAOTIC for k in TRAJECTORY)
     return {"runs": runs, "perturbation": "every weight moved one ulp up or down (random signs per entry)",
-            **worst, "factor": FACTOR, "factor_reason": FACTOR_REASON, "chaotic": chaotic}
+            **worst, "factor": FACTOR, "factor_reason": FACTOR_REASON, "chaotic": chaotic,
+            "computational_zeros": counts}
+
+
+def _computational_zeros(out32: Output, others: list[Output]) -> torch.Tensor | None:
+    """Entries of FP32's first-update gradients (flat, in the order of ``out32.grads``) whose deviation
+    in any other run is at least half their size; entries that are exactly zero in every run are exact
+    zeros, not computational ones. None without gradients."""
+    if not out32.grads or not all(o.grads and set(o.grads) == set(out32.grads) for o in others):
+        return None
+    keys = list(out32.grads)
+    g = torch.cat([out32.grads[k].detach().double().reshape(-1) for k in keys])
+    dev = torch.zeros_like(g)
+    for o in others:
+        d = (torch.cat([o.grads[k].detach().double().reshape(-1).to(g.device) for k in keys]) - g).abs()  # type: ignore[index]
+        dev = torch.maximum(dev, torch.nan_to_num(d, nan=math.inf))
+    return (2 * dev >= g.abs()) & ~((g == 0) & (dev == 0))
 
 
 def floors(sens: dict[str, Any] | None) -> dict[str, float]:

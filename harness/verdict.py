@@ -188,8 +188,9 @@ def _judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: f
 
 def _tensor_underflow(m: dict[str, Any], fmt: Format, budget: float, b: float) -> Verdict | None:
     """``underflow`` when one parameter tensor lost more than ``budget`` of its non-zero gradients, however
-    small its share of the pooled count: a tensor that loses all of them stops learning (an auxiliary
-    head on a small loss term). Names the worst tensor and counts the others beyond the budget."""
+    small its share of the pooled count: a tensor that loses all of them stops learning (an auxiliary head
+    on a small loss term). Names the worst tensor and counts the others beyond the budget. (In a training
+    run the count leaves out computational zeros, rounding noise of a zero gradient: metrics.compare.)"""
     per = {k: v for k, v in (m.get("grad_underflow_by_tensor") or {}).items() if v > budget}
     if not per:
         return None
@@ -203,15 +204,20 @@ def _judge_errors(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: 
                   truncating: bool, scaler: ScalerSpec | None, floor: float, floor_source: str,
                   sens: dict[str, Any]) -> Verdict:
     """:func:`judge` with each error metric's bound floored at :data:`harness.sensitivity.FACTOR` times FP32's
-    measured sensitivity in that metric. Every rule before the error bounds decides as in :func:`judge`;
-    the bound of a pass is the one of the metric closest to its bound (so error / bound is the margin)."""
+    measured sensitivity in that metric. In a chaotic case the trajectory's metrics (drift, loss
+    divergence) are not judged: FP32 started one ulp away moves as far, so they cannot tell precision's
+    part; the first update's gradients (same weights) still are. Every rule before the error bounds
+    decides as in :func:`judge`; the bound of a pass is the one of the metric closest to its bound (so
+    error / bound is the margin)."""
     floors = _sens.floors(sens)
     base = max(bound(fmt, n, kappa, factor, truncating), floor)
     plain = {k: v for k, v in m.items() if k not in ERROR_METRICS}
     v = _judge(plain, fmt, n, kappa, factor, budget, truncating, scaler, floor, floor_source)
     if v.outcome != "pass":
-        m.update({k: plain[k] for k in plain if k not in m})  # scale_direction, as judge sets it
+        m.update({k: plain[k] for k in plain if k not in m})  # scale_direction, as _judge sets it
         return v
+    unjudged = [k for k in _sens.TRAJECTORY if k in m] if sens.get("chaotic") else []
+    keys = [k for k in ERROR_METRICS if k in m and k not in unjudged]
 
     def bound_of(key: str) -> float:
         return max(base, floors.get(key, 0.0))
@@ -221,18 +227,18 @@ def _judge_errors(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: 
             return _sens.describe(sens, key)
         return _how(fmt, n, kappa, factor, truncating, floor, floor_source)
 
-    for key in ERROR_METRICS:
-        if key in m and m[key] > bound_of(key):
+    for key in keys:
+        if m[key] > bound_of(key):
             return Verdict("diverged", f"{key} {_e(m[key])} > {_e(bound_of(key))} = {how(key)}", bound_of(key))
-    keys = [k for k in ERROR_METRICS if k in m]
+    skipped = f"; not judged (chaotic): {', '.join(f'{k} {_e(m[k])}' for k in unjudged)}" if unjudged else ""
     if not keys:
-        return Verdict("pass", f"no error <= {_e(base)}", base)
+        return Verdict("pass", f"no error judged{skipped}", None)
     worst = max(keys, key=lambda k: m[k] / bound_of(k) if bound_of(k) > 0 else math.inf)
     raised = [k for k in keys if floors.get(k, 0.0) > base]
     errs = ", ".join(f"{k} {_e(m[k])}" + (f" <= {_e(bound_of(k))}" if raised else "") for k in keys)
     within = (f" (within FP32's own sensitivity for {', '.join(raised)}: {_sens.describe(sens, raised[0])})"
               if raised else "")
-    return Verdict("pass", f"{errs}" + ("" if raised else f" <= {_e(base)}") + within, bound_of(worst))
+    return Verdict("pass", errs + ("" if raised else f" <= {_e(base)}") + within + skipped, bound_of(worst))
 
 
 def _coverage_note(cov: dict[str, Any] | None) -> str:
