@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from .execution import Execution
+from . import sensitivity
+from .execution import FP64, Execution
 from .formats import FORMATS
 from . import metrics
 from .scaling import format_number
@@ -194,10 +195,20 @@ class Diagnosis:
 
 
 def fp32_gradients(spec: ModelSpec, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """FP32 (TF32 off) unscaled gradients of the first update: what underflow and windows compare with."""
-    out = train_trajectory(Execution(PRESETS["fp32"], device), spec, 1)
+    """FP32 (TF32 off) unscaled gradients of the first update, with its computational zeros set to 0: what
+    underflow and windows compare with. A computational zero (an entry that moves by half its size or
+    more between FP32 runs one ulp apart or against FP64: rounding noise of a gradient that is 0 in exact
+    arithmetic, such as a key bias's under softmax) is no gradient to lose, and no scale must lift it."""
+    fp32 = Execution(PRESETS["fp32"], device)
+    out = train_trajectory(fp32, spec, 1)
     assert out.grads is not None
-    return out.grads
+    others = [train_trajectory(Execution(PRESETS["fp32"], device), spec, 1, perturb=k) for k in range(sensitivity.RUNS)]
+    zeros = sensitivity.computational_zeros(out, others + [train_trajectory(FP64(device), spec, 1)])
+    if zeros is None or not zeros.any():
+        return out.grads
+    sizes = [g.numel() for g in out.grads.values()]
+    return {k: torch.where(z.reshape(g.shape).to(g.device), torch.zeros_like(g), g)
+            for (k, g), z in zip(out.grads.items(), zeros.split(sizes))}
 
 
 def underflow_by_tensor(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], fmt_name: str

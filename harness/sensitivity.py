@@ -28,7 +28,8 @@ from .metrics import compare
 from .results import ERROR_METRICS
 from .scenario import Output
 
-__all__ = ["RUNS", "FACTOR", "FACTOR_REASON", "CHAOTIC", "measure", "floors", "describe", "chaotic_note"]
+__all__ = ["RUNS", "FACTOR", "FACTOR_REASON", "CHAOTIC", "measure", "computational_zeros", "floors", "describe",
+           "chaotic_note"]
 
 #: Perturbed FP32 runs per case: the largest of 3 draws is above the median draw with probability 7/8.
 RUNS = 3
@@ -59,7 +60,7 @@ def measure(perturbed: Callable[[int], Output], out32: Output, out64: Output | N
     outputs' ``extra["computational_zeros"]``, and every comparison with either leaves those entries out
     of the drift and the per-tensor underflow (:func:`harness.metrics.compare`)."""
     outs = [perturbed(k) for k in range(runs)]
-    zeros = _computational_zeros(out32, outs + ([out64] if out64 is not None else []))
+    zeros = computational_zeros(out32, outs + ([out64] if out64 is not None else []))
     counts: dict[str, int] = {}
     if zeros is not None:
         for o in (out32, out64):
@@ -81,7 +82,7 @@ def measure(perturbed: Callable[[int], Output], out32: Output, out64: Output | N
             "computational_zeros": counts}
 
 
-def _computational_zeros(out32: Output, others: list[Output]) -> torch.Tensor | None:
+def computational_zeros(out32: Output, others: list[Output]) -> torch.Tensor | None:
     """Entries of FP32's first-update gradients (flat, in the order of ``out32.grads``) whose deviation
     in any other run is at least half their size; entries that are exactly zero in every run are exact
     zeros, not computational ones. None without gradients."""

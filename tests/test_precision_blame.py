@@ -22,7 +22,7 @@ from harness.metrics import compare
 from harness.model_check import check_model
 from harness.recommend import recommend
 from harness.scenario import Output
-from harness.sensitivity import CHAOTIC, FACTOR, _computational_zeros, floors
+from harness.sensitivity import CHAOTIC, FACTOR, computational_zeros, floors
 from harness.strategy import PRESETS, parse
 from harness.training import Trainer
 from harness.user_model import ModelSpec, RNG_NOTE, _dtype, _perturb, load_spec, train_trajectory
@@ -159,10 +159,10 @@ def test_perturbation_moves_every_weight_exactly_one_ulp() -> None:
             assert torch.equal(trainer.master[0], after.float())
 
 
-def test_computational_zeros_are_entries_with_no_significant_bit() -> None:
+def testcomputational_zeros_are_entries_with_no_significant_bit() -> None:
     g32 = {"w": torch.tensor([1.0, 2.0**-30, 0.0, 0.0, -0.5])}
     other = {"w": torch.tensor([1.0 + 2.0**-20, -(2.0**-30), 0.0, 2.0**-40, -0.5 + 2.0**-3])}
-    zeros = _computational_zeros(Output(grads=g32), [Output(grads=other)])
+    zeros = computational_zeros(Output(grads=g32), [Output(grads=other)])
     # moved by its own size: no significant bit; 0 in every run: an exact zero; moved by 1/4 of it: kept
     assert zeros.tolist() == [False, True, False, True, False]
     ref = Output(value=torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0]), grads=g32, extra={"computational_zeros": zeros})
@@ -300,6 +300,8 @@ def test_gpt2_verdicts_do_not_depend_on_the_horizon(tmp_path: Path) -> None:
         verdicts[steps] = [r["outcome"] for r in result.records]
         zeros = result.records[0]["reference"]["fp32_sensitivity"]["computational_zeros"]
         assert zeros == {"transformer.h.0.attn.c_attn.bias": 32, "transformer.h.1.attn.c_attn.bias": 32}
+        # the FP16 window leaves the key biases' noise out: it was empty ("span 2^44"), set by 1.4e-14
+        assert not result.window.empty and "c_attn.bias" not in str(result.window.lo_tensor)
         fp8 = result.records[-1]
         assert fp8["judged_format"].startswith("fp8")
         assert fp8["metrics"]["gemm_coverage"]["by_type"] == {"Conv1D": [8, 8], "Linear": [1, 1]}
