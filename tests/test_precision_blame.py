@@ -306,3 +306,23 @@ def test_gpt2_verdicts_do_not_depend_on_the_horizon(tmp_path: Path) -> None:
         assert fp8["judged_format"].startswith("fp8")
         assert fp8["metrics"]["gemm_coverage"]["by_type"] == {"Conv1D": [8, 8], "Linear": [1, 1]}
     assert verdicts[2] == verdicts[8] == verdicts[32] == ["pass"] * 5
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpt2_on_cuda_fp8_covers_conv1d_and_verdicts_hold(tmp_path: Path) -> None:
+    """On a GPU: the perturbed FP32 runs (deterministic kernels) and FP8 through torch._scaled_mm for every
+    Conv1D (GPT-2's shapes here are multiples of 16); the verdicts agree at 2 and 8 updates."""
+    pytest.importorskip("transformers")
+    strategies = ["fp32", "fp16-dynamic", "bf16", "fp8-tensorwise"]
+    verdicts = {}
+    for steps in (2, 8):
+        result = check_model(gpt2, strategies, steps=steps, device="cuda", out=tmp_path / f"run{steps}",
+                             diagnose=False)
+        verdicts[steps] = [r["outcome"] for r in result.records]
+        sens = result.records[0]["reference"]["fp32_sensitivity"]
+        assert not sens["chaotic"] and sens["grad_rel_err"] < 1e-5
+        fp8 = result.records[-1]
+        assert fp8["metrics"]["gemm_coverage"]["by_type"] == {"Conv1D": [8, 8], "Linear": [1, 1]}
+        assert all(r["metrics"]["inputs_identical"] is True for r in result.records)
+    assert verdicts[2] == verdicts[8] == ["pass"] * 4
