@@ -92,7 +92,8 @@ def computational_zeros(out32: Output, others: list[Output]) -> torch.Tensor | N
     g = torch.cat([out32.grads[k].detach().double().reshape(-1) for k in keys])
     dev = torch.zeros_like(g)
     for o in others:
-        d = (torch.cat([o.grads[k].detach().double().reshape(-1).to(g.device) for k in keys]) - g).abs()  # type: ignore[index]
+        other = torch.cat([o.grads[k].detach().double().reshape(-1).to(g.device) for k in keys])  # type: ignore[index]
+        d = (other - g).abs()
         dev = torch.maximum(dev, torch.nan_to_num(d, nan=math.inf))
     return (2 * dev >= g.abs()) & ~((g == 0) & (dev == 0))
 
