@@ -326,3 +326,11 @@ def test_gpt2_on_cuda_fp8_covers_conv1d_and_verdicts_hold(tmp_path: Path) -> Non
         assert fp8["metrics"]["gemm_coverage"]["by_type"] == {"Conv1D": [8, 8], "Linear": [1, 1]}
         assert all(r["metrics"]["inputs_identical"] is True for r in result.records)
     assert verdicts[2] == verdicts[8] == ["pass"] * 4
+
+
+def test_the_table_shows_the_margin_and_the_coverage() -> None:
+    from harness.model_check import _row
+    cov = {"format": "fp8_e5m2", "covered": 1, "total": 11, "by_type": {"Conv1D": [0, 10], "Linear": [1, 1]}}
+    row = _row({"strategy": "fp8-tensorwise", "outcome": "pass", "margin": 0.375, "metrics": {"gemm_coverage": cov}})
+    assert row[2] == "0.38" and row[-1] == "1/11 (Conv1D 0/10)"
+    assert _row({"strategy": "fp32", "outcome": "pass", "metrics": {}})[2] == "-"  # a record without a margin
