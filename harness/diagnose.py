@@ -26,15 +26,18 @@ from typing import Any
 
 import torch
 
-from .execution import Execution
+from . import sensitivity
+from .execution import FP64, Execution
 from .formats import FORMATS
 from . import metrics
 from .scaling import format_number
+from .scenario import Output
 from .strategy import PRESETS, Strategy
 from .user_model import ModelSpec, Probe, train_trajectory
 from .window import Window, scale_window
 
-__all__ = ["NonFinite", "Diagnosis", "LayerProbe", "fp32_gradients", "underflow_by_tensor", "diagnose", "fp16_window"]
+__all__ = ["NonFinite", "Diagnosis", "LayerProbe", "fp32_gradients", "significant_gradients", "underflow_by_tensor",
+           "diagnose", "fp16_window"]
 
 ROOT = "(model)"
 
@@ -194,10 +197,26 @@ class Diagnosis:
 
 
 def fp32_gradients(spec: ModelSpec, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """FP32 (TF32 off) unscaled gradients of the first update: what underflow and windows compare with."""
+    """FP32 (TF32 off) unscaled gradients of the first update: what underflow and windows compare with
+    (after :func:`significant_gradients`)."""
     out = train_trajectory(Execution(PRESETS["fp32"], device), spec, 1)
     assert out.grads is not None
     return out.grads
+
+
+def significant_gradients(spec: ModelSpec, device: torch.device | str, grads: dict[str, torch.Tensor]
+                          ) -> dict[str, torch.Tensor]:
+    """``grads`` (FP32's, :func:`fp32_gradients`) with its computational zeros set to 0: entries that move
+    by half their size or more between FP32 runs one ulp apart or against FP64 (rounding noise of a
+    gradient that is 0 in exact arithmetic, such as a key bias's under softmax) are no gradient to lose,
+    and no loss scale must lift them (:func:`harness.sensitivity.computational_zeros`)."""
+    others = [train_trajectory(Execution(PRESETS["fp32"], device), spec, 1, perturb=k) for k in range(sensitivity.RUNS)]
+    zeros = sensitivity.computational_zeros(Output(grads=grads), others + [train_trajectory(FP64(device), spec, 1)])
+    if zeros is None or not zeros.any():
+        return grads
+    sizes = [g.numel() for g in grads.values()]
+    return {k: torch.where(z.reshape(g.shape).to(g.device), torch.zeros_like(g), g)
+            for (k, g), z in zip(grads.items(), zeros.split(sizes))}
 
 
 def underflow_by_tensor(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], fmt_name: str
@@ -210,7 +229,7 @@ def diagnose(spec: ModelSpec, strategy: Strategy, device: torch.device | str, st
              ref_grads: dict[str, torch.Tensor] | None = None) -> Diagnosis:
     """Re-run ``strategy`` with hooks and report the first non-finite module and the underflow per tensor."""
     ex = Execution(strategy, device)
-    ref = ref_grads if ref_grads is not None else fp32_gradients(spec, device)
+    ref = ref_grads if ref_grads is not None else significant_gradients(spec, device, fp32_gradients(spec, device))
     probe = LayerProbe()
     out = train_trajectory(ex, spec, steps, probe=probe)
     under = underflow_by_tensor(out.grads or {}, ref, strategy.format.name)

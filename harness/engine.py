@@ -133,6 +133,13 @@ SPREAD_FACTOR = 2.0
 
 
 def _floor(ref: Any) -> dict[str, Any]:
+    """The floors of a case's bounds: :func:`_fp32_floor`, and a training case's FP32 sensitivity to one-ulp
+    perturbations (``fp32_sensitivity``, :mod:`harness.sensitivity`), which floors each error metric's own."""
+    sens = ref.check.get("fp32_sensitivity")
+    return {**_fp32_floor(ref), **({"sensitivity": sens} if sens else {})}
+
+
+def _fp32_floor(ref: Any) -> dict[str, Any]:
     """The floor of a case's bound. Deterministic: FP32's own error where FP64 is the reference (0 where
     FP32 is). Nondeterministic: that plus :data:`SPREAD_FACTOR` times the FP32 reference's run-to-run
     spread, since the strategy's own FP32 run is another draw (triangle inequality)."""

@@ -129,6 +129,27 @@ def _loss_metrics(cand: list[float], ref: list[float]) -> dict[str, Any]:
             "final_loss": cand[n - 1], "final_loss_ref": ref[n - 1]}
 
 
+def _without_zeros(cand: Output, ref: Output, fmt: Format, zeros: torch.Tensor) -> dict[str, Any]:
+    """Drift (``rel_err`` of the net update) and per-tensor gradient underflow over the entries whose FP32
+    gradient is significant: a computational zero (rounding noise of a gradient that is zero in exact
+    arithmetic, such as a key bias's under softmax) has no direction for any precision to get right, yet
+    Adam turns it into a full-size step of random sign. ``rel_err_all`` keeps the drift over every entry."""
+    out: dict[str, Any] = {"computational_zeros": int(zeros.sum())}
+    if not out["computational_zeros"]:
+        return out
+    keep = ~zeros.reshape(-1)
+    if ref.value is not None and cand.value is not None and ref.value.numel() == keep.numel():
+        out["rel_err_all"] = tensor_metrics(cand.value, ref.value, fmt)["rel_err"]
+        out["rel_err"] = tensor_metrics(cand.value.reshape(-1)[keep.to(cand.value.device)],
+                                        ref.value.reshape(-1)[keep.to(ref.value.device)], fmt)["rel_err"]
+    if ref.grads and cand.grads:
+        keys = list(ref.grads)
+        sig = _flat(ref.grads, keys) * keep.to(torch.float64)
+        out["grad_underflow_by_tensor"] = _underflow_fracs(_flat(cand.grads, keys, sig.device), sig,
+                                                           [ref.grads[k].numel() for k in keys], keys)
+    return out
+
+
 def compare(cand: Output, ref: Output, fmt: Format) -> dict[str, Any]:
     """All metrics of ``cand`` against ``ref`` (what both provide)."""
     m: dict[str, Any] = {}
@@ -140,6 +161,9 @@ def compare(cand: Output, ref: Output, fmt: Format) -> dict[str, Any]:
         if not cand.grads:
             raise ValueError("scenario returned no gradients where the reference has them")
         m.update(_grads_metrics(cand.grads, ref.grads, fmt))
+    zeros = ref.extra.get("computational_zeros")
+    if zeros is not None:  # training runs: entries whose FP32 gradient has no significant digit (harness.sensitivity)
+        m.update(_without_zeros(cand, ref, fmt, zeros))
     if ref.losses and cand.losses is not None:
         m.update(_loss_metrics(cand.losses, ref.losses))
     if cand.trace is not None:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .diagnose import Diagnosis, diagnose as run_diagnosis, fp16_window, fp32_gradients
+from .diagnose import Diagnosis, diagnose as run_diagnosis, fp16_window, fp32_gradients, significant_gradients
 from .engine import RunConfig, resolve_device, run_matrix
 from .recommend import recommend, window_sentence
 from .results import check_new_out, read_run, write_json_atomic
@@ -51,12 +51,14 @@ class CheckResult:
 
     def report(self) -> str:
         """The text ``check-model`` prints."""
-        head = ["strategy", "verdict", "loss div.", "final/FP32", "drift", "upd. lost", "skipped", "loss scale"]
+        head = ["strategy", "verdict", "margin", "loss div.", "final/FP32", "drift", "upd. lost", "skipped",
+                "loss scale", "GEMMs"]
         rows = [head] + [_row(r) for r in self.records]
         widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
         lines = [f"{self.name}: {self.steps} updates per strategy against FP32 -> {self.out}"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-        lines += [f"  {r['strategy']}: {r['reason']}" for r in self.records if r["outcome"] != "pass"]
+        lines += [f"  {r['strategy']}: {r['reason']}" for r in self.records if _noted(r)]
+        lines += _reference_lines(self.records)
         for label, d in self.diagnoses.items():
             lines.append(f"diagnosis of {label}:")
             lines += [f"  {line}" for line in d.lines()]
@@ -79,8 +81,48 @@ def _row(r: dict[str, Any]) -> list[str]:
         skipped = f"{sc['skipped']}/{sc['steps']}"
     else:
         scale, skipped = "-", "-"
-    return [r["strategy"], r["outcome"], _g(m, "loss_divergence"), _g(m, "final_loss_ratio", "{:.4g}"),
-            _g(m, "rel_err"), _g(m, "updates_lost", "{:.2%}"), skipped, scale]
+    margin = r.get("margin")  # worst error / its bound, written by the engine
+    return [r["strategy"], r["outcome"], "-" if margin is None else f"{float(margin):.2g}",
+            _g(m, "loss_divergence"), _g(m, "final_loss_ratio", "{:.4g}"), _g(m, "rel_err"),
+            _g(m, "updates_lost", "{:.2%}"), skipped, scale, _coverage(m.get("gemm_coverage"))]
+
+
+def _coverage(cov: dict[str, Any] | None) -> str:
+    """``11/11`` when every GEMM layer ran in the strategy's format, else ``1/11 (Conv1D 0/10)``."""
+    if not cov:
+        return "-"
+    missed = " ".join(f"{t} {c}/{n}" for t, (c, n) in cov["by_type"].items() if c < n)
+    return f"{cov['covered']}/{cov['total']}" + (f" ({missed})" if missed else "")
+
+
+def _noted(r: dict[str, Any]) -> bool:
+    """A record whose reason is printed under the table: a failure, or a pass with something to say (its
+    bound set by FP32's own sensitivity, a chaotic run, GEMMs outside the judged format)."""
+    return r["outcome"] != "pass" or any(w in r["reason"] for w in ("sensitivity", "chaotic", "GEMM layers"))
+
+
+def _reference_lines(records: list[dict[str, Any]]) -> list[str]:
+    """FP32's own error against FP64 and its sensitivity to one-ulp perturbations (one reference per
+    model), and whether the runs could see bit-identical inputs."""
+    ref = next((r.get("reference") for r in records if r.get("reference")), None)
+    out = []
+    if ref:
+        sens = ref.get("fp32_sensitivity") or {}
+        own = ", ".join(f"{k} {float(sens[k]):.2g}" for k in ("rel_err", "loss_divergence", "grad_rel_err")
+                        if k in sens)
+        out.append(f"reference: {ref['format'].upper()}; FP32 against FP64 {float(ref['fp32_vs_fp64']):.2g}"
+                   + (f"; FP32 against itself from weights one ulp apart (largest of {sens['runs']}): {own}"
+                      if own else "") + ("; CHAOTIC at this horizon" if sens.get("chaotic") else ""))
+        zeros = sens.get("computational_zeros") or {}
+        if zeros:
+            top = ", ".join(f"`{k}` {v}" for k, v in sorted(zeros.items(), key=lambda kv: -kv[1])[:3])
+            out.append(f"computational zeros (FP32 gradient entries with no significant bit, left out of the drift "
+                       f"and the per-tensor underflow): {sum(zeros.values())}, most in {top}")
+    note = next(((r.get("metrics") or {}).get("inputs_note") for r in records
+                 if (r.get("metrics") or {}).get("inputs_identical") is False), None)
+    if note:
+        out.append(f"inputs not identical across runs: {note}")
+    return out
 
 
 def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] | None = None,
@@ -108,6 +150,10 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
     except Exception as exc:
         raise ValueError(f"{spec.name}: one FP32 training step failed ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); expected {EXPECTED}") from None
+    try:  # a model that cannot run in FP64 gets error records from the reference; the window keeps the noise
+        ref_grads = significant_gradients(spec, dev, ref_grads)
+    except Exception:  # noqa: BLE001
+        pass
     imports = [target.split(":")[0]] if isinstance(target, str) else []
     cfg = RunConfig([model_scenario(spec, steps)], strats, dev, out=Path(out) if out else None, imports=imports)
     out_dir, _, _ = run_matrix(cfg, progress)

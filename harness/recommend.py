@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 from .diagnose import Diagnosis
 from .formats import FORMATS
 from .report.tables import compute_format
+from .sensitivity import chaotic_note
 from .results import FAILURES
 from .window import TensorWindow, Window, pow2_above, pow2_below
 
@@ -78,7 +79,27 @@ def _ordered(labels: Iterable[str]) -> list[str]:
 
 def recommend(records: list[dict[str, Any]], window: Window, diagnoses: dict[str, Diagnosis]) -> str:
     """One line, ``"<strategy>: <why>"``: which strategy to use for this model, from its records (one per
-    strategy), the FP16 window of its FP32 gradients and the diagnoses of the strategies that failed."""
+    strategy), the FP16 window of its FP32 gradients and the diagnoses of the strategies that failed.
+
+    Where the training is chaotic at this horizon (FP32 from weights one ulp apart drifts as far as the
+    strategies do: :mod:`harness.sensitivity`), trajectory errors say nothing about precision: the line
+    says so, and never that every reduced-precision strategy failed because of them."""
+    line = _recommend(records, window, diagnoses)
+    chaos = _chaos(records)
+    return f"{line}; but {chaos}" if chaos and not line.startswith(CHAOTIC_HEAD) else line
+
+
+#: How a recommendation starts when a chaotic run left nothing to choose on.
+CHAOTIC_HEAD = "none can be judged"
+
+
+def _chaos(records: list[dict[str, Any]]) -> str:
+    sens = next(((r.get("reference") or {}).get("fp32_sensitivity") for r in records
+                 if (r.get("reference") or {}).get("fp32_sensitivity")), None)
+    return chaotic_note(sens)
+
+
+def _recommend(records: list[dict[str, Any]], window: Window, diagnoses: dict[str, Diagnosis]) -> str:
     by = {r["strategy"]: r for r in records}
     compute = {s: compute_format(r) for s, r in by.items()}
     passing = [s for s in _ordered(by) if by[s]["outcome"] == "pass"]
@@ -118,6 +139,11 @@ def recommend(records: list[dict[str, Any]], window: Window, diagnoses: dict[str
                 + (f"BF16 failed ({bf})" if bf else "BF16 not tried"))
     if reduced:
         return f"{reduced[0]}: the only reduced-precision strategy that passed ({_divergence(by[reduced[0]])})"
+    chaos = _chaos(records)
+    judged = {s: o for s, o in failed.items() if o != "diverged"}  # a trajectory error is chaos's as much
+    if chaos and not judged:
+        return (f"{CHAOTIC_HEAD} at this horizon ({chaos}): that {listed(lambda c: True)} diverged is no "
+                "evidence against reduced precision; check with fewer --steps")
     return f"{full[0]}: every reduced-precision strategy tried failed ({listed(lambda c: True) or 'none was tried'})"
 
 
@@ -126,4 +152,6 @@ def _divergence(rec: dict[str, Any]) -> str:
     b = rec.get("bound")
     if d is None:
         return "no loss curve"
+    if ((rec.get("reference") or {}).get("fp32_sensitivity") or {}).get("chaotic"):
+        return f"loss divergence {float(d):.2g}, not judged: chaotic"
     return f"loss divergence {float(d):.2g}" + (f" <= {float(b):.2g}" if b is not None else "")

@@ -22,6 +22,7 @@ import torch
 from .execution import FP64, Execution
 from .formats import FORMATS
 from .metrics import compare
+from . import sensitivity
 from .results import ERROR_METRICS
 from .scenario import Case, Output, seed_global
 from .strategy import PRESETS
@@ -63,13 +64,20 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
     """FP32 reference (TF32 off), checked against FP64, and on :data:`RERUN_DEVICES` against itself."""
     s, p = case.scenario, case.params
 
-    def run(ex: Execution) -> Output:
+    def run(ex: Execution, perturb: int | None = None) -> Output:
         seed_global(case.seed, device)  # as before each strategy's run: global randomness is the same
         with _deterministic():
-            return s.execute(ex, inputs, p)  # FP32 flags (TF32 off) for the whole run, as a strategy's own
+            if perturb is None:
+                return s.execute(ex, inputs, p)  # FP32 flags (TF32 off) for the whole run, as a strategy's own
+            with ex.gemm_flags():
+                return s.perturbed(ex, inputs, p, perturb)
 
     out32 = run(Execution(PRESETS["fp32"], device))
     out64 = run(FP64(device))
+    sens = None
+    if s.perturbed is not None:  # training: FP32's own spread under one-ulp perturbations (harness.sensitivity);
+        # first, as it marks the computational zeros every later comparison leaves out
+        sens = sensitivity.measure(lambda k: run(Execution(PRESETS["fp32"], device), k), out32, out64)
     fp32 = FORMATS["fp32"]
     m = compare(out32, out64, fp32)
     n = s.n(p)
@@ -81,6 +89,8 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
         spread = _worst(again)
         check["nondeterministic"] = bool(spread != 0 or again.get("nonfinite") or again.get("grad_nonfinite"))
         check["fp32_rerun_diff"] = spread
+    if sens is not None:
+        check["fp32_sensitivity"] = sens
     window = _window(out32)
     if worst > b or m.get("nonfinite") or m.get("grad_nonfinite"):
         check["reason"] = (f"fp32 rel_err {worst:.2e} > {b:.2e} = {describe(fp32, n, out64.kappa)}: "

@@ -96,6 +96,9 @@ class Scenario:
     expect: tuple[Expect, ...] = ()
     devices: tuple[str, ...] = ("cpu", "cuda")
     version: int = 1
+    #: ``(ex, inputs, params, k) -> Output``: the run from weights moved one ulp (directions from seed
+    #: ``k``); a training scenario gives it, and its reference measures FP32's own sensitivity with it
+    perturbed: Callable[..., Output] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

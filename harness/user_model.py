@@ -19,19 +19,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .execution import Execution, route_linears
+from .execution import Execution, gemm_coverage, route_linears
 from .scaling import LossScaleFloorError
 from .scenario import Output, Scenario, Tolerance
 from .training import Trainer
 
 __all__ = ["ModelSpec", "load_spec", "depth", "train_trajectory", "chain_length", "model_scenario", "Probe",
-           "DEFAULT_STRATEGIES", "DEFAULT_STEPS", "EXPECTED", "CHAIN_REASON"]
+           "DEFAULT_STRATEGIES", "DEFAULT_STEPS", "EXPECTED", "CHAIN_REASON", "RNG_NOTE"]
 
 #: Autocast strategies: they apply to any model unchanged (casting strategies such as ``bf16-pure``
 #: need a model whose code accepts FP16/BF16 inputs; pass them with ``--strategy``).
@@ -57,6 +58,11 @@ class ModelSpec:
     batch: Callable[[int], tuple]
     loss: Callable[[torch.nn.Module, tuple], torch.Tensor]
     optimizer: Callable[[list], torch.optim.Optimizer] = _default_optimizer
+    #: ``batch(step)`` as first drawn, in the factory's own default dtype, so every run (the FP64 one
+    #: too) trains on bit-identical inputs; and the RNG state batches are drawn from (see :meth:`batch_at`)
+    drawn: dict[int, tuple] = field(default_factory=dict, compare=False, repr=False)
+    dtype: torch.dtype = field(default_factory=torch.get_default_dtype, compare=False)
+    _rng: list = field(default_factory=list, compare=False, repr=False)
 
     @property
     def depth(self) -> int:
@@ -73,8 +79,24 @@ class ModelSpec:
         return out.reshape(())
 
     def batch_at(self, step: int) -> tuple:
-        """``batch(step)`` as a tuple; anything else is an error saying what was expected."""
-        b = self.batch(step)
+        """``batch(step)`` as a tuple (anything else is an error saying what was expected), the same
+        bit for bit in every run: drawn once, under the factory's own default dtype (a batch drawn with
+        ``torch.randn`` under FP64's default dtype would hold other numbers) and from an RNG stream of its
+        own (a batch drawn from the global RNG neither takes numbers from a run's dropout nor depends on
+        how many a run consumed), then handed out as fresh copies (a loss that writes into its batch
+        cannot change the next run's)."""
+        if step not in self.drawn:
+            self.drawn[step] = self._draw(step)
+        return tuple(b.clone() if isinstance(b, torch.Tensor) else b for b in self.drawn[step])
+
+    def _draw(self, step: int) -> tuple:
+        with torch.random.fork_rng(devices=[]), _dtype(self.dtype):
+            if self._rng:
+                torch.set_rng_state(self._rng[0])
+            else:
+                torch.manual_seed(0)  # a batch drawn from the global RNG gets the same numbers in every process
+            b = self.batch(step)
+            self._rng[:] = [torch.get_rng_state()]
         if isinstance(b, list):
             b = tuple(b)
         if not isinstance(b, tuple):
@@ -165,28 +187,35 @@ def _flat(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 
 
 def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | None = None,
-                     seed: int = 0) -> Output:
+                     seed: int = 0, perturb: int | None = None) -> Output:
     """Train a deep copy of ``spec.model`` for ``steps`` updates under ``ex``; what the verdict judges.
 
     Batches are indexed by applied update: a step the scaler skips is retried on the same batch, so a
     dynamic scaler's back-off costs attempts, not data, and update ``i`` of every strategy sees the
-    same batch as FP32's. The run ends after ``steps`` updates, after ``2*steps`` attempts (more than
-    half skipped: stalled), at a skip under a fixed scale (retrying cannot change it), or when the
-    scaler raises at its floor. Returned: the net parameter update (``value``), the first update's
-    unscaled gradients (or the non-finite ones that stopped the run), the loss of each update, the
-    scaler's trace, and in ``extra`` ``updates_lost``: the share of (update, entry) pairs with a
-    non-zero gradient that left the weight unchanged (``w + dw == w``). Dropout and other randomness
-    are seeded with ``seed``.
+    same batch as FP32's (bit for bit: :meth:`ModelSpec.batch_at`). The run ends after ``steps``
+    updates, after ``2*steps`` attempts (more than half skipped: stalled), at a skip under a fixed
+    scale (retrying cannot change it), or when the scaler raises at its floor. Returned: the net
+    parameter update (``value``), the first update's unscaled gradients (or the non-finite ones that
+    stopped the run), the loss of each update, the scaler's trace, and in ``extra``: ``updates_lost``,
+    the share of (update, entry) pairs with a non-zero gradient that left the weight unchanged
+    (``w + dw == w``); ``gemm_coverage``, the GEMM layers that ran in the strategy's format
+    (:func:`harness.execution.gemm_coverage`); ``inputs_identical``, False with ``inputs_note`` when
+    the model or loss draws random numbers (dropout), which runs in other dtypes may draw differently.
+    Dropout and other randomness are seeded with ``seed``. ``perturb=k`` first moves every weight one
+    ulp of its storage format up or down (signs drawn from seed ``k``): the run
+    :mod:`harness.sensitivity` measures FP32's own sensitivity with.
     """
     dev = [ex.device.index or 0] if ex.device.type == "cuda" else []
     with torch.random.fork_rng(devices=dev), _default_dtype(ex.dtype), _reproducible(ex.device):
         torch.manual_seed(seed)
         trainer = Trainer(ex, route_linears(copy.deepcopy(spec.model), ex), spec.optimizer)
+        if perturb is not None:
+            _perturb(trainer, perturb)
         names = trainer.names
         start = _flat(trainer.parameters_fp32(), names).clone()
         losses: list[float] = []
         grads: dict[str, torch.Tensor] | None = None
-        stopped, update, attempts, lost, nonzero = None, 0, 0, 0, 0
+        stopped, update, attempts, lost, nonzero, rng_used = None, 0, 0, 0, 0, False
         if probe is not None:
             probe.attach(trainer.model)
         try:
@@ -195,11 +224,16 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                     probe.begin(attempts, update, trainer.scaler.scale)
                 attempts += 1
                 before = _flat(trainer.parameters_fp32(), names).clone()
+                batch = spec.batch_at(update)
+                rng = _rng_states(ex.device) if attempts == 1 else None
                 try:
-                    loss, g, decision = trainer.step(spec.loss_at, spec.batch_at(update))
+                    loss, g, decision = trainer.step(spec.loss_at, batch)
                 except LossScaleFloorError as exc:
                     trainer.trace.raised = stopped = f"update {update}: {exc}"
                     break
+                finally:
+                    if rng is not None:
+                        rng_used = not all(torch.equal(a, b) for a, b in zip(rng, _rng_states(ex.device)))
                 trainer.trace.add(decision)
                 losses[update:] = [loss]  # the loss of update `update`'s latest attempt
                 if update == 0:  # the first update's gradients: FP32's first step has the same params and batch
@@ -217,11 +251,41 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                 probe.detach()
         delta = _flat(trainer.parameters_fp32(), names) - start
     extra: dict[str, Any] = {"updates": update, "attempts": attempts, "update_norm": float(delta.double().norm()),
-                             "updates_lost": lost / nonzero if nonzero else 0.0}
+                             "updates_lost": lost / nonzero if nonzero else 0.0,
+                             "gemm_coverage": gemm_coverage(trainer.model, ex), "inputs_identical": not rng_used}
+    if rng_used:
+        extra["inputs_note"] = RNG_NOTE
     if stopped:
         extra["stopped"] = stopped
     trace = trainer.trace if ex.strategy.scaler.kind != "none" else None
     return Output(value=delta, grads=grads, losses=losses, trace=trace, extra=extra)
+
+
+#: Why a run whose model or loss draws random numbers cannot be made to see its reference's inputs.
+RNG_NOTE = ("the model or loss draws from the global RNG (dropout, torch.rand* inside loss): every run is "
+            "seeded alike, but a run in another dtype (the FP64 reference, FP16/BF16) can draw other numbers, "
+            "so part of the difference may be the draws, not precision; set dropout to 0 for the check")
+
+
+def _rng_states(device: torch.device) -> list[torch.Tensor]:
+    """The global generators' states a model or loss can draw from (the CPU's, and the device's)."""
+    states = [torch.default_generator.get_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _perturb(trainer: Trainer, k: int) -> None:
+    """Move every trainable weight one ulp of its storage format up or down, the direction drawn per entry
+    from seed ``k`` (a generator of its own: the run's RNG stream is untouched). FP32 master copies move
+    with their weights."""
+    g = torch.Generator().manual_seed(0x5E115 + k)
+    with torch.no_grad():
+        for i, p in enumerate(trainer.params):
+            up = (torch.rand(p.shape, generator=g) < 0.5).to(p.device)
+            p.copy_(torch.nextafter(p, torch.where(up, math.inf, -math.inf).to(p.dtype)))
+            if trainer.master is not None:
+                trainer.master[i].copy_(p)
 
 
 @contextlib.contextmanager
@@ -241,12 +305,17 @@ def _reproducible(device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
+def _default_dtype(dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """FP64 runs create their own tensors (masks, constants) in FP64, as FP32 runs do in FP32. (Batches
+    are drawn outside it, in the factory's own dtype: :meth:`ModelSpec.batch_at`.)"""
+    return _dtype(torch.float64) if dtype == torch.float64 else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """FP64 runs create their own tensors (masks, constants) in FP64, as FP32 runs do in FP32."""
+def _dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``dtype`` as torch's default dtype inside, restored on exit."""
     saved = torch.get_default_dtype()
-    if dtype == torch.float64:
-        torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(dtype)
     try:
         yield
     finally:
@@ -261,6 +330,7 @@ def model_scenario(spec: ModelSpec, steps: int) -> Scenario:
                     f"trained {steps} updates under each strategy against FP32",
         grid={"steps": [steps]}, inputs=lambda p, g: {},
         run=lambda ex, inputs, p: train_trajectory(ex, spec, p["steps"]),
+        perturbed=lambda ex, inputs, p, k: train_trajectory(ex, spec, p["steps"], perturb=k),
         n=lambda p: chain_length(spec.depth, p["steps"]),
         tolerance=Tolerance(reason=CHAIN_REASON),
     )

@@ -11,7 +11,8 @@ Checks run in this order, the first that fires decides:
    The trace names the scaler that ran, and its cap and floor are read from there;
 2. the scaler skipped more than ``STALL_RATE`` of the steps (``stalled``);
 3. anything finite in the reference is inf/NaN here (``overflow``);
-4. more than the underflow budget of the reference's non-zero values became zero (``underflow``);
+4. more than the underflow budget of the reference's non-zero values became zero (``underflow``), pooled
+   or in any one gradient tensor (named in the reason);
 5. a training run lost more (update, weight) pairs to absorption (``w + dw == w``) than its reference,
    beyond the underflow budget, or the normwise relative error exceeds the bound of
    :mod:`harness.tolerance` (``diverged``);
@@ -25,6 +26,7 @@ from typing import Any
 
 from .formats import FORMATS, Format
 from .results import ERROR_METRICS, FAILURES, OUTCOMES, SEVERITY
+from . import sensitivity as _sens
 from .scaling import ScalerSpec, format_number, parse_scaler
 from .tolerance import bound, describe
 
@@ -137,11 +139,26 @@ def _scaling(m: dict, spec: ScalerSpec | None, budget: float) -> Verdict | None:
 
 def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: float = 1.0,
           underflow_budget: float = UNDERFLOW_BUDGET, truncating: bool = False,
-          scaler: ScalerSpec | None = None, floor: float = 0.0, floor_source: str = FP64_FLOOR) -> Verdict:
+          scaler: ScalerSpec | None = None, floor: float = 0.0, floor_source: str = FP64_FLOOR,
+          sensitivity: dict[str, Any] | None = None) -> Verdict:
     """Classify one case's metrics (see module doc). ``floor`` is FP32's own error where FP64 is the
     reference, plus a margin of the FP32 reference's run-to-run spread where it is nondeterministic
-    (``engine._floor``; ``floor_source`` says which, for the reason): no strategy is asked to be more accurate than FP32 itself. A ``scale_exhausted`` verdict
-    also sets ``m["scale_direction"]`` (``"max"`` or ``"min"``)."""
+    (``engine._floor``; ``floor_source`` says which, for the reason): no strategy is asked to be more
+    accurate than FP32 itself. A ``scale_exhausted`` verdict also sets ``m["scale_direction"]``
+    (``"max"`` or ``"min"``). ``sensitivity`` (a training case's ``fp32_sensitivity``,
+    :mod:`harness.sensitivity`) floors each error metric's bound at a multiple of FP32's own spread under
+    one-ulp perturbations. Every reason of a chaotic case says so, and every reason of a run whose GEMMs
+    ran only partly in the judged format (``m["gemm_coverage"]``) says how many did."""
+    args = (m, fmt, n, kappa, factor, underflow_budget, truncating, scaler, floor, floor_source)
+    v = _judge_errors(*args, sensitivity) if sensitivity else _judge(*args)
+    notes = [t for t in (_sens.chaotic_note(sensitivity), _coverage_note(m.get("gemm_coverage"))) if t]
+    return Verdict(v.outcome, "; ".join([v.reason, *notes]), v.bound, v.direction) if notes else v
+
+
+def _judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: float = 1.0,
+           underflow_budget: float = UNDERFLOW_BUDGET, truncating: bool = False,
+           scaler: ScalerSpec | None = None, floor: float = 0.0, floor_source: str = FP64_FLOOR) -> Verdict:
+    """:func:`judge` without the sensitivity floors and the notes."""
     b = max(bound(fmt, n, kappa, factor, truncating), floor)
     v = _scaling(m, scaler, underflow_budget)
     if v is not None:
@@ -161,6 +178,9 @@ def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: fl
         if m.get(key, 0.0) > underflow_budget:
             return Verdict("underflow", f"{what}: {_pct(m[key])} {unit} flushed to zero > budget "
                                         f"{_pct(underflow_budget)} ({fmt.name} smallest {fmt.smallest:.3g})", b)
+    v = _tensor_underflow(m, fmt, underflow_budget, b)
+    if v is not None:
+        return v
     # an update absorbed by the weight (w + dw == w) is a precision error, not an underflow: count the
     # (update, weight) pairs lost beyond the reference's own (training runs, harness.user_model)
     if m.get("updates_lost_excess", 0.0) > underflow_budget:
@@ -172,3 +192,67 @@ def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: fl
             return Verdict("diverged", f"{key} {_e(m[key])} > {_e(b)} = {_how(fmt, n, kappa, factor, truncating, floor, floor_source)}", b)
     errs = [f"{k} {_e(m[k])}" for k in ERROR_METRICS if k in m]
     return Verdict("pass", f"{', '.join(errs) or 'no error'} <= {_e(b)}", b)
+
+
+def _tensor_underflow(m: dict[str, Any], fmt: Format, budget: float, b: float) -> Verdict | None:
+    """``underflow`` when one parameter tensor lost more than ``budget`` of its non-zero gradients, however
+    small its share of the pooled count: a tensor that loses all of them stops learning (an auxiliary head
+    on a small loss term). Names the worst tensor and counts the others beyond the budget. (In a training
+    run the count leaves out computational zeros, rounding noise of a zero gradient: metrics.compare.)"""
+    per = {k: v for k, v in (m.get("grad_underflow_by_tensor") or {}).items() if v > budget}
+    if not per:
+        return None
+    name, worst = max(per.items(), key=lambda kv: kv[1])
+    more = f"; {len(per) - 1} more tensors beyond the budget" if len(per) > 1 else ""
+    return Verdict("underflow", f"gradient of `{name}`: {_pct(worst)} of its non-zero values flushed to zero > "
+                                f"budget {_pct(budget)} ({fmt.name} smallest {fmt.smallest:.3g}){more}", b)
+
+
+def _judge_errors(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: float, budget: float,
+                  truncating: bool, scaler: ScalerSpec | None, floor: float, floor_source: str,
+                  sens: dict[str, Any]) -> Verdict:
+    """:func:`judge` with each error metric's bound floored at :data:`harness.sensitivity.FACTOR` times FP32's
+    measured sensitivity in that metric. In a chaotic case the trajectory's metrics (drift, loss
+    divergence) are not judged: FP32 started one ulp away moves as far, so they cannot tell precision's
+    part; the first update's gradients (same weights) still are. Every rule before the error bounds
+    decides as in :func:`judge`; the bound of a pass is the one of the metric closest to its bound (so
+    error / bound is the margin)."""
+    floors = _sens.floors(sens)
+    base = max(bound(fmt, n, kappa, factor, truncating), floor)
+    plain = {k: v for k, v in m.items() if k not in ERROR_METRICS}
+    v = _judge(plain, fmt, n, kappa, factor, budget, truncating, scaler, floor, floor_source)
+    if v.outcome != "pass":
+        m.update({k: plain[k] for k in plain if k not in m})  # scale_direction, as _judge sets it
+        return v
+    unjudged = [k for k in _sens.TRAJECTORY if k in m] if sens.get("chaotic") else []
+    keys = [k for k in ERROR_METRICS if k in m and k not in unjudged]
+
+    def bound_of(key: str) -> float:
+        return max(base, floors.get(key, 0.0))
+
+    def how(key: str) -> str:
+        if floors.get(key, 0.0) > base:
+            return _sens.describe(sens, key)
+        return _how(fmt, n, kappa, factor, truncating, floor, floor_source)
+
+    for key in keys:
+        if m[key] > bound_of(key):
+            return Verdict("diverged", f"{key} {_e(m[key])} > {_e(bound_of(key))} = {how(key)}", bound_of(key))
+    skipped = f"; not judged (chaotic): {', '.join(f'{k} {_e(m[k])}' for k in unjudged)}" if unjudged else ""
+    if not keys:
+        return Verdict("pass", f"no error judged{skipped}", None)
+    worst = max(keys, key=lambda k: m[k] / bound_of(k) if bound_of(k) > 0 else math.inf)
+    raised = [k for k in keys if floors.get(k, 0.0) > base]
+    errs = ", ".join(f"{k} {_e(m[k])}" + (f" <= {_e(bound_of(k))}" if raised else "") for k in keys)
+    within = (f" (within FP32's own sensitivity for {', '.join(raised)}: {_sens.describe(sens, raised[0])})"
+              if raised else "")
+    return Verdict("pass", errs + ("" if raised else f" <= {_e(base)}") + within + skipped, bound_of(worst))
+
+
+def _coverage_note(cov: dict[str, Any] | None) -> str:
+    """What ran outside the judged format, when a strategy's GEMM path covered only some GEMM layers."""
+    if not cov or cov.get("covered") == cov.get("total"):
+        return ""
+    missed = ", ".join(f"{t} {c}/{n}" for t, (c, n) in cov["by_type"].items() if c < n)
+    return (f"only {cov['covered']} of {cov['total']} GEMM layers ran in {cov['format']} (not: {missed}); "
+            "the rest ran in the activation format")

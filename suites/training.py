@@ -12,7 +12,9 @@ and the scaler's trace.
 
 The bound: ``n = steps * (2*depth + 1)`` roundings chained over the run (``depth`` = modules holding
 parameters), so the probabilistic model of :mod:`harness.tolerance` allows ``lambda*sqrt(n)*u``:
-error growing like a random walk over the steps. See docs/check_model.md.
+error growing like a random walk over the steps. Each scenario also gives its run as ``perturbed``: the
+reference runs it from weights one ulp apart to measure FP32's own sensitivity (:mod:`harness.sensitivity`),
+which floors each error metric's bound. See docs/check_model.md.
 """
 from __future__ import annotations
 
@@ -112,10 +114,12 @@ def _seed(g: torch.Generator) -> int:
 
 
 def _run(build: Callable[[], nn.Module], loss: Callable, data: Callable[[dict, int], tuple],
-         optimizer: Callable[[dict], Callable]) -> Callable[[Execution, dict, dict], Output]:
-    def run(ex: Execution, inp: dict, p: dict) -> Output:
+         optimizer: Callable[[dict], Callable]) -> Callable[..., Output]:
+    """The case's training run; ``perturb=k`` starts it from weights one ulp away (the reference's FP32
+    sensitivity runs, :mod:`harness.sensitivity`)."""
+    def run(ex: Execution, inp: dict, p: dict, perturb: int | None = None) -> Output:
         spec = ModelSpec("model", _seeded(build, inp["seed"]), lambda i: data(inp, i), loss, optimizer(p))
-        return train_trajectory(ex, spec, p["steps"])
+        return train_trajectory(ex, spec, p["steps"], perturb=perturb)
     return run
 
 
@@ -132,6 +136,9 @@ def _mlp_inputs(p: dict, g: torch.Generator) -> dict:
     return {"x": x, "y": y, "seed": _seed(g)}
 
 
+_MLP_RUN = _run(MLP, lambda m, b: F.mse_loss(m(b[0]), b[1]), lambda inp, i: (inp["x"][i], inp["y"][i]),
+                lambda p: (lambda ps: torch.optim.SGD(ps, lr=p["lr"])))
+
 register(Scenario(
     name="train_mlp",
     family="training",
@@ -142,8 +149,8 @@ register(Scenario(
     grid={"steps": [128], "lr": [0.01, 0.1]},
     quick={"steps": [16], "lr": [0.01]},
     inputs=_mlp_inputs,
-    run=_run(MLP, lambda m, b: F.mse_loss(m(b[0]), b[1]), lambda inp, i: (inp["x"][i], inp["y"][i]),
-             lambda p: (lambda ps: torch.optim.SGD(ps, lr=p["lr"]))),
+    run=_MLP_RUN,
+    perturbed=_MLP_RUN,
     n=lambda p: chain_length(DEPTH["mlp"], p["steps"]),
     tolerance=TOLERANCE,
     expect=(Expect(("bf16-pure",), "diverged", "BF16 weights absorb most updates lr*g: they are below half an ulp "
@@ -164,6 +171,10 @@ def _cnn_inputs(p: dict, g: torch.Generator) -> dict:
     return {"x": x, "labels": labels, "seed": _seed(g)}
 
 
+_CNN_RUN = _run(SmallCNN, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                lambda inp, i: (inp["x"][i], inp["labels"][i]),
+                lambda p: (lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9)))
+
 register(Scenario(
     name="train_cnn",
     family="training",
@@ -174,8 +185,8 @@ register(Scenario(
     grid={"steps": [128]},
     quick={"steps": [16]},
     inputs=_cnn_inputs,
-    run=_run(SmallCNN, lambda m, b: F.cross_entropy(m(b[0]), b[1]), lambda inp, i: (inp["x"][i], inp["labels"][i]),
-             lambda p: (lambda ps: torch.optim.SGD(ps, lr=0.02, momentum=0.9))),
+    run=_CNN_RUN,
+    perturbed=_CNN_RUN,
     n=lambda p: chain_length(DEPTH["cnn"], p["steps"]),
     tolerance=TOLERANCE,
     expect=(Expect(("bf16-pure",), "diverged", "BF16 weights absorb the SGD steps below half an ulp (|w|*2^-9)"),
@@ -195,6 +206,9 @@ def _next_token_loss(m: nn.Module, b: tuple) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
+_TF_RUN = _run(TinyTransformer, _next_token_loss, lambda inp, i: (inp["tokens"][i],),
+               lambda p: (lambda ps: torch.optim.AdamW(ps, lr=3e-3)))
+
 register(Scenario(
     name="train_transformer",
     family="training",
@@ -203,8 +217,8 @@ register(Scenario(
     grid={"steps": [128]},
     quick={"steps": [16]},
     inputs=_tf_inputs,
-    run=_run(TinyTransformer, _next_token_loss, lambda inp, i: (inp["tokens"][i],),
-             lambda p: (lambda ps: torch.optim.AdamW(ps, lr=3e-3))),
+    run=_TF_RUN,
+    perturbed=_TF_RUN,
     n=lambda p: chain_length(DEPTH["transformer"], p["steps"]),
     tolerance=TOLERANCE,
     expect=(

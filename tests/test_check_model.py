@@ -110,8 +110,8 @@ def test_third_party_transformer_passes(capsys, tmp_path: Path) -> None:
     diag = json.loads((out / "diagnosis.json").read_text())
     assert diag["diagnoses"] == {} and diag["recommendation"].startswith("bf16: follows FP32's training")
     assert "recommendation: bf16: follows FP32's training" in text
-    assert text.splitlines()[1].split() == ["strategy", "verdict", "loss", "div.", "final/FP32", "drift", "upd.",
-                                            "lost", "skipped", "loss", "scale"]
+    assert text.splitlines()[1].split() == ["strategy", "verdict", "margin", "loss", "div.", "final/FP32", "drift",
+                                            "upd.", "lost", "skipped", "loss", "scale", "GEMMs"]
 
 
 def test_a_failing_strategy_exits_1_and_is_diagnosed(capsys, tmp_path: Path) -> None:

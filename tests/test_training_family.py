@@ -65,17 +65,20 @@ def _ex(name: str):
 def test_a_skipped_step_is_retried_on_the_same_batch() -> None:
     """S * dL/dy reaches FP16's 65520 for S >= 2^16: from 2^20 the scaler skips 5 attempts, then trains.
     At most 2*steps attempts are made: with 3 steps the run would stop after one update."""
-    seen: list[int] = []
+    seen: list[int] = []  # the step whose batch each attempt's loss saw
+    drawn: list[int] = []  # the steps batch() was called for: once each, the draw is kept for retries
     spec = _one_weight(0.5)
-    spec = ModelSpec(spec.name, spec.model, lambda i: (seen.append(i), torch.ones(1, 1))[1:], spec.loss,
-                     spec.optimizer)
+    spec = ModelSpec(spec.name, spec.model, lambda i: (drawn.append(i), torch.ones(1, 1), i)[1:],
+                     lambda m, b: (seen.append(b[1]), m(b[0]).float().sum())[1], spec.optimizer)
     out = train_trajectory(_ex("compute=fp16,scaler=dynamic(init=2^20,interval=1000)"), spec, 6)
-    assert seen == [0] * 6 + [1, 2, 3, 4, 5]
+    assert seen == [0] * 6 + [1, 2, 3, 4, 5] and drawn == [0, 1, 2, 3, 4, 5]
     assert out.trace is not None and out.trace.skipped == [True] * 5 + [False] * 6
     assert out.trace.scales == [2.0**k for k in (20, 19, 18, 17, 16)] + [2.0**15] * 6
     assert len(out.losses) == 6 and out.extra["updates"] == 6 and out.extra["attempts"] == 11
     assert float(out.grads["weight"]) == 1.0  # the first applied update's unscaled gradient
+    seen.clear()
     capped = train_trajectory(_ex("compute=fp16,scaler=dynamic(init=2^20,interval=1000)"), spec, 3)
+    assert drawn == [0, 1, 2, 3, 4, 5] and seen == [0] * 6  # batches drawn once serve every later run
     assert capped.extra["attempts"] == 6 and capped.extra["updates"] == 1  # 5 of 6 skipped: stalled
 
 
