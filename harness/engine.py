@@ -26,7 +26,7 @@ import torch
 from .execution import Execution
 from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
 from .isolation import CaseInputs, isolated
-from .metrics import compare
+from .metrics import compare, measures_only
 from .reference import ReferenceCache
 from .results import SCHEMA_VERSION, RunWriter, case_seed_key, environment, read_records, tally
 from .scenario import Case, Scenario, cases, seed_generator, seed_global
@@ -152,6 +152,13 @@ def _floor(ref: Any) -> dict[str, Any]:
     return {"floor": SPREAD_FACTOR * spread, "floor_source": noise}
 
 
+def _not_judged(s: Scenario, out: Any) -> Verdict:
+    """The verdict of a scenario that only measures (a device profile): recorded, never a pass."""
+    return Verdict("unsupported", f"not judged: scenario {s.name} returns measurements only "
+                                  f"({', '.join(sorted(out.extra))} in the record's metrics), no value, gradients "
+                                  "or loss curve to compare")
+
+
 def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache,
              timeout: float | None = None) -> tuple[dict[str, Any], float]:
     """Run and judge one (case, strategy); returns (record, seconds spent inside the scenario).
@@ -193,12 +200,12 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
         metrics = compare(out, ref.output, fmt)
         metrics.update(out.extra)
         tol = s.tolerance
-        verdict = judge(metrics, fmt, s.n(case.params), kappa=ref.output.kappa,
-                        factor=tol.factor if tol else 1.0,
-                        underflow_budget=(tol.underflow_budget if tol and tol.underflow_budget is not None
-                                          else UNDERFLOW_BUDGET),
-                        truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
-                        nonfinite_reference=s.nonfinite_reference, **_floor(ref))
+        verdict = _not_judged(s, out) if measures_only(ref.output) else judge(
+            metrics, fmt, s.n(case.params), kappa=ref.output.kappa, factor=tol.factor if tol else 1.0,
+            underflow_budget=(tol.underflow_budget if tol and tol.underflow_budget is not None
+                              else UNDERFLOW_BUDGET),
+            truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
+            nonfinite_reference=s.nonfinite_reference, **_floor(ref))
     except (Exception, SystemExit) as exc:  # a failing scenario is data: an error record, and the run goes on
         # (SystemExit too: a scenario calling exit() must not end the run and leave it marked complete)
         metrics = {}

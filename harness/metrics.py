@@ -17,6 +17,9 @@ Rules for what cannot be compared (no metric reports an error of 0 where nothing
 * **Empty, integer, bool and complex outputs** cannot be judged by a rounding-error bound:
   :func:`output_problems` names them in a reference (the case is an ``error``), and
   :func:`tensor_metrics` refuses them (``TypeError``/``ValueError``, an ``error`` record).
+* **Measurements**: an output with no value, gradients or loss curve but numbers in ``extra`` (a
+  device profile) is recorded and never judged (:func:`measures_only`; the engine's verdict is
+  ``unsupported``, "not judged"); with nothing in ``extra`` either it is an error.
 * **Shapes** must be equal, entry for entry (no broadcasting); a missing value, gradient or loss
   curve in the candidate where the reference has one is an error; so is a reference that returns
   nothing to compare.
@@ -35,7 +38,8 @@ import torch
 from .formats import Format
 from .scenario import Output
 
-__all__ = ["tensor_metrics", "compare", "ulp", "underflow_by_tensor", "output_problems", "nonfinite_parts"]
+__all__ = ["tensor_metrics", "compare", "ulp", "underflow_by_tensor", "output_problems", "nonfinite_parts",
+           "measures_only"]
 
 
 def ulp(y: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -126,9 +130,15 @@ def output_problems(out: Output) -> list[str]:
     grads = [g for g in (out.grads or {}).values() if isinstance(g, torch.Tensor)]
     if grads and sum(g.numel() for g in grads) == 0:
         problems.append("the gradients have no entries")
-    if out.value is None and not out.grads and not out.losses:
+    if measures_only(out) and not out.extra:
         problems.append("it holds no value, gradients or loss curve: nothing to compare")
     return problems
+
+
+def measures_only(out: Output) -> bool:
+    """Whether ``out`` holds nothing to compare (no value, gradients or loss curve): with numbers in
+    ``extra`` it is a measurement (a device profile), recorded but never judged."""
+    return out.value is None and not out.grads and not out.losses
 
 
 def nonfinite_parts(out: Output) -> list[str]:

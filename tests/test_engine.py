@@ -306,3 +306,16 @@ def test_every_judged_record_carries_its_margin(tmp_path: Path, temp_scenarios: 
     assert by[(0, "fp32")]["margin"] == 0.0  # 1, 2, 3, 4 times 2^0: exact in every format
     under = by[(-30, "fp16")]  # every value flushed to zero: rel_err 1
     assert under["outcome"] == "underflow" and under["margin"] == 1.0 / under["bound"]
+
+
+def test_a_scenario_that_only_measures_is_recorded_and_never_a_pass(tmp_path: Path, temp_scenarios: list) -> None:
+    def profile(ex, inp, p) -> Output:  # noqa: ANN001
+        return Output(extra={"profile": {"accumulator_bits": 24 if ex.strategy.compute == "fp32" else 13}})
+
+    s = add_scenario(temp_scenarios, _scn("a_engine_profile", run=profile))
+    out, _, _ = run_matrix(_cfg([s], ["fp32", "fp16"], tmp_path / "r"))
+    _, recs = read_run(out)
+    assert [(r["outcome"], r["margin"], r["metrics"]["profile"]["accumulator_bits"]) for r in recs] == \
+        [("unsupported", None, 24), ("unsupported", None, 13)]
+    assert recs[1]["reason"] == ("not judged: scenario a_engine_profile returns measurements only (profile in the "
+                                 "record's metrics), no value, gradients or loss curve to compare")

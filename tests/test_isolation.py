@@ -296,16 +296,19 @@ def _probe_inputs(p, g):
     return {"x": torch.randn(64, generator=g), "w": torch.randn(64, 64, generator=g)}
 
 
+TINY, ONE = 5e-324, 1.0
+
+
 def _probe(ex, inp, p):
-    """A well-behaved scenario whose output depends on every switch above: the default dtype (new tensors),
-    grad mode, the RNG, autocast (matmul on the CPU), threads and denormals, and that reports them."""
-    noise = torch.rand(64) * 2.0 ** -140                  # subnormals: gone under flush-to-zero
-    x = ex.act(inp["x"] + noise)
+    """A well-behaved scenario whose output depends on the switches above (the default dtype of new tensors,
+    grad mode, autocast and oneDNN's precision for the CPU matmul, the RNG) and that reports what it sees."""
+    x = ex.act(inp["x"] + torch.rand(64) * 2.0 ** -10)
     y = x @ ex.act(inp["w"]) + torch.ones(64).to(x.dtype)
     seen = {"dtype": str(torch.get_default_dtype()), "grad": torch.is_grad_enabled(),
             "autocast": torch.is_autocast_enabled("cpu"), "threads": torch.get_num_threads(),
             "tf32": B.cuda.matmul.allow_tf32, "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "benchmark": B.cudnn.benchmark, "noise_nonzero": int((noise != 0).sum())}
+            "benchmark": B.cudnn.benchmark, "flush_to_zero": TINY * ONE == 0.0,
+            "onednn_matmul": B.mkldnn.matmul.fp32_precision}
     return Output(value=y.float(), extra={"seen": seen})
 
 
@@ -415,10 +418,9 @@ def test_a_well_behaved_scenario_is_the_same_alone_and_after_the_hostile_ones(ho
     strip = lambda r: {k: v for k, v in r.items() if k not in TIMING_FIELDS}  # noqa: E731
     assert len(after) == len(alone) == 6
     assert [strip(r) for r in after] == [strip(r) for r in alone]
-    seen = alone[0]["metrics"]["seen"]
-    assert seen.pop("noise_nonzero") > 32  # subnormals survive: no flush-to-zero
-    assert seen == {"dtype": "torch.float32", "grad": True, "autocast": False, "threads": 1, "tf32": False,
-                    "deterministic": False, "benchmark": False}
+    assert alone[0]["metrics"]["seen"] == {"dtype": "torch.float32", "grad": True, "autocast": False, "threads": 1,
+                                           "tf32": False, "deterministic": False, "benchmark": False,
+                                           "flush_to_zero": False, "onednn_matmul": "none"}
     assert {r["outcome"] for r in alone} == {"pass"}
     # the RNG-reseeding scenario passes (drawing random numbers is no bug) and leaks nothing either
     assert {r["outcome"] for r in recs if r["scenario"] == "h_rng"} == {"pass"}
