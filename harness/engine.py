@@ -219,9 +219,13 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
 
 def _inputs(case: Case, device: torch.device) -> CaseInputs:
     """The case's inputs on ``device``, with the pristine copy every run is checked against; built in
-    isolation (``inputs()`` that leaves global state changed fails the case, the state restored)."""
+    isolation (``inputs()`` that leaves global state changed fails the case, the state restored). torch's
+    global generator is seeded from the case as well, so that ``inputs()`` drawing from it instead of
+    the generator it is given still builds the same inputs whatever ran before."""
+    g = seed_generator(case)
     with isolated(case.scenario.name, "building its inputs"):
-        built = case.scenario.inputs(case.params, seed_generator(case))
+        torch.default_generator.manual_seed(g.initial_seed())
+        built = case.scenario.inputs(case.params, g)
     return CaseInputs({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in built.items()})
 
 

@@ -105,7 +105,7 @@ def global_state() -> dict[str, Any]:
         try:
             out[name] = get()
         except (RuntimeError, ValueError) as exc:  # e.g. a mixed legacy/new TF32 setting refuses to be read
-            out[name] = f"unreadable ({exc})"
+            out[name] = f"unreadable ({type(exc).__name__})"
     return out
 
 

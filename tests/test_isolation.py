@@ -192,6 +192,29 @@ def test_cuda_rng_and_cuda_inputs_are_restored() -> None:
     assert inp["x"].tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_tf32_switch_left_on_is_seen_inside_the_strategy_s_gemm_flags(tmp_path: Path,
+                                                                                  temp_scenarios: list) -> None:
+    from conftest import add_scenario
+    from harness.engine import RunConfig, run_matrix
+    from harness.results import read_run
+    from harness.scenario import Output, Scenario
+    from harness.strategy import PRESETS
+
+    def run(ex, inp, p):  # noqa: ANN001
+        torch.backends.cuda.matmul.allow_tf32 = True  # Execution.gemm_flags would put it back: isolation sees it first
+        return Output(value=(inp["x"] @ inp["x"].T).float())
+
+    s = add_scenario(temp_scenarios, Scenario(name="c_tf32_leak", family="reduction", description="d", grid={"k": [0]},
+                                              inputs=lambda p, g: {"x": torch.rand(8, 8, generator=g)}, run=run))
+    before = global_state()
+    out, _, _ = run_matrix(RunConfig([s], [PRESETS["fp32"], PRESETS["bf16"]], torch.device("cuda"), out=tmp_path / "r"))
+    _, recs = read_run(out)
+    assert [r["outcome"] for r in recs] == ["error", "error"]
+    assert "cuda.matmul.allow_tf32 False -> True" in recs[0]["reason"] and global_state() == before
+
+
 # -- fault injection through the command line ---------------------------------------------------------
 HOSTILE = '''
 import math
@@ -293,7 +316,8 @@ register(Scenario(name="h_rng", family="reduction", description="reseeds the glo
 
 
 def _probe_inputs(p, g):
-    return {"x": torch.randn(64, generator=g), "w": torch.randn(64, 64, generator=g)}
+    # "shift" is drawn from the global generator, not from g: sloppy, and still reproducible per case
+    return {"x": torch.randn(64, generator=g), "w": torch.randn(64, 64, generator=g), "shift": torch.rand(64)}
 
 
 TINY, ONE = 5e-324, 1.0
@@ -302,7 +326,7 @@ TINY, ONE = 5e-324, 1.0
 def _probe(ex, inp, p):
     """A well-behaved scenario whose output depends on the switches above (the default dtype of new tensors,
     grad mode, autocast and oneDNN's precision for the CPU matmul, the RNG) and that reports what it sees."""
-    x = ex.act(inp["x"] + torch.rand(64) * 2.0 ** -10)
+    x = ex.act(inp["x"] + inp["shift"] + torch.rand(64) * 2.0 ** -10)
     y = x @ ex.act(inp["w"]) + torch.ones(64).to(x.dtype)
     seen = {"dtype": str(torch.get_default_dtype()), "grad": torch.is_grad_enabled(),
             "autocast": torch.is_autocast_enabled("cpu"), "threads": torch.get_num_threads(),
