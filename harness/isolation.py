@@ -70,10 +70,10 @@ def _state_table() -> list[tuple[str, Callable[[], Any], Callable[[Any], None]]]
     # disagrees with it; the legacy matmul precision is restored first (it writes the CUDA and oneDNN matmul
     # settings), then the per-backend settings, then the legacy flags, each only where it still differs
     t.append(("float32 matmul precision", torch.get_float32_matmul_precision, torch.set_float32_matmul_precision))
-    precision = [("", b), ("cuda.matmul.", b.cuda.matmul), ("cudnn.", b.cudnn), ("cudnn.conv.", getattr(b.cudnn, "conv", None)),
-                 ("cudnn.rnn.", getattr(b.cudnn, "rnn", None)), ("mkldnn.", b.mkldnn),
-                 ("mkldnn.matmul.", getattr(b.mkldnn, "matmul", None)), ("mkldnn.conv.", getattr(b.mkldnn, "conv", None)),
-                 ("mkldnn.rnn.", getattr(b.mkldnn, "rnn", None))]
+    precision = [("", b), ("cuda.matmul.", b.cuda.matmul), ("cudnn.", b.cudnn),
+                 ("cudnn.conv.", getattr(b.cudnn, "conv", None)), ("cudnn.rnn.", getattr(b.cudnn, "rnn", None)),
+                 ("mkldnn.", b.mkldnn), ("mkldnn.matmul.", getattr(b.mkldnn, "matmul", None)),
+                 ("mkldnn.conv.", getattr(b.mkldnn, "conv", None)), ("mkldnn.rnn.", getattr(b.mkldnn, "rnn", None))]
     t += [(f"{p}fp32_precision", *_attr(o, "fp32_precision")) for p, o in precision
           if o is not None and hasattr(o, "fp32_precision")]
     m = b.cuda.matmul

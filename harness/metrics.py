@@ -244,7 +244,8 @@ def _loss_metrics(cand: list[float], ref: list[float]) -> dict[str, Any]:
         m["final_loss_ratio"] = cand[n - 1] / ref[n - 1]
     if len(finite) < n:
         m["loss_ref_nonfinite"] = n - len(finite)
-        m["loss_nonfinite_mismatch"] = sum(1 for i in range(n) if not math.isfinite(ref[i]) and not _same(cand[i], ref[i]))
+        m["loss_nonfinite_mismatch"] = sum(1 for i in range(n)
+                                           if not math.isfinite(ref[i]) and not _same(cand[i], ref[i]))
     return m
 
 

@@ -275,7 +275,8 @@ def test_a_declared_non_finite_reference_is_judged_on_the_rest(tmp_path: Path, t
     why = "masked positions have log-probability -inf by construction"
     s = add_scenario(temp_scenarios, _scn(
         "a_engine_masked", run=masked_log_probs, nonfinite_reference=why, n=lambda p: 4,
-        inputs=lambda p, g: {"x": torch.tensor([[0.1, 0.7, 1 / 3, 2.5]]), "mask": torch.tensor([[False, True, False, False]])}))
+        inputs=lambda p, g: {"x": torch.tensor([[0.1, 0.7, 1 / 3, 2.5]]),
+                             "mask": torch.tensor([[False, True, False, False]])}))
     out, _, _ = run_matrix(_cfg([s], ["fp32", "bf16"], tmp_path / "r"))
     _, recs = read_run(out)
     by = {r["strategy"]: r for r in recs}
@@ -291,7 +292,8 @@ def test_fp32_alone_non_finite_makes_fp64_the_reference_not_an_error(tmp_path: P
     def exp_big(ex, inp, p) -> Output:  # noqa: ANN001
         return Output(value=torch.exp(ex.act(inp["x"])).to(torch.promote_types(ex.dtype, torch.float32)))
 
-    s = add_scenario(temp_scenarios, _scn("a_engine_exp", run=exp_big, inputs=lambda p, g: {"x": torch.tensor([1.0, 100.0])}))
+    s = add_scenario(temp_scenarios, _scn("a_engine_exp", run=exp_big,
+                                          inputs=lambda p, g: {"x": torch.tensor([1.0, 100.0])}))
     out, _, _ = run_matrix(_cfg([s], ["fp32", "bf16"], tmp_path / "r"))
     _, recs = read_run(out)
     assert [r["reference"]["format"] for r in recs] == ["fp64", "fp64"]

@@ -427,7 +427,8 @@ def test_each_changed_global_switch_is_an_error_that_names_it(hostile) -> None:
              "deterministic": "deterministic algorithms (False, False) -> (True, True)",
              "cudnn_benchmark": "cudnn.benchmark False -> True", "threads": "cpu threads 1 -> 3",
              "autocast": "autocast cpu (False, torch.bfloat16) -> (True, torch.bfloat16)",
-             "flush_denormal": "flush denormal False -> True", "matmul_precision": "mkldnn.matmul.fp32_precision none -> bf16"}
+             "flush_denormal": "flush denormal False -> True",
+             "matmul_precision": "mkldnn.matmul.fp32_precision none -> bf16"}
     for flag in ("default_dtype", "grad_mode", "tf32", "cudnn_tf32", "fp16_reduced", "bf16_reduced", "matmul_precision",
                  "deterministic", "cudnn_benchmark", "cudnn_deterministic", "autocast", "threads", "flush_denormal"):
         r = got[(f"h_flag[flag={flag}]", "fp32")]["reason"]

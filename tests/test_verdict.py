@@ -139,7 +139,8 @@ def test_outcomes_are_typed() -> None:
 
 
 # -- nothing judged is never a pass; the margin ----------------------------------------------------------
-@pytest.mark.parametrize("key, said", [("ref_nonfinite", "output 3 entries"), ("grad_ref_nonfinite", "gradient 3 entries"),
+@pytest.mark.parametrize("key, said", [("ref_nonfinite", "output 3 entries"),
+                                       ("grad_ref_nonfinite", "gradient 3 entries"),
                                        ("loss_ref_nonfinite", "loss 3 steps")])
 def test_an_undeclared_non_finite_reference_is_an_error(key: str, said: str) -> None:
     m = {key: 3, key.replace("ref_nonfinite", "nonfinite_mismatch"): 0, "rel_err": 0.0}
@@ -153,7 +154,8 @@ def test_a_declared_non_finite_reference_must_be_matched_exactly() -> None:
     why = "masked logits are -inf by construction"
     v = judge({"ref_nonfinite": 4, "nonfinite_mismatch": 1, "rel_err": 2.0**-12}, F16, 4, nonfinite_reference=why)
     assert v.outcome == "diverged"
-    assert v.reason == f"output: 1 of the 4 values the reference holds as inf/NaN (declared: {why}) are something else here"
+    assert v.reason == (f"output: 1 of the 4 values the reference holds as inf/NaN (declared: {why}) are something "
+                        "else here")
     ok = judge({"ref_nonfinite": 4, "nonfinite_mismatch": 0, "rel_err": 2.0**-12}, F16, 4, nonfinite_reference=why)
     assert ok.outcome == "pass" and ok.margin == 2.0**-12 / bound(F16, 4)
     all_inf = judge({"ref_nonfinite": 4, "nonfinite_mismatch": 0, "nonfinite": 0, "numel": 4}, F16, 4,
