@@ -2,7 +2,11 @@
 
 Cases run case-major: inputs are built once from the seed, the reference is computed once, then each
 strategy runs and its record is appended to the run directory as soon as it is judged. A scenario
-that raises becomes an ``error`` record carrying its traceback, and the run goes on.
+that raises becomes an ``error`` record carrying its traceback, and the run goes on. Every run (the
+reference's and each strategy's) starts from the pristine inputs and global state: one that changes
+them is an ``error`` naming what it changed, and the change is undone (:mod:`harness.isolation`).
+A reference nothing can be judged against (inf/NaN not declared, no floating-point output) makes an
+``error`` record for every strategy without running it.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import torch
 
 from .execution import Execution
 from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
-from .metrics import compare
+from .isolation import CaseInputs, isolated
+from .metrics import compare, measures_only
 from .reference import ReferenceCache
 from .results import SCHEMA_VERSION, RunWriter, case_seed_key, environment, read_records, tally
 from .scenario import Case, Scenario, cases, seed_generator, seed_global
@@ -106,7 +111,7 @@ def _record(case: Case, strategy: Strategy, device: torch.device, verdict: Verdi
         "schema_version": SCHEMA_VERSION, "scenario": s.name, "case": case.id, "family": s.family,
         "params": case.params, "seed": case.seed, "strategy": strategy.label, "strategy_spec": str(strategy),
         "device": device.type, "outcome": verdict.outcome, "reason": verdict.reason, "metrics": metrics,
-        "seconds": seconds, "bound": verdict.bound, "n": s.n(case.params),
+        "seconds": seconds, "bound": verdict.bound, "margin": verdict.margin, "n": s.n(case.params),
         "expected": {"outcome": exp.outcome, "reason": exp.reason} if exp else None,
         "scenario_version": s.version, **extra,
     }
@@ -154,6 +159,13 @@ def _fp32_floor(ref: Any) -> dict[str, Any]:
     return {"floor": SPREAD_FACTOR * spread, "floor_source": noise}
 
 
+def _not_judged(s: Scenario, out: Any) -> Verdict:
+    """The verdict of a scenario that only measures (a device profile): recorded, never a pass."""
+    return Verdict("unsupported", f"not judged: scenario {s.name} returns measurements only "
+                                  f"({', '.join(sorted(out.extra))} in the record's metrics), no value, gradients "
+                                  "or loss curve to compare")
+
+
 def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache,
              timeout: float | None = None) -> tuple[dict[str, Any], float]:
     """Run and judge one (case, strategy); returns (record, seconds spent inside the scenario).
@@ -178,6 +190,9 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
             extra["reference"] = {"format": ref.format, **ref.check}
             if ref.window is not None:
                 extra["window"] = ref.window
+            if ref.unjudged is not None:  # nothing to judge against: the strategy need not run
+                return _record(case, strategy, device, Verdict("error", ref.unjudged), {},
+                               time.perf_counter() - t0, extra), 0.0
             mem0 = _peak_reset(device)
             seed_global(case.seed, device)
             sync(device)
@@ -192,12 +207,12 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
         metrics = compare(out, ref.output, fmt)
         metrics.update(out.extra)
         tol = s.tolerance
-        verdict = judge(metrics, fmt, s.n(case.params), kappa=ref.output.kappa,
-                        factor=tol.factor if tol else 1.0,
-                        underflow_budget=(tol.underflow_budget if tol and tol.underflow_budget is not None
-                                          else UNDERFLOW_BUDGET),
-                        truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
-                        **_floor(ref))
+        verdict = _not_judged(s, out) if measures_only(ref.output) else judge(
+            metrics, fmt, s.n(case.params), kappa=ref.output.kappa, factor=tol.factor if tol else 1.0,
+            underflow_budget=(tol.underflow_budget if tol and tol.underflow_budget is not None
+                              else UNDERFLOW_BUDGET),
+            truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
+            nonfinite_reference=s.nonfinite_reference, **_floor(ref))
     except (Exception, SystemExit) as exc:  # a failing scenario is data: an error record, and the run goes on
         # (SystemExit too: a scenario calling exit() must not end the run and leave it marked complete)
         metrics = {}
@@ -209,9 +224,16 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
     return _record(case, strategy, device, verdict, metrics, seconds, extra), inner
 
 
-def _inputs(case: Case, device: torch.device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-            for k, v in case.scenario.inputs(case.params, seed_generator(case)).items()}
+def _inputs(case: Case, device: torch.device) -> CaseInputs:
+    """The case's inputs on ``device``, with the pristine copy every run is checked against; built in
+    isolation (``inputs()`` that leaves global state changed fails the case, the state restored). torch's
+    global generator is seeded from the case as well, so that ``inputs()`` drawing from it instead of
+    the generator it is given still builds the same inputs whatever ran before."""
+    g = seed_generator(case)
+    with isolated(case.scenario.name, "building its inputs"):
+        torch.default_generator.manual_seed(g.initial_seed())
+        built = case.scenario.inputs(case.params, g)
+    return CaseInputs({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in built.items()})
 
 
 def _input_error(case: Case, strategy: Strategy, device: torch.device, exc: BaseException) -> dict[str, Any]:

@@ -1,7 +1,32 @@
-"""Error metrics of a candidate output against its reference.
+"""Error metrics of a candidate output against its reference, and what makes an output comparable.
 
-Every comparison is made in FP64 on the device where both live, over the entries where the
-reference is finite. One host sync per tensor pair.
+Every comparison is made in FP64 on the device where both live. One host sync per tensor pair.
+
+Rules for what cannot be compared (no metric reports an error of 0 where nothing was compared):
+
+* **Non-finite reference entries** are not part of the error metrics (``rel_err`` and the rest are over
+  the entries finite in the reference). Their count is ``ref_nonfinite`` and ``nonfinite_mismatch``
+  counts those where the candidate holds something else (the same infinity, or a NaN where the
+  reference has a NaN, matches). A reference with such entries is an ``error`` unless the scenario
+  declares ``nonfinite_reference`` (:func:`nonfinite_parts` says which output; the engine and
+  :func:`harness.verdict.judge` enforce it). A reference with no finite entry gives no error metric.
+* **All-zero reference** (relative error undefined): ``rel_err`` is 0 when the candidate is exactly
+  zero too and inf otherwise, and ``ref_all_zero`` is set so that the verdict says why.
+  ``max_rel_err`` is over the entries non-zero in the reference, and absent where there are none;
+  the underflow fractions of a reference without non-zero entries are 0 (nothing could be lost).
+* **Empty, integer, bool and complex outputs** cannot be judged by a rounding-error bound:
+  :func:`output_problems` names them in a reference (the case is an ``error``), and
+  :func:`tensor_metrics` refuses them (``TypeError``/``ValueError``, an ``error`` record).
+* **Measurements**: an output with no value, gradients or loss curve but numbers in ``extra`` (a
+  device profile) is recorded and never judged (:func:`measures_only`; the engine's verdict is
+  ``unsupported``, "not judged"); with nothing in ``extra`` either it is an error.
+* **Shapes** must be equal, entry for entry (no broadcasting); a missing value, gradient or loss
+  curve in the candidate where the reference has one is an error; so is a reference that returns
+  nothing to compare.
+* **Loss curves** are compared over the steps both have, and over the steps whose reference loss is
+  finite (the others are counted in ``loss_ref_nonfinite``, as above); a candidate without a step in
+  common with its reference has ``loss_divergence`` inf. A reference loss of exactly 0 gives a step
+  divergence of 0 if the candidate's is 0 too and inf otherwise.
 """
 from __future__ import annotations
 
@@ -13,7 +38,8 @@ import torch
 from .formats import Format
 from .scenario import Output
 
-__all__ = ["tensor_metrics", "compare", "ulp", "underflow_by_tensor"]
+__all__ = ["tensor_metrics", "compare", "ulp", "underflow_by_tensor", "output_problems", "nonfinite_parts",
+           "measures_only"]
 
 
 def ulp(y: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -24,44 +50,116 @@ def ulp(y: torch.Tensor, fmt: Format) -> torch.Tensor:
     return torch.exp2(e - fmt.fraction_bits)
 
 
-def tensor_metrics(cand: torch.Tensor, ref: torch.Tensor, fmt: Format) -> dict[str, float]:
+def tensor_metrics(cand: torch.Tensor, ref: torch.Tensor, fmt: Format) -> dict[str, Any]:
     """rel_err (normwise), max_abs_err, max_rel_err, ulp_err, sqnr_db, and counts of entries that
     overflowed (finite in the reference, inf/NaN here) or underflowed (non-zero there, zero here);
     ``underflow_mass`` is the share of the reference's norm carried by underflowed entries whose reference
     value lies below the format's smallest normal (an exact zero from cancellation among larger values is
-    an error, judged by ``rel_err``, not an underflow)."""
+    an error, judged by ``rel_err``, not an underflow). The error metrics cover the entries finite in the
+    reference; see the module doc for non-finite, all-zero, empty and non-floating tensors."""
     if cand.shape != ref.shape:
         raise ValueError(f"candidate shape {tuple(cand.shape)} differs from the reference's {tuple(ref.shape)}")
+    for side, x in (("candidate", cand), ("reference", ref)):
+        if not _judgeable_dtype(x):
+            raise TypeError(f"the {side} has dtype {x.dtype}: {_DTYPE_RULE}")
+    if ref.numel() == 0:
+        raise ValueError(f"the reference has no entries (shape {tuple(ref.shape)}): nothing to compare")
     c, r = cand.detach().double().reshape(-1), ref.detach().double().reshape(-1).to(cand.device)
     rf = torch.isfinite(r)
     cf = torch.isfinite(c)
     over = rf & ~cf
     under = rf & (r != 0) & (c == 0)
+    mismatch = ~rf & ~((c == r) | (torch.isnan(c) & torch.isnan(r)))  # equal infinities, or NaN and NaN
     d = torch.where(rf & cf, c - r, torch.zeros_like(r))
     rr = torch.where(rf, r, torch.zeros_like(r))
     rel_entry = torch.where(rr != 0, d.abs() / rr.abs(), torch.zeros_like(r))
     stats = torch.stack([
-        d.norm(), rr.norm(), d.abs().max() if d.numel() else d.new_zeros(()),
-        rel_entry.max() if d.numel() else d.new_zeros(()),
-        (d.abs() / ulp(rr, fmt).double()).max() if d.numel() else d.new_zeros(()),
+        d.norm(), rr.norm(), d.abs().max(), rel_entry.max(), (d.abs() / ulp(rr, fmt).double()).max(),
         over.sum().double(), under.sum().double(), (rf & (r != 0)).sum().double(), rf.sum().double(),
         torch.where(under & (rr.abs() < fmt.min_normal), rr, torch.zeros_like(rr)).norm(),
+        mismatch.sum().double(),
     ]).tolist()
-    dn, rn, max_abs, max_rel, ulps, n_over, n_under, n_nonzero, n_finite, lost_norm = stats
-    n_over, n_under = int(n_over), int(n_under)
-    rel = math.inf if n_over else (dn / rn if rn > 0 else (0.0 if dn == 0 else math.inf))
-    return {
+    dn, rn, max_abs, max_rel, ulps, n_over, n_under, n_nonzero, n_finite, lost_norm, n_mismatch = stats
+    n_over, n_finite, numel = int(n_over), int(n_finite), int(c.numel())
+    m: dict[str, Any] = {"numel": numel}
+    if n_finite < numel:
+        m.update(ref_nonfinite=numel - n_finite, nonfinite_mismatch=int(n_mismatch))
+    if not n_finite:  # nothing finite in the reference: no error metric exists
+        m["nonfinite"] = 0
+        return m
+    if rn == 0:
+        m["ref_all_zero"] = True
+    rel = math.inf if n_over or (rn == 0 and dn != 0) else (dn / rn if rn > 0 else 0.0)
+    m.update({
         "rel_err": rel,
         "max_abs_err": math.inf if n_over else max_abs,
-        "max_rel_err": math.inf if n_over else max_rel,
         "ulp_err": math.inf if n_over else ulps,
-        "sqnr_db": (math.inf if dn == 0 else 20 * math.log10(rn / dn)) if (rn > 0 and not n_over) else -math.inf,
+        "sqnr_db": -math.inf if n_over else (math.inf if dn == 0 else (20 * math.log10(rn / dn) if rn > 0
+                                                                       else -math.inf)),
         "nonfinite": n_over,
-        "overflow_frac": n_over / n_finite if n_finite else 0.0,
+        "overflow_frac": n_over / n_finite,
         "underflow_frac": n_under / n_nonzero if n_nonzero else 0.0,
         "underflow_mass": lost_norm / rn if rn > 0 else 0.0,
-        "numel": int(c.numel()),
-    }
+    })
+    if n_nonzero:
+        m["max_rel_err"] = math.inf if n_over else max_rel
+    return m
+
+
+_DTYPE_RULE = ("only real floating-point outputs are judged against a rounding-error bound; return a float "
+               "tensor (an exact count or index belongs in Output.extra)")
+
+
+def _judgeable_dtype(x: torch.Tensor) -> bool:
+    return x.is_floating_point()
+
+
+def output_problems(out: Output) -> list[str]:
+    """Why ``out`` cannot be a reference whatever its values: a value or gradient that is not a tensor,
+    not real floating point, or has no entries, or no value, gradient or loss at all."""
+    problems = []
+    tensors = ([("value", out.value)] if out.value is not None else []) + \
+        [(f"gradient {k}", g) for k, g in (out.grads or {}).items()]
+    for what, x in tensors:
+        if not isinstance(x, torch.Tensor):
+            problems.append(f"{what} is a {type(x).__name__}, not a tensor")
+        elif not _judgeable_dtype(x):
+            problems.append(f"{what} has dtype {x.dtype}: {_DTYPE_RULE}")
+    if isinstance(out.value, torch.Tensor) and out.value.numel() == 0:
+        problems.append(f"value has no entries (shape {tuple(out.value.shape)})")
+    grads = [g for g in (out.grads or {}).values() if isinstance(g, torch.Tensor)]
+    if grads and sum(g.numel() for g in grads) == 0:
+        problems.append("the gradients have no entries")
+    if measures_only(out) and not out.extra:
+        problems.append("it holds no value, gradients or loss curve: nothing to compare")
+    return problems
+
+
+def measures_only(out: Output) -> bool:
+    """Whether ``out`` holds nothing to compare (no value, gradients or loss curve): with numbers in
+    ``extra`` it is a measurement (a device profile), recorded but never judged."""
+    return out.value is None and not out.grads and not out.losses
+
+
+def nonfinite_parts(out: Output) -> list[str]:
+    """Each output of ``out`` holding inf/NaN, said with where: ``value: 3 of 8 entries inf/NaN (first at
+    (0, 2): inf)``, ``gradient w: ...``, ``loss at steps 2, 3 of 4 (nan, inf)``."""
+    parts = []
+    tensors = ([("value", out.value)] if out.value is not None else []) + \
+        [(f"gradient {k}", g) for k, g in (out.grads or {}).items()]
+    for what, x in tensors:
+        bad = ~torch.isfinite(x.detach())
+        n = int(bad.sum())
+        if n:
+            first = tuple(int(i) for i in torch.unravel_index(bad.reshape(-1).nonzero()[0, 0], x.shape)) \
+                if x.dim() else ()
+            parts.append(f"{what}: {n} of {x.numel()} entries inf/NaN (first at {first}: {float(x[first])})")
+    steps = [i for i, v in enumerate(out.losses or []) if not math.isfinite(v)]
+    if steps:
+        shown = ", ".join(str(i) for i in steps[:5]) + (", ..." if len(steps) > 5 else "")
+        values = ", ".join(str(out.losses[i]) for i in steps[:5])
+        parts.append(f"loss at step{'s' if len(steps) > 1 else ''} {shown} of {len(out.losses)} ({values})")
+    return parts
 
 
 def underflow_by_tensor(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], fmt: Format
@@ -112,21 +210,43 @@ def _grads_metrics(cand: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], 
     r = _flat(ref, keys, c.device)
     allm = tensor_metrics(c, r, fmt)
     lost = _underflow_fracs(c, r, [ref[k].numel() for k in keys], keys)
-    return {"grad_rel_err": allm["rel_err"], "grad_nonfinite": allm["nonfinite"],
-            "grad_underflow_frac": allm["underflow_frac"], "grad_overflow_frac": allm["overflow_frac"],
-            "grad_underflow_by_tensor": lost}
+    out = {f"grad_{k}": allm[k] for k in ("rel_err", "nonfinite", "underflow_frac", "overflow_frac", "ref_nonfinite",
+                                          "nonfinite_mismatch", "ref_all_zero") if k in allm}
+    out["grad_underflow_by_tensor"] = lost
+    return out
+
+
+def _same(c: float, r: float) -> bool:
+    """The same number, counting NaN as equal to NaN (how a non-finite reference entry is matched)."""
+    return c == r or (math.isnan(c) and math.isnan(r))
+
+
+def _step_divergence(c: float, r: float) -> float:
+    """|c - r| / |r| at one step with a finite reference loss (0 or inf against a reference of exactly 0)."""
+    if not math.isfinite(c):
+        return math.inf
+    if r == 0:
+        return 0.0 if c == 0 else math.inf
+    return abs(c - r) / abs(r)
 
 
 def _loss_metrics(cand: list[float], ref: list[float]) -> dict[str, Any]:
+    """Loss-curve metrics over the steps both curves have (see the module doc)."""
     n = min(len(cand), len(ref))
     if n == 0:
-        return {"loss_steps": len(cand)}
-    bad = sum(1 for x in cand if not math.isfinite(x))
-    div = max((abs(c - r) / max(abs(r), 1e-30) if math.isfinite(c) else math.inf)
-              for c, r in zip(cand[:n], ref[:n]))
-    fin = cand[n - 1] / ref[n - 1] if ref[n - 1] != 0 else math.inf
-    return {"loss_divergence": div, "final_loss_ratio": fin, "loss_nonfinite": bad, "loss_steps": len(cand),
-            "final_loss": cand[n - 1], "final_loss_ref": ref[n - 1]}
+        return {"loss_steps": len(cand), "loss_divergence": math.inf}
+    finite = [i for i in range(n) if math.isfinite(ref[i])]
+    m: dict[str, Any] = {"loss_nonfinite": sum(1 for i in finite if not math.isfinite(cand[i])),
+                         "loss_steps": len(cand), "final_loss": cand[n - 1], "final_loss_ref": ref[n - 1]}
+    if finite:
+        m["loss_divergence"] = max(_step_divergence(cand[i], ref[i]) for i in finite)
+    if math.isfinite(ref[n - 1]) and ref[n - 1] != 0:
+        m["final_loss_ratio"] = cand[n - 1] / ref[n - 1]
+    if len(finite) < n:
+        m["loss_ref_nonfinite"] = n - len(finite)
+        m["loss_nonfinite_mismatch"] = sum(1 for i in range(n)
+                                           if not math.isfinite(ref[i]) and not _same(cand[i], ref[i]))
+    return m
 
 
 def _without_zeros(cand: Output, ref: Output, fmt: Format, zeros: torch.Tensor) -> dict[str, Any]:
@@ -164,7 +284,9 @@ def compare(cand: Output, ref: Output, fmt: Format) -> dict[str, Any]:
     zeros = ref.extra.get("computational_zeros")
     if zeros is not None:  # training runs: entries whose FP32 gradient has no significant digit (harness.sensitivity)
         m.update(_without_zeros(cand, ref, fmt, zeros))
-    if ref.losses and cand.losses is not None:
+    if ref.losses:
+        if cand.losses is None:
+            raise ValueError("scenario returned no loss curve where the reference has one")
         m.update(_loss_metrics(cand.losses, ref.losses))
     if cand.trace is not None:
         m["scaler"] = cand.trace.as_dict()

@@ -9,6 +9,13 @@ order on every run) FP32 runs twice from the same seed. Where the two differ the
 ``nondeterministic`` with the spread (``fp32_rerun_diff``, the worst relative error between the two):
 the spread becomes a floor of every strategy's bound, and the gate does not compare error growth of
 such cases, so run-to-run noise is reported as what it is rather than flapping the gate.
+
+A reference nothing can be judged against sets ``Reference.unjudged`` to the reason, and every strategy
+of the case gets an ``error`` record with it (the engine does not run them): an output that is not a
+floating-point tensor, has no entries, or is missing altogether (``metrics.output_problems``), or that
+holds inf/NaN under FP32 and FP64 where the scenario declared no ``nonfinite_reference``
+(``metrics.nonfinite_parts`` says which value, gradient tensor or loss step). A declared one is kept,
+and ``check["nonfinite"]`` says where it is.
 """
 from __future__ import annotations
 
@@ -21,8 +28,8 @@ import torch
 
 from .execution import FP64, Execution
 from .formats import FORMATS
-from .metrics import compare
 from . import sensitivity
+from .metrics import compare, nonfinite_parts, output_problems
 from .results import ERROR_METRICS
 from .scenario import Case, Output, seed_global
 from .strategy import PRESETS
@@ -38,6 +45,7 @@ class Reference:
     format: str  # "fp32" or "fp64"
     check: dict[str, Any] = field(default_factory=dict)
     window: dict[str, Any] | None = None  # FP16 loss-scale window of the reference gradients
+    unjudged: str | None = None  # why nothing can be judged against this reference (see module doc)
 
 
 @contextlib.contextmanager
@@ -60,6 +68,26 @@ def _worst(m: dict[str, Any]) -> float:
     return max((m.get(k, 0.0) for k in ERROR_METRICS), default=0.0)
 
 
+#: Metrics of FP32 against FP64 that make FP64 the reference whatever the error: inf/NaN in FP32 where FP64
+#: is finite, or something else than FP64's inf/NaN where FP64 has one.
+_FP32_UNTRUSTED = ("nonfinite", "grad_nonfinite", "loss_nonfinite", "nonfinite_mismatch", "grad_nonfinite_mismatch",
+                   "loss_nonfinite_mismatch")
+
+
+def _unjudged_nonfinite(out: Output, fmt: str, declared: str | None, check: dict[str, Any]) -> str | None:
+    """The ``unjudged`` reason of a reference holding inf/NaN without a declaration (None where it is finite
+    or declared; a declared one is noted in ``check``)."""
+    parts = nonfinite_parts(out)
+    if not parts:
+        return None
+    if declared:
+        check["nonfinite"] = f"{'; '.join(parts)} (declared: {declared})"
+        return None
+    under = "FP32 and FP64" if fmt == "fp32" else "FP64, which replaced FP32"
+    return (f"reference not finite under {under}: {'; '.join(parts)}; nothing can be judged against it (a scenario "
+            "that means this declares nonfinite_reference='why')")
+
+
 def compute_reference(case: Case, inputs: dict, device: torch.device) -> Reference:
     """FP32 reference (TF32 off), checked against FP64, and on :data:`RERUN_DEVICES` against itself."""
     s, p = case.scenario, case.params
@@ -73,6 +101,9 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
                 return s.perturbed(ex, inputs, p, perturb)
 
     out32 = run(Execution(PRESETS["fp32"], device))
+    problems = output_problems(out32)
+    if problems:  # no value of FP64 can make this comparable: the FP64 run is not needed
+        return Reference(out32, "fp32", {}, None, f"the reference output cannot be judged: {'; '.join(problems)}")
     out64 = run(FP64(device))
     sens = None
     if s.perturbed is not None:  # training: FP32's own spread under one-ulp perturbations (harness.sensitivity);
@@ -87,16 +118,19 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
     if device.type in RERUN_DEVICES:
         again = compare(run(Execution(PRESETS["fp32"], device)), out32, fp32)
         spread = _worst(again)
-        check["nondeterministic"] = bool(spread != 0 or again.get("nonfinite") or again.get("grad_nonfinite"))
+        check["nondeterministic"] = bool(spread != 0 or any(again.get(k) for k in _FP32_UNTRUSTED))
         check["fp32_rerun_diff"] = spread
     if sens is not None:
         check["fp32_sensitivity"] = sens
     window = _window(out32)
-    if worst > b or m.get("nonfinite") or m.get("grad_nonfinite"):
+    if worst > b or any(m.get(k) for k in _FP32_UNTRUSTED):
         check["reason"] = (f"fp32 rel_err {worst:.2e} > {b:.2e} = {describe(fp32, n, out64.kappa)}: "
                            "FP64 is the reference")
-        return Reference(out64, "fp64", check, window)
-    return Reference(out32, "fp32", check, window)
+        ref = Reference(out64, "fp64", check, window)
+    else:
+        ref = Reference(out32, "fp32", check, window)
+    ref.unjudged = _unjudged_nonfinite(ref.output, ref.format, s.nonfinite_reference, check)
+    return ref
 
 
 MAX_WINDOW_TENSORS = 64

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from .isolation import isolated
 from .scaling import ScaleTrace
 
 __all__ = ["Scenario", "Output", "Case", "Tolerance", "Expect", "REGISTRY", "register", "FAMILIES",
@@ -82,7 +83,9 @@ class Expect:
 class Scenario:
     """A declarative scenario (see module doc). ``run(ex, inputs, params) -> Output``;
     ``inputs(params, generator) -> dict`` builds FP32 tensors on the CPU; ``n(params)`` is the
-    reduction length."""
+    reduction length. ``nonfinite_reference`` is the reason why the reference itself may hold inf/NaN
+    (an overflow the scenario means to show); without it a case whose reference is non-finite under
+    FP32 and FP64 is an ``error`` for every strategy: nothing can be judged against it."""
 
     name: str
     family: str
@@ -99,12 +102,16 @@ class Scenario:
     #: ``(ex, inputs, params, k) -> Output``: the run from weights moved one ulp (directions from seed
     #: ``k``); a training scenario gives it, and its reference measures FP32's own sensitivity with it
     perturbed: Callable[..., Output] | None = None
+    nonfinite_reference: str | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"scenario {self.name!r}: unknown family {self.family!r}; families: {', '.join(FAMILIES)}")
         if not self.name.replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"scenario name {self.name!r} must be letters, digits, '_' or '-'")
+        if self.nonfinite_reference is not None and not str(self.nonfinite_reference).strip():
+            raise ValueError(f"scenario {self.name!r}: nonfinite_reference must be the reason why the reference "
+                             "may be inf/NaN (a non-empty string), or None")
 
     def params(self, tier: str = "full") -> list[dict]:
         if tier not in TIERS:
@@ -123,17 +130,20 @@ class Scenario:
 
     def execute(self, ex: Any, inputs: dict, params: dict) -> Output:
         """``run`` under the strategy's GEMM flags for the whole call (a GEMM or convolution outside
-        ``ex.autocast()`` too: the reference's FP32 runs and every strategy's run alike), checked to
-        return an :class:`Output`."""
-        with ex.gemm_flags():
-            out = self.run(ex, inputs, params)
+        ``ex.autocast()`` too: the reference's FP32 runs and every strategy's run alike), isolated
+        (:func:`harness.isolation.isolated`: a run that changes its inputs or global state raises
+        ``SideEffect``, and what it changed is restored), checked to return an :class:`Output`."""
+        during = f"its {ex.strategy.name or ex.strategy.compute} run"
+        with ex.gemm_flags(), isolated(self.name, during, inputs) as own:  # inside the flags: sees the run's own
+            out = self.run(ex, own, params)
         if not isinstance(out, Output):
             raise TypeError(f"scenario {self.name}.run returned {type(out).__name__}, expected harness.Output")
         return out
 
     def summary(self) -> dict:
         return {"name": self.name, "family": self.family, "description": self.description,
-                "grid": self.grid, "quick": self.quick or {}, "version": self.version}
+                "grid": self.grid, "quick": self.quick or {}, "version": self.version,
+                **({"nonfinite_reference": self.nonfinite_reference} if self.nonfinite_reference else {})}
 
 
 class Registry:

@@ -2,6 +2,9 @@
 
 Checks run in this order, the first that fires decides:
 
+0. the reference holds inf/NaN (``ref_nonfinite``, ``grad_ref_nonfinite``, ``loss_ref_nonfinite``) and the
+   scenario declared no ``nonfinite_reference``: ``error``, nothing can be judged against it (the engine
+   says so before running the strategy; this is the same rule for any other caller);
 1. the loss scaler ran out of room (``scale_exhausted``; the reason starts with the direction, ``max:``
    or ``min:``, also put in ``metrics["scale_direction"]``): it raised at its floor, or ended the run
    stalled there, while gradients still overflowed; its scale collapsed below FP32's normal range (below
@@ -14,9 +17,15 @@ Checks run in this order, the first that fires decides:
 4. more than the underflow budget of the reference's non-zero values became zero (``underflow``), pooled
    or in any one gradient tensor (named in the reason);
 5. a training run lost more (update, weight) pairs to absorption (``w + dw == w``) than its reference,
-   beyond the underflow budget, or the normwise relative error exceeds the bound of
-   :mod:`harness.tolerance` (``diverged``);
-6. otherwise ``pass``.
+   beyond the underflow budget, or, where the reference is declared non-finite, an entry it holds as
+   inf/NaN is something else here, or the normwise relative error exceeds the bound of
+   :mod:`harness.tolerance` (``diverged``; against an all-zero reference the reason says so);
+6. nothing was compared (no ``rel_err``, ``grad_rel_err`` or ``loss_divergence``): ``error``, unless every
+   entry is a declared inf/NaN of the reference matched exactly (``pass``, saying so);
+7. otherwise ``pass``.
+
+Every verdict of :func:`judge` carries ``margin``: the worst error metric divided by the bound it was
+judged against (None where no error metric was compared).
 """
 from __future__ import annotations
 
@@ -44,6 +53,7 @@ class Verdict:
     reason: str
     bound: float | None = None
     direction: str | None = None  # scale_exhausted: "max" or "min", the way the scale ran out of room
+    margin: float | None = None  # worst error metric / bound (None where nothing was compared)
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -137,34 +147,79 @@ def _scaling(m: dict, spec: ScalerSpec | None, budget: float) -> Verdict | None:
     return None
 
 
+#: (metric of the reference's inf/NaN count, of the candidate's mismatches there, what it is) per output.
+NONFINITE_REF = (("ref_nonfinite", "nonfinite_mismatch", "output"),
+                 ("grad_ref_nonfinite", "grad_nonfinite_mismatch", "gradient"),
+                 ("loss_ref_nonfinite", "loss_nonfinite_mismatch", "loss"))
+
+
+def _margin(m: dict[str, Any], b: float) -> float | None:
+    errs = [float(m[k]) for k in ERROR_METRICS if isinstance(m.get(k), (int, float))]
+    return max(errs) / b if errs and b > 0 else None
+
+
+def _nonfinite_reference(m: dict[str, Any], declared: str | None) -> Verdict | None:
+    """``error`` for an undeclared inf/NaN reference; ``diverged`` where a declared one is not matched."""
+    held = [(what, m[ref], m.get(mis, 0)) for ref, mis, what in NONFINITE_REF if m.get(ref)]
+    if not held:
+        return None
+    if not declared:
+        said = ", ".join(f"{what} {n} {'steps' if what == 'loss' else 'entries'}" for what, n, _ in held)
+        return Verdict("error", f"reference not finite ({said} inf/NaN) and the scenario declares no "
+                                "nonfinite_reference: nothing can be judged against it")
+    for what, n, bad in held:
+        if bad:
+            return Verdict("diverged", f"{what}: {bad} of the {n} values the reference holds as inf/NaN (declared: "
+                                       f"{declared}) are something else here")
+    return None
+
+
 def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: float = 1.0,
           underflow_budget: float = UNDERFLOW_BUDGET, truncating: bool = False,
           scaler: ScalerSpec | None = None, floor: float = 0.0, floor_source: str = FP64_FLOOR,
-          sensitivity: dict[str, Any] | None = None) -> Verdict:
+          nonfinite_reference: str | None = None, sensitivity: dict[str, Any] | None = None) -> Verdict:
     """Classify one case's metrics (see module doc). ``floor`` is FP32's own error where FP64 is the
     reference, plus a margin of the FP32 reference's run-to-run spread where it is nondeterministic
     (``engine._floor``; ``floor_source`` says which, for the reason): no strategy is asked to be more
-    accurate than FP32 itself. A ``scale_exhausted`` verdict also sets ``m["scale_direction"]``
-    (``"max"`` or ``"min"``). ``sensitivity`` (a training case's ``fp32_sensitivity``,
-    :mod:`harness.sensitivity`) floors each error metric's bound at a multiple of FP32's own spread under
-    one-ulp perturbations. Every reason of a chaotic case says so, and every reason of a run whose GEMMs
-    ran only partly in the judged format (``m["gemm_coverage"]``) says how many did."""
-    args = (m, fmt, n, kappa, factor, underflow_budget, truncating, scaler, floor, floor_source)
+    accurate than FP32 itself. ``nonfinite_reference`` is the scenario's declared reason for an inf/NaN
+    reference. A ``scale_exhausted`` verdict also sets ``m["scale_direction"]`` (``"max"`` or ``"min"``).
+    ``sensitivity`` (a training case's ``fp32_sensitivity``, :mod:`harness.sensitivity`) floors each error
+    metric's bound at a multiple of FP32's own spread under one-ulp perturbations. Every reason of a chaotic
+    case says so, and every reason of a run whose GEMMs ran only partly in the judged format
+    (``m["gemm_coverage"]``) says how many did. The verdict's ``margin`` is the worst error metric over the
+    bound it was judged against."""
+    args = (m, fmt, n, kappa, factor, underflow_budget, truncating, scaler, floor, floor_source, nonfinite_reference)
     v = _judge_errors(*args, sensitivity) if sensitivity else _judge(*args)
     notes = [t for t in (_sens.chaotic_note(sensitivity), _coverage_note(m.get("gemm_coverage"))) if t]
-    return Verdict(v.outcome, "; ".join([v.reason, *notes]), v.bound, v.direction) if notes else v
+    if notes:
+        v = Verdict(v.outcome, "; ".join([v.reason, *notes]), v.bound, v.direction, v.margin)
+    return v
 
 
 def _judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: float = 1.0,
            underflow_budget: float = UNDERFLOW_BUDGET, truncating: bool = False,
-           scaler: ScalerSpec | None = None, floor: float = 0.0, floor_source: str = FP64_FLOOR) -> Verdict:
-    """:func:`judge` without the sensitivity floors and the notes."""
+           scaler: ScalerSpec | None = None, floor: float = 0.0, floor_source: str = FP64_FLOOR,
+           nonfinite_reference: str | None = None, bounds: bool = True) -> Verdict:
+    """:func:`judge` without the sensitivity floors and the notes; ``bounds=False`` stops before the error
+    bounds (a ``pass`` then means only that no earlier rule fired)."""
     b = max(bound(fmt, n, kappa, factor, truncating), floor)
+    v = _classify(m, fmt, n, kappa, factor, underflow_budget, truncating, scaler, floor, floor_source,
+                  nonfinite_reference, b, bounds)
+    return Verdict(v.outcome, v.reason, None if v.outcome == "error" else b, v.direction,
+                   None if v.outcome == "error" else _margin(m, b))
+
+
+def _classify(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: float, underflow_budget: float,
+              truncating: bool, scaler: ScalerSpec | None, floor: float, floor_source: str,
+              declared: str | None, b: float, bounds: bool = True) -> Verdict:
+    nf = _nonfinite_reference(m, declared)
+    if nf is not None and nf.outcome == "error":
+        return nf
     v = _scaling(m, scaler, underflow_budget)
     if v is not None:
         if v.direction is not None:
             m["scale_direction"] = v.direction  # for reports to filter on
-        return Verdict(v.outcome, v.reason, b, v.direction)
+        return v
     for key, what in (("nonfinite", "output"), ("grad_nonfinite", "gradient"), ("loss_nonfinite", "loss")):
         if m.get(key):
             total = m.get("numel") if key == "nonfinite" else None
@@ -187,11 +242,25 @@ def _judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: f
         return Verdict("diverged", f"updates: {_pct(m['updates_lost'])} of (update, weight) pairs with a gradient "
                                    f"left the weight unchanged (w + dw == w), {_pct(m['updates_lost_excess'])} more "
                                    f"than the reference > budget {_pct(underflow_budget)}", b)
+    if nf is not None:
+        return nf
+    if not bounds:
+        return Verdict("pass", "")
     for key in ERROR_METRICS:
         if key in m and m[key] > b:
-            return Verdict("diverged", f"{key} {_e(m[key])} > {_e(b)} = {_how(fmt, n, kappa, factor, truncating, floor, floor_source)}", b)
+            zero = (" (the reference is all zeros: relative error is undefined, and a non-zero value counts as "
+                    "inf)") if m.get("ref_all_zero" if key == "rel_err" else "grad_ref_all_zero") else ""
+            return Verdict("diverged", f"{key} {_e(m[key])}{zero} > {_e(b)} = "
+                                       f"{_how(fmt, n, kappa, factor, truncating, floor, floor_source)}")
     errs = [f"{k} {_e(m[k])}" for k in ERROR_METRICS if k in m]
-    return Verdict("pass", f"{', '.join(errs) or 'no error'} <= {_e(b)}", b)
+    if not errs:
+        held = [f"{m[ref]} {what}" for ref, _, what in NONFINITE_REF if m.get(ref)]
+        if held:  # declared, and every inf/NaN of the reference matched (checked above)
+            return Verdict("pass", f"every compared value is inf/NaN in the reference (declared: {declared}) "
+                                   f"and the same here ({', '.join(held)}); nothing finite to compare")
+        return Verdict("error", "nothing was compared: no rel_err, grad_rel_err or loss_divergence (the outputs "
+                                "hold no entry that is finite in the reference)")
+    return Verdict("pass", f"{', '.join(errs)} <= {_e(b)}")
 
 
 def _tensor_underflow(m: dict[str, Any], fmt: Format, budget: float, b: float) -> Verdict | None:
@@ -210,7 +279,7 @@ def _tensor_underflow(m: dict[str, Any], fmt: Format, budget: float, b: float) -
 
 def _judge_errors(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: float, budget: float,
                   truncating: bool, scaler: ScalerSpec | None, floor: float, floor_source: str,
-                  sens: dict[str, Any]) -> Verdict:
+                  declared: str | None, sens: dict[str, Any]) -> Verdict:
     """:func:`judge` with each error metric's bound floored at :data:`harness.sensitivity.FACTOR` times FP32's
     measured sensitivity in that metric. In a chaotic case the trajectory's metrics (drift, loss
     divergence) are not judged: FP32 started one ulp away moves as far, so they cannot tell precision's
@@ -219,10 +288,8 @@ def _judge_errors(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: 
     error / bound is the margin)."""
     floors = _sens.floors(sens)
     base = max(bound(fmt, n, kappa, factor, truncating), floor)
-    plain = {k: v for k, v in m.items() if k not in ERROR_METRICS}
-    v = _judge(plain, fmt, n, kappa, factor, budget, truncating, scaler, floor, floor_source)
-    if v.outcome != "pass":
-        m.update({k: plain[k] for k in plain if k not in m})  # scale_direction, as _judge sets it
+    v = _judge(m, fmt, n, kappa, factor, budget, truncating, scaler, floor, floor_source, declared, bounds=False)
+    if v.outcome != "pass" or v.reason:  # an earlier rule decided (a matched declared inf/NaN reference too)
         return v
     unjudged = [k for k in _sens.TRAJECTORY if k in m] if sens.get("chaotic") else []
     keys = [k for k in ERROR_METRICS if k in m and k not in unjudged]
@@ -237,16 +304,18 @@ def _judge_errors(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: 
 
     for key in keys:
         if m[key] > bound_of(key):
-            return Verdict("diverged", f"{key} {_e(m[key])} > {_e(bound_of(key))} = {how(key)}", bound_of(key))
+            return Verdict("diverged", f"{key} {_e(m[key])} > {_e(bound_of(key))} = {how(key)}", bound_of(key),
+                           margin=_margin({key: m[key]}, bound_of(key)))
     skipped = f"; not judged (chaotic): {', '.join(f'{k} {_e(m[k])}' for k in unjudged)}" if unjudged else ""
     if not keys:
-        return Verdict("pass", f"no error judged{skipped}", None)
+        return Verdict("pass", f"no error judged{skipped}", None)  # chaotic, and nothing else compared
     worst = max(keys, key=lambda k: m[k] / bound_of(k) if bound_of(k) > 0 else math.inf)
     raised = [k for k in keys if floors.get(k, 0.0) > base]
     errs = ", ".join(f"{k} {_e(m[k])}" + (f" <= {_e(bound_of(k))}" if raised else "") for k in keys)
     within = (f" (within FP32's own sensitivity for {', '.join(raised)}: {_sens.describe(sens, raised[0])})"
               if raised else "")
-    return Verdict("pass", errs + ("" if raised else f" <= {_e(base)}") + within + skipped, bound_of(worst))
+    return Verdict("pass", errs + ("" if raised else f" <= {_e(base)}") + within + skipped, bound_of(worst),
+                   margin=_margin({worst: m[worst]}, bound_of(worst)))
 
 
 def _coverage_note(cov: dict[str, Any] | None) -> str:

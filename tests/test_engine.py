@@ -1,6 +1,7 @@
 """The runner, in-process, on throwaway scenarios: records, references, errors, unsupported, resume."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -242,3 +243,81 @@ def test_execute_rejects_what_is_not_an_output() -> None:
                  run=lambda ex, inp, p: {"value": 1})
     with pytest.raises(TypeError, match="scenario t_bad.run returned dict, expected harness.Output"):
         s.execute(Execution(PRESETS["fp32"], torch.device("cpu")), {}, {})
+
+
+# -- a reference nothing can be judged against; the margin ------------------------------------------------
+def test_a_non_finite_reference_is_an_error_for_every_strategy_and_nothing_runs(tmp_path: Path,
+                                                                                 temp_scenarios: list) -> None:
+    runs: list[str] = []
+
+    def overflow_everywhere(ex, inp, p) -> Output:  # noqa: ANN001
+        runs.append(ex.strategy.compute)
+        x = ex.act(inp["x"])
+        return Output(value=(x / (x - x)).float(), grads={"w": x.float()})  # 1/0 = inf in FP64 too
+
+    s = add_scenario(temp_scenarios, _scn("a_engine_inf_ref", run=overflow_everywhere))
+    out, summary, _ = run_matrix(_cfg([s], ["fp32", "fp16", "bf16"], tmp_path / "r"))
+    _, recs = read_run(out)
+    want = ("reference not finite under FP32 and FP64: value: 4 of 4 entries inf/NaN (first at (0,): inf); nothing "
+            "can be judged against it (a scenario that means this declares nonfinite_reference='why')")
+    assert [(r["outcome"], r["reason"], r["margin"], r["metrics"]) for r in recs] == [("error", want, None, {})] * 3
+    assert runs == ["fp32", "fp64"]  # the reference's two runs; no strategy ran
+    assert summary.by_strategy["fp16"] == {"error": 1}
+
+
+def test_a_declared_non_finite_reference_is_judged_on_the_rest(tmp_path: Path, temp_scenarios: list) -> None:
+    def masked_log_probs(ex, inp, p) -> Output:  # noqa: ANN001
+        x = ex.act(inp["x"])
+        with ex.autocast():
+            y = torch.log_softmax(x.float().masked_fill(inp["mask"], -math.inf), dim=-1)
+        return Output(value=y)
+
+    why = "masked positions have log-probability -inf by construction"
+    s = add_scenario(temp_scenarios, _scn(
+        "a_engine_masked", run=masked_log_probs, nonfinite_reference=why, n=lambda p: 4,
+        inputs=lambda p, g: {"x": torch.tensor([[0.1, 0.7, 1 / 3, 2.5]]),
+                             "mask": torch.tensor([[False, True, False, False]])}))
+    out, _, _ = run_matrix(_cfg([s], ["fp32", "bf16"], tmp_path / "r"))
+    _, recs = read_run(out)
+    by = {r["strategy"]: r for r in recs}
+    assert by["fp32"]["outcome"] == "pass" and by["fp32"]["metrics"]["ref_nonfinite"] == 1
+    assert by["fp32"]["reference"]["nonfinite"] == ("value: 1 of 4 entries inf/NaN (first at (0, 1): -inf) "
+                                                    f"(declared: {why})")
+    bf = by["bf16"]
+    assert (bf["metrics"]["nonfinite_mismatch"], bf["metrics"]["nonfinite"]) == (0, 0)
+    assert bf["metrics"]["rel_err"] > 2.0**-14 and bf["margin"] == bf["metrics"]["rel_err"] / bf["bound"]
+
+
+def test_fp32_alone_non_finite_makes_fp64_the_reference_not_an_error(tmp_path: Path, temp_scenarios: list) -> None:
+    def exp_big(ex, inp, p) -> Output:  # noqa: ANN001
+        return Output(value=torch.exp(ex.act(inp["x"])).to(torch.promote_types(ex.dtype, torch.float32)))
+
+    s = add_scenario(temp_scenarios, _scn("a_engine_exp", run=exp_big,
+                                          inputs=lambda p, g: {"x": torch.tensor([1.0, 100.0])}))
+    out, _, _ = run_matrix(_cfg([s], ["fp32", "bf16"], tmp_path / "r"))
+    _, recs = read_run(out)
+    assert [r["reference"]["format"] for r in recs] == ["fp64", "fp64"]
+    assert [r["outcome"] for r in recs] == ["overflow", "overflow"]  # exp(100) = 2.7e43: past FP32 and BF16's max
+
+
+def test_every_judged_record_carries_its_margin(tmp_path: Path, temp_scenarios: list) -> None:
+    s = add_scenario(temp_scenarios, _scn("a_engine_margin", grid={"e": [0, -30]}))
+    out, _, _ = run_matrix(_cfg([s], ["fp32", "fp16"], tmp_path / "r"))
+    _, recs = read_run(out)
+    by = {(r["params"]["e"], r["strategy"]): r for r in recs}
+    assert by[(0, "fp32")]["margin"] == 0.0  # 1, 2, 3, 4 times 2^0: exact in every format
+    under = by[(-30, "fp16")]  # every value flushed to zero: rel_err 1
+    assert under["outcome"] == "underflow" and under["margin"] == 1.0 / under["bound"]
+
+
+def test_a_scenario_that_only_measures_is_recorded_and_never_a_pass(tmp_path: Path, temp_scenarios: list) -> None:
+    def profile(ex, inp, p) -> Output:  # noqa: ANN001
+        return Output(extra={"profile": {"accumulator_bits": 24 if ex.strategy.compute == "fp32" else 13}})
+
+    s = add_scenario(temp_scenarios, _scn("a_engine_profile", run=profile))
+    out, _, _ = run_matrix(_cfg([s], ["fp32", "fp16"], tmp_path / "r"))
+    _, recs = read_run(out)
+    assert [(r["outcome"], r["margin"], r["metrics"]["profile"]["accumulator_bits"]) for r in recs] == \
+        [("unsupported", None, 24), ("unsupported", None, 13)]
+    assert recs[1]["reason"] == ("not judged: scenario a_engine_profile returns measurements only (profile in the "
+                                 "record's metrics), no value, gradients or loss curve to compare")

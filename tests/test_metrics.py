@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.formats import FORMATS
-from harness.metrics import compare, tensor_metrics, ulp, underflow_by_tensor
+from harness.metrics import compare, nonfinite_parts, output_problems, tensor_metrics, ulp, underflow_by_tensor
 from harness.scaling import Scaler, ScaleTrace, parse_scaler
 from harness.scenario import Output
 
@@ -135,8 +135,93 @@ def test_underflow_by_tensor_equals_each_tensors_own_underflow_frac() -> None:
         ref[k], cand[k] = r.reshape(-1, 1) if k == "odd" else r, c.reshape(-1, 1) if k == "odd" else c
     ref["only_ref"] = torch.ones(3)
     got = underflow_by_tensor(cand, ref, F16)
-    want = {k: tensor_metrics(cand[k], ref[k], F16)["underflow_frac"] for k in ref if k in cand}
-    assert {k: v for k, v in want.items() if v > 0} == got
+    # an empty tensor is refused by tensor_metrics (nothing to compare) and loses nothing in the pool
+    want = {k: tensor_metrics(cand[k], ref[k], F16)["underflow_frac"] for k in ref if k in cand and ref[k].numel()}
+    assert {k: v for k, v in want.items() if v > 0} == got and "empty" not in got
     assert set(got) == {"w", "b", "odd"} and all(0 < v <= 1 for v in got.values()) and 0 < got["w"] < 1
     with pytest.raises(ValueError, match="shape"):
         underflow_by_tensor({"w": cand["w"][:10]}, {"w": ref["w"]}, F16)
+
+
+# -- what cannot be compared (module doc): each rule, with the value it must give ------------------------
+INF, NAN = math.inf, math.nan
+
+
+@pytest.mark.parametrize("cand_at, mismatch", [(INF, 0), (-INF, 1), (NAN, 1), (2.0, 1)],
+                         ids=["same-inf", "other-inf", "nan-for-inf", "finite-for-inf"])
+def test_a_non_finite_reference_entry_is_matched_by_class_not_measured(cand_at: float, mismatch: int) -> None:
+    ref, cand = t(1.0, INF, 4.0, NAN), t(1.0 + 2**-10, cand_at, 4.0, NAN)  # NaN matches NaN
+    m = tensor_metrics(cand, ref, F16)
+    assert (m["ref_nonfinite"], m["nonfinite_mismatch"], m["nonfinite"]) == (2, mismatch, 0)
+    assert m["rel_err"] == 2**-10 / math.sqrt(17.0)  # over the two finite reference entries only
+
+
+def test_a_reference_with_no_finite_entry_gives_no_error_metric() -> None:
+    m = tensor_metrics(t(INF, NAN), t(INF, NAN), F16)
+    assert m == {"numel": 2, "ref_nonfinite": 2, "nonfinite_mismatch": 0, "nonfinite": 0}
+
+
+def test_an_all_zero_reference_is_exact_or_infinitely_wrong() -> None:
+    exact = tensor_metrics(t(0.0, 0.0, 0.0), t(0.0, 0.0, 0.0), F16)
+    assert (exact["rel_err"], exact["ref_all_zero"], exact["sqnr_db"]) == (0.0, True, math.inf)
+    assert "max_rel_err" not in exact and exact["underflow_frac"] == 0.0  # no non-zero entry: undefined / none lost
+    off = tensor_metrics(t(0.0, 2.0**-30, 0.0), t(0.0, 0.0, 0.0), F16)
+    assert (off["rel_err"], off["max_abs_err"], off["ref_all_zero"]) == (math.inf, 2.0**-30, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_integer_bool_and_complex_outputs_are_refused(dtype: torch.dtype) -> None:
+    x = torch.tensor([1, 0, 1]).to(dtype)
+    with pytest.raises(TypeError, match=f"the reference has dtype {dtype}: only real floating-point"):
+        tensor_metrics(t(1.0, 0.0, 1.0), x, F16)
+    with pytest.raises(TypeError, match=f"the candidate has dtype {dtype}"):
+        tensor_metrics(x, t(1.0, 0.0, 1.0), F16)
+
+
+def test_an_empty_reference_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"the reference has no entries \(shape \(0, 3\)\): nothing to compare"):
+        tensor_metrics(torch.empty(0, 3), torch.empty(0, 3), F16)
+
+
+def test_gradients_carry_the_same_rules() -> None:
+    ref = {"w": t(1.0, 2.0), "b": t(NAN, 4.0)}
+    m = compare(Output(grads={"w": t(1.0, 2.0), "b": t(3.0, 4.0)}), Output(grads=ref), F16)
+    assert (m["grad_ref_nonfinite"], m["grad_nonfinite_mismatch"], m["grad_rel_err"]) == (1, 1, 0.0)
+
+
+def test_a_loss_curve_against_a_non_finite_or_zero_reference() -> None:
+    m = compare(Output(losses=[2.0, NAN, 0.0, 5.0]), Output(losses=[2.5, NAN, 0.0, INF]), F16)
+    assert (m["loss_ref_nonfinite"], m["loss_nonfinite_mismatch"]) == (2, 1)  # 5.0 is not inf
+    assert m["loss_divergence"] == 0.2 and m["loss_nonfinite"] == 0  # step 0 only; step 2 is 0 == 0
+    assert "final_loss_ratio" not in m  # the reference's last loss is inf
+    m = compare(Output(losses=[1.0, 2.0**-20]), Output(losses=[1.0, 0.0]), F16)
+    assert m["loss_divergence"] == math.inf  # any loss against a reference of exactly 0
+    none = compare(Output(losses=[INF, NAN]), Output(losses=[INF, NAN]), F16)
+    assert "loss_divergence" not in none and none["loss_nonfinite_mismatch"] == 0
+
+
+def test_a_candidate_without_the_reference_s_loss_curve_is_refused_or_infinite() -> None:
+    with pytest.raises(ValueError, match="no loss curve where the reference has one"):
+        compare(Output(value=t(1.0)), Output(value=t(1.0), losses=[1.0]), F16)
+    assert compare(Output(losses=[]), Output(losses=[1.0, 0.5]), F16)["loss_divergence"] == math.inf
+
+
+def test_output_problems_name_what_cannot_be_a_reference() -> None:
+    assert output_problems(Output(value=t(1.0), grads={"w": t(2.0)}, losses=[1.0])) == []
+    assert output_problems(Output()) == ["it holds no value, gradients or loss curve: nothing to compare"]
+    assert output_problems(Output(value=torch.empty(0, 2))) == ["value has no entries (shape (0, 2))"]
+    got = output_problems(Output(value=torch.tensor([1, 2]), grads={"w": torch.empty(0), "k": 3.0}))
+    assert got[0].startswith("value has dtype torch.int64: only real floating-point")
+    assert got[1:] == ["gradient k is a float, not a tensor", "the gradients have no entries"]
+    assert output_problems(Output(grads={"w": torch.empty(0)})) == ["the gradients have no entries"]
+
+
+def test_nonfinite_parts_say_which_output_and_where() -> None:
+    v = torch.ones(2, 3)
+    v[1, 2] = -INF
+    v[1, 0] = NAN
+    out = Output(value=v, grads={"w": t(1.0), "b": t(2.0, INF)}, losses=[1.0, NAN, INF, 0.5])
+    assert nonfinite_parts(out) == ["value: 2 of 6 entries inf/NaN (first at (1, 0): nan)",
+                                    "gradient b: 1 of 2 entries inf/NaN (first at (1,): inf)",
+                                    "loss at steps 1, 2 of 4 (nan, inf)"]
+    assert nonfinite_parts(Output(value=t(1.0), losses=[1.0])) == []

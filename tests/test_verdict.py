@@ -150,3 +150,53 @@ def test_outcomes_are_typed() -> None:
     with pytest.raises(ValueError, match="unknown outcome 'fine'; outcomes: pass, diverged"):
         Verdict("fine", "")
     assert set(SEVERITY) == set(OUTCOMES) and "pass" not in FAILURES and "unsupported" not in FAILURES
+
+
+# -- nothing judged is never a pass; the margin ----------------------------------------------------------
+@pytest.mark.parametrize("key, said", [("ref_nonfinite", "output 3 entries"),
+                                       ("grad_ref_nonfinite", "gradient 3 entries"),
+                                       ("loss_ref_nonfinite", "loss 3 steps")])
+def test_an_undeclared_non_finite_reference_is_an_error(key: str, said: str) -> None:
+    m = {key: 3, key.replace("ref_nonfinite", "nonfinite_mismatch"): 0, "rel_err": 0.0}
+    v = judge(m, F16, 4)
+    assert (v.outcome, v.bound, v.margin) == ("error", None, None)
+    assert v.reason == (f"reference not finite ({said} inf/NaN) and the scenario declares no nonfinite_reference: "
+                        "nothing can be judged against it")
+
+
+def test_a_declared_non_finite_reference_must_be_matched_exactly() -> None:
+    why = "masked logits are -inf by construction"
+    v = judge({"ref_nonfinite": 4, "nonfinite_mismatch": 1, "rel_err": 2.0**-12}, F16, 4, nonfinite_reference=why)
+    assert v.outcome == "diverged"
+    assert v.reason == (f"output: 1 of the 4 values the reference holds as inf/NaN (declared: {why}) are something "
+                        "else here")
+    ok = judge({"ref_nonfinite": 4, "nonfinite_mismatch": 0, "rel_err": 2.0**-12}, F16, 4, nonfinite_reference=why)
+    assert ok.outcome == "pass" and ok.margin == 2.0**-12 / bound(F16, 4)
+    all_inf = judge({"ref_nonfinite": 4, "nonfinite_mismatch": 0, "nonfinite": 0, "numel": 4}, F16, 4,
+                    nonfinite_reference=why)
+    assert all_inf.outcome == "pass" and all_inf.margin is None
+    assert all_inf.reason.startswith(f"every compared value is inf/NaN in the reference (declared: {why})")
+
+
+def test_nothing_compared_is_an_error_not_a_pass() -> None:
+    v = judge({"numel": 0}, F16, 4)
+    assert (v.outcome, v.margin) == ("error", None)
+    assert v.reason.startswith("nothing was compared: no rel_err, grad_rel_err or loss_divergence")
+
+
+def test_an_all_zero_reference_says_why_the_error_is_infinite() -> None:
+    v = judge({"rel_err": float("inf"), "ref_all_zero": True, "nonfinite": 0}, F16, 4)
+    assert v.outcome == "diverged" and v.margin == float("inf")
+    assert v.reason.startswith("rel_err inf (the reference is all zeros: relative error is undefined, and a "
+                               "non-zero value counts as inf) > ")
+
+
+def test_the_margin_is_the_worst_error_over_the_bound_judged_against() -> None:
+    # the floor 2^-4 is the bound here (above the model's), so the margin is exact: 2^-6 / 2^-4
+    v = judge({"rel_err": 2.0**-8, "grad_rel_err": 2.0**-6}, F16, 1, floor=2.0**-4)
+    assert (v.outcome, v.bound, v.margin) == ("pass", 2.0**-4, 0.25)
+    v = judge({"rel_err": 2.0**-2, "loss_divergence": 2.0**-3}, F16, 1, floor=2.0**-4)
+    assert (v.outcome, v.margin) == ("diverged", 4.0)
+    over = judge({"rel_err": float("inf"), "nonfinite": 2, "numel": 8}, F16, 1)
+    assert over.outcome == "overflow" and over.margin == float("inf")
+    assert judge({"grad_rel_err": 2.0**-5}, F16, 1, floor=2.0**-4).margin == 0.5
