@@ -251,7 +251,7 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                 probe.detach()
         delta = _flat(trainer.parameters_fp32(), names) - start
     extra: dict[str, Any] = {"updates": update, "attempts": attempts, "update_norm": float(delta.double().norm()),
-                             "updates_lost": lost / nonzero if nonzero else 0.0,
+                             "updates_lost": lost / nonzero if nonzero else 0.0, "updates_lost_of": [lost, nonzero],
                              "gemm_coverage": gemm_coverage(trainer.model, ex), "inputs_identical": not rng_used}
     if rng_used:
         extra["inputs_note"] = RNG_NOTE

@@ -225,3 +225,20 @@ def test_nonfinite_parts_say_which_output_and_where() -> None:
                                     "gradient b: 1 of 2 entries inf/NaN (first at (1,): inf)",
                                     "loss at steps 1, 2 of 4 (nan, inf)"]
     assert nonfinite_parts(Output(value=t(1.0), losses=[1.0])) == []
+
+
+def test_updates_lost_beyond_the_reference_is_exact_at_the_budget():
+    """56 of 100 against 55 of 100 is exactly the 1% budget: not a loss beyond it (the difference of the
+    rounded shares, 0.56 - 0.55, is 0.010000000000000009)."""
+    from harness.scenario import Output
+    from harness.verdict import judge
+    fp16 = FORMATS["fp16"]
+    v = torch.tensor([1.0, 2.0])
+
+    def out(lost: int) -> Output:
+        return Output(value=v, extra={"updates_lost": lost / 100, "updates_lost_of": [lost, 100]})
+    m = compare(out(56), out(55), fp16)
+    assert m["updates_lost_excess"] == 0.01
+    assert judge({**m, "updates_lost": 0.56}, fp16, 1).outcome == "pass"
+    m = compare(out(57), out(55), fp16)
+    assert judge({**m, "updates_lost": 0.57}, fp16, 1).outcome == "diverged"
