@@ -14,10 +14,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch.distributed as dist
 
-from ..engine import RunConfig, Summary, _done_keys, _record, default_out_dir, resume_config, run_case_records, \
-    SUMMED_STATS, run_header, run_stats, session_stats
+from ..engine import RunConfig, Summary, _done_keys, _record, _runner, default_out_dir, resume_config, \
+    SUMMED_STATS, run_header, run_stats
 from ..guard import sigterm_as_interrupt
-from ..reference import ReferenceCache
 from ..results import RunFileError, RunWriter, case_seed_key, clean, read_header, read_run
 from ..scenario import Case, cases
 from ..verdict import Verdict
@@ -166,8 +165,8 @@ def run_sharded(cfg: RunConfig, progress: Callable[[int, int, str], None] | None
         dist.destroy_process_group()
 
 
-def _lead(cfg: RunConfig, g: Group, all_cases: list[Case],
-          resume: bool) -> tuple[dict[str, Any], RunWriter, list[dict]]:
+def _lead(cfg: RunConfig, g: Group, all_cases: list[Case], resume: bool,
+          env: dict[str, Any]) -> tuple[dict[str, Any], RunWriter, list[dict]]:
     """Rank 0: the run directory, its writer, earlier records (resume) and the plan every rank follows."""
     out = Path(cfg.out or default_out_dir(cfg.device))
     if resume and any((out / SHARDS).glob("*.jsonl")):
@@ -178,7 +177,7 @@ def _lead(cfg: RunConfig, g: Group, all_cases: list[Case],
     todo = [t for t in todo if t[1]]
     hints, source = cost_hints(cfg.device.type, cfg.tier, out.parent)
     plan = [todo[k] for k in claim_order([all_cases[i].key for i, _ in todo], hints)]
-    header = run_header(cfg, len(all_cases))
+    header = run_header(cfg, len(all_cases), env)
     header["distributed"] = {"world_size": g.world, "backend": g.backend, "cost_hints": source,
                              "schedule": "costliest first" if hints else "matrix order",
                              "env": {k: os.environ.get(k) for k in MULTICAST_OFF}}
@@ -193,15 +192,22 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
     barrier(g.store, g.world, f"mp-harness/start/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
     writer, previous = None, []
     box: list[Any] = [None]
+    runner, isolation, env = _runner(cfg, [], None)  # this rank supervises workers of its own
     if g.rank == 0:
-        box[0], writer, previous = _lead(cfg, g, all_cases, resume)
+        try:
+            box[0], writer, previous = _lead(cfg, g, all_cases, resume, env)
+        except BaseException:
+            runner.close()
+            raise
+        if hasattr(runner, "close_fds"):  # the workers must not hold the run directory's lock
+            runner.close_fds += (writer.lock.fileno(), writer.fileno())
         box[0]["progress"] = progress is not None  # only then do ranks count records in the store
     dist.broadcast_object_list(box, src=0)
     plan = box[0]
     out = Path(plan["out"])
     counter = dist.PrefixStore(f"mp-harness/{plan['token']}", g.store)
     shard = ShardFile(out / SHARDS / f"{plan['token']}-rank-{g.rank:05d}.jsonl")
-    refs, summary = ReferenceCache(), Summary()
+    summary = Summary()
     t0, claimed, current = time.perf_counter(), 0, None
     try:
         while (k := counter.add("next", 1) - 1) < len(plan["plan"]):
@@ -209,9 +215,10 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
             case = all_cases[current]
             shard.claim(current, slots, case.key, g.rank, g.host)
             claimed += 1
-            for n, rec in enumerate(run_case_records(case, [cfg.strategies[j] for j in slots], cfg.device, refs,
-                                                     summary, cfg.timeout)):
-                shard.record(current, slots[n], rec)
+            slot_of = {cfg.strategies[j].label: j for j in slots}
+            for rec in runner.records([(case, [cfg.strategies[j] for j in slots])]):
+                summary.add(rec)
+                shard.record(current, slot_of[rec["strategy"]], rec)
                 if plan["progress"]:  # a store round trip per record: skipped when nobody shows it
                     done = counter.add("done", 1)
                     if progress is not None and g.rank == 0:
@@ -222,6 +229,7 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
         if progress is not None and g.rank == 0:  # the other ranks' last records, counted after rank 0's
             progress(plan["previous"] + counter.add("done", 0), plan["total"], "all ranks done")
     except KeyboardInterrupt:
+        runner.close()
         if current is not None:
             shard.release(current)
         shard.close()
@@ -229,8 +237,9 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
             writer.close({"note": f"stopped: the records are in {SHARDS}/; `python -m harness.distributed merge "
                                   f"{out}` collects them"}, status="interrupted")
         raise
-    mine = session_stats(busy, refs, summary, summary.records, resume)  # this rank's busy time
-    mine.update(rank=g.rank, host=g.host, device=str(cfg.device), cases=claimed)
+    runner.close()
+    mine = run_stats(busy, runner.parts(), summary.records, summary.records, resume)  # this rank's busy time
+    mine.update(rank=g.rank, host=g.host, device=str(cfg.device), cases=claimed, isolation=isolation)
     gathered: list[Any] | None = [None] * g.world if g.rank == 0 else None
     dist.gather_object({"lines": lines, "stats": mine}, gathered, dst=0)
     result = _finish(cfg, all_cases, writer, previous, gathered, t0, resume) if g.rank == 0 else None
