@@ -307,12 +307,15 @@ def _done_keys(out: Path, matrix: set[tuple[str, str]] | None = None) -> tuple[s
 class _InProcess:
     """Cases run in this process (``--workers 0``, or a process that cannot fork): no isolation."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, init: Callable[[], dict] | None = None) -> None:
         self.cfg, self.refs, self.scratch = cfg, ReferenceCache(), Summary()
+        self.by_name = init() if init is not None else None  # the real scenarios of stand-ins (check-model)
 
     def records(self, jobs: Iterable[tuple[Case, list[Strategy]]],
                 case_done: Callable[[Case], None] | None = None) -> Iterator[dict[str, Any]]:
         for case, todo in jobs:
+            if self.by_name is not None:
+                case = Case(self.by_name[case.scenario.name], case.params, case.seed)
             yield from run_case_records(case, todo, self.cfg.device, self.refs, self.scratch, self.cfg.timeout)
             if case_done is not None:
                 case_done(case)
@@ -329,23 +332,15 @@ class _InProcess:
 def _runner(cfg: RunConfig, fds: list[int], init: Callable[[], dict] | None) -> tuple[Any, str, dict[str, Any]]:
     """(what runs the cases, how they are isolated in words, the environment for the header).
 
-    On CUDA the environment is read in a forked process: reading the GPU's name here would initialise
-    CUDA in the supervisor, and a worker forked after that could not use it. Where that probe fails (a
-    process that already started the CUDA driver), the cases run in-process and the stats say so."""
-    from .supervisor import Supervisor, can_fork, default_workers
-    from .worker import IsolatedFailure, isolated
+    Where no worker can be forked (``--workers 0``; a process that already started the CUDA driver,
+    see :func:`harness.supervisor.fork_usable`) the cases run in-process and the stats say so."""
+    from .supervisor import Supervisor, default_workers, fork_usable
     n = cfg.workers if cfg.workers is not None else default_workers(cfg.device)
-    ok, why = can_fork() if n else (False, "--workers 0")
-    env = None
-    if ok and cfg.device.type == "cuda":
-        try:
-            env = isolated(environment, (cfg.device.type,), 120.0)
-        except IsolatedFailure as exc:
-            ok, why = False, f"a forked process cannot use CUDA here ({exc})"
+    ok, why, env = fork_usable(cfg.device) if n else (False, "--workers 0", None)
     if env is None:
         env = environment(cfg.device.type)
     if not ok:
-        return _InProcess(cfg), f"in-process ({why})", env
+        return _InProcess(cfg, init), f"in-process ({why})", env
     sup = Supervisor(cfg.scenarios, cfg.strategies, cfg.device, cfg.timeout, n, fds, init)
     return sup, f"{n} worker process{'es' if n > 1 else ''} (forked, replaced when one dies or hangs)", env
 

@@ -30,7 +30,7 @@ from .scenario import Case
 from .strategy import Strategy
 from .worker import death_reason, fork_context, worker_main
 
-__all__ = ["Supervisor", "can_fork", "default_workers", "grace", "failure_record", "fork_safe_cuda_check",
+__all__ = ["Supervisor", "can_fork", "fork_usable", "default_workers", "grace", "failure_record", "fork_safe_cuda_check",
            "SUMMED_COUNTERS"]
 
 #: The counters a worker reports with every record; the supervisor sums them over every worker it started.
@@ -51,6 +51,27 @@ def can_fork() -> tuple[bool, str]:
     if torch.cuda.is_initialized():
         return False, "CUDA was initialised in this process before the run, so a forked worker could not use it"
     return True, ""
+
+
+_PROBED: dict[str, tuple[bool, str, dict[str, Any] | None]] = {}
+
+
+def fork_usable(device: torch.device) -> tuple[bool, str, dict[str, Any] | None]:
+    """(whether workers forked from here can run on ``device``, why not, the environment read by the
+    probe). On CUDA a forked process reads the environment (GPU name and all): that tells whether a
+    fork can use CUDA (not after this process started the driver) without starting it here."""
+    ok, why = can_fork()
+    if not ok or device.type != "cuda":
+        return ok, why, None
+    key = str(device)
+    if key not in _PROBED:
+        from .results import environment
+        from .worker import IsolatedFailure, isolated
+        try:
+            _PROBED[key] = (True, "", isolated(environment, (device.type,), 120.0))
+        except IsolatedFailure as exc:
+            _PROBED[key] = (False, f"a forked process cannot use CUDA here ({exc})", None)
+    return _PROBED[key]
 
 
 def default_workers(device: torch.device) -> int:

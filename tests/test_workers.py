@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl, run_cli
-from harness.scenario import Output, Scenario, iter_cases
+from harness.scenario import Output, Scenario
 
 HOSTILE = '''
 import ctypes
@@ -188,6 +188,7 @@ def test_two_workers_give_the_records_and_reference_counts_of_one(tmp_path: Path
 
 
 def test_cases_are_generated_lazily() -> None:
+    from harness.scenario import iter_cases
     s = Scenario(name="w_lazy", family="reduction", description="d", grid={"k": [0, 1]},
                  inputs=lambda p, g: {}, run=lambda ex, i, p: Output())
     it = iter_cases([s], "full", 10**12)  # would need petabytes as a list
