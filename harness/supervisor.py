@@ -129,6 +129,7 @@ class Supervisor:
         self._retired: list[dict[str, float]] = []  # the last counters of workers that ended
         self._queue: deque[_Job] = deque()
         self._ctx = fork_context()
+        self._case_done: Callable[[Case], None] | None = None
 
     def parts(self) -> dict[str, float]:
         """The counters of every worker started, summed (a worker's last report where it died)."""
@@ -139,7 +140,7 @@ class Supervisor:
                 case_done: Callable[[Case], None] | None = None) -> Iterator[dict[str, Any]]:
         """Records of ``jobs`` as they arrive (with several workers, in the order they finish);
         ``case_done(case)`` is called when a case has all its records."""
-        source = iter(jobs)
+        source, self._case_done = iter(jobs), case_done
         while True:
             self._feed(source)
             busy = [w for w in self._live if w.job is not None]
@@ -245,6 +246,8 @@ class Supervisor:
             rest = []
         if rest:
             self._queue.appendleft(_Job(job.case, rest, retried=replace and job.done == 0))
+        elif self._case_done is not None:  # the case's last strategy failed: the case is done all the same
+            self._case_done(job.case)
 
     def close(self) -> None:
         """Stop every worker: idle ones are told to, busy ones (an interrupted run) are killed."""

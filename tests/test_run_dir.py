@@ -76,6 +76,18 @@ def test_a_resume_while_the_run_is_still_running_is_refused(mods: Path, tmp_path
     assert len(read_jsonl(out / "records.jsonl")) == 40
 
 
+def test_two_resumes_at_once_one_runs_the_missing_pairs_the_other_is_refused(done_run: Path, mods: Path) -> None:
+    lines = (done_run / "records.jsonl").read_text().splitlines()
+    (done_run / "records.jsonl").write_text("\n".join(lines[:10]) + "\n")  # 30 pairs missing, 6 s of work
+    env = dict(cli_env(mods), D_SLOW_SECONDS="0.2")
+    procs = [subprocess.Popen([sys.executable, "-m", "harness", "run", "--resume", str(done_run), "--quiet"], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(120), *p.communicate()) for p in procs]
+    assert sorted(r[0] for r in results) == [0, 2], results  # both exited 0, each appending the 30 pairs
+    recs = read_jsonl(done_run / "records.jsonl")
+    assert len(recs) == 40 and len({(r["case"], r["strategy"]) for r in recs}) == 40
+
+
 @pytest.mark.parametrize("args, text", [
     (("--out", ""), "error: python -m harness run: argument --out: is empty; pass the directory"),
     (("--timeout", "1e10"), "error: python -m harness run: argument --timeout: must be a number of seconds from 0 "
@@ -214,3 +226,31 @@ def test_with_venv_keeps_the_callers_directory(tmp_path: Path) -> None:
                           text=True, env=dict(os.environ, HARNESS_VENV=str(venv)))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path)
+
+
+def test_records_are_fsynced_after_each_case_and_the_directory_after_each_rename(
+        tmp_path: Path, temp_scenarios: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from conftest import add_scenario
+    from harness import results
+    from harness.engine import RunConfig, run_matrix
+    from harness.scenario import Output, Scenario
+    from harness.strategy import PRESETS
+    s = add_scenario(temp_scenarios, Scenario(
+        name="d_fsync", family="reduction", description="d", grid={"k": [0, 1, 2]},
+        inputs=lambda p, g: {"x": torch.rand(4, generator=g) + 0.5}, run=lambda ex, inp, p: Output(value=inp["x"])))
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(results.os, "fsync", fsync)
+    out = tmp_path / "r"
+    run_matrix(RunConfig([s], [PRESETS["fp32"], PRESETS["bf16"]], torch.device("cpu"), out=out, workers=1))
+    recs, head, folder = str(out / "records.jsonl"), str(out / ".run.json.tmp"), str(out)
+    assert synced.count(recs) == 3 + 1  # after each of the 3 cases, and at the end
+    assert synced.count(folder) == 2  # after run.json's two renames (running, then complete)
+    assert sum(1 for p in synced if p.startswith(head)) == 2
