@@ -152,6 +152,10 @@ class Supervisor:
 
     def _feed(self, source: Iterator[tuple[Case, list[Strategy]]]) -> None:
         while True:
+            for dead in [w for w in self._live if w.job is None and not w.proc.is_alive()]:  # killed while idle
+                self._live.remove(dead)
+                self._retired.append(dead.counters)
+                dead.conn.close()
             idle = next((w for w in self._live if w.job is None), None)
             if idle is None and len(self._live) >= self.size:
                 return
