@@ -291,14 +291,6 @@ def run_stats(wall: float, parts: dict[str, float], records: int, ran: int, resu
             "records_this_session": ran, "resumed": resume, "bookkeeping_ms_per_record": bookkeeping_ms}
 
 
-def session_stats(wall: float, refs: ReferenceCache, summary: Summary, ran: int, resume: bool) -> dict[str, Any]:
-    """:func:`run_stats` of one process: its reference cache and its summary of the records."""
-    parts = {"references_computed": refs.computed, "references_reused": refs.reused,
-             "seconds_in_scenarios": summary.seconds_in_scenarios, "seconds_in_references": refs.seconds,
-             "seconds_building_inputs": summary.seconds_building_inputs}
-    return run_stats(wall, parts, summary.records, ran, resume)
-
-
 def _done_keys(out: Path, matrix: set[tuple[str, str]] | None = None) -> tuple[set[tuple[str, str]], list[dict]]:
     """Records already in a run directory (see :func:`harness.rundir.done_keys`)."""
     return done_keys(Path(out), matrix)

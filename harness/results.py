@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "ERROR_METRICS", "SEVERITY", "tally", "case_seed_key", "RECORD_FIELDS", "RunWriter", "read_run", "read_header", "check_new_out", "read_records", "num", "clean",
-           "environment", "device_class", "write_json_atomic", "RunFileError", "RunLock", "LOCK_FILE"]
+           "environment", "device_class", "write_json_atomic", "RunFileError", "RunLock", "LOCK_FILE", "named_os_error"]
 
 SCHEMA_VERSION = 1
 #: A record's ``outcome``: the verdicts of :mod:`harness.verdict`. They live here, with the schema,
@@ -71,7 +71,7 @@ def num(x: Any) -> float:
     return float(x)
 
 
-def _named(exc: OSError, path: Path) -> OSError:
+def named_os_error(exc: OSError, path: Path) -> OSError:
     """``exc`` with the file it was about: a failed ``write`` (disk full) names none by itself."""
     if exc.filename:
         return exc
@@ -106,7 +106,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         os.replace(tmp, path)
     except OSError as exc:  # leave nothing half-written behind: the old file, or none
         tmp.unlink(missing_ok=True)
-        raise _named(exc, path) from exc
+        raise named_os_error(exc, path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -192,15 +192,17 @@ class RunLock:
 class RunWriter:
     """Writes a run directory: the header now, each record as it finishes, the summary at the end.
 
-    It holds the directory's :class:`RunLock` (its own, or ``lock``) until :meth:`close`. A new run
+    It holds the directory's :class:`RunLock` (its own, or ``lock``) until :meth:`close` (which keeps a
+    given ``lock`` when ``release_lock`` is false: its caller goes on writing the directory). A new run
     creates ``records.jsonl`` exclusively: a run directory is never written over. Records are flushed
     one by one and fsynced by :meth:`sync` (after each case) and :meth:`close`; an OSError (a full
     disk) names the file."""
 
     def __init__(self, directory: Path, header: dict[str, Any], append: bool = False,
-                 lock: RunLock | None = None) -> None:
+                 lock: RunLock | None = None, release_lock: bool = True) -> None:
         self.dir = Path(directory)
         self.lock = lock or RunLock(self.dir)
+        self._release = release_lock or lock is None
         self.header = dict(header, schema_version=SCHEMA_VERSION)
         self.path = self.dir / "records.jsonl"
         try:
@@ -224,7 +226,7 @@ class RunWriter:
             self._f.write((json.dumps(clean(record), separators=(",", ":")) if text is None else text) + "\n")
             self._f.flush()
         except OSError as exc:
-            raise _named(exc, self.path) from exc
+            raise named_os_error(exc, self.path) from exc
 
     def sync(self) -> None:
         """Make the records written so far durable (the end of a case)."""
@@ -232,7 +234,7 @@ class RunWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
         except OSError as exc:
-            raise _named(exc, self.path) from exc
+            raise named_os_error(exc, self.path) from exc
 
     def close(self, summary: dict[str, Any], status: str = "complete") -> None:
         """Close the records (fsynced) and write ``run.json`` with ``status`` and ``summary``; the lock
@@ -245,11 +247,12 @@ class RunWriter:
                 finally:
                     self._f.close()
         except OSError as exc:
-            failed, status = _named(exc, self.path), "interrupted"
+            failed, status = named_os_error(exc, self.path), "interrupted"
         try:
             write_json_atomic(self.dir / "run.json", dict(self.header, status=status, summary=summary))
         finally:
-            self.lock.release()
+            if self._release:
+                self.lock.release()
         if failed is not None:
             raise failed
 
