@@ -57,20 +57,23 @@ def _counters(refs: Any, summary: Any) -> dict[str, float]:
 
 def worker_main(conn: Connection, scenarios: Sequence[Any], strategies: Sequence[Any], device: Any,
                 timeout: float | None, close_fds: Sequence[int] = (),
-                init: Callable[[], dict[str, Any]] | None = None) -> None:
+                init: Callable[[], dict[str, Any]] | None = None, threads: int | None = None) -> None:
     """The loop of one worker: a job in, ``("record", rec, counters)`` per strategy, then ``("done",)``.
 
     A job that raises outside the engine's own handling (an ``Expect``/``n`` callable of the scenario,
     the engine itself) sends ``("raised", reason, traceback)`` for the strategy in progress; the
     supervisor runs the case's other strategies again. ``init`` (check-model) builds the scenarios in
-    the worker instead of inheriting them: the user's factory runs under the supervisor's deadline."""
+    the worker instead of inheriting them: the user's factory runs under the supervisor's deadline.
+    ``threads``: torch's intra-op threads here (None: as inherited)."""
     _detach(close_fds)
+    import torch
+    if threads is not None:  # several CPU workers share the cores instead of each taking all of them
+        torch.set_num_threads(threads)
     from .engine import Summary, run_case_records
     from .reference import ReferenceCache
     from .results import clean
     from .scenario import Case
     if getattr(device, "type", None) == "cuda" and device.index is not None:
-        import torch
         torch.cuda.set_device(device)  # scenario code that says "cuda" means this rank's GPU
     by_name = {s.name: s for s in scenarios}
     by_label = {s.label: s for s in strategies}
