@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, Sequence
 from . import exits
 from .results_schema import InputError
 
-__all__ = ["main", "Parser", "UsageError", "positive_int"]
+__all__ = ["main", "Parser", "UsageError", "positive_int", "seconds", "out_dir", "non_negative_int"]
 
 
 class UsageError(InputError):
@@ -36,13 +37,36 @@ def positive_int(text: str) -> int:
     return v
 
 
-def _seconds(text: str) -> float:
+#: The longest ``--timeout`` (a week): a deadline the process's interval timer and the clock can hold.
+MAX_TIMEOUT = 7 * 86400.0
+
+
+def seconds(text: str) -> float:
+    """A ``--timeout``: seconds from 0 (no deadline) to :data:`MAX_TIMEOUT`."""
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    if not 0 <= v <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0 (no deadline) to {MAX_TIMEOUT:g} "
+                                         f"(a week), got {text}")
+    return v
+
+
+def out_dir(text: str) -> Path:
+    """An ``--out``: a directory path; an empty one would be the current directory (the repository)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; pass the directory the run is written to, e.g. --out runs/a")
+    return Path(text)
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
@@ -64,18 +88,23 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     r.add_argument("--family", action="append", default=[], metavar="F", help="families (repeatable; default: all)")
     r.add_argument("--strategy", action="append", default=[], metavar="NAME-or-SPEC",
                    help="preset names or spec strings (repeatable; default: every preset)")
-    r.add_argument("--device", default="auto", metavar="cpu|cuda|auto", help="auto: cuda when present (default)")
-    r.add_argument("--seeds", type=positive_int, default=1, metavar="N", help="seeds per case (default 1)")
-    r.add_argument("--tier", default="quick", metavar="quick|full", help="parameter grid (default quick)")
+    r.add_argument("--device", default=None, metavar="cpu|cuda|auto", help="auto: cuda when present (default)")
+    r.add_argument("--seeds", type=positive_int, default=None, metavar="N", help="seeds per case (default 1)")
+    r.add_argument("--tier", default=None, metavar="quick|full", help="parameter grid (default quick)")
     r.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module that registers scenarios of your own (repeatable)")
-    r.add_argument("--out", type=Path, default=None, metavar="DIR",
+    r.add_argument("--out", type=out_dir, default=None, metavar="DIR",
                    help="run directory (default results/runs/<UTC time>-<device>)")
     r.add_argument("--quiet", action="store_true", help="no progress bar and no table")
-    r.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
-                   help="per (case, strategy) deadline; 0 disables it (default 600)")
-    r.add_argument("--resume", type=Path, default=None, metavar="DIR",
-                   help="complete an interrupted run: run exactly the cases missing from DIR")
+    r.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
+                   help="per (case, strategy) deadline, 0 to 604800; 0 disables it (default 600)")
+    r.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
+                   help="worker processes that run the cases (default 1; 0: in this process, unprotected)")
+    r.add_argument("--max-records", type=positive_int, default=None, metavar="N",
+                   help="refuse a matrix of more records (default 1,000,000)")
+    r.add_argument("--resume", type=out_dir, default=None, metavar="DIR",
+                   help="complete an interrupted run: run exactly the cases missing from DIR "
+                        "(a new --timeout, --workers or --max-records applies to the rest)")
     for mod in _command_modules(argv):
         importlib.import_module(mod).add_command(sub)
     return p
@@ -113,19 +142,28 @@ def _progress_bar(console: Any):
 
 
 def _run_config(args: argparse.Namespace):
-    from .engine import RunConfig, resume_config, select_matrix
+    from dataclasses import replace
+    from .engine import MAX_RECORDS, RunConfig, resume_config, select_matrix
     from .results import check_new_out
+    limit = args.max_records or MAX_RECORDS
     if args.resume is not None:
         given = [f for f, v in (("--scenario", args.scenario), ("--family", args.family), ("--strategy", args.strategy),
-                                ("--import", args.imports), ("--out", args.out)) if v]
+                                ("--import", args.imports), ("--out", args.out), ("--tier", args.tier),
+                                ("--seeds", args.seeds), ("--device", args.device)) if v]
         if given:
-            raise UsageError(f"--resume takes its configuration from the run directory; drop {', '.join(given)}")
-        return resume_config(args.resume), True
-    scenarios, strategies, device = select_matrix(args.tier, args.device, args.strategy, args.imports,
-                                                  args.scenario, args.family)
+            raise UsageError(f"--resume takes the matrix ({', '.join(given)}) from the run directory, so the records "
+                             f"stay one run; drop {', '.join(given)} (--timeout, --workers and --max-records may "
+                             "change)")
+        cfg = resume_config(args.resume)
+        cfg = replace(cfg, timeout=cfg.timeout if args.timeout is None else (args.timeout or None),
+                      workers=args.workers, max_records=limit)
+        return cfg, True
+    scenarios, strategies, device = select_matrix(args.tier or "quick", args.device or "auto", args.strategy,
+                                                  args.imports, args.scenario, args.family)
     check_new_out(args.out, resumable=True)
-    return RunConfig(scenarios, strategies, device, args.seeds, args.tier, args.out, args.imports,
-                     args.timeout or None), False
+    timeout = 600.0 if args.timeout is None else args.timeout
+    return RunConfig(scenarios, strategies, device, args.seeds or 1, args.tier or "quick", args.out, args.imports,
+                     timeout or None, args.workers, limit), False
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -177,6 +215,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # supervisor.fork_safe_cuda_check, before any CUDA check (workers are forked from this process), without
+    # importing torch here: report and gate must run where torch is absent
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     with warnings.catch_warnings():  # a warning (e.g. a torn record line skipped) is one line too
         warnings.showwarning = _one_line_warning
         return _main(argv)

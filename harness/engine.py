@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import time
 import traceback
 import warnings
@@ -28,8 +27,9 @@ from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
 from .isolation import CaseInputs, isolated
 from .metrics import compare, measures_only
 from .reference import ReferenceCache
-from .results import SCHEMA_VERSION, RunWriter, case_seed_key, environment, read_records, tally
-from .scenario import Case, Scenario, cases, seed_generator, seed_global
+from .rundir import check_size, done_keys, matrix_keys, resumed_header
+from .results import SCHEMA_VERSION, RunLock, RunWriter, environment, read_records, tally
+from .scenario import Case, Scenario, count_cases, iter_cases, seed_generator, seed_global
 from .strategy import Strategy
 from .timing import sync
 from .verdict import UNDERFLOW_BUDGET, Verdict, judge
@@ -60,6 +60,12 @@ def default_out_dir(device: torch.device, root: Path = Path("results/runs")) -> 
     return d
 
 
+#: Records a run may have without ``--max-records``: more is almost surely a typo in ``--seeds``.
+MAX_RECORDS = 1_000_000
+#: The harness's own time per record (DESIGN's bookkeeping target): a floor for the time a run takes.
+BOOKKEEPING_S = 0.005
+
+
 @dataclass
 class RunConfig:
     scenarios: list[Scenario]
@@ -70,6 +76,8 @@ class RunConfig:
     out: Path | None = None
     imports: list[str] = field(default_factory=list)
     timeout: float | None = 600.0  # seconds per (case, strategy), reference included
+    workers: int | None = None  # worker processes (None: supervisor.default_workers; 0: in-process)
+    max_records: int | None = MAX_RECORDS  # refuse a larger matrix (None: no limit)
 
     def as_dict(self) -> dict[str, Any]:
         return {"scenarios": [s.name for s in self.scenarios], "strategies": [s.label for s in self.strategies],
@@ -288,10 +296,10 @@ def select_matrix(tier: str, device: str, strategies: Sequence[str], imports: Se
     return scenarios, chosen, dev
 
 
-def run_header(cfg: RunConfig, n_cases: int) -> dict[str, Any]:
+def run_header(cfg: RunConfig, n_cases: int, env: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``run.json`` header of a run of ``n_cases`` cases (environment and configuration)."""
     return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "environment": environment(cfg.device.type), "config": cfg.as_dict(),
+            "environment": env if env is not None else environment(cfg.device.type), "config": cfg.as_dict(),
             "cases": n_cases, "expected_records": n_cases * len(cfg.strategies)}
 
 
@@ -312,60 +320,114 @@ def run_stats(wall: float, parts: dict[str, float], records: int, ran: int, resu
             "records_this_session": ran, "resumed": resume, "bookkeeping_ms_per_record": bookkeeping_ms}
 
 
-def session_stats(wall: float, refs: ReferenceCache, summary: Summary, ran: int, resume: bool) -> dict[str, Any]:
-    """:func:`run_stats` of one process: its reference cache and its summary of the records."""
-    parts = {"references_computed": refs.computed, "references_reused": refs.reused,
-             "seconds_in_scenarios": summary.seconds_in_scenarios, "seconds_in_references": refs.seconds,
-             "seconds_building_inputs": summary.seconds_building_inputs}
-    return run_stats(wall, parts, summary.records, ran, resume)
+def _done_keys(out: Path, matrix: set[tuple[str, str]] | None = None) -> tuple[set[tuple[str, str]], list[dict]]:
+    """Records already in a run directory (see :func:`harness.rundir.done_keys`)."""
+    return done_keys(Path(out), matrix)
 
 
-def _done_keys(out: Path) -> tuple[set[tuple[str, str]], list[dict[str, Any]]]:
-    """Records already in a run directory (a torn last line is dropped), rewritten cleanly."""
-    path = out / "records.jsonl"
-    if not path.exists():
-        return set(), []
-    recs = list(read_records(path))
-    tmp = out / ".records.jsonl.resume"
-    with open(tmp, "w") as f:
-        for r in recs:
-            f.write(json.dumps(r, separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
-    return {(case_seed_key(r), r.get("strategy")) for r in recs}, recs
+class _InProcess:
+    """Cases run in this process (``--workers 0``, or a process that cannot fork): no isolation."""
+
+    def __init__(self, cfg: RunConfig, init: Callable[[], dict] | None = None) -> None:
+        self.cfg, self.refs, self.scratch = cfg, ReferenceCache(), Summary()
+        self.by_name = init() if init is not None else None  # the real scenarios of stand-ins (check-model)
+
+    def records(self, jobs: Iterable[tuple[Case, list[Strategy]]],
+                case_done: Callable[[Case], None] | None = None) -> Iterator[dict[str, Any]]:
+        for case, todo in jobs:
+            if self.by_name is not None:
+                case = Case(self.by_name[case.scenario.name], case.params, case.seed)
+            yield from run_case_records(case, todo, self.cfg.device, self.refs, self.scratch, self.cfg.timeout)
+            if case_done is not None:
+                case_done(case)
+
+    def parts(self) -> dict[str, float]:
+        return {"references_computed": self.refs.computed, "references_reused": self.refs.reused,
+                "seconds_in_references": self.refs.seconds, "seconds_in_scenarios": self.scratch.seconds_in_scenarios,
+                "seconds_building_inputs": self.scratch.seconds_building_inputs}
+
+    def close(self) -> None:
+        pass
+
+
+def _runner(cfg: RunConfig, fds: list[int], init: Callable[[], dict] | None) -> tuple[Any, str, dict[str, Any]]:
+    """(what runs the cases, how they are isolated in words, the environment for the header).
+
+    Where no worker can be forked (``--workers 0``; a process that already started the CUDA driver,
+    see :func:`harness.supervisor.fork_usable`) the cases run in-process and the stats say so."""
+    from .supervisor import Supervisor, default_workers, fork_usable
+    n = cfg.workers if cfg.workers is not None else default_workers(cfg.device)
+    ok, why, env = fork_usable(cfg.device) if n else (False, "--workers 0", None)
+    if env is None:
+        env = environment(cfg.device.type)
+    if not ok:
+        return _InProcess(cfg, init), f"in-process ({why})", env
+    sup = Supervisor(cfg.scenarios, cfg.strategies, cfg.device, cfg.timeout, n, fds, init)
+    return sup, f"{n} worker process{'es' if n > 1 else ''} (forked, replaced when one dies or hangs)", env
 
 
 def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None,
-               resume: bool = False) -> tuple[Path, Summary, dict]:
+               resume: bool = False, init: Callable[[], dict] | None = None) -> tuple[Path, Summary, dict]:
     """Run the whole matrix into a run directory; returns (directory, summary, run stats).
 
-    ``resume`` keeps the records already in ``cfg.out`` and runs exactly the missing (case, strategy) pairs.
-    SIGINT and SIGTERM end the run with what is done written and ``run.json`` marked interrupted."""
-    out = cfg.out or default_out_dir(cfg.device)
-    all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)
-    done_keys, previous = _done_keys(Path(out)) if resume else (set(), [])
-    writer = RunWriter(out, run_header(cfg, len(all_cases)), append=resume)
+    Cases run in worker processes (:mod:`harness.supervisor`; ``init``: see there); this process holds
+    the directory's lock and writes every record. ``resume`` keeps the records already in ``cfg.out``
+    and runs exactly the missing (case, strategy) pairs. SIGINT and SIGTERM end the run with what is
+    done written and ``run.json`` marked interrupted; so does a write that fails (a full disk), whose
+    OSError names the file."""
+    out = Path(cfg.out or default_out_dir(cfg.device))
+    n_cases = count_cases(cfg.scenarios, cfg.tier, cfg.seeds)
+    check_size(n_cases, len(cfg.strategies), cfg.max_records, BOOKKEEPING_S)
+    labels = [s.label for s in cfg.strategies]
+    lock = RunLock(out)
+    try:
+        done, previous = (_done_keys(out, matrix_keys(iter_cases(cfg.scenarios, cfg.tier, cfg.seeds), labels))
+                          if resume else (set(), []))
+        runner, isolation, env = _runner(cfg, [lock.fileno()], init)
+        header = (resumed_header(out, env, {"timeout": cfg.timeout}) if resume
+                  else run_header(cfg, n_cases, env))
+        writer = RunWriter(out, header, append=resume, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
+    if hasattr(runner, "close_fds"):
+        runner.close_fds += (writer.fileno(),)
     summary = Summary.of(previous)
-    refs = ReferenceCache()
-    total = len(all_cases) * len(cfg.strategies)
+    total = n_cases * len(cfg.strategies)
+    jobs = ((c, todo) for c in iter_cases(cfg.scenarios, cfg.tier, cfg.seeds)
+            if (todo := [st for st in cfg.strategies if (c.key, st.label) not in done]))
     t_start = time.perf_counter()
     status = "complete"
     try:
         with sigterm_as_interrupt():
-            for case in all_cases:
-                todo = [st for st in cfg.strategies if (case.key, st.label) not in done_keys]
-                if not todo:
-                    continue
-                for rec in run_case_records(case, todo, cfg.device, refs, summary, cfg.timeout):
-                    writer.append(rec)
-                    if progress:
-                        progress(summary.records, total, f"{case.id} {rec['strategy']}")
-    except BaseException:  # SIGINT, SIGTERM, or a fault of the harness itself: the run is not complete
+            for rec in runner.records(jobs, lambda case: writer.sync()):
+                writer.append(rec)
+                summary.add(rec)
+                if progress:
+                    progress(summary.records, total, f"{rec['case']} {rec['strategy']}")
+    except BaseException:  # SIGINT, SIGTERM, a full disk, or a fault of the harness itself: not complete
         status = "interrupted"
         raise
     finally:
-        stats = session_stats(time.perf_counter() - t_start, refs, summary, summary.records - len(previous), resume)
-        writer.close({**summary.as_dict(), **stats}, status=status)
+        runner.close()
+        parts = runner.parts()
+        summary.seconds_in_scenarios = parts["seconds_in_scenarios"]
+        summary.seconds_building_inputs = parts["seconds_building_inputs"]
+        stats = run_stats(time.perf_counter() - t_start, parts, summary.records, summary.records - len(previous),
+                          resume)
+        stats["isolation"] = isolation
+        _close(writer, {**summary.as_dict(), **stats}, status)
     return out, summary, stats
+
+
+def _close(writer: RunWriter, summary: dict[str, Any], status: str) -> None:
+    """Close the run; where the run already failed (interrupted), a second failure here (the disk still
+    full) must not hide the first one, which is propagating."""
+    try:
+        writer.close(summary, status=status)
+    except OSError:
+        if status == "complete":
+            raise
 
 
 def resume_config(out: Path) -> RunConfig:
@@ -386,8 +448,9 @@ def resume_config(out: Path) -> RunConfig:
         reg = discover(c.get("imports", []))
         scenarios = [reg.get(n) for n in c["scenarios"]]
         strategies = [parse(specs.get(label, label)) for label in c["strategies"]]
+        last = (header.get("resumes") or [{}])[-1]  # a resume that lengthened the timeout keeps it for the next
         return RunConfig(scenarios, strategies, resolve_device(c["device"]), int(c["seeds"]), c["tier"], Path(out),
-                         list(c.get("imports", [])), c.get("timeout"))
+                         list(c.get("imports", [])), last.get("timeout", c.get("timeout")))
     except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"--resume {out}: run.json is not a harness run header ({type(exc).__name__}: {exc})") from None
 

@@ -17,10 +17,12 @@ import torch
 
 from .diagnose import Diagnosis, diagnose as run_diagnosis, fp16_window, fp32_gradients, significant_gradients
 from .engine import RunConfig, resolve_device, run_matrix
+from .model_isolation import diagnosis, preflight, stand_in, worker_scenarios
 from .recommend import recommend, window_sentence
 from .results import check_new_out, read_run, write_json_atomic
 from .scaling import format_number
 from .strategy import resolve
+from .supervisor import fork_safe_cuda_check, fork_usable
 from .user_model import DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, load_spec, model_scenario
 from .verdict import FAILURES
 from .window import Window
@@ -39,6 +41,7 @@ class CheckResult:
     window: Window  # the FP16 loss-scale window of the FP32 gradients of update 0
     diagnoses: dict[str, Diagnosis] = field(default_factory=dict)
     recommendation: str = ""
+    diagnosis_failures: dict[str, str] = field(default_factory=dict)  # strategy -> how its diagnosis failed
 
     @property
     def failed(self) -> list[str]:
@@ -62,6 +65,7 @@ class CheckResult:
         for label, d in self.diagnoses.items():
             lines.append(f"diagnosis of {label}:")
             lines += [f"  {line}" for line in d.lines()]
+        lines += [f"diagnosis of {label}: {why}" for label, why in self.diagnosis_failures.items()]
         lines.append(f"FP16 loss-scale window (FP32 gradients of update 0): {window_sentence(self.window)}")
         lines.append(f"recommendation: {self.recommendation}")
         return "\n".join(lines)
@@ -127,26 +131,57 @@ def _reference_lines(records: list[dict[str, Any]]) -> list[str]:
 
 def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] | None = None,
                 steps: int = DEFAULT_STEPS, device: str = "auto", out: Path | str | None = None,
-                diagnose: bool = True, progress: Callable[[int, int, str], None] | None = None) -> CheckResult:
+                diagnose: bool = True, progress: Callable[[int, int, str], None] | None = None,
+                timeout: float | None = 600.0) -> CheckResult:
     """Train ``target``'s model under each strategy against FP32, diagnose failures, recommend one.
 
     ``target`` is ``"MODULE:FACTORY"``, a factory, or its dict (see the module doc). Strategies are
     preset names or specs (default :data:`DEFAULT_STRATEGIES`). Writes a run directory (``run.json``,
     ``records.jsonl`` in the ``run`` schema, family ``training``, plus ``diagnosis.json``) to ``out``
-    or ``results/runs/<UTC time>-<device>/``. Bad input raises ValueError saying what was expected.
+    or ``results/runs/<UTC time>-<device>/``. The factory, the training and the diagnosis run in
+    worker processes (:mod:`harness.model_isolation`), each step under ``timeout`` seconds (None: no
+    deadline). Bad input raises ValueError saying what was expected.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     check_new_out(out)
     if not torch.cuda.is_initialized():  # deterministic cuBLAS (see user_model._reproducible); read at CUDA start
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    spec = load_spec(target)
+    fork_safe_cuda_check()
     dev = resolve_device(device)
     strats = resolve(list(strategies or DEFAULT_STRATEGIES))
+    if not fork_usable(dev)[0]:  # the factory runs here: no deadline, no protection (see supervisor)
+        return _check_in_process(target, strats, steps, dev, out, diagnose, progress)
+    name, window = preflight(target, dev, timeout)
+    imports = [target.split(":")[0]] if isinstance(target, str) else []
+    cfg = RunConfig([stand_in(name, steps)], strats, dev, out=Path(out) if out else None, imports=imports,
+                    timeout=timeout)
+    out_dir, _, _ = run_matrix(cfg, progress, init=worker_scenarios(target, steps))
+    _, records = read_run(out_dir)
+    by_label = {s.label: s for s in strats}
+    result = CheckResult(name, steps, Path(out_dir), records, window)
+    if diagnose:  # an ``error`` record already carries its traceback: re-running it would raise again
+        for r in records:
+            if r["outcome"] in FAILURES and r["outcome"] != "error":
+                d = diagnosis(target, by_label[r["strategy"]], dev, steps, timeout)
+                if isinstance(d, str):
+                    result.diagnosis_failures[r["strategy"]] = d
+                else:
+                    result.diagnoses[r["strategy"]] = d
+    return _finish(result, records)
+
+
+def _check_in_process(target: Any, strats: list, steps: int, dev: torch.device, out: Path | str | None,
+                      diagnose: bool, progress: Callable[[int, int, str], None] | None) -> CheckResult:
+    """:func:`check_model` where no worker can be forked: everything in this process."""
     try:
+        spec = load_spec(target)
         ref_grads = fp32_gradients(spec, dev)
     except ValueError:
         raise
+    except SystemExit as exc:
+        raise ValueError(f"{target}: the model's module or factory called sys.exit({exc.code!r}); a factory must "
+                         "return a dict, not end the process") from None
     except Exception as exc:
         raise ValueError(f"{spec.name}: one FP32 training step failed ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); expected {EXPECTED}") from None
@@ -155,20 +190,26 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
     except Exception:  # noqa: BLE001
         pass
     imports = [target.split(":")[0]] if isinstance(target, str) else []
-    cfg = RunConfig([model_scenario(spec, steps)], strats, dev, out=Path(out) if out else None, imports=imports)
+    cfg = RunConfig([model_scenario(spec, steps)], strats, dev, out=Path(out) if out else None, imports=imports,
+                    workers=0)
     out_dir, _, _ = run_matrix(cfg, progress)
     _, records = read_run(out_dir)
     by_label = {s.label: s for s in strats}
     result = CheckResult(spec.name, steps, Path(out_dir), records, fp16_window(ref_grads))
-    if diagnose:  # an ``error`` record already carries its traceback: re-running it would raise again
+    if diagnose:
         for r in records:
             if r["outcome"] in FAILURES and r["outcome"] != "error":
                 result.diagnoses[r["strategy"]] = run_diagnosis(spec, by_label[r["strategy"]], dev, steps, ref_grads)
+    return _finish(result, records)
+
+
+def _finish(result: CheckResult, records: list[dict[str, Any]]) -> CheckResult:
+    """The recommendation, and ``diagnosis.json`` next to the run's records."""
     result.recommendation = recommend(records, result.window, result.diagnoses)
     write_json_atomic(result.out / "diagnosis.json", {
-        "model": spec.name, "steps": steps, "window": _small_window(result.window.as_dict()),
+        "model": result.name, "steps": result.steps, "window": _small_window(result.window.as_dict()),
         "diagnoses": {k: d.as_dict() for k, d in result.diagnoses.items()},
-        "recommendation": result.recommendation})
+        "diagnosis_failures": result.diagnosis_failures, "recommendation": result.recommendation})
     return result
 
 
@@ -182,7 +223,7 @@ def _small_window(w: dict[str, Any], keep: int = 64) -> dict[str, Any]:
 
 def add_command(subparsers: Any) -> None:
     """``python -m harness check-model MODULE:FACTORY [--strategy ...]... [--steps N] [--device ...] [--out DIR]``."""
-    from .cli import positive_int
+    from .cli import out_dir, positive_int, seconds
     p = subparsers.add_parser("check-model", help="train your own model under each strategy against FP32; "
                               "diagnose failures layer by layer; recommend a strategy")
     p.add_argument("target", metavar="MODULE:FACTORY", help="FACTORY() returns {model, batch, loss[, optimizer]}")
@@ -190,8 +231,11 @@ def add_command(subparsers: Any) -> None:
                    help=f"repeatable; default: {', '.join(DEFAULT_STRATEGIES)}")
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, metavar="N", help="updates per strategy")
     p.add_argument("--device", default="auto", metavar="cpu|cuda|auto")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR")
+    p.add_argument("--out", type=out_dir, default=None, metavar="DIR")
     p.add_argument("--no-diagnose", action="store_true", help="skip the per-layer diagnosis of failures")
+    p.add_argument("--timeout", type=seconds, default=600.0, metavar="SECONDS",
+                   help="deadline of each step in seconds, 0 to 604800: the factory and one FP32 step, each "
+                        "strategy's training, each diagnosis; 0 disables it (default 600)")
     p.set_defaults(func=_cmd)
 
 
@@ -200,6 +244,6 @@ def _cmd(args: Any) -> int:
         print(f"[{done}/{total}] {what}", file=sys.stderr)
 
     result = check_model(args.target, args.strategy, args.steps, args.device, args.out, not args.no_diagnose,
-                         progress if sys.stderr.isatty() else None)
+                         progress if sys.stderr.isatty() else None, args.timeout or None)
     print(result.report())
     return result.exit_code

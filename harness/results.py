@@ -14,6 +14,8 @@ of run files.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -26,7 +28,8 @@ from typing import Any, Iterator
 __all__ = ["SCHEMA_VERSION", "OUTCOMES", "FAILURES", "ERROR_METRICS", "SEVERITY", "tally", "case_seed_key", "case_key",
            "RECORD_FIELDS", "RunWriter", "read_run", "read_header", "check_new_out", "read_records", "RunRecords",
            "iter_run_records", "num", "finite", "is_number", "clean", "environment", "device_class",
-           "write_json_atomic", "InputError", "RunFileError", "check_record", "iter_object_members"]
+           "write_json_atomic", "InputError", "RunFileError", "check_record", "iter_object_members", "RunLock",
+           "LOCK_FILE", "named_os_error"]
 
 from .results_schema import (ERROR_METRICS, OUTCOMES, SCHEMA_VERSION, InputError, RunFileError, check_header,
                              check_record, finite, is_number, iter_object_members)
@@ -68,7 +71,30 @@ def num(x: Any) -> float:
     return float(x)
 
 
+def named_os_error(exc: OSError, path: Path) -> OSError:
+    """``exc`` with the file it was about: a failed ``write`` (disk full) names none by itself."""
+    if exc.filename:
+        return exc
+    return type(exc)(exc.errno or errno.EIO, exc.strerror or str(exc), str(path))
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (the entry, not only the file's data)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the data itself was synced
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` to ``path`` whole or not at all (temporary file, fsync, rename, fsync of the folder);
+    an OSError names ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -78,9 +104,13 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # leave nothing half-written behind: the old file, or none
+    except OSError as exc:  # leave nothing half-written behind: the old file, or none
+        tmp.unlink(missing_ok=True)
+        raise named_os_error(exc, path) from exc
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
 def _git_commit() -> str | None:
@@ -124,24 +154,107 @@ def device_class(header: dict) -> str:
     return "cpu"
 
 
-class RunWriter:
-    """Writes a run directory: the header now, each record as it finishes, the summary at the end."""
+#: The lock file inside a run directory: held (``flock``) by the one process writing the run.
+LOCK_FILE = ".lock"
 
-    def __init__(self, directory: Path, header: dict[str, Any], append: bool = False) -> None:
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of a run or a resume (created if needed).
+
+    A second process gets ValueError at once (bad input: one line, exit 2), naming the holder's pid.
+    The lock is the kernel's (``flock``): it ends with the process, however that ends."""
+
+    def __init__(self, directory: Path | str) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise ValueError(f"{self.dir}: another harness process (pid {holder}) is writing this run directory; "
+                             "wait for it to finish, or pass another --out") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def fileno(self) -> int:
+        assert self._fd is not None
+        return self._fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+class RunWriter:
+    """Writes a run directory: the header now, each record as it finishes, the summary at the end.
+
+    It holds the directory's :class:`RunLock` (its own, or ``lock``) until :meth:`close` (which keeps a
+    given ``lock`` when ``release_lock`` is false: its caller goes on writing the directory). A new run
+    creates ``records.jsonl`` exclusively: a run directory is never written over. Records are flushed
+    one by one and fsynced by :meth:`sync` (after each case) and :meth:`close`; an OSError (a full
+    disk) names the file."""
+
+    def __init__(self, directory: Path, header: dict[str, Any], append: bool = False,
+                 lock: RunLock | None = None, release_lock: bool = True) -> None:
+        self.dir = Path(directory)
+        self.lock = lock or RunLock(self.dir)
+        self._release = release_lock or lock is None
         self.header = dict(header, schema_version=SCHEMA_VERSION)
-        write_json_atomic(self.dir / "run.json", dict(self.header, status="running"))
-        self._f = open(self.dir / "records.jsonl", "a" if append else "w", buffering=1)
+        self.path = self.dir / "records.jsonl"
+        try:
+            try:
+                self._f = open(self.path, "a" if append else "x", buffering=1)
+            except FileExistsError:
+                raise ValueError(f"--out {self.dir}: already holds a run; use --resume {self.dir} to complete it, "
+                                 "or pass a new directory") from None
+            write_json_atomic(self.dir / "run.json", dict(self.header, status="running"))
+        except BaseException:
+            if lock is None:
+                self.lock.release()
+            raise
+
+    def fileno(self) -> int:
+        return self._f.fileno()
 
     def append(self, record: dict[str, Any], text: str | None = None) -> None:
         """One record; ``text``: its JSON as written before (a shard file's), written as it is."""
-        self._f.write((json.dumps(clean(record), separators=(",", ":")) if text is None else text) + "\n")
-        self._f.flush()
+        try:
+            self._f.write((json.dumps(clean(record), separators=(",", ":")) if text is None else text) + "\n")
+            self._f.flush()
+        except OSError as exc:
+            raise named_os_error(exc, self.path) from exc
+
+    def sync(self) -> None:
+        """Make the records written so far durable (the end of a case)."""
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:
+            raise named_os_error(exc, self.path) from exc
 
     def close(self, summary: dict[str, Any], status: str = "complete") -> None:
-        self._f.close()
-        write_json_atomic(self.dir / "run.json", dict(self.header, status=status, summary=summary))
+        """Close the records (fsynced) and write ``run.json`` with ``status`` and ``summary``; the lock
+        is released even where this fails. Where the records cannot be closed the run is ``interrupted``."""
+        failed: OSError | None = None
+        try:
+            if not self._f.closed:
+                try:
+                    self.sync()
+                finally:
+                    self._f.close()
+        except OSError as exc:
+            failed, status = named_os_error(exc, self.path), "interrupted"
+        try:
+            write_json_atomic(self.dir / "run.json", dict(self.header, status=status, summary=summary))
+        finally:
+            if self._release:
+                self.lock.release()
+        if failed is not None:
+            raise failed
 
 
 def _numbered_records(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, dict[str, Any]]]:

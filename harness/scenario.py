@@ -23,7 +23,7 @@ from .isolation import isolated
 from .scaling import ScaleTrace
 
 __all__ = ["Scenario", "Output", "Case", "Tolerance", "Expect", "REGISTRY", "register", "FAMILIES",
-           "discover", "cases", "case_id", "seed_generator"]
+           "discover", "cases", "iter_cases", "count_cases", "case_id", "seed_generator"]
 
 FAMILIES = ("reduction", "tiny_gradient", "exploding_loss", "weight_update", "accumulation", "training",
             "tensor_core", "distributed")
@@ -222,6 +222,9 @@ def discover(extra_modules: Iterable[str] = ()) -> Registry:
             importlib.import_module(mod)
         except ValueError as exc:  # e.g. a duplicate scenario name
             raise ValueError(f"--import {mod}: {exc}") from None
+        except SystemExit as exc:  # exit() at import time would end the harness with nothing run
+            raise ValueError(f"--import {mod}: the module called sys.exit({exc.code!r}) while being imported; a "
+                             "scenario module must only define and register scenarios") from None
         except Exception as exc:
             raise ValueError(f"--import {mod}: cannot import it ({type(exc).__name__}: {exc}); pass an importable "
                              "module name (on sys.path or PYTHONPATH), e.g. --import mypkg.scenarios") from None
@@ -257,7 +260,20 @@ def case_id(name: str, params: dict) -> str:
 
 
 def cases(scenarios: Iterable[Scenario], tier: str, seeds: int) -> list[Case]:
-    return [Case(s, p, seed) for s in scenarios for p in s.params(tier) for seed in range(seeds)]
+    return list(iter_cases(scenarios, tier, seeds))
+
+
+def iter_cases(scenarios: Iterable[Scenario], tier: str, seeds: int) -> Iterator[Case]:
+    """The cases of :func:`cases`, in the same order, one at a time (a run of a billion seeds holds one)."""
+    for s in scenarios:
+        for p in s.params(tier):
+            for seed in range(seeds):
+                yield Case(s, p, seed)
+
+
+def count_cases(scenarios: Iterable[Scenario], tier: str, seeds: int) -> int:
+    """``len(cases(...))`` without building them."""
+    return sum(len(s.params(tier)) for s in scenarios) * seeds
 
 
 def seed_global(seed: int, device: torch.device) -> None:

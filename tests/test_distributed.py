@@ -87,7 +87,8 @@ def _fake_run(d: Path, device: str, tier: str, seconds: dict[str, float], status
     for key, s in seconds.items():
         case, seed = key.split("#")
         for strategy in ("fp32", "fp16"):
-            w.append({"schema_version": 1, "case": case, "seed": int(seed), "strategy": strategy, "seconds": s / 2})
+            w.append({"schema_version": 1, "scenario": case, "family": "reduction", "case": case, "seed": int(seed),
+                      "strategy": strategy, "outcome": "pass", "metrics": {}, "seconds": s / 2})
     w.close({}, status=status)
 
 
@@ -268,7 +269,8 @@ def test_torchrun_rank_death_keeps_the_other_ranks_records(tmp_path: Path, monke
     mod.mkdir()
     (mod / "t_dist_dying.py").write_text(DYING)
     env, out = _env(PYTHONPATH=str(mod), **{COSTS_ENV: "none"}), tmp_path / "run"
-    args = ["--import", "t_dist_dying", "--scenario", "t_dist_dying", "--timeout", "0"]
+    # --workers 0: each rank runs its cases itself, so the scenario's os._exit ends the rank
+    args = ["--import", "t_dist_dying", "--scenario", "t_dist_dying", "--timeout", "0", "--workers", "0"]
     res = subprocess.run([*TORCHRUN, *_run_args(out, *args)], cwd=ROOT, env=env, timeout=120, capture_output=True,
                          text=True)
     assert res.returncode != 0
@@ -286,6 +288,30 @@ def test_torchrun_rank_death_keeps_the_other_ranks_records(tmp_path: Path, monke
     assert died[0]["reason"].startswith("rank 1 on ")
     assert [r["outcome"] for r in recs if r not in died] == ["pass"] * (len(recs) - len(STRATEGIES))
     assert counts["lost_records"] == len(STRATEGIES) and counts["missing_records"] == 6 * len(STRATEGIES) - len(recs)
+
+
+def test_torchrun_ranks_supervise_workers_so_a_dying_scenario_is_an_error_record(tmp_path: Path) -> None:
+    """By default each rank runs its cases in worker processes: the scenario's os._exit on rank 1 ends
+    a worker, not the rank, and the run completes with every case of rank 1 an error record."""
+    mod = tmp_path / "mods"
+    mod.mkdir()
+    (mod / "t_dist_dying.py").write_text(DYING)
+    env, out = _env(PYTHONPATH=str(mod), **{COSTS_ENV: "none"}), tmp_path / "run"
+    args = ["--import", "t_dist_dying", "--scenario", "t_dist_dying", "--timeout", "0"]
+    res = subprocess.run([*TORCHRUN, *_run_args(out, *args)], cwd=ROOT, env=env, timeout=120, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    header = json.loads((out / "run.json").read_text())
+    assert header["status"] == "complete" and header["summary"]["lost_records"] == 0
+    assert {r["isolation"] for r in header["summary"]["ranks"]} == {"1 worker process (forked, replaced when one "
+                                                                    "dies or hangs)"}
+    recs = read_jsonl(out / "records.jsonl")
+    assert len(recs) == 6 * len(STRATEGIES)
+    died = [r for r in recs if r["outcome"] == "error"]
+    assert died and [r["outcome"] for r in recs if r not in died] == ["pass"] * (len(recs) - len(died))
+    first = [r for r in died if r["worker"]["event"] == "died"]
+    assert first and all(r["reason"].startswith("the worker process exited with code 17") for r in first)
+    assert all(r["reason"].startswith("not run: the worker failed twice") for r in died if r not in first)
 
 
 def test_module_command_line_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture,

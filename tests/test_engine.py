@@ -34,6 +34,7 @@ def _scn(name: str, run=_echo, inputs=_echo_inputs, grid=None, **kw) -> Scenario
 
 
 def _cfg(scenarios: list[Scenario], strategies: list[str], out: Path, **kw) -> RunConfig:
+    kw.setdefault("workers", 0)  # in this process: these tests count the scenario's calls here
     return RunConfig(scenarios, [parse(s) for s in strategies], CPU, out=out, **kw)
 
 
@@ -232,7 +233,8 @@ def test_every_run_of_a_scenario_is_under_the_strategy_s_gemm_flags(tmp_path: Pa
     s = add_scenario(temp_scenarios, Scenario(name="t_bare_gemm", family="reduction", description="d",
                                               grid={"k": [0]}, inputs=lambda p, g: {"x": torch.rand(4, 8, generator=g)},
                                               run=run, n=lambda p: 8))
-    run_matrix(RunConfig([s], [PRESETS["fp32"], PRESETS["tf32"]], torch.device("cpu"), out=tmp_path / "r"))
+    run_matrix(RunConfig([s], [PRESETS["fp32"], PRESETS["tf32"]], torch.device("cpu"), out=tmp_path / "r",
+                         workers=0))  # in this process: the test watches the calls here
     # reference: FP32 and FP64 runs; then the fp32 and tf32 strategies
     assert inside == ["fp32", "fp64", "fp32", "tf32"], inside
 

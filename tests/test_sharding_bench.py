@@ -21,6 +21,7 @@ def _rec(case: str, strategy: str, seconds: float, peak: int, outcome: str = "pa
 
 
 def _write(d: Path, recs: list[dict], summary: dict) -> None:
+    (d / "records.jsonl").unlink(missing_ok=True)  # rewritten on purpose: a RunWriter never writes over a run
     w = RunWriter(d, {"environment": {"device": "cuda"}})
     for r in recs:
         w.append(r)

@@ -52,7 +52,8 @@ class Group:
 def init_group(device: torch.device, cuda_collectives: bool = False) -> Group:
     """Join the process group torchrun describes in the environment, NVLink multicast off.
 
-    On CUDA each rank takes ``cuda:LOCAL_RANK``. The group is gloo: Python objects and the store's
+    On CUDA each rank takes ``cuda:LOCAL_RANK`` (without initialising CUDA in the rank, unless
+    ``cuda_collectives``). The group is gloo: Python objects and the store's
     counters are all a sharded run exchanges. ``cuda_collectives`` (the check of the real collectives)
     makes it ``cpu:gloo,cuda:nccl``: CUDA tensors through NCCL, Python objects through gloo."""
     for key, value in MULTICAST_OFF.items():
@@ -64,9 +65,9 @@ def init_group(device: torch.device, cuda_collectives: bool = False) -> Group:
         if local >= count:
             raise ValueError(f"LOCAL_RANK {local} has no GPU: this host has {count}; start at most {count} "
                              f"processes per host (torchrun --nproc-per-node {count})")
-        torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-        if cuda_collectives:
+        if cuda_collectives:  # NCCL needs the rank's GPU current here; a sharded run's workers set it themselves
+            torch.cuda.set_device(local)  # (this would initialise CUDA, and no worker could be forked after it)
             backend = "cpu:gloo,cuda:nccl"
     store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=TIMEOUT))
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world,

@@ -14,12 +14,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch.distributed as dist
 
-from ..engine import RunConfig, Summary, _done_keys, _record, default_out_dir, resume_config, run_case_records, \
-    SUMMED_STATS, run_header, run_stats, session_stats
+from ..engine import BOOKKEEPING_S, RunConfig, Summary, _done_keys, _record, _runner, default_out_dir, \
+    resume_config, SUMMED_STATS, run_header, run_stats
+from ..rundir import check_size, matrix_keys, resumed_header
 from ..guard import sigterm_as_interrupt
-from ..reference import ReferenceCache
-from ..results import RunFileError, RunWriter, case_seed_key, clean, read_header, read_run
-from ..scenario import Case, cases
+from ..results import RunFileError, RunLock, RunWriter, case_seed_key, clean, named_os_error, read_header, read_run
+from ..scenario import Case, cases, count_cases
 from ..verdict import Verdict
 from .group import MULTICAST_OFF, Group, barrier, init_group
 
@@ -82,8 +82,11 @@ class ShardFile:
         self._f = open(path, "w", buffering=1)
 
     def _write(self, obj: dict[str, Any]) -> None:
-        self._f.write(json.dumps(clean(obj), separators=(",", ":")) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(clean(obj), separators=(",", ":")) + "\n")
+            self._f.flush()
+        except OSError as exc:  # a full disk: say which file
+            raise named_os_error(exc, self.path) from exc
 
     def claim(self, index: int, slots: list[int], key: str, rank: int, host: str) -> None:
         self._write({"claim": index, "slots": slots, "case": key, "rank": rank, "host": host})
@@ -166,42 +169,61 @@ def run_sharded(cfg: RunConfig, progress: Callable[[int, int, str], None] | None
         dist.destroy_process_group()
 
 
-def _lead(cfg: RunConfig, g: Group, all_cases: list[Case],
-          resume: bool) -> tuple[dict[str, Any], RunWriter, list[dict]]:
+def _lead(cfg: RunConfig, g: Group, all_cases: list[Case], resume: bool,
+          env: dict[str, Any]) -> tuple[dict[str, Any], RunWriter, list[dict]]:
     """Rank 0: the run directory, its writer, earlier records (resume) and the plan every rank follows."""
     out = Path(cfg.out or default_out_dir(cfg.device))
+    lock = RunLock(out)  # held by rank 0 for the whole session (released when its writer closes)
+    try:
+        return _lead_locked(cfg, g, all_cases, resume, env, out, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _lead_locked(cfg: RunConfig, g: Group, all_cases: list[Case], resume: bool, env: dict[str, Any], out: Path,
+                 lock: RunLock) -> tuple[dict[str, Any], RunWriter, list[dict]]:
     if resume and any((out / SHARDS).glob("*.jsonl")):
-        merge_run(out)  # fold in what an interrupted sharded session left behind
-    done, previous = _done_keys(out) if resume else (set(), [])
+        merge_run(out, lock)  # fold in what an interrupted sharded session left behind
+    labels = [s.label for s in cfg.strategies]
+    done, previous = _done_keys(out, matrix_keys(all_cases, labels)) if resume else (set(), [])
     todo = [(i, [j for j, s in enumerate(cfg.strategies) if (c.key, s.label) not in done])
             for i, c in enumerate(all_cases)]
     todo = [t for t in todo if t[1]]
     hints, source = cost_hints(cfg.device.type, cfg.tier, out.parent)
     plan = [todo[k] for k in claim_order([all_cases[i].key for i, _ in todo], hints)]
-    header = run_header(cfg, len(all_cases))
+    header = resumed_header(out, env, {"timeout": cfg.timeout}) if resume else run_header(cfg, len(all_cases), env)
     header["distributed"] = {"world_size": g.world, "backend": g.backend, "cost_hints": source,
                              "schedule": "costliest first" if hints else "matrix order",
                              "env": {k: os.environ.get(k) for k in MULTICAST_OFF}}
-    writer = RunWriter(out, header, append=resume)
+    writer = RunWriter(out, header, append=resume, lock=lock)
     return ({"out": str(out), "token": uuid.uuid4().hex[:12], "plan": plan, "previous": len(previous),
              "total": len(all_cases) * len(cfg.strategies)}, writer, previous)
 
 
 def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], None] | None,
                  resume: bool) -> tuple[Path, Summary, dict[str, Any]] | None:
-    all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)
+    check_size(count_cases(cfg.scenarios, cfg.tier, cfg.seeds), len(cfg.strategies), cfg.max_records, BOOKKEEPING_S)
+    all_cases = cases(cfg.scenarios, cfg.tier, cfg.seeds)  # a list: ranks address cases by index
     barrier(g.store, g.world, f"mp-harness/start/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}")
     writer, previous = None, []
     box: list[Any] = [None]
+    runner, isolation, env = _runner(cfg, [], None)  # this rank supervises workers of its own
     if g.rank == 0:
-        box[0], writer, previous = _lead(cfg, g, all_cases, resume)
+        try:
+            box[0], writer, previous = _lead(cfg, g, all_cases, resume, env)
+        except BaseException:
+            runner.close()
+            raise
+        if hasattr(runner, "close_fds"):  # the workers must not hold the run directory's lock
+            runner.close_fds += (writer.lock.fileno(), writer.fileno())
         box[0]["progress"] = progress is not None  # only then do ranks count records in the store
     dist.broadcast_object_list(box, src=0)
     plan = box[0]
     out = Path(plan["out"])
     counter = dist.PrefixStore(f"mp-harness/{plan['token']}", g.store)
     shard = ShardFile(out / SHARDS / f"{plan['token']}-rank-{g.rank:05d}.jsonl")
-    refs, summary = ReferenceCache(), Summary()
+    summary = Summary()
     t0, claimed, current = time.perf_counter(), 0, None
     try:
         while (k := counter.add("next", 1) - 1) < len(plan["plan"]):
@@ -209,9 +231,10 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
             case = all_cases[current]
             shard.claim(current, slots, case.key, g.rank, g.host)
             claimed += 1
-            for n, rec in enumerate(run_case_records(case, [cfg.strategies[j] for j in slots], cfg.device, refs,
-                                                     summary, cfg.timeout)):
-                shard.record(current, slots[n], rec)
+            slot_of = {cfg.strategies[j].label: j for j in slots}
+            for rec in runner.records([(case, [cfg.strategies[j] for j in slots])]):
+                summary.add(rec)
+                shard.record(current, slot_of[rec["strategy"]], rec)
                 if plan["progress"]:  # a store round trip per record: skipped when nobody shows it
                     done = counter.add("done", 1)
                     if progress is not None and g.rank == 0:
@@ -222,6 +245,7 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
         if progress is not None and g.rank == 0:  # the other ranks' last records, counted after rank 0's
             progress(plan["previous"] + counter.add("done", 0), plan["total"], "all ranks done")
     except KeyboardInterrupt:
+        runner.close()
         if current is not None:
             shard.release(current)
         shard.close()
@@ -229,8 +253,9 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
             writer.close({"note": f"stopped: the records are in {SHARDS}/; `python -m harness.distributed merge "
                                   f"{out}` collects them"}, status="interrupted")
         raise
-    mine = session_stats(busy, refs, summary, summary.records, resume)  # this rank's busy time
-    mine.update(rank=g.rank, host=g.host, device=str(cfg.device), cases=claimed)
+    runner.close()
+    mine = run_stats(busy, runner.parts(), summary.records, summary.records, resume)  # this rank's busy time
+    mine.update(rank=g.rank, host=g.host, device=str(cfg.device), cases=claimed, isolation=isolation)
     gathered: list[Any] | None = [None] * g.world if g.rank == 0 else None
     dist.gather_object({"lines": lines, "stats": mine}, gathered, dst=0)
     result = _finish(cfg, all_cases, writer, previous, gathered, t0, resume) if g.rank == 0 else None
@@ -274,14 +299,24 @@ def _append(writer: RunWriter, previous: list[dict], new: list[tuple[dict, str |
     return summary
 
 
-def merge_run(out: Path) -> dict[str, Any]:
+def merge_run(out: Path, lock: RunLock | None = None) -> dict[str, Any]:
     """Fold the shard files of a sharded run that did not finish into its ``records.jsonl``.
 
     Records already there are kept; a case whose rank died gets an ``error`` record for each strategy
     it had not finished; cases nobody finished stay missing (``run --resume DIR`` runs them) and
     ``run.json`` says ``interrupted``. Run it where the run ran, with every host's shard files copied
-    into ``DIR/shards/``. Returns counts for the command line."""
+    into ``DIR/shards/``. Returns counts for the command line. Holds the directory's lock (``lock``:
+    the caller's, kept; else its own for the merge)."""
     out = Path(out)
+    held = lock or RunLock(out)
+    try:
+        return _merge(out, held)
+    finally:
+        if lock is None:
+            held.release()
+
+
+def _merge(out: Path, lock: RunLock) -> dict[str, Any]:
     cfg = resume_config(out)
     files = sorted((out / SHARDS).glob("*.jsonl"))
     if not files:
@@ -292,7 +327,7 @@ def merge_run(out: Path) -> dict[str, Any]:
     new = [(r, t) for r, t in _ordered(recs, lost, cfg, all_cases)
            if (case_seed_key(r), r["strategy"]) not in done]
     header = {k: v for k, v in read_header(out).items() if k not in ("status", "summary", "schema_version")}
-    writer = RunWriter(out, header, append=True)
+    writer = RunWriter(out, header, append=True, lock=lock, release_lock=False)
     summary = _append(writer, previous, new)
     missing = len(all_cases) * len(cfg.strategies) - summary.records
     counts = {"shard_files": len(files), "merged": len(new), "lost_records": len(lost), "missing_records": missing}
