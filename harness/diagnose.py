@@ -36,7 +36,7 @@ from .strategy import PRESETS, Strategy
 from .user_model import ModelSpec, Probe, train_trajectory
 from .window import Window, scale_window
 
-__all__ = ["NonFinite", "Diagnosis", "LayerProbe", "fp32_gradients", "significant_gradients", "underflow_by_tensor",
+__all__ = ["NonFinite", "Diagnosis", "LayerProbe", "fp32_gradients", "significant_gradients", "window_gradients", "underflow_by_tensor",
            "diagnose", "fp16_window"]
 
 ROOT = "(model)"
@@ -223,6 +223,17 @@ def underflow_by_tensor(grads: dict[str, torch.Tensor], ref: dict[str, torch.Ten
                         ) -> dict[str, float]:
     """Per tensor, the share of entries non-zero in ``ref`` and zero in ``grads`` (only tensors that lost some)."""
     return metrics.underflow_by_tensor(grads, ref, FORMATS[fmt_name])
+
+
+def window_gradients(spec: ModelSpec, device: torch.device | str, grads: dict[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """:func:`significant_gradients` for the loss-scale window, or ``grads`` as they are where the model
+    cannot run the FP64 and perturbed runs that find the computational zeros (its reference then gives
+    error records of their own; the window keeps the noise)."""
+    try:
+        return significant_gradients(spec, device, grads)
+    except Exception:  # noqa: BLE001
+        return grads
 
 
 def diagnose(spec: ModelSpec, strategy: Strategy, device: torch.device | str, steps: int,

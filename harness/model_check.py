@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from .diagnose import Diagnosis, diagnose as run_diagnosis, fp16_window, fp32_gradients, significant_gradients
+from .diagnose import Diagnosis, diagnose as run_diagnosis, fp16_window, fp32_gradients, window_gradients
 from .engine import RunConfig, resolve_device, run_matrix
 from .model_isolation import diagnosis, preflight, stand_in, worker_scenarios
 from .recommend import recommend, window_sentence
@@ -185,10 +185,7 @@ def _check_in_process(target: Any, strats: list, steps: int, dev: torch.device, 
     except Exception as exc:
         raise ValueError(f"{spec.name}: one FP32 training step failed ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); expected {EXPECTED}") from None
-    try:  # a model that cannot run in FP64 gets error records from the reference; the window keeps the noise
-        ref_grads = significant_gradients(spec, dev, ref_grads)
-    except Exception:  # noqa: BLE001
-        pass
+    ref_grads = window_gradients(spec, dev, ref_grads)
     imports = [target.split(":")[0]] if isinstance(target, str) else []
     cfg = RunConfig([model_scenario(spec, steps)], strats, dev, out=Path(out) if out else None, imports=imports,
                     workers=0)

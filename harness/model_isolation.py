@@ -22,7 +22,7 @@ __all__ = ["preflight", "stand_in", "worker_scenarios", "diagnosis", "refused"]
 
 
 def _preflight(target: Any, device: torch.device) -> tuple[str, Any]:
-    from .diagnose import fp16_window, fp32_gradients
+    from .diagnose import fp16_window, fp32_gradients, window_gradients
     from .user_model import EXPECTED, load_spec
     spec = load_spec(target)
     try:
@@ -32,7 +32,7 @@ def _preflight(target: Any, device: torch.device) -> tuple[str, Any]:
     except Exception as exc:
         raise ValueError(f"{spec.name}: one FP32 training step failed ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); expected {EXPECTED}") from None
-    return spec.name, fp16_window(grads)
+    return spec.name, fp16_window(window_gradients(spec, device, grads))
 
 
 def refused(target: Any, what: str, exc: IsolatedFailure, timeout: float | None) -> ValueError:

@@ -164,7 +164,8 @@ def test_a_full_disk_ends_the_run_interrupted_naming_the_file(mods: Path, tmp_pa
                           env=cli_env(mods), capture_output=True, text=True, preexec_fn=limit, timeout=120)
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and f"{out / 'records.jsonl'}: File too large" in err[0], proc.stderr
+    assert proc.returncode == 4  # the system failed (harness.exits), not bad input
+    assert len(err) == 1 and f"({out / 'records.jsonl'}): File too large" in err[0], proc.stderr
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     data = (out / "records.jsonl").read_bytes()
     kept = [json.loads(x) for x in data.split(b"\n")[:-1]]  # every whole line is a record
