@@ -6,8 +6,8 @@ For each strategy this times, on random (never zero) inputs:
   FP16 and BF16, and through ``torch._scaled_mm`` for FP8 E4M3 (unit per-tensor scales, BF16 output;
   with and without ``use_fast_accum``);
 * ``block``: forward and backward of a pre-LN transformer block (d=4096, 32 heads, 4 x 2048 tokens) run
-  by the harness's own :class:`~harness.execution.Execution` (autocast, FP8 GEMMs through fp8_matmul);
-* ``train``: a full training step of that block by the harness's :class:`~harness.training.Trainer`
+  by the harness's own :class:`~harness.core.execution.Execution` (autocast, FP8 GEMMs through fp8_matmul);
+* ``train``: a full training step of that block by the harness's :class:`~harness.run.training.Trainer`
   (loss, scaled backward, unscale, overflow check, AdamW update).
 
 Times are the median over many back-to-back calls, each bracketed by CUDA events, after a warm-up of a
@@ -44,10 +44,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harness.device_profile import device_info  # noqa: E402
-from harness.execution import Execution, route_linears  # noqa: E402
-from harness.strategy import parse  # noqa: E402
-from harness.training import Trainer  # noqa: E402
+from harness.device.device_profile import device_info  # noqa: E402
+from harness.core.execution import Execution, route_linears  # noqa: E402
+from harness.core.strategy import parse  # noqa: E402
+from harness.run.training import Trainer  # noqa: E402
 
 #: GEMM ceilings measured on the H200 (DESIGN.md section 7; FP32 runs on the CUDA cores, the rest on
 #: Tensor Cores), TFLOP/s, by compute format.

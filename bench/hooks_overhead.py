@@ -1,10 +1,10 @@
 """What the per-layer diagnosis costs, and that a plain run pays nothing for it.
 
-Times :func:`harness.user_model.train_trajectory` on the example model three ways, per training step:
+Times :func:`harness.models.user_model.train_trajectory` on the example model three ways, per training step:
 
 * ``plain``: no probe (what ``run`` and ``check-model`` do for every strategy);
 * ``probe-protocol``: a probe that attaches nothing (the cost of the hook points themselves);
-* ``diagnosis``: :class:`harness.diagnose.LayerProbe`, forward hooks on every module plus tensor hooks
+* ``diagnosis``: :class:`harness.models.diagnose.LayerProbe`, forward hooks on every module plus tensor hooks
   on every output and parameter, each checking for inf/NaN (what only failing strategies get).
 
 It also counts the hooks present on the trained copy in a plain run (0: nothing is attached)::
@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.third_party_model import factory  # noqa: E402
-from harness.diagnose import LayerProbe  # noqa: E402
-from harness.execution import Execution  # noqa: E402
-from harness.strategy import PRESETS  # noqa: E402
-from harness.timing import sync  # noqa: E402
-from harness.user_model import Probe, load_spec, train_trajectory  # noqa: E402
+from harness.models.diagnose import LayerProbe  # noqa: E402
+from harness.core.execution import Execution  # noqa: E402
+from harness.core.strategy import PRESETS  # noqa: E402
+from harness.run.timing import sync  # noqa: E402
+from harness.models.user_model import Probe, load_spec, train_trajectory  # noqa: E402
 
 
 class CountingProbe(Probe):

@@ -38,7 +38,7 @@ TRIVIAL_STRATEGIES = ("fp32", "fp16", "fp16-dynamic", "bf16")
 TRIVIAL_MODULE = '''
 """A scenario that does almost nothing: what is left of a run's time is the harness's bookkeeping."""
 import torch
-from harness.scenario import Output, Scenario, register
+from harness.core.scenario import Output, Scenario, register
 
 register(Scenario(
     name="bench_trivial", family="reduction", description="returns its one-element input",

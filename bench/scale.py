@@ -32,7 +32,7 @@ GRID = 100  # parameter values of the scenario's full grid; --seeds makes up the
 MODULE = f'''
 """A scenario that does almost nothing, with a {GRID}-value full grid (quick: 1 value)."""
 import torch
-from harness.scenario import Output, Scenario, register
+from harness.core.scenario import Output, Scenario, register
 
 register(Scenario(
     name="scale_trivial", family="reduction", description="returns its 4-element input",

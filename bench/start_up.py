@@ -43,10 +43,10 @@ def _phases(device: str) -> list[list]:
     import torch
 
     def harness():
-        from harness.scenario import discover
+        from harness.core.scenario import discover
         discover()
     timed("import the harness, discover the suites", harness)
-    from harness.timing import sync
+    from harness.run.timing import sync
     dev = torch.device(device)
     if dev.type == "cuda":
         timed("CUDA context", lambda: (torch.zeros(1, device=dev), sync(dev)))
@@ -59,8 +59,8 @@ def _phases(device: str) -> list[list]:
     w = torch.randn(4, 3, 3, 3, device=dev, requires_grad=True)
     timed("first convolution, forward and backward (cuDNN)",
           lambda: (torch.nn.functional.conv2d(x, w).sum().backward(), sync(dev)))
-    from harness.execution import Execution
-    from harness.strategy import PRESETS, tensor_core_support
+    from harness.core.execution import Execution
+    from harness.core.strategy import PRESETS, tensor_core_support
     if tensor_core_support("fp8", dev) is None:
         ex = Execution(PRESETS["fp8-tensorwise"], dev)
         timed("first FP8 GEMM (Triton quantization, _scaled_mm)", lambda: (ex.matmul(a, a), sync(dev)))
@@ -69,9 +69,9 @@ def _phases(device: str) -> list[list]:
 
 def _case(device: str, name: str, tier: str) -> dict:
     """Seconds of one case under every strategy, cold then warm, in a fresh process."""
-    from harness.engine import Summary, run_case_records, select_matrix
-    from harness.reference import ReferenceCache
-    from harness.scenario import cases
+    from harness.run.engine import Summary, run_case_records, select_matrix
+    from harness.run.reference import ReferenceCache
+    from harness.core.scenario import cases
     scenarios, strategies, dev = select_matrix(tier, device, [], scenario_globs=[name])
     case = cases(scenarios, tier, 1)[0]
     out: dict = {"case": case.id, "strategies": len(strategies)}

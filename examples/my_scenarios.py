@@ -9,7 +9,7 @@ with ``--import``::
 Each ``register(Scenario(...))`` call adds one scenario: a name (unique across the registry), one of
 the fixed families, a description that says what it demonstrates, a parameter grid (``quick``
 overrides it for the default tier), ``inputs`` that build FP32 CPU tensors from a seeded generator,
-``run`` that computes under the strategy's :class:`~harness.execution.Execution`, the length ``n`` of
+``run`` that computes under the strategy's :class:`~harness.core.execution.Execution`, the length ``n`` of
 its chain of roundings in the compute format (the error bound grows with it), and the failures it
 expects, with reasons. See docs/own_scenarios.md.
 """
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.execution import Execution, route_linears
-from harness.scenario import Expect, Output, Scenario, register
-from harness.training import Trainer
+from harness.core.execution import Execution, route_linears
+from harness.core.scenario import Expect, Output, Scenario, register
+from harness.run.training import Trainer
 
 
 # -- 1. a hand-written op: logsumexp without the max shift ---------------------------------------

@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # lazy: ``import harness`` (and harness.results for reports) stays free of torch
     if name == "check_model":
-        from .model_check import check_model
+        from .models.model_check import check_model
         return check_model
     raise AttributeError(f"module 'harness' has no attribute {name!r}")

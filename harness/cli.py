@@ -111,7 +111,7 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .scenario import discover
+    from .core.scenario import discover
     reg = discover(args.imports)
     items = [s.summary() for s in reg]
     if args.json:
@@ -125,7 +125,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
-    from .strategy import PRESETS
+    from .core.strategy import PRESETS
     if args.json:
         print(json.dumps([{"name": n, "spec": str(s)} for n, s in PRESETS.items()], indent=1))
         return 0
@@ -143,7 +143,7 @@ def _progress_bar(console: Any):
 
 def _run_config(args: argparse.Namespace):
     from dataclasses import replace
-    from .engine import MAX_RECORDS, RunConfig, resume_config, select_matrix
+    from .run.engine import MAX_RECORDS, RunConfig, resume_config, select_matrix
     from .results import check_new_out
     limit = args.max_records or MAX_RECORDS
     if args.resume is not None:
@@ -168,7 +168,7 @@ def _run_config(args: argparse.Namespace):
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import distributed
-    from .engine import run_matrix
+    from .run.engine import run_matrix
     from .report.tables import render_failure_table
     cfg, resume = _run_config(args)
     runner = distributed.run_sharded if distributed.launched() else run_matrix  # torchrun: ranks share the cases
@@ -197,7 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 #: Modules that add a subcommand: each defines ``add_command(subparsers)`` and sets ``func`` on its
 #: parser (``func(args) -> exit code``; raise ``results.InputError``, or ValueError/TypeError from a ``raise``
 #: in harness code, for bad input: :mod:`harness.exits`).
-COMMAND_MODULES: tuple[str, ...] = ("harness.report.cli", "harness.gate", "harness.model_check")
+COMMAND_MODULES: tuple[str, ...] = ("harness.report.cli", "harness.gate", "harness.models.model_check")
 #: The command each view module adds: ``report`` and ``gate`` are pure functions of run files and must run
 #: where torch is absent (a laptop with runs copied from a GPU box), so only their own module is imported.
 VIEW_COMMANDS = {"report": "harness.report.cli", "gate": "harness.gate"}

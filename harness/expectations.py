@@ -19,8 +19,8 @@ from typing import Iterable, Sequence
 import torch
 
 from .cli import Parser
-from .scenario import FAMILIES, TIERS, Scenario, case_id, discover
-from .strategy import PRESETS, Strategy, support
+from .core.scenario import FAMILIES, TIERS, Scenario, case_id, discover
+from .core.strategy import PRESETS, Strategy, support
 
 __all__ = ["expected_outcome", "expected_rows", "render", "main", "CODES"]
 

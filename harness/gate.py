@@ -9,7 +9,7 @@ strategy) and the numbers:
   that was finite became inf or NaN (always a regression, never an improvement); errors below
   ``error_floor`` times the case's bound are not compared (a 1000x growth of 1e-10 is noise), nor are
   the errors of a case whose FP32 reference was nondeterministic in either run (GPU kernels that add in
-  another order each run, :mod:`harness.reference`): that is a notice, while its outcome is still gated;
+  another order each run, :mod:`harness.run.reference`): that is a notice, while its outcome is still gated;
 * **rate** - over the cases both hold (a run of one family is compared with that family's part of the
   baseline), a strategy's failure rate rose by more than ``rate_margin`` *and* the run's 95% Wilson
   interval lies above the baseline's rate, so a case or two flipping in a large sample does not trip it;

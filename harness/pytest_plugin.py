@@ -11,7 +11,7 @@ An unexpected failure fails the item with the verdict's reason; a declared expec
 (``Scenario.expected``) is an xfail (one that passes is an XPASS, not strict; a *different* failure
 than the declared one fails); an unsupported strategy is a skip. ``--junitxml`` works as for any run,
 with the outcome, reason and key metrics as properties of each test case. References are computed once
-per case with the engine's :class:`~harness.reference.ReferenceCache` and reused by its strategies.
+per case with the engine's :class:`~harness.run.reference.ReferenceCache` and reused by its strategies.
 
 In your own tests::
 
@@ -90,8 +90,8 @@ class _Cases:
 
 
 def _select(config: pytest.Config) -> tuple[list, list, Any]:
-    from .engine import select_matrix
-    from .scenario import cases
+    from .run.engine import select_matrix
+    from .core.scenario import cases
     seeds = config.getoption("harness_seeds")
     if not str(seeds).isdigit() or int(seeds) < 1:
         raise ValueError(f"--harness-seeds {seeds!r}: a whole number >= 1")
@@ -106,14 +106,14 @@ class _Runner:
     """Runs cases through the engine, keeping the current case's inputs and reference."""
 
     def __init__(self, device: Any) -> None:
-        from .reference import ReferenceCache
+        from .run.reference import ReferenceCache
         self.device = device
         self.refs = ReferenceCache()
         self._case: Any = None
         self._inputs: tuple[dict, BaseException | None] = ({}, None)
 
     def run(self, case: Any, strategy: Any) -> dict[str, Any]:
-        from .engine import _input_error, case_inputs, run_case
+        from .run.engine import _input_error, case_inputs, run_case
         if self._case is None or self._case.key != case.key:
             if self._case is not None:
                 self.refs.drop(self._case, self.device)
@@ -218,9 +218,9 @@ def _make_run(fn: Callable, positional: bool, loss: Callable | None, steps: int)
 
     import torch
 
-    from .execution import route_linears
-    from .scenario import Output
-    from .training import Trainer
+    from .core.execution import route_linears
+    from .core.scenario import Output
+    from .run.training import Trainer
 
     def call(f: Callable, args: dict) -> Any:
         return f(*args.values()) if positional else f(**args)
@@ -264,10 +264,10 @@ def assert_robust(fn: Callable, inputs: Any, strategy: Any, *, device: str = "cp
     """
     import torch
 
-    from .engine import _inputs, resolve_device, run_case
-    from .reference import ReferenceCache
-    from .scenario import Case, Scenario, Tolerance
-    from .strategy import Strategy, parse
+    from .run.engine import _inputs, resolve_device, run_case
+    from .run.reference import ReferenceCache
+    from .core.scenario import Case, Scenario, Tolerance
+    from .core.strategy import Strategy, parse
 
     st = strategy if isinstance(strategy, Strategy) else parse(str(strategy))
     dev = resolve_device(device)

@@ -19,7 +19,7 @@ __all__ = ["SCHEMA_VERSION", "OUTCOMES", "ERROR_METRICS", "InputError", "RunFile
            "check_header", "check_schema_version", "is_number", "iter_object_members"]
 
 SCHEMA_VERSION = 1
-#: A record's ``outcome``: the verdicts of :mod:`harness.verdict`. They live here, with the schema,
+#: A record's ``outcome``: the verdicts of :mod:`harness.judge.verdict`. They live here, with the schema,
 #: so that reports and the gate read them without importing the engine.
 OUTCOMES = ("pass", "diverged", "overflow", "underflow", "scale_exhausted", "stalled", "unsupported", "error")
 #: The errors a verdict bounds and the gate compares: the output's and the gradients' normwise relative

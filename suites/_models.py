@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from harness.execution import Execution
-from harness.scenario import Output
-from harness.training import TrainResult
-from harness.window import budget_count
+from harness.core.execution import Execution
+from harness.core.scenario import Output
+from harness.run.training import TrainResult
+from harness.judge.window import budget_count
 
 __all__ = ["DYNAMIC", "wide", "Probe", "Bias", "DeepNarrow", "magnitudes", "training_output", "blocked_sum",
            "one_pass_layernorm", "rms_norm", "ema", "realistic_gradients", "REALISTIC_SHARES"]

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from harness.execution import Execution
-from harness.scenario import Expect, Output, Scenario, register
-from harness.tolerance import bound
+from harness.core.execution import Execution
+from harness.core.scenario import Expect, Output, Scenario, register
+from harness.judge.tolerance import bound
 
 from ._models import blocked_sum
 

@@ -17,9 +17,9 @@ from dataclasses import replace
 import torch
 
 from harness.distributed import ring_all_reduce, ring_reduce_scatter
-from harness.execution import Execution
-from harness.scaling import Scaler
-from harness.scenario import Expect, Output, Scenario, register
+from harness.core.execution import Execution
+from harness.core.scaling import Scaler
+from harness.core.scenario import Expect, Output, Scenario, register
 
 from ._models import DYNAMIC
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.scenario import Expect, Output, Scenario, register
-from harness.training import Trainer
+from harness.core.scenario import Expect, Output, Scenario, register
+from harness.run.training import Trainer
 
 from ._models import DYNAMIC, Probe, dot_loss, frozen, training_output, wide
 

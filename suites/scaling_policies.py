@@ -4,11 +4,11 @@ Each scenario hands the backward pass gradients of a known range: parameters ``w
 ``sum(<x @ w_p, G_p>)`` with ``x = I``, so ``dL/dw_p = G_p`` exactly in FP32, and in FP16 the scaled
 ``S*G_p`` is rounded once, where the backward pass meets it (``n = 2``). The learning rate is zero:
 every step sees the same gradients, so a run is the scaler searching for a scale that works, and the
-verdict reads its trace (:func:`harness.verdict._scaling`). The reference window of every record says
+verdict reads its trace (:func:`harness.judge.verdict._scaling`). The reference window of every record says
 which scales would have worked.
 
 ``policy`` replaces the loss scaler of every strategy that has a dynamic one (``fp16-dynamic``,
-``fp16-gradscaler``, ``fp16-pure``, ``fp16-master``) with a preset of :data:`harness.scaling.SCALER_PRESETS`
+``fp16-gradscaler``, ``fp16-pure``, ``fp16-master``) with a preset of :data:`harness.core.scaling.SCALER_PRESETS`
 or the real ``torch.amp.GradScaler``, **time-compressed**: the presets' growth intervals of 1000-2000
 steps become a few steps (each scenario's ``interval``) so that a CPU run of tens of steps shows what
 a real run shows after thousands. GradScaler refuses to unscale FP16 gradients, so under
@@ -23,10 +23,10 @@ from dataclasses import replace
 
 import torch
 
-from harness.execution import Execution
-from harness.scaling import SCALER_PRESETS, ScalerSpec
-from harness.scenario import Expect, Output, Scenario, register
-from harness.training import Trainer
+from harness.core.execution import Execution
+from harness.core.scaling import SCALER_PRESETS, ScalerSpec
+from harness.core.scenario import Expect, Output, Scenario, register
+from harness.run.training import Trainer
 
 from ._models import DYNAMIC, frozen, magnitudes
 

@@ -1,6 +1,6 @@
 """``tensor_core`` family: what the GPU's Tensor Cores do to inner products, measured on the device.
 
-``tc_profile`` runs the directed tests of :mod:`harness.device_profile` for the input format the
+``tc_profile`` runs the directed tests of :mod:`harness.device.device_profile` for the input format the
 strategy's GEMMs use (FP16, BF16, TF32 or FP8 E4M3) and puts the device's numerical profile in the
 record (``metrics.profile``); ``tc_long_dot`` shows what that profile means for a user: long inner
 products of inputs that every format holds exactly, so the only error left is the accumulator's.
@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from harness.formats import FORMATS
-from harness.scenario import Expect, Output, Scenario, register
+from harness.core.formats import FORMATS
+from harness.core.scenario import Expect, Output, Scenario, register
 
 #: The Tensor-Core input format of each strategy's GEMMs (FP32 GEMMs do not use Tensor Cores).
 TC_FORMAT = {"fp16": "fp16", "bf16": "bf16", "tf32": "tf32", "fp8": "fp8_e4m3"}
@@ -24,7 +24,7 @@ def _profile_run(ex, inp: dict, p: dict) -> Output:
     if fmt is None:
         return Output(extra={"profile": None, "profile_note": f"compute={ex.strategy.compute} GEMMs do not run "
                                                               "on Tensor Cores"})
-    from harness.device_profile import device_profile
+    from harness.device.device_profile import device_profile
     res = device_profile(str(ex.device), (fmt,), p["backend"])
     prof = res["formats"][fmt]
     if "error" in prof or "unsupported" in prof:
@@ -70,7 +70,7 @@ def _tensor_core_gemm(ex, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     fmt = TC_FORMAT.get(ex.strategy.compute)
     if fmt is None:  # FP32 and FP64 (the reference and its check): a plain GEMM, TF32 off
         return a @ b
-    from harness import _triton_dot
+    from harness.core import _triton_dot
     dtype = FORMATS[fmt].dtype  # TF32 operands live in FP32 registers
     d = _triton_dot.gemm(a.float().to(dtype), b.float().to(dtype), tf32=fmt == "tf32")
     return d.to(ex.dtype)

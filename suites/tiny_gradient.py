@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from harness.scenario import Expect, Output, Scenario, register
-from harness.training import Trainer
+from harness.core.scenario import Expect, Output, Scenario, register
+from harness.run.training import Trainer
 
 from ._models import DYNAMIC, Bias, DeepNarrow, Probe, dot_loss, realistic_gradients, training_output, wide
 

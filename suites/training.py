@@ -1,8 +1,8 @@
 """``training`` family: small models trained for a number of steps under each strategy, against the
 FP32 trajectory with the same initial weights and the same batches.
 
-Each case is the run ``check-model`` makes of a user's model (:func:`harness.user_model.train_trajectory`):
-a deep copy of the model trained through :class:`harness.training.Trainer` (autocast or cast, loss
+Each case is the run ``check-model`` makes of a user's model (:func:`harness.models.user_model.train_trajectory`):
+a deep copy of the model trained through :class:`harness.run.training.Trainer` (autocast or cast, loss
 scaling with our scaler or the real ``torch.amp.GradScaler``, FP32 master weights, skipped steps
 retried on the same batch), every ``nn.Linear`` routed through the strategy's GEMM (FP8, emulated
 TF32). What is judged: the net parameter update (its ``rel_err`` is the parameter drift relative to
@@ -11,9 +11,9 @@ FP32's own, the first update's gradients, the loss curve (``loss_divergence``, `
 and the scaler's trace.
 
 The bound: ``n = steps * (2*depth + 1)`` roundings chained over the run (``depth`` = modules holding
-parameters), so the probabilistic model of :mod:`harness.tolerance` allows ``lambda*sqrt(n)*u``:
+parameters), so the probabilistic model of :mod:`harness.judge.tolerance` allows ``lambda*sqrt(n)*u``:
 error growing like a random walk over the steps. Each scenario also gives its run as ``perturbed``: the
-reference runs it from weights one ulp apart to measure FP32's own sensitivity (:mod:`harness.sensitivity`),
+reference runs it from weights one ulp apart to measure FP32's own sensitivity (:mod:`harness.judge.sensitivity`),
 which floors each error metric's bound. See docs/check_model.md.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from harness.execution import Execution
-from harness.scenario import Expect, Output, Scenario, Tolerance, register
-from harness.user_model import CHAIN_REASON, ModelSpec, chain_length, depth, train_trajectory
+from harness.core.execution import Execution
+from harness.core.scenario import Expect, Output, Scenario, Tolerance, register
+from harness.models.user_model import CHAIN_REASON, ModelSpec, chain_length, depth, train_trajectory
 
 TOLERANCE = Tolerance(reason=CHAIN_REASON)
 
@@ -116,7 +116,7 @@ def _seed(g: torch.Generator) -> int:
 def _run(build: Callable[[], nn.Module], loss: Callable, data: Callable[[dict, int], tuple],
          optimizer: Callable[[dict], Callable]) -> Callable[..., Output]:
     """The case's training run; ``perturb=k`` starts it from weights one ulp away (the reference's FP32
-    sensitivity runs, :mod:`harness.sensitivity`)."""
+    sensitivity runs, :mod:`harness.judge.sensitivity`)."""
     def run(ex: Execution, inp: dict, p: dict, perturb: int | None = None) -> Output:
         spec = ModelSpec("model", _seeded(build, inp["seed"]), lambda i: data(inp, i), loss, optimizer(p))
         return train_trajectory(ex, spec, p["steps"], perturb=perturb)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.scenario import Expect, Output, Scenario, Tolerance, register
-from harness.training import Trainer
+from harness.core.scenario import Expect, Output, Scenario, Tolerance, register
+from harness.run.training import Trainer
 
 #: Weights |w0| in [1, 2): FP16's ulp there is 2^-10 (an update below 2^-11 is lost), BF16's is 2^-7.
 SGD_LR = 2.0**-4

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-from harness.scenario import REGISTRY, Scenario  # noqa: E402
+from harness.core.scenario import REGISTRY, Scenario  # noqa: E402
 
 #: Strategies of the issue's acceptance checks (``quick_run``).
 ACCEPTANCE_STRATEGIES = ("fp32", "fp16", "fp16-dynamic", "fp16-gradscaler", "bf16")

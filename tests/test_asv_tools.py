@@ -251,7 +251,7 @@ def test_history_svg_of_the_repository_results() -> None:
 
 # -- the benchmarks themselves ---------------------------------------------------------------------------
 def test_discover_skips_the_benchmarks_package() -> None:
-    code = ("import sys; from harness.scenario import discover; discover(); "
+    code = ("import sys; from harness.core.scenario import discover; discover(); "
             "print(sorted(m for m in sys.modules if m.startswith('suites.benchmarks')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))

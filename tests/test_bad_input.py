@@ -23,10 +23,10 @@ GOLDEN = Path(__file__).parent / "golden"
 
 MODULES = {
     "bi_broken": "import torch\nraise RuntimeError('bi_broken fails at import')\n",
-    "bi_duplicate": ("from harness.scenario import Output, Scenario, register\n"
+    "bi_duplicate": ("from harness.core.scenario import Output, Scenario, register\n"
                      "register(Scenario(name='update_swamping', family='reduction', description='d', grid={},\n"
                      "                  inputs=lambda p, g: {}, run=lambda ex, i, p: Output()))\n"),
-    "bi_badfamily": ("from harness.scenario import Output, Scenario, register\n"
+    "bi_badfamily": ("from harness.core.scenario import Output, Scenario, register\n"
                      "register(Scenario(name='bi_x', family='reductions', description='d', grid={},\n"
                      "                  inputs=lambda p, g: {}, run=lambda ex, i, p: Output()))\n"),
     "bi_factories": '''

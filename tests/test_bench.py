@@ -19,14 +19,14 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from harness.formats import FORMATS
-from harness.metrics import compare
-from harness.reference import ReferenceCache
+from harness.core.formats import FORMATS
+from harness.judge.metrics import compare
+from harness.run.reference import ReferenceCache
 from harness.results import RunWriter, read_records
-from harness.scaling import Scaler, parse_scaler
-from harness.scenario import Case, Output, Scenario, seed_generator
-from harness.timing import sync
-from harness.tolerance import bound
+from harness.core.scaling import Scaler, parse_scaler
+from harness.core.scenario import Case, Output, Scenario, seed_generator
+from harness.run.timing import sync
+from harness.judge.tolerance import bound
 from suites.benchmarks import _ops
 
 DEVICE = _ops.device()

@@ -14,9 +14,9 @@ from torch import nn
 
 import harness
 from harness.cli import main
-from harness.model_check import check_model
+from harness.models.model_check import check_model
 from harness.results import RECORD_FIELDS, read_run
-from harness.user_model import load_spec
+from harness.models.user_model import load_spec
 
 EXAMPLE = "examples.third_party_model:factory"
 

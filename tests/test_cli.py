@@ -20,7 +20,7 @@ import torch
 
 from conftest import ROOT, cli_env, read_jsonl, run_cli
 from harness.results import RECORD_FIELDS
-from harness.strategy import PRESETS, parse
+from harness.core.strategy import PRESETS, parse
 
 DRIVER = r"""
 import contextlib, io, json, sys, traceback
@@ -133,7 +133,7 @@ def test_bad_input_end_to_end_in_its_own_process() -> None:
 # -- a small run, with a scenario that raises -------------------------------------------------------
 BOOM = '''
 import torch
-from harness.scenario import Output, Scenario, register
+from harness.core.scenario import Output, Scenario, register
 
 
 def run(ex, inp, p):
@@ -233,9 +233,9 @@ def _faults(tmp: Path) -> dict:
     golden = ROOT / "tests" / "golden" / "cpu_small"
     base = tmp / "base.json"
     return {
-        "list": (["list"], "harness.scenario", "discover", lambda *a, **k: 1 / 0, "ZeroDivisionError"),
-        "strategies": (["strategies"], "harness.strategy", "PRESETS", _Boom(), "KeyError"),
-        "run": (["run", *ONE, "--out", str(tmp / "new")], "harness.engine", "select_matrix",
+        "list": (["list"], "harness.core.scenario", "discover", lambda *a, **k: 1 / 0, "ZeroDivisionError"),
+        "strategies": (["strategies"], "harness.core.strategy", "PRESETS", _Boom(), "KeyError"),
+        "run": (["run", *ONE, "--out", str(tmp / "new")], "harness.run.engine", "select_matrix",
                 lambda *a, **k: [][1], "IndexError"),
         "report": (["report", str(golden)], "harness.report.summary.RunSummary", "add",
                    lambda self, r: {}["x"], "KeyError"),
@@ -247,7 +247,7 @@ def _faults(tmp: Path) -> dict:
         # a ValueError of an operation in harness code (float('abc') in results.num), not a `raise`: still 3
         "gate-operation-valueerror": (["gate", str(golden), "--baseline", str(base)], "harness.gate", "as_case",
                                       lambda b: num("abc"), "ValueError"),
-        "check-model": (["check-model", "nowhere:factory", "--device", "cpu"], "harness.model_check", "_cmd",
+        "check-model": (["check-model", "nowhere:factory", "--device", "cpu"], "harness.models.model_check", "_cmd",
                         lambda args: 1 / 0, "ZeroDivisionError"),
     }
 

@@ -1,6 +1,6 @@
-"""The Tensor-Core probes (harness.tc_probes) recover every parameter of the CPU model exactly, for many settings.
+"""The Tensor-Core probes (harness.device.tc_probes) recover every parameter of the CPU model exactly, for many settings.
 
-The model (harness.tensor_core_model) stands in for a GPU: the probes see only ``matmul(a, b, c)``, so
+The model (harness.device.tensor_core_model) stands in for a GPU: the probes see only ``matmul(a, b, c)``, so
 recovering its parameters exactly is what makes their verdicts on a real device trustworthy.
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ import json
 import pytest
 import torch
 
-from harness import device_profile as dp
-from harness import tc_probes as tp
-from harness.formats import get_format
-from harness.tensor_core_model import ROUNDINGS, TensorCoreModel, round_integer, round_significand
+from harness.device import device_profile as dp
+from harness.device import tc_probes as tp
+from harness.core.formats import get_format
+from harness.device.tensor_core_model import ROUNDINGS, TensorCoreModel, round_integer, round_significand
 
 # (format, model parameters): the settings the probes must recover, far apart on every axis
 SETTINGS = [
@@ -206,10 +206,10 @@ def test_render_table_marks_open_and_unsupported_entries() -> None:
 
 # -- the tensor_core suite on the CPU ------------------------------------------------------------------------------
 def test_tensor_core_scenarios_are_cuda_only_and_unsupported_here() -> None:
-    from harness.engine import run_case
-    from harness.reference import ReferenceCache
-    from harness.scenario import Case, discover
-    from harness.strategy import PRESETS
+    from harness.run.engine import run_case
+    from harness.run.reference import ReferenceCache
+    from harness.core.scenario import Case, discover
+    from harness.core.strategy import PRESETS
     scen = discover().select(families=["tensor_core"])
     assert {s.name for s in scen} >= {"tc_profile", "tc_long_dot"}
     for s in scen:
@@ -222,8 +222,8 @@ def test_tensor_core_scenarios_are_cuda_only_and_unsupported_here() -> None:
 def test_long_dot_inputs_are_exact_so_only_the_output_rounds(strategy: str, bound: float) -> None:
     """Run on the CPU (where FP32 sums these short positive products exactly): the only error is the
     output's rounding to the activation format, at most u; exact for FP32."""
-    from harness.execution import Execution
-    from harness.strategy import PRESETS
+    from harness.core.execution import Execution
+    from harness.core.strategy import PRESETS
     from suites import tensor_core as tc
     p = {"k": 256, "gemm": "library"}
     inp = tc._dot_inputs(p, torch.Generator().manual_seed(0))
@@ -237,8 +237,8 @@ def test_long_dot_inputs_are_exact_so_only_the_output_rounds(strategy: str, boun
 
 def test_long_dot_tensor_core_path_of_the_reference_is_a_plain_gemm() -> None:
     """FP32 and FP64 executions (the reference and its check) never reach the Tensor-Core kernel."""
-    from harness.execution import FP64, Execution
-    from harness.strategy import PRESETS
+    from harness.core.execution import FP64, Execution
+    from harness.core.strategy import PRESETS
     from suites import tensor_core as tc
     p = {"k": 128, "gemm": "tensor_core"}
     inp = tc._dot_inputs(p, torch.Generator().manual_seed(1))

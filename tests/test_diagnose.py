@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from harness.diagnose import LayerProbe, diagnose, fp16_window, fp32_gradients
-from harness.recommend import gradient_span, recommend, window_sentence
-from harness.strategy import PRESETS, parse
-from harness.user_model import load_spec
+from harness.models.diagnose import LayerProbe, diagnose, fp16_window, fp32_gradients
+from harness.models.recommend import gradient_span, recommend, window_sentence
+from harness.core.strategy import PRESETS, parse
+from harness.models.user_model import load_spec
 
 CPU = torch.device("cpu")
 

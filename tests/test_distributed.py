@@ -20,11 +20,11 @@ import torch
 from harness.distributed import claim_order, cost_hints, merge_run, merge_shard_lines, ring_all_reduce, \
     ring_reduce_scatter
 from harness.distributed.sharding import COSTS_ENV, SHARDS, ShardFile
-from harness.engine import RunConfig, run_header, run_matrix
-from harness.execution import Execution
+from harness.run.engine import RunConfig, run_header, run_matrix
+from harness.core.execution import Execution
 from harness.results import RunWriter, read_run
-from harness.scenario import REGISTRY, discover
-from harness.strategy import PRESETS, resolve
+from harness.core.scenario import REGISTRY, discover
+from harness.core.strategy import PRESETS, resolve
 
 from conftest import ROOT, read_jsonl
 
@@ -251,7 +251,7 @@ DYING = '''
 import os
 import time
 import torch
-from harness.scenario import Output, Scenario, register
+from harness.core.scenario import Output, Scenario, register
 
 def run(ex, inp, p):
     if os.environ.get("RANK") == "1":

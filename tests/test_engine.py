@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import add_scenario
-from harness.engine import RunConfig, resolve_device, run_matrix
+from harness.run.engine import RunConfig, resolve_device, run_matrix
 from harness.results import RECORD_FIELDS, read_run
-from harness.scenario import Expect, Output, Scenario
-from harness.strategy import PRESETS, parse
+from harness.core.scenario import Expect, Output, Scenario
+from harness.core.strategy import PRESETS, parse
 
 CPU = torch.device("cpu")
 CALLS: dict[str, int] = {}
@@ -197,7 +197,7 @@ def test_device_resolution() -> None:
 
 
 def test_peak_bytes_counts_only_what_the_case_allocated(monkeypatch) -> None:
-    from harness import engine
+    from harness.run import engine
     calls = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(d))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 100 * 2**20)  # inputs, reference
@@ -215,7 +215,7 @@ def test_every_run_of_a_scenario_is_under_the_strategy_s_gemm_flags(tmp_path: Pa
     # for the whole run: a GEMM outside ex.autocast() is under the strategy's TF32 setting too
     import contextlib
 
-    from harness.execution import Execution
+    from harness.core.execution import Execution
     inside: list[str] = []
     entered: list[str] = []
 
@@ -240,7 +240,7 @@ def test_every_run_of_a_scenario_is_under_the_strategy_s_gemm_flags(tmp_path: Pa
 
 
 def test_execute_rejects_what_is_not_an_output() -> None:
-    from harness.execution import Execution
+    from harness.core.execution import Execution
     s = Scenario(name="t_bad", family="reduction", description="d", grid={}, inputs=lambda p, g: {},
                  run=lambda ex, inp, p: {"value": 1})
     with pytest.raises(TypeError, match="scenario t_bad.run returned dict, expected harness.Output"):

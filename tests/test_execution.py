@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from harness.execution import FP64, Execution, route_linears
-from harness.formats import quantize
-from harness.strategy import parse
+from harness.core.execution import FP64, Execution, route_linears
+from harness.core.formats import quantize
+from harness.core.strategy import parse
 
 CPU = torch.device("cpu")
 
@@ -48,7 +48,7 @@ def test_autocast_region_runs_gemms_in_the_compute_format() -> None:
 
 
 def test_gemm_flags_are_left_alone_on_the_cpu_and_restored_by_the_setter() -> None:
-    from harness import execution
+    from harness.core import execution
     m = torch.backends.cuda.matmul
     before = execution._flags()
     with ex_of("tf32").autocast():  # the flags steer cuBLAS only: a CPU execution does not touch them
@@ -100,7 +100,7 @@ def test_fp8_delayed_scaling_uses_the_amax_history() -> None:
 
 
 def test_delayed_scaling_forgets_amaxes_older_than_its_history() -> None:
-    from harness.fp8 import E4M3, AmaxHistory
+    from harness.core.fp8 import E4M3, AmaxHistory
     hist = AmaxHistory(length=4)
     eight, one = torch.tensor(8.0), torch.tensor(1.0)
     first = float(hist.scale("k", eight, E4M3.max, delayed=True))
@@ -135,7 +135,7 @@ def test_route_linears_sends_nn_linear_through_the_strategy_gemm() -> None:
 
 
 def test_a_native_fp8_gemm_of_unsupported_shape_is_counted_as_emulated() -> None:
-    from harness.fp8 import AmaxHistory, fp8_matmul
+    from harness.core.fp8 import AmaxHistory, fp8_matmul
     hist = AmaxHistory()
     a = torch.linspace(-1.0, 1.0, 24).reshape(4, 6)  # 4 x 6 @ 6 x 8: no dimension of 16
     b = torch.linspace(0.5, 2.0, 48).reshape(6, 8)
@@ -148,7 +148,7 @@ def test_a_native_fp8_gemm_of_unsupported_shape_is_counted_as_emulated() -> None
 
 
 def test_gemm_flag_restore_returns_each_of_the_four_flags() -> None:
-    from harness import execution
+    from harness.core import execution
     m, c = torch.backends.cuda.matmul, torch.backends.cudnn
     before = execution._flags()
     try:  # a user's setting where the four differ: cuDNN TF32 on, cuBLAS TF32 off, only BF16 reduced
@@ -164,7 +164,7 @@ def test_gemm_flag_restore_returns_each_of_the_four_flags() -> None:
 
 
 def test_the_record_names_fp8_gemms_that_fell_back() -> None:
-    from harness.fp8 import fp8_matmul
+    from harness.core.fp8 import fp8_matmul
     ex = ex_of("fp8-tensorwise")
     before = list(ex.emulation_notes())  # on the CPU: the strategy's own emulation note
     a = torch.linspace(-1.0, 1.0, 24).reshape(4, 6)

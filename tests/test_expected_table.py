@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.engine import RunConfig, run_matrix
+from harness.run.engine import RunConfig, run_matrix
 from harness.expectations import CODES, expected_outcome, main, render
 from harness.results import read_run
-from harness.scenario import Expect, Output, Scenario, discover
-from harness.strategy import PRESETS, parse
+from harness.core.scenario import Expect, Output, Scenario, discover
+from harness.core.strategy import PRESETS, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

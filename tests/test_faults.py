@@ -22,15 +22,15 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_env, read_jsonl, run_cli
-from harness import reference
+from harness.run import reference
 from harness.cli import main
-from harness.engine import RunConfig, run_matrix
-from harness.formats import FORMATS
+from harness.run.engine import RunConfig, run_matrix
+from harness.core.formats import FORMATS
 from harness.gate import compare, make_baseline
 from harness.results import read_run
-from harness.scenario import REGISTRY, Output, Scenario
-from harness.strategy import PRESETS
-from harness.tolerance import bound
+from harness.core.scenario import REGISTRY, Output, Scenario
+from harness.core.strategy import PRESETS
+from harness.judge.tolerance import bound
 
 #: Fields that measure time or memory, or stamp the clock: everything else of a record is determined
 #: by the case, the strategy and the code.
@@ -55,7 +55,7 @@ def by_pair(records: list[dict]) -> dict[tuple, dict]:
 # -- faults inside a case ---------------------------------------------------------------------------
 FAULTS = '''
 import torch
-from harness.scenario import Output, Scenario, register
+from harness.core.scenario import Output, Scenario, register
 
 
 def _x(p, g):
@@ -188,7 +188,7 @@ def test_the_gate_fails_a_case_that_passed_in_the_baseline_and_errors_now(fault_
 SLOW = '''
 import time
 import torch
-from harness.scenario import Output, Scenario, register
+from harness.core.scenario import Output, Scenario, register
 
 
 def run(ex, inp, p):
@@ -350,7 +350,7 @@ def test_a_deterministic_reference_is_marked_so_and_keeps_its_bound(noisy, tmp_p
 
 
 def test_the_floor_names_its_source_and_ignores_an_infinite_spread() -> None:
-    from harness.engine import _floor
+    from harness.run.engine import _floor
 
     class R:
         format, check = "fp32", {"fp32_vs_fp64": 1e-7, "nondeterministic": True, "fp32_rerun_diff": 3e-3}

@@ -210,7 +210,7 @@ def test_update_refuses_an_incomplete_run(tmp_path, capsys):
 
 def test_gate_and_reports_import_no_torch():
     code = ("import sys, harness.gate, harness.report.cli, harness.report.html; "
-            "print(sorted(m for m in sys.modules if m in ('torch', 'harness.engine', 'harness.verdict')))")
+            "print(sorted(m for m in sys.modules if m in ('torch', 'harness.run.engine', 'harness.judge.verdict')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -240,8 +240,8 @@ def test_the_gate_and_report_commands_run_without_torch(tmp_path):
 
 def test_committed_cpu_baseline_covers_the_quick_tier():
     """results/baselines/cpu.json is what `.ci/run` gates against: a CPU quick-tier baseline of every case."""
-    from harness.scenario import cases, discover
-    from harness.strategy import PRESETS
+    from harness.core.scenario import cases, discover
+    from harness.core.strategy import PRESETS
     b = load_baseline(ROOT / "results" / "baselines" / "cpu.json")
     assert b["device_class"] == "cpu" and b["tier"] == "quick"
     keys = {f"{c.id}#{c.seed}|{s}" for c in cases(list(discover()), "quick", 1) for s in PRESETS}

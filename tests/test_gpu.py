@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.formats import FORMATS
-from harness.fp8 import AmaxHistory, E4M3, E5M2, fp8_matmul, quantize_fp8
+from harness.core.formats import FORMATS
+from harness.core.fp8 import AmaxHistory, E4M3, E5M2, fp8_matmul, quantize_fp8
 
 ROOT = Path(__file__).resolve().parent.parent
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -30,7 +30,7 @@ sm89 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device
 @cuda
 @triton_ok
 def test_device_profile_is_complete_and_predicts_the_device() -> None:
-    from harness.device_profile import FIELDS, PROBED_FORMATS, device_profile
+    from harness.device.device_profile import FIELDS, PROBED_FORMATS, device_profile
     res = device_profile("cuda", PROBED_FORMATS, "triton")
     assert set(res["formats"]) == set(PROBED_FORMATS)
     for fmt, p in res["formats"].items():
@@ -52,7 +52,7 @@ def test_device_profile_is_complete_and_predicts_the_device() -> None:
 @pytest.mark.cuda
 @cuda
 def test_seed_global_on_cuda_draws_what_torch_manual_seed_draws() -> None:
-    from harness.scenario import seed_global
+    from harness.core.scenario import seed_global
     dev = torch.device("cuda")
     torch.manual_seed(5)
     want = torch.randn(64, device=dev), torch.randn(4)
@@ -65,7 +65,7 @@ def test_seed_global_on_cuda_draws_what_torch_manual_seed_draws() -> None:
 @pytest.mark.cuda
 @cuda
 def test_cublas_profile_sees_the_same_tensor_cores() -> None:
-    from harness.device_profile import device_profile
+    from harness.device.device_profile import device_profile
     tri = device_profile("cuda", ("fp16", "bf16"), "triton")["formats"]
     cub = device_profile("cuda", ("fp16", "bf16"), "cublas")["formats"]
     for fmt in ("fp16", "bf16"):
@@ -78,7 +78,7 @@ def test_cublas_profile_sees_the_same_tensor_cores() -> None:
 @cuda
 @triton_ok
 def test_triton_tile_computes_c_plus_ab() -> None:
-    from harness._triton_dot import dot_acc
+    from harness.core._triton_dot import dot_acc
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(64, 128, device="cuda", generator=g).half()
     b = torch.randn(128, 64, device="cuda", generator=g).half()
@@ -95,9 +95,9 @@ def test_triton_tile_computes_c_plus_ab() -> None:
 def test_sequential_tensor_core_gemm_is_the_measured_model(fmt: str) -> None:
     """The K-loop Triton GEMM (the tc_long_dot 'tensor_core' path) over K=1024, 16 to 128 fused steps,
     is reproduced bit for bit by the model built from the probes' measurements."""
-    from harness import _triton_dot
-    from harness.device_profile import _DTYPES, device_profile, model_from_profile
-    from harness.tc_probes import random_operands
+    from harness.core import _triton_dot
+    from harness.device.device_profile import _DTYPES, device_profile, model_from_profile
+    from harness.device.tc_probes import random_operands
     if fmt == "fp8_e4m3" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs FP8 Tensor Cores (sm_89+)")
     model = model_from_profile(fmt, device_profile("cuda", (fmt,), "triton")["formats"][fmt])
@@ -112,11 +112,11 @@ def test_sequential_tensor_core_gemm_is_the_measured_model(fmt: str) -> None:
 @cuda
 def test_device_profile_cli_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
-    proc = subprocess.run([sys.executable, "-m", "harness.device_profile", "--format", "fp16", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "harness.device.device_profile", "--format", "fp16", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    from harness.device_profile import device_profile
+    from harness.device.device_profile import device_profile
     assert data["formats"]["fp16"] == device_profile("cuda", ("fp16",), "triton")["formats"]["fp16"]
     assert f"block_size              {data['formats']['fp16']['block_size']}" in proc.stdout
 
@@ -188,7 +188,7 @@ def _fp8_inputs(dtype: torch.dtype, fmax: float) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_quantize_equals_the_pytorch_expression_bit_for_bit(fmt: str, dtype: torch.dtype,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import harness.fp8 as fp8
+    import harness.core.fp8 as fp8
     f = FORMATS[fmt]
     x = _fp8_inputs(dtype, f.max).cuda()
     n = x.numel() - x.numel() % 16
@@ -214,7 +214,7 @@ def test_fused_quantize_equals_the_pytorch_expression_bit_for_bit(fmt: str, dtyp
 @pytest.mark.cuda
 @cuda
 def test_amax_is_one_pass_and_propagates_nan() -> None:
-    from harness.fp8 import _amax
+    from harness.core.fp8 import _amax
     x = torch.randn(1000, device="cuda", dtype=torch.bfloat16) * 7
     assert _amax(x).item() == x.abs().amax().item()
     x[17] = float("nan")
@@ -228,9 +228,9 @@ def test_amax_is_one_pass_and_propagates_nan() -> None:
 @cuda
 @triton_ok
 def test_tensor_core_family_runs_on_the_gpu(tmp_path: Path) -> None:
-    from harness.engine import RunConfig, run_matrix
-    from harness.scenario import discover
-    from harness.strategy import resolve
+    from harness.run.engine import RunConfig, run_matrix
+    from harness.core.scenario import discover
+    from harness.core.strategy import resolve
     scen = discover().select(families=["tensor_core"])
     strategies = resolve(["fp32", "tf32", "fp16", "bf16"] + (["fp8-tensorwise"]
                          if torch.cuda.get_device_capability() >= (8, 9) else []))
@@ -243,7 +243,7 @@ def test_tensor_core_family_runs_on_the_gpu(tmp_path: Path) -> None:
     wrong = [(r["case"], r["strategy"], r["outcome"], r["reason"]) for r in recs
              if r["outcome"] != ((r.get("expected") or {}).get("outcome") or "pass")]
     assert not wrong, wrong
-    from harness.device_profile import device_profile
+    from harness.device.device_profile import device_profile
     prof = {r["strategy"]: r["metrics"]["profile"] for r in recs if r["scenario"] == "tc_profile"}
     assert prof["fp32"] is None
     for strategy, fmt in (("fp16", "fp16"), ("bf16", "bf16"), ("tf32", "tf32")):
@@ -325,8 +325,8 @@ def test_tradeoff_bad_input_exits_2(tmp_path: Path, capsys) -> None:
 @pytest.mark.cuda
 @cuda
 def test_cuda_execution_sets_and_restores_the_gemm_flags() -> None:
-    from harness.execution import Execution, _flags, _set_flags
-    from harness.strategy import parse
+    from harness.core.execution import Execution, _flags, _set_flags
+    from harness.core.strategy import parse
     m, c = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = _flags()
     try:
@@ -357,9 +357,9 @@ def test_cuda_execution_sets_and_restores_the_gemm_flags() -> None:
 @cuda
 def test_a_gemm_outside_autocast_runs_under_the_strategy_s_tf32_setting(tmp_path: Path, temp_scenarios: list) -> None:
     from conftest import add_scenario
-    from harness.engine import RunConfig, run_matrix
-    from harness.scenario import Output, Scenario
-    from harness.strategy import PRESETS
+    from harness.run.engine import RunConfig, run_matrix
+    from harness.core.scenario import Output, Scenario
+    from harness.core.strategy import PRESETS
     seen: list[tuple[bool, bool]] = []
 
     def run(ex, inp, p) -> Output:  # noqa: ANN001

@@ -36,7 +36,7 @@ def test_example_module_runs_through_import(tmp_path: Path) -> None:
 
 
 DUPLICATE = '''
-from harness.scenario import Output, Scenario, register
+from harness.core.scenario import Output, Scenario, register
 register(Scenario(name="{name}", family="reduction", description="d", grid={{}},
                   inputs=lambda p, g: {{}}, run=lambda ex, i, p: Output()))
 '''

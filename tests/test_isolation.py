@@ -1,7 +1,7 @@
-"""Isolation of runs (harness/isolation.py): a run that writes into its inputs or leaves global state
+"""Isolation of runs (harness/core/isolation.py): a run that writes into its inputs or leaves global state
 changed is an ``error`` naming what it changed, and nothing reaches the next run or case.
 
-The unit tests drive :func:`harness.isolation.isolated` directly; the fault-injection test runs a module
+The unit tests drive :func:`harness.core.isolation.isolated` directly; the fault-injection test runs a module
 of hostile scenarios through the real command line (``run --import``), as a user's would run, and checks
 that no ``pass`` comes out of them and that a well-behaved scenario's records are the same whether it
 runs alone or after them.
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl, run_cli
-from harness.isolation import STATE, CaseInputs, SideEffect, global_state, isolated
+from harness.core.isolation import STATE, CaseInputs, SideEffect, global_state, isolated
 
 X = [1.0, 2.0, 0.5, 0.25]
 
@@ -197,10 +197,10 @@ def test_cuda_rng_and_cuda_inputs_are_restored() -> None:
 def test_on_cuda_a_tf32_switch_left_on_is_seen_inside_the_strategy_s_gemm_flags(tmp_path: Path,
                                                                                   temp_scenarios: list) -> None:
     from conftest import add_scenario
-    from harness.engine import RunConfig, run_matrix
+    from harness.run.engine import RunConfig, run_matrix
     from harness.results import read_run
-    from harness.scenario import Output, Scenario
-    from harness.strategy import PRESETS
+    from harness.core.scenario import Output, Scenario
+    from harness.core.strategy import PRESETS
 
     def run(ex, inp, p):  # noqa: ANN001
         torch.backends.cuda.matmul.allow_tf32 = True  # Execution.gemm_flags would put it back: isolation sees it first
@@ -219,7 +219,7 @@ def test_on_cuda_a_tf32_switch_left_on_is_seen_inside_the_strategy_s_gemm_flags(
 HOSTILE = '''
 import math
 import torch
-from harness.scenario import Output, Scenario, register
+from harness.core.scenario import Output, Scenario, register
 
 B = torch.backends
 

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from harness.formats import FORMATS
-from harness.metrics import compare, nonfinite_parts, output_problems, tensor_metrics, ulp, underflow_by_tensor
-from harness.scaling import Scaler, ScaleTrace, parse_scaler
-from harness.scenario import Output
+from harness.core.formats import FORMATS
+from harness.judge.metrics import compare, nonfinite_parts, output_problems, tensor_metrics, ulp, underflow_by_tensor
+from harness.core.scaling import Scaler, ScaleTrace, parse_scaler
+from harness.core.scenario import Output
 
 F16, BF16, F32 = FORMATS["fp16"], FORMATS["bf16"], FORMATS["fp32"]
 
@@ -230,8 +230,8 @@ def test_nonfinite_parts_say_which_output_and_where() -> None:
 def test_updates_lost_beyond_the_reference_is_exact_at_the_budget():
     """56 of 100 against 55 of 100 is exactly the 1% budget: not a loss beyond it (the difference of the
     rounded shares, 0.56 - 0.55, is 0.010000000000000009)."""
-    from harness.scenario import Output
-    from harness.verdict import judge
+    from harness.core.scenario import Output
+    from harness.judge.verdict import judge
     fp16 = FORMATS["fp16"]
     v = torch.tensor([1.0, 2.0])
 

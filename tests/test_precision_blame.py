@@ -1,6 +1,6 @@
 """Precision blamed only for what precision did, and a reference that sees the same data.
 
-FP32's own sensitivity to one-ulp perturbations (harness.sensitivity), computational zeros, chaotic
+FP32's own sensitivity to one-ulp perturbations (harness.judge.sensitivity), computational zeros, chaotic
 runs, the per-tensor underflow rule, GEMM coverage (HF Conv1D routed), and bit-identical batches for
 the FP64 reference. Factories used through check-model are defined here.
 """
@@ -15,20 +15,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from harness.emulation import tf32_matmul
-from harness.execution import Execution, FP64, gemm_coverage, route_linears
-from harness.formats import FORMATS
-from harness.metrics import compare
-from harness.model_check import check_model
-from harness.recommend import recommend
-from harness.scenario import Output
-from harness.sensitivity import CHAOTIC, FACTOR, computational_zeros, floors
-from harness.strategy import PRESETS, parse
-from harness.training import Trainer
-from harness.user_model import ModelSpec, RNG_NOTE, _dtype, _perturb, load_spec, train_trajectory
-from harness.tolerance import bound
-from harness.verdict import judge
-from harness.window import scale_window
+from harness.core.emulation import tf32_matmul
+from harness.core.execution import Execution, FP64, gemm_coverage, route_linears
+from harness.core.formats import FORMATS
+from harness.judge.metrics import compare
+from harness.models.model_check import check_model
+from harness.models.recommend import recommend
+from harness.core.scenario import Output
+from harness.judge.sensitivity import CHAOTIC, FACTOR, computational_zeros, floors
+from harness.core.strategy import PRESETS, parse
+from harness.run.training import Trainer
+from harness.models.user_model import ModelSpec, RNG_NOTE, _dtype, _perturb, load_spec, train_trajectory
+from harness.judge.tolerance import bound
+from harness.judge.verdict import judge
+from harness.judge.window import scale_window
 
 CPU = torch.device("cpu")
 FP16 = FORMATS["fp16"]
@@ -329,7 +329,7 @@ def test_gpt2_on_cuda_fp8_covers_conv1d_and_verdicts_hold(tmp_path: Path) -> Non
 
 
 def test_the_table_shows_the_margin_and_the_coverage() -> None:
-    from harness.model_check import _row
+    from harness.models.model_check import _row
     cov = {"format": "fp8_e5m2", "covered": 1, "total": 11, "by_type": {"Conv1D": [0, 10], "Linear": [1, 1]}}
     row = _row({"strategy": "fp8-tensorwise", "outcome": "pass", "margin": 0.375, "metrics": {"gemm_coverage": cov}})
     assert row[2] == "0.38" and row[-1] == "1/11 (Conv1D 0/10)"

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.formats import FORMATS, quantize
-from harness.metrics import tensor_metrics
-from harness.scaling import ScalerSpec, Scaler
+from harness.core.formats import FORMATS, quantize
+from harness.judge.metrics import tensor_metrics
+from harness.core.scaling import ScalerSpec, Scaler
 
 FAST = settings(max_examples=200, deadline=None)
 ROUNDED = ("fp16", "bf16", "tf32")

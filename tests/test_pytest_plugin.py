@@ -9,9 +9,9 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-import harness.engine  # noqa: F401  (imported here so the in-process pytester runs reuse it, never re-import torch)
+import harness.run.engine  # noqa: F401  (imported here so the in-process pytester runs reuse it, never re-import torch)
 from harness.pytest_plugin import assert_robust
-from harness.scenario import REGISTRY, discover
+from harness.core.scenario import REGISTRY, discover
 
 pytest_plugins = ["pytester"]
 discover()
@@ -21,7 +21,7 @@ SCENARIO = "plugtest_flush"
 # for fp16 as diverged: the wrong kind), BF16 keeps both (declared underflow at 2^-30: wrong, an XPASS).
 USER_MODULE = f'''
 import torch
-from harness.scenario import Expect, Output, Scenario, register
+from harness.core.scenario import Expect, Output, Scenario, register
 
 def _run(ex, inp, p):
     return Output(value=ex.act(inp["x"]).float())

@@ -191,7 +191,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
 def test_reference_records_a_log2_histogram_with_the_format_ranges():
     import torch
 
-    from harness.reference import log2_histogram
+    from harness.run.reference import log2_histogram
     h = log2_histogram({"a": torch.tensor([0.5, 0.75, 2.0**-30, 0.0, float("inf")]), "b": torch.tensor([-3.0])})
     assert h["lo"] == -30 and h["zeros"] == 1
     assert h["counts"] == [1] + [0] * 28 + [2, 0, 1]  # binades -30 (2^-30), -1 (0.5, 0.75), 1 (3)

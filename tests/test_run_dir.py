@@ -21,7 +21,7 @@ SLOW = '''
 import os
 import time
 import torch
-from harness.scenario import Output, Scenario, register
+from harness.core.scenario import Output, Scenario, register
 
 
 def run(ex, inp, p):
@@ -235,9 +235,9 @@ def test_records_are_fsynced_after_each_case_and_the_directory_after_each_rename
 
     from conftest import add_scenario
     from harness import results
-    from harness.engine import RunConfig, run_matrix
-    from harness.scenario import Output, Scenario
-    from harness.strategy import PRESETS
+    from harness.run.engine import RunConfig, run_matrix
+    from harness.core.scenario import Output, Scenario
+    from harness.core.strategy import PRESETS
     s = add_scenario(temp_scenarios, Scenario(
         name="d_fsync", family="reduction", description="d", grid={"k": [0, 1, 2]},
         inputs=lambda p, g: {"x": torch.rand(4, generator=g) + 0.5}, run=lambda ex, inp, p: Output(value=inp["x"])))

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.scaling import (SCALER_EMULATES, SCALER_PRESETS, LossScaleFloorError, Scaler, ScalerSpec, ScaleTrace,
+from harness.core.scaling import (SCALER_EMULATES, SCALER_PRESETS, LossScaleFloorError, Scaler, ScalerSpec, ScaleTrace,
                              format_number, parse_number, parse_scaler)
 
 T, F = True, False

@@ -1,5 +1,5 @@
 """Loss-scaling failure analysis: every dynamic policy driven to where it runs out of room, classified
-with the direction and the evidence (suites/scaling_policies.py, harness.verdict._scaling)."""
+with the direction and the evidence (suites/scaling_policies.py, harness.judge.verdict._scaling)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,12 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from harness.engine import run_case
-from harness.execution import Execution
-from harness.reference import ReferenceCache
-from harness.scaling import SCALER_PRESETS, ScalerSpec
-from harness.scenario import Case, discover, seed_generator
-from harness.strategy import PRESETS
+from harness.run.engine import run_case
+from harness.core.execution import Execution
+from harness.run.reference import ReferenceCache
+from harness.core.scaling import SCALER_PRESETS, ScalerSpec
+from harness.core.scenario import Case, discover, seed_generator
+from harness.core.strategy import PRESETS
 from suites.scaling_policies import BURST, policy_spec
 
 CPU = torch.device("cpu")

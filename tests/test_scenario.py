@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.scenario import (FAMILIES, REGISTRY, Case, Expect, Output, Registry, Scenario, case_id, cases, discover,
+from harness.core.scenario import (FAMILIES, REGISTRY, Case, Expect, Output, Registry, Scenario, case_id, cases, discover,
                               seed_generator, seed_global)
 
 
@@ -120,11 +120,11 @@ def test_discover_finds_the_project_suites() -> None:
 
 def test_discover_scans_the_package_and_skips_underscore_modules(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import harness.scenario as scenario_mod
+    import harness.core.scenario as scenario_mod
     import suites
     (tmp_path / "_a_helper.py").write_text("raise RuntimeError('a helper must not be imported by discovery')\n")
     (tmp_path / "a_scanned.py").write_text(
-        "import torch\nfrom harness.scenario import Output, Scenario, register\n"
+        "import torch\nfrom harness.core.scenario import Output, Scenario, register\n"
         "register(Scenario(name='a_scanned_probe', family='training', description='d', grid={'k': [1]},\n"
         "    inputs=lambda p, g: {'x': torch.ones(1)}, run=lambda ex, i, p: Output(value=i['x'])))\n")
     monkeypatch.setattr(suites, "__path__", [str(tmp_path)])
@@ -138,7 +138,7 @@ def test_discover_scans_the_package_and_skips_underscore_modules(tmp_path: Path,
 
 def test_discover_imports_user_modules_and_names_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "a_user_scen.py").write_text(
-        "import torch\nfrom harness.scenario import Output, Scenario, register\n"
+        "import torch\nfrom harness.core.scenario import Output, Scenario, register\n"
         "register(Scenario(name='a_user_probe', family='training', description='d', grid={'k': [1]},\n"
         "    inputs=lambda p, g: {'x': torch.ones(1)}, run=lambda ex, i, p: Output(value=i['x'])))\n")
     (tmp_path / "a_user_broken.py").write_text("raise RuntimeError('broken on purpose')\n")

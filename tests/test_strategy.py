@@ -9,8 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.scaling import ScalerSpec
-from harness.strategy import (APPLY, COMPUTE, FP8_RECIPES, PARAMS, PRESETS, REDUCTION, Strategy, parse, resolve,
+from harness.core.scaling import ScalerSpec
+from harness.core.strategy import (APPLY, COMPUTE, FP8_RECIPES, PARAMS, PRESETS, REDUCTION, Strategy, parse, resolve,
                               support)
 
 CONTRACT = ("fp32", "tf32", "fp16", "fp16-static", "fp16-dynamic", "fp16-gradscaler", "fp16-pure", "fp16-master",
@@ -131,7 +131,7 @@ def test_master_weights_need_16_bit_parameters() -> None:
 def test_tensor_core_support_names_the_format_and_the_capability_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from harness.strategy import support, tensor_core_support
+    from harness.core.strategy import support, tensor_core_support
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
     assert tensor_core_support("fp16", "cuda") is None and tensor_core_support("fp32", "cuda") is None

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from harness.engine import RunConfig, run_case, run_matrix
-from harness.execution import Execution
-from harness.formats import FORMATS, quantize
-from harness.reference import ReferenceCache
+from harness.run.engine import RunConfig, run_case, run_matrix
+from harness.core.execution import Execution
+from harness.core.formats import FORMATS, quantize
+from harness.run.reference import ReferenceCache
 from harness.results import read_run
-from harness.scenario import Case, discover, seed_generator
-from harness.strategy import PRESETS, parse
-from harness.window import scale_window
+from harness.core.scenario import Case, discover, seed_generator
+from harness.core.strategy import PRESETS, parse
+from harness.judge.window import scale_window
 from suites._models import REALISTIC_SHARES, blocked_sum, ema, one_pass_layernorm, realistic_gradients, rms_norm
 
 CPU = torch.device("cpu")

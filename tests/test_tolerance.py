@@ -1,4 +1,4 @@
-"""Validation of the rounding-error model of harness.tolerance against emulated recursive summation.
+"""Validation of the rounding-error model of harness.judge.tolerance against emulated recursive summation.
 
 For each format and length, DRAWS independent vectors of same-sign data (uniform on [0, 1), rounded to
 the format) are summed left to right with every partial sum rounded to the format, vectorised across
@@ -24,8 +24,8 @@ import torch
 
 if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness.formats import FORMATS, Format, quantize  # noqa: E402
-from harness.tolerance import (CAP, DELTA, bound, confidence_lambda, describe, gamma_probabilistic,  # noqa: E402
+from harness.core.formats import FORMATS, Format, quantize  # noqa: E402
+from harness.judge.tolerance import (CAP, DELTA, bound, confidence_lambda, describe, gamma_probabilistic,  # noqa: E402
                                gamma_worst_case)
 
 DRAWS = 1000

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from harness.execution import Execution
-from harness.strategy import PRESETS, parse
-from harness.training import Trainer
+from harness.core.execution import Execution
+from harness.core.strategy import PRESETS, parse
+from harness.run.training import Trainer
 
 CPU = torch.device("cpu")
 ONE = torch.ones(1, 1)

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from harness.engine import run_case
-from harness.reference import ReferenceCache
-from harness.scenario import Case, discover, seed_generator
-from harness.strategy import PRESETS, parse
-from harness.user_model import ModelSpec, chain_length, train_trajectory
+from harness.run.engine import run_case
+from harness.run.reference import ReferenceCache
+from harness.core.scenario import Case, discover, seed_generator
+from harness.core.strategy import PRESETS, parse
+from harness.models.user_model import ModelSpec, chain_length, train_trajectory
 
 CPU = torch.device("cpu")
 NAMES = ("train_mlp", "train_cnn", "train_transformer")
@@ -58,7 +58,7 @@ def test_update_below_half_an_ulp_is_lost_in_bf16_weights() -> None:
 
 
 def _ex(name: str):
-    from harness.execution import Execution
+    from harness.core.execution import Execution
     return Execution(parse(name) if "=" in name else PRESETS[name], CPU)
 
 
@@ -119,10 +119,10 @@ def test_quick_tier_outcomes(registry, name: str) -> None:
 # -- lost updates in the verdict ---------------------------------------------------------------------
 def test_lost_updates_beyond_the_reference_diverge() -> None:
     """compare() subtracts the reference's absorbed share; judge() fails the excess over the budget."""
-    from harness.formats import FORMATS
-    from harness.metrics import compare
-    from harness.scenario import Output
-    from harness.verdict import judge
+    from harness.core.formats import FORMATS
+    from harness.judge.metrics import compare
+    from harness.core.scenario import Output
+    from harness.judge.verdict import judge
     delta = torch.tensor([1.0, -0.5])
     m = compare(Output(value=delta, extra={"updates_lost": 0.75}), Output(value=delta, extra={"updates_lost": 0.25}),
                 FORMATS["bf16"])

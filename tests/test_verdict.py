@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness.formats import FORMATS
-from harness.scaling import ScaleTrace, Scaler, parse_scaler
-from harness.tolerance import bound, describe
-from harness.verdict import FAILURES, OUTCOMES, SEVERITY, STALL_RATE, UNDERFLOW_BUDGET, Verdict, judge
+from harness.core.formats import FORMATS
+from harness.core.scaling import ScaleTrace, Scaler, parse_scaler
+from harness.judge.tolerance import bound, describe
+from harness.judge.verdict import FAILURES, OUTCOMES, SEVERITY, STALL_RATE, UNDERFLOW_BUDGET, Verdict, judge
 
 F16, BF16 = FORMATS["fp16"], FORMATS["bf16"]
 

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from harness.engine import run_case
-from harness.formats import FORMATS
-from harness.reference import ReferenceCache
-from harness.scenario import Case, discover, seed_generator
-from harness.strategy import PRESETS
-from harness.window import budget_count, pow2_above, pow2_inside, scale_window, tensor_window
+from harness.run.engine import run_case
+from harness.core.formats import FORMATS
+from harness.run.reference import ReferenceCache
+from harness.core.scenario import Case, discover, seed_generator
+from harness.core.strategy import PRESETS
+from harness.judge.window import budget_count, pow2_above, pow2_inside, scale_window, tensor_window
 
 F16, BF16 = FORMATS["fp16"], FORMATS["bf16"]
 

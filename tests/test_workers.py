@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import read_jsonl, run_cli
-from harness.scenario import Output, Scenario
+from harness.core.scenario import Output, Scenario
 
 HOSTILE = '''
 import ctypes
@@ -22,7 +22,7 @@ import signal
 import time
 
 import torch
-from harness.scenario import Expect, Output, Scenario, register
+from harness.core.scenario import Expect, Output, Scenario, register
 
 
 def _x(p, g):
@@ -162,7 +162,7 @@ def test_a_resume_of_the_hostile_run_has_nothing_left_to_do(hostile_run, tmp_pat
 
 TRIVIAL = '''
 import torch
-from harness.scenario import Output, Scenario, register
+from harness.core.scenario import Output, Scenario, register
 
 register(Scenario(name="w_sum", family="reduction", description="a sum", grid={"k": list(range(6))},
                   inputs=lambda p, g: {"x": torch.rand(64, generator=g) + 0.5},
@@ -188,7 +188,7 @@ def test_two_workers_give_the_records_and_reference_counts_of_one(tmp_path: Path
 
 
 def test_cases_are_generated_lazily() -> None:
-    from harness.scenario import iter_cases
+    from harness.core.scenario import iter_cases
     s = Scenario(name="w_lazy", family="reduction", description="d", grid={"k": [0, 1]},
                  inputs=lambda p, g: {}, run=lambda ex, i, p: Output())
     it = iter_cases([s], "full", 10**12)  # would need petabytes as a list

@@ -16,7 +16,7 @@ from .sharding import merge_run
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from ..engine import resolve_device
+    from ..run.engine import resolve_device
     if not launched():
         raise ValueError("check compares real collectives across ranks: start it with torchrun, e.g. "
                          "torchrun --nproc-per-node 2 -m harness.distributed check")

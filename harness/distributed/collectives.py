@@ -6,9 +6,9 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..formats import FORMATS
-from ..metrics import ulp
-from ..tolerance import bound
+from ..core.formats import FORMATS
+from ..judge.metrics import ulp
+from ..judge.tolerance import bound
 from .group import Group
 
 __all__ = ["ring_reduce_scatter", "ring_all_reduce", "check_collectives", "CHECK_NUMEL"]
@@ -83,7 +83,7 @@ def _real(op: str, local: torch.Tensor, world: int) -> torch.Tensor:
 def check_collectives(g: Group, numel: int = CHECK_NUMEL, seed: int = 0) -> list[dict[str, Any]]:
     """All-reduce and reduce-scatter, in FP32, FP16 and BF16, by the real collective of the process
     group and by the ring simulation on the same inputs: the share of bit-identical results, and both
-    errors against the exact sum with the bound of :mod:`harness.tolerance` (n = world size).
+    errors against the exact sum with the bound of :mod:`harness.judge.tolerance` (n = world size).
 
     Every rank builds the same inputs from ``seed`` (a shared signal plus per-rank noise) and takes its
     row. ``ok``: bit for bit, or both within the bound; on two ranks every order computes fl(a+b), so

@@ -14,13 +14,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch.distributed as dist
 
-from ..engine import BOOKKEEPING_S, RunConfig, Summary, _done_keys, _record, _runner, default_out_dir, \
+from ..run.engine import BOOKKEEPING_S, RunConfig, Summary, _done_keys, _record, _runner, default_out_dir, \
     resume_config, SUMMED_STATS, run_header, run_stats
-from ..rundir import check_size, matrix_keys, resumed_header
-from ..guard import sigterm_as_interrupt
+from ..run.rundir import check_size, matrix_keys, resumed_header
+from ..run.guard import sigterm_as_interrupt
 from ..results import RunFileError, RunLock, RunWriter, case_seed_key, clean, named_os_error, read_header, read_run
-from ..scenario import Case, cases, count_cases
-from ..verdict import Verdict
+from ..core.scenario import Case, cases, count_cases
+from ..judge.verdict import Verdict
 from .group import MULTICAST_OFF, Group, barrier, init_group
 
 __all__ = ["COSTS_ENV", "SHARDS", "cost_hints", "claim_order", "ShardFile", "merge_shard_lines", "run_sharded",
@@ -158,7 +158,7 @@ def _ordered(recs: dict[tuple[int, int], tuple[dict, str]], lost: list[tuple[int
 def run_sharded(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None,
                 resume: bool = False) -> tuple[Path, Summary, dict[str, Any]] | None:
     """Run the matrix of ``cfg`` on this rank's share of the cases; on rank 0 return what
-    :func:`harness.engine.run_matrix` returns (directory, summary, stats), elsewhere None.
+    :func:`harness.run.engine.run_matrix` returns (directory, summary, stats), elsewhere None.
 
     Call it in every process torchrun started (``python -m harness run`` does when ``WORLD_SIZE`` > 1)."""
     g = init_group(cfg.device)

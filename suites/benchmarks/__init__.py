@@ -5,7 +5,7 @@ asv imports this package on its own (as ``benchmarks``), from a temporary workin
 project root is put on ``sys.path`` here. It is appended, not prepended: a ``PYTHONPATH`` set through
 ``ASV_PYTHONPATH`` (``tools/asv_history.sh`` points it at a worktree of an older commit) comes first, so
 the harness of that commit is what gets measured. Importing this package registers no scenario and
-costs nothing; ``harness.scenario.discover`` skips it.
+costs nothing; ``harness.core.scenario.discover`` skips it.
 """
 from __future__ import annotations
 

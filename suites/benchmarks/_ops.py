@@ -1,9 +1,9 @@
 """The workloads that both benchmark tools time: asv (``bench_*.py`` here) and pytest-benchmark
 (``tests/test_bench.py``). Written once, so both measure the same thing.
 
-Each workload runs under one strategy through the harness's own :class:`~harness.execution.Execution`
+Each workload runs under one strategy through the harness's own :class:`~harness.core.execution.Execution`
 (the GEMM routing, FP8 scaling, TF32 emulation and autocast the scenarios use) or its
-:class:`~harness.training.Trainer`, and synchronizes the device at the end of every call, so a wall
+:class:`~harness.run.training.Trainer`, and synchronizes the device at the end of every call, so a wall
 clock around a call times the GPU work too. Sizes suit the device: small on the CPU, large on CUDA.
 
 ``tools/asv_history.sh`` runs these benchmarks against older commits' harness: import at module level
@@ -18,11 +18,11 @@ from typing import Any, Callable
 
 import torch
 
-from harness.engine import resolve_device
-from harness.execution import Execution, route_linears
-from harness.strategy import parse
-from harness.timing import Timer, sync
-from harness.training import Trainer
+from harness.run.engine import resolve_device
+from harness.core.execution import Execution, route_linears
+from harness.core.strategy import parse
+from harness.run.timing import Timer, sync
+from harness.run.training import Trainer
 
 __all__ = ["OP_STRATEGIES", "TRAIN_STRATEGIES", "Sizes", "SIZES", "Unsupported", "device", "sizes", "execution",
            "Workload", "randn", "gemm", "softmax", "layer_norm", "train_step", "throughput"]

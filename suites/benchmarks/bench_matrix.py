@@ -53,10 +53,10 @@ def summarize(by_strategy: dict[str, dict[str, int]], records: list[dict[str, An
 
 def run_quick_matrix() -> dict[str, Any]:
     """Run the quick matrix into a temporary directory and :func:`summarize` it."""
-    from harness.engine import RunConfig, resolve_device, run_matrix
+    from harness.run.engine import RunConfig, resolve_device, run_matrix
     from harness.results import read_run
-    from harness.scenario import discover
-    from harness.strategy import resolve
+    from harness.core.scenario import discover
+    from harness.core.strategy import resolve
     with tempfile.TemporaryDirectory(prefix="asv-matrix-") as tmp:
         cfg = RunConfig(discover().select(), resolve(None), resolve_device("auto"), tier="quick",
                         out=Path(tmp) / "run")
@@ -66,12 +66,12 @@ def run_quick_matrix() -> dict[str, Any]:
 
 
 def _strategies() -> list[str]:
-    from harness.strategy import PRESETS
+    from harness.core.strategy import PRESETS
     return list(PRESETS)
 
 
 def _families() -> list[str]:
-    from harness.scenario import FAMILIES
+    from harness.core.scenario import FAMILIES
     return list(FAMILIES)
 
 

@@ -19,7 +19,7 @@ Checks run in this order, the first that fires decides:
 5. a training run lost more (update, weight) pairs to absorption (``w + dw == w``) than its reference,
    beyond the underflow budget, or, where the reference is declared non-finite, an entry it holds as
    inf/NaN is something else here, or the normwise relative error exceeds the bound of
-   :mod:`harness.tolerance` (``diverged``; against an all-zero reference the reason says so);
+   :mod:`harness.judge.tolerance` (``diverged``; against an all-zero reference the reason says so);
 6. nothing was compared (no ``rel_err``, ``grad_rel_err`` or ``loss_divergence``): ``error``, unless every
    entry is a declared inf/NaN of the reference matched exactly (``pass``, saying so);
 7. otherwise ``pass``.
@@ -33,10 +33,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .formats import FORMATS, Format
-from .results import ERROR_METRICS, FAILURES, OUTCOMES, SEVERITY
+from ..core.formats import FORMATS, Format
+from ..results import ERROR_METRICS, FAILURES, OUTCOMES, SEVERITY
 from . import sensitivity as _sens
-from .scaling import ScalerSpec, format_number, parse_scaler
+from ..core.scaling import ScalerSpec, format_number, parse_scaler
 from .tolerance import bound, describe
 
 __all__ = ["Verdict", "OUTCOMES", "FAILURES", "SEVERITY", "judge", "STALL_RATE", "UNDERFLOW_BUDGET"]
@@ -183,7 +183,7 @@ def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: fl
     (``engine._floor``; ``floor_source`` says which, for the reason): no strategy is asked to be more
     accurate than FP32 itself. ``nonfinite_reference`` is the scenario's declared reason for an inf/NaN
     reference. A ``scale_exhausted`` verdict also sets ``m["scale_direction"]`` (``"max"`` or ``"min"``).
-    ``sensitivity`` (a training case's ``fp32_sensitivity``, :mod:`harness.sensitivity`) floors each error
+    ``sensitivity`` (a training case's ``fp32_sensitivity``, :mod:`harness.judge.sensitivity`) floors each error
     metric's bound at a multiple of FP32's own spread under one-ulp perturbations. Every reason of a chaotic
     case says so, and every reason of a run whose GEMMs ran only partly in the judged format
     (``m["gemm_coverage"]``) says how many did. The verdict's ``margin`` is the worst error metric over the
@@ -237,7 +237,7 @@ def _classify(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: floa
     if v is not None:
         return v
     # an update absorbed by the weight (w + dw == w) is a precision error, not an underflow: count the
-    # (update, weight) pairs lost beyond the reference's own (training runs, harness.user_model)
+    # (update, weight) pairs lost beyond the reference's own (training runs, harness.models.user_model)
     if m.get("updates_lost_excess", 0.0) > underflow_budget:
         return Verdict("diverged", f"updates: {_pct(m['updates_lost'])} of (update, weight) pairs with a gradient "
                                    f"left the weight unchanged (w + dw == w), {_pct(m['updates_lost_excess'])} more "
@@ -280,7 +280,7 @@ def _tensor_underflow(m: dict[str, Any], fmt: Format, budget: float, b: float) -
 def _judge_errors(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: float, budget: float,
                   truncating: bool, scaler: ScalerSpec | None, floor: float, floor_source: str,
                   declared: str | None, sens: dict[str, Any]) -> Verdict:
-    """:func:`judge` with each error metric's bound floored at :data:`harness.sensitivity.FACTOR` times FP32's
+    """:func:`judge` with each error metric's bound floored at :data:`harness.judge.sensitivity.FACTOR` times FP32's
     measured sensitivity in that metric. In a chaotic case the trajectory's metrics (drift, loss
     divergence) are not judged: FP32 started one ulp away moves as far, so they cannot tell precision's
     part; the first update's gradients (same weights) still are. Every rule before the error bounds

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from .formats import Format
+from ..core.formats import Format
 
 __all__ = ["DELTA", "CAP", "confidence_lambda", "gamma_probabilistic", "gamma_worst_case", "bound", "describe"]
 

@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from .execution import Execution
-from .scaling import Decision, LossScaleFloorError, ScaleTrace, Scaler
+from ..core.execution import Execution
+from ..core.scaling import Decision, LossScaleFloorError, ScaleTrace, Scaler
 
 __all__ = ["Trainer", "TrainResult"]
 

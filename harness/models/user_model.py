@@ -11,7 +11,7 @@
 number of updates on the same batches under one strategy, and returns what the verdict judges
 against the FP32 trajectory: the net parameter update (its ``rel_err`` is the parameter drift), the
 share of updates the weights absorbed (``w + dw == w``), the first update's gradients, the loss curve
-and the scaler's trace. ``check-model`` (:mod:`harness.model_check`) runs it on a user's model, the
+and the scaler's trace. ``check-model`` (:mod:`harness.models.model_check`) runs it on a user's model, the
 ``training`` family (``suites/training.py``) on built-in ones: both are judged the same way.
 """
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .execution import Execution, gemm_coverage, route_linears
-from .scaling import LossScaleFloorError
-from .scenario import Output, Scenario, Tolerance
-from .training import Trainer
+from ..core.execution import Execution, gemm_coverage, route_linears
+from ..core.scaling import LossScaleFloorError
+from ..core.scenario import Output, Scenario, Tolerance
+from ..run.training import Trainer
 
 __all__ = ["ModelSpec", "load_spec", "depth", "train_trajectory", "chain_length", "model_scenario", "Probe",
            "DEFAULT_STRATEGIES", "DEFAULT_STEPS", "EXPECTED", "CHAIN_REASON", "RNG_NOTE"]
@@ -199,11 +199,11 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
     stopped the run), the loss of each update, the scaler's trace, and in ``extra``: ``updates_lost``,
     the share of (update, entry) pairs with a non-zero gradient that left the weight unchanged
     (``w + dw == w``); ``gemm_coverage``, the GEMM layers that ran in the strategy's format
-    (:func:`harness.execution.gemm_coverage`); ``inputs_identical``, False with ``inputs_note`` when
+    (:func:`harness.core.execution.gemm_coverage`); ``inputs_identical``, False with ``inputs_note`` when
     the model or loss draws random numbers (dropout), which runs in other dtypes may draw differently.
     Dropout and other randomness are seeded with ``seed``. ``perturb=k`` first moves every weight one
     ulp of its storage format up or down (signs drawn from seed ``k``): the run
-    :mod:`harness.sensitivity` measures FP32's own sensitivity with.
+    :mod:`harness.judge.sensitivity` measures FP32's own sensitivity with.
     """
     dev = [ex.device.index or 0] if ex.device.type == "cuda" else []
     with torch.random.fork_rng(devices=dev), _default_dtype(ex.dtype), _reproducible(ex.device):

@@ -8,7 +8,7 @@ survives only if the alignment kept its bits; moving the small one along K finds
 starts; fractions of the last kept bit show the rounding. Nothing here knows any GPU model: each probe
 reads what the device returns. The probes take a ``matmul(a, b, c) -> d`` callable, so the same code
 measures a GPU (Triton's ``tl.dot`` accumulating into C, or cuBLAS) and, in the tests, the CPU model
-:class:`~harness.tensor_core_model.TensorCoreModel`, whose parameters they must recover exactly.
+:class:`~harness.device.tensor_core_model.TensorCoreModel`, whose parameters they must recover exactly.
 
 The profile of one input format (keys are stable; ``None`` means the probe could not decide, with a
 note saying why):
@@ -28,7 +28,7 @@ note saying why):
 ``c_fused``         C enters the first fused step (Triton) rather than being added afterwards
 ``model_agreement`` share of random inner products the model with these parameters reproduces bit for bit
 
-:mod:`harness.device_profile` runs them on a GPU (and is the command line).
+:mod:`harness.device.device_profile` runs them on a GPU (and is the command line).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .formats import Format, get_format
+from ..core.formats import Format, get_format
 from .tensor_core_model import ROUNDINGS, MatMul, TensorCoreModel, round_integer
 
 __all__ = ["PROBED_FORMATS", "FIELDS", "K", "Dot", "run_dots", "product_range", "factors", "classify_rounding",

@@ -1,13 +1,13 @@
-"""The Tensor-Core profile of the GPU at hand: the directed tests of :mod:`harness.tc_probes`, run on it.
+"""The Tensor-Core profile of the GPU at hand: the directed tests of :mod:`harness.device.tc_probes`, run on it.
 
 :func:`device_profile` runs every probe for FP16, BF16, TF32 and FP8 E4M3 inputs through a GEMM on the
 device (``triton``: one ``tl.dot`` tile accumulating into C; ``cublas``: what torch's GEMMs call) and
-returns the profile per format (the keys are listed in :mod:`harness.tc_probes`), measured once per
+returns the profile per format (the keys are listed in :mod:`harness.device.tc_probes`), measured once per
 process and reused. Nothing here knows any GPU model.
 
-Run ``python -m harness.device_profile [--backend triton|cublas|all] [--format F]... [--out FILE]`` on a
+Run ``python -m harness.device.device_profile [--backend triton|cublas|all] [--format F]... [--out FILE]`` on a
 GPU for a table and JSON; on any machine, ``--model block=8,alignment_bits=27`` profiles the CPU model
-:class:`~harness.tensor_core_model.TensorCoreModel` instead (a demonstration of the probes).
+:class:`~harness.device.tensor_core_model.TensorCoreModel` instead (a demonstration of the probes).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .strategy import tensor_core_support
+from ..core.strategy import tensor_core_support
 from .tc_probes import FIELDS, PROBED_FORMATS, model_from_profile, profile_format
 from .tensor_core_model import MatMul, TensorCoreModel
 
@@ -50,7 +50,7 @@ def device_matmul(fmt: str, backend: str = "triton", device: str = "cuda") -> Ma
     dev = torch.device(device)
     if backend == "triton":
         try:
-            from . import _triton_dot
+            from ..core import _triton_dot
         except ImportError as exc:
             raise ValueError(f"backend triton needs the triton package ({exc}); use --backend cublas") from None
 
@@ -173,7 +173,7 @@ def _parse_model(text: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.device_profile",
+    p = argparse.ArgumentParser(prog="python -m harness.device.device_profile",
                                 description="Measure the numerical behaviour of the Tensor Cores")
     p.add_argument("--format", action="append", default=[], metavar="F", help=f"any of {', '.join(PROBED_FORMATS)}")
     p.add_argument("--backend", default="triton", choices=BACKENDS + ("all",))

@@ -34,8 +34,8 @@ from fractions import Fraction
 
 import torch
 
-from .formats import FORMATS, Format
-from .scaling import format_number
+from ..core.formats import FORMATS, Format
+from ..core.scaling import format_number
 
 __all__ = ["TensorWindow", "Window", "tensor_window", "scale_window", "pow2_inside", "pow2_above", "pow2_below",
            "budget_count"]

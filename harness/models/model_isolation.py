@@ -1,7 +1,7 @@
 """``check-model`` in worker processes: the user's factory, training and diagnosis never run in the
 process that writes the run directory, and each has a deadline.
 
-The factory is called in a forked process (:func:`harness.worker.isolated`), once for the FP32
+The factory is called in a forked process (:func:`harness.run.worker.isolated`), once for the FP32
 gradients and the loss-scale window (:func:`preflight`), once in each worker that trains the model
 under the strategies (:func:`worker_scenarios`), once per diagnosis (:func:`diagnosis`). A target given
 as a Python object (a factory or its dict) works the same way: the forked process inherits it. The
@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from .scenario import Output, Scenario
-from .strategy import Strategy
-from .worker import IsolatedFailure, isolated
+from ..core.scenario import Output, Scenario
+from ..core.strategy import Strategy
+from ..run.worker import IsolatedFailure, isolated
 
 __all__ = ["preflight", "stand_in", "worker_scenarios", "diagnosis", "refused"]
 
@@ -65,7 +65,7 @@ def _never(*args: Any) -> Output:
 def stand_in(name: str, steps: int) -> Scenario:
     """What the supervisor knows of the model's scenario: its name and grid (no user code)."""
     from .user_model import CHAIN_REASON
-    from .scenario import Tolerance
+    from ..core.scenario import Tolerance
     return Scenario(name=name, family="training", description=f"user model {name}", grid={"steps": [steps]},
                     inputs=lambda p, g: {}, run=_never, tolerance=Tolerance(reason=CHAIN_REASON))
 
@@ -88,7 +88,7 @@ def _diagnose(target: Any, strategy: Strategy, device: torch.device, steps: int)
 
 
 def diagnosis(target: Any, strategy: Strategy, device: torch.device, steps: int, timeout: float | None) -> Any:
-    """The diagnosis of ``strategy`` (a :class:`~harness.diagnose.Diagnosis`) or, where it failed, a
+    """The diagnosis of ``strategy`` (a :class:`~harness.models.diagnose.Diagnosis`) or, where it failed, a
     one-line string saying how."""
     try:
         return isolated(_diagnose, (target, strategy, device, steps), timeout)

@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 import torch
 
-from .formats import FORMATS
+from ..core.formats import FORMATS
 from .metrics import compare
-from .results import ERROR_METRICS
-from .scenario import Output
+from ..results import ERROR_METRICS
+from ..core.scenario import Output
 
 __all__ = ["RUNS", "FACTOR", "FACTOR_REASON", "CHAOTIC", "measure", "computational_zeros", "floors", "describe",
            "chaotic_note"]
@@ -58,7 +58,7 @@ def measure(perturbed: Callable[[int], Output], out32: Output, out64: Output | N
     *computational zeros*: entries whose FP32 gradient moves by half its size or more between runs that
     differ by rounding only, so it carries no significant bit (CADNA's term). The mask goes into both
     outputs' ``extra["computational_zeros"]``, and every comparison with either leaves those entries out
-    of the drift and the per-tensor underflow (:func:`harness.metrics.compare`)."""
+    of the drift and the per-tensor underflow (:func:`harness.judge.metrics.compare`)."""
     outs = [perturbed(k) for k in range(runs)]
     zeros = computational_zeros(out32, outs + ([out64] if out64 is not None else []))
     counts: dict[str, int] = {}

@@ -1,7 +1,7 @@
 """Triton GEMMs on the Tensor Cores whose accumulation order is known: no split-K, no epilogue.
 
 :func:`dot_acc` is one tile ``d = c + a @ b`` with C accumulated inside the fused sum (the probes of
-:mod:`harness.device_profile`); :func:`gemm` walks K sequentially into one FP32 accumulator per output
+:mod:`harness.device.device_profile`); :func:`gemm` walks K sequentially into one FP32 accumulator per output
 tile (the ``tensor_core`` path of the ``tc_long_dot`` scenario). This module needs Triton and a GPU and
 is imported only where they are used.
 A single program loads the whole padded problem (``BM x BK`` times ``BK x BN``, at least 64 x 16 x 64

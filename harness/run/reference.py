@@ -26,15 +26,15 @@ from typing import Any, Iterator
 
 import torch
 
-from .execution import FP64, Execution
-from .formats import FORMATS
-from . import sensitivity
-from .metrics import compare, nonfinite_parts, output_problems
-from .results import ERROR_METRICS
-from .scenario import Case, Output, seed_global
-from .strategy import PRESETS
-from .tolerance import bound, describe
-from .window import scale_window
+from ..core.execution import FP64, Execution
+from ..core.formats import FORMATS
+from ..judge import sensitivity
+from ..judge.metrics import compare, nonfinite_parts, output_problems
+from ..results import ERROR_METRICS
+from ..core.scenario import Case, Output, seed_global
+from ..core.strategy import PRESETS
+from ..judge.tolerance import bound, describe
+from ..judge.window import scale_window
 
 __all__ = ["Reference", "compute_reference", "ReferenceCache"]
 
@@ -106,7 +106,7 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
         return Reference(out32, "fp32", {}, None, f"the reference output cannot be judged: {'; '.join(problems)}")
     out64 = run(FP64(device))
     sens = None
-    if s.perturbed is not None:  # training: FP32's own spread under one-ulp perturbations (harness.sensitivity);
+    if s.perturbed is not None:  # training: FP32's own spread under one-ulp perturbations (harness.judge.sensitivity);
         # first, as it marks the computational zeros every later comparison leaves out
         sens = sensitivity.measure(lambda k: run(Execution(PRESETS["fp32"], device), k), out32, out64)
     fp32 = FORMATS["fp32"]

@@ -1,10 +1,10 @@
 """Worker processes: scenario code runs here, never in the process that writes the run directory.
 
-A worker is forked from the supervisor (:mod:`harness.supervisor`) after it imported torch, the
+A worker is forked from the supervisor (:mod:`harness.run.supervisor`) after it imported torch, the
 registry and the user's modules, so it finds the scenarios (whose callables are lambdas, which cannot
 be pickled) in its own copy of the supervisor's memory and torch is imported once per worker, not per
 case. It reads jobs ``(scenario name, params, seed, strategy labels)`` from a pipe, runs them with
-:func:`harness.engine.run_case_records` (the per-case reference cache lives here, reused across the
+:func:`harness.run.engine.run_case_records` (the per-case reference cache lives here, reused across the
 case's strategies) and sends each record back as a plain dict. Whatever the scenario does to this
 process (segfault, ``os._exit``, a timeout it swallows, the OOM killer) the supervisor sees by the
 process sentinel or its own clock, and turns into an ``error`` record.
@@ -71,8 +71,8 @@ def worker_main(conn: Connection, scenarios: Sequence[Any], strategies: Sequence
         torch.set_num_threads(threads)
     from .engine import Summary, run_case_records
     from .reference import ReferenceCache
-    from .results import clean
-    from .scenario import Case
+    from ..results import clean
+    from ..core.scenario import Case
     if getattr(device, "type", None) == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # scenario code that says "cuda" means this rank's GPU
     by_name = {s.name: s for s in scenarios}

@@ -4,7 +4,7 @@ Cases run case-major: inputs are built once from the seed, the reference is comp
 strategy runs and its record is appended to the run directory as soon as it is judged. A scenario
 that raises becomes an ``error`` record carrying its traceback, and the run goes on. Every run (the
 reference's and each strategy's) starts from the pristine inputs and global state: one that changes
-them is an ``error`` naming what it changed, and the change is undone (:mod:`harness.isolation`).
+them is an ``error`` naming what it changed, and the change is undone (:mod:`harness.core.isolation`).
 A reference nothing can be judged against (inf/NaN not declared, no floating-point output) makes an
 ``error`` record for every strategy without running it.
 """
@@ -22,17 +22,17 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from .execution import Execution
+from ..core.execution import Execution
 from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
-from .isolation import CaseInputs, isolated
-from .metrics import compare, measures_only
+from ..core.isolation import CaseInputs, isolated
+from ..judge.metrics import compare, measures_only
 from .reference import ReferenceCache
 from .rundir import check_size, done_keys, matrix_keys, resumed_header
-from .results import SCHEMA_VERSION, RunLock, RunWriter, environment, read_records, tally
-from .scenario import Case, Scenario, count_cases, iter_cases, seed_generator, seed_global
-from .strategy import Strategy
+from ..results import SCHEMA_VERSION, RunLock, RunWriter, environment, read_records, tally
+from ..core.scenario import Case, Scenario, count_cases, iter_cases, seed_generator, seed_global
+from ..core.strategy import Strategy
 from .timing import sync
-from .verdict import UNDERFLOW_BUDGET, Verdict, judge
+from ..judge.verdict import UNDERFLOW_BUDGET, Verdict, judge
 
 __all__ = ["RunConfig", "run_matrix", "run_case", "run_case_records", "run_header", "run_stats", "default_out_dir",
            "resolve_device", "Summary", "resume_config"]
@@ -147,7 +147,7 @@ SPREAD_FACTOR = 2.0
 
 def _floor(ref: Any) -> dict[str, Any]:
     """The floors of a case's bounds: :func:`_fp32_floor`, and a training case's FP32 sensitivity to one-ulp
-    perturbations (``fp32_sensitivity``, :mod:`harness.sensitivity`), which floors each error metric's own."""
+    perturbations (``fp32_sensitivity``, :mod:`harness.judge.sensitivity`), which floors each error metric's own."""
     sens = ref.check.get("fp32_sensitivity")
     return {**_fp32_floor(ref), **({"sensitivity": sens} if sens else {})}
 
@@ -284,8 +284,8 @@ def select_matrix(tier: str, device: str, strategies: Sequence[str], imports: Se
                   scenario_globs: Sequence[str] = (), families: Sequence[str] = ()) -> tuple[list, list, torch.device]:
     """(scenarios, strategies, device) of a selection, as ``run`` and ``pytest --harness`` take it; raises
     ValueError with one line for an unknown tier, device or strategy, or filters that select nothing."""
-    from .scenario import TIERS, discover
-    from .strategy import resolve
+    from ..core.scenario import TIERS, discover
+    from ..core.strategy import resolve
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
     dev = resolve_device(device)
@@ -321,7 +321,7 @@ def run_stats(wall: float, parts: dict[str, float], records: int, ran: int, resu
 
 
 def _done_keys(out: Path, matrix: set[tuple[str, str]] | None = None) -> tuple[set[tuple[str, str]], list[dict]]:
-    """Records already in a run directory (see :func:`harness.rundir.done_keys`)."""
+    """Records already in a run directory (see :func:`harness.run.rundir.done_keys`)."""
     return done_keys(Path(out), matrix)
 
 
@@ -354,7 +354,7 @@ def _runner(cfg: RunConfig, fds: list[int], init: Callable[[], dict] | None) -> 
     """(what runs the cases, how they are isolated in words, the environment for the header).
 
     Where no worker can be forked (``--workers 0``; a process that already started the CUDA driver,
-    see :func:`harness.supervisor.fork_usable`) the cases run in-process and the stats say so."""
+    see :func:`harness.run.supervisor.fork_usable`) the cases run in-process and the stats say so."""
     from .supervisor import Supervisor, default_workers, fork_usable
     n = cfg.workers if cfg.workers is not None else default_workers(cfg.device)
     ok, why, env = fork_usable(cfg.device) if n else (False, "--workers 0", None)
@@ -370,7 +370,7 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
                resume: bool = False, init: Callable[[], dict] | None = None) -> tuple[Path, Summary, dict]:
     """Run the whole matrix into a run directory; returns (directory, summary, run stats).
 
-    Cases run in worker processes (:mod:`harness.supervisor`; ``init``: see there); this process holds
+    Cases run in worker processes (:mod:`harness.run.supervisor`; ``init``: see there); this process holds
     the directory's lock and writes every record. ``resume`` keeps the records already in ``cfg.out``
     and runs exactly the missing (case, strategy) pairs. SIGINT and SIGTERM end the run with what is
     done written and ``run.json`` marked interrupted; so does a write that fails (a full disk), whose
@@ -432,8 +432,8 @@ def _close(writer: RunWriter, summary: dict[str, Any], status: str) -> None:
 
 def resume_config(out: Path) -> RunConfig:
     """The configuration of an earlier run, from its ``run.json``, to complete it with ``resume``."""
-    from .scenario import discover
-    from .strategy import parse
+    from ..core.scenario import discover
+    from ..core.strategy import parse
     head = Path(out) / "run.json"
     if not head.is_file():
         raise ValueError(f"--resume {out}: no run.json there; pass a directory written by `python -m harness run`")

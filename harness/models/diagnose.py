@@ -1,7 +1,7 @@
 """Per-layer diagnosis of a failing strategy: which module went non-finite first, which parameter
 tensors lost gradients to underflow, and whether any single FP16 loss scale could have worked.
 
-The diagnosis re-runs the strategy's training (:func:`harness.user_model.train_trajectory`) with
+The diagnosis re-runs the strategy's training (:func:`harness.models.user_model.train_trajectory`) with
 hooks on a deep copy of the model, attached only for that run and removed after it, so a plain run
 pays nothing for them (``bench/hooks_overhead.py`` measures both):
 
@@ -16,7 +16,7 @@ pays nothing for them (``bench/hooks_overhead.py`` measures both):
 
 Underflow compares the strategy's unscaled gradients of the first update with FP32's at the same
 weights and batch: per parameter tensor, the share of entries non-zero in FP32 and zero here. The
-loss-scale window is :func:`harness.window.scale_window` of the FP32 gradients.
+loss-scale window is :func:`harness.judge.window.scale_window` of the FP32 gradients.
 """
 from __future__ import annotations
 
@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 
-from . import sensitivity
-from .execution import FP64, Execution
-from .formats import FORMATS
-from . import metrics
-from .scaling import format_number
-from .scenario import Output
-from .strategy import PRESETS, Strategy
+from ..judge import sensitivity
+from ..core.execution import FP64, Execution
+from ..core.formats import FORMATS
+from ..judge import metrics
+from ..core.scaling import format_number
+from ..core.scenario import Output
+from ..core.strategy import PRESETS, Strategy
 from .user_model import ModelSpec, Probe, train_trajectory
-from .window import Window, scale_window
+from ..judge.window import Window, scale_window
 
 __all__ = ["NonFinite", "Diagnosis", "LayerProbe", "fp32_gradients", "significant_gradients", "window_gradients", "underflow_by_tensor",
            "diagnose", "fp16_window"]
@@ -209,7 +209,7 @@ def significant_gradients(spec: ModelSpec, device: torch.device | str, grads: di
     """``grads`` (FP32's, :func:`fp32_gradients`) with its computational zeros set to 0: entries that move
     by half their size or more between FP32 runs one ulp apart or against FP64 (rounding noise of a
     gradient that is 0 in exact arithmetic, such as a key bias's under softmax) are no gradient to lose,
-    and no loss scale must lift them (:func:`harness.sensitivity.computational_zeros`)."""
+    and no loss scale must lift them (:func:`harness.judge.sensitivity.computational_zeros`)."""
     others = [train_trajectory(Execution(PRESETS["fp32"], device), spec, 1, perturb=k) for k in range(sensitivity.RUNS)]
     zeros = sensitivity.computational_zeros(Output(grads=grads), others + [train_trajectory(FP64(device), spec, 1)])
     if zeros is None or not zeros.any():

@@ -6,7 +6,7 @@ strategy says: hand an activation over in the precision a previous layer would p
 emulated TF32), enter the forward-pass region (:meth:`autocast`), and make a fresh loss scaler.
 
 >>> import torch
->>> from harness.strategy import PRESETS
+>>> from harness.core.strategy import PRESETS
 >>> ex = Execution(PRESETS["fp16"], torch.device("cpu"))
 >>> ex.act(torch.tensor([70000.0, 1e-8])).tolist()
 [inf, 0.0]

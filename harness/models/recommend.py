@@ -12,11 +12,11 @@ import math
 from typing import Any, Callable, Iterable
 
 from .diagnose import Diagnosis
-from .formats import FORMATS
-from .report.tables import compute_format
-from .sensitivity import chaotic_note
-from .results import FAILURES
-from .window import TensorWindow, Window, pow2_above, pow2_below
+from ..core.formats import FORMATS
+from ..report.tables import compute_format
+from ..judge.sensitivity import chaotic_note
+from ..results import FAILURES
+from ..judge.window import TensorWindow, Window, pow2_above, pow2_below
 
 __all__ = ["gradient_span", "window_sentence", "recommend", "PREFERENCE"]
 
@@ -82,7 +82,7 @@ def recommend(records: list[dict[str, Any]], window: Window, diagnoses: dict[str
     strategy), the FP16 window of its FP32 gradients and the diagnoses of the strategies that failed.
 
     Where the training is chaotic at this horizon (FP32 from weights one ulp apart drifts as far as the
-    strategies do: :mod:`harness.sensitivity`), trajectory errors say nothing about precision: the line
+    strategies do: :mod:`harness.judge.sensitivity`), trajectory errors say nothing about precision: the line
     says so, and never that every reduced-precision strategy failed because of them."""
     line = _recommend(records, window, diagnoses)
     chaos = _chaos(records)

@@ -18,7 +18,7 @@ Inputs below the format's smallest normal are flushed to zero unless ``subnormal
 the format (TF32 reads FP32 registers) are converted by ``input_rounding``. With ``fused_c=False``
 the C matrix is added after the products' sum, in FP32, as a library epilogue may do.
 
-The model is the CPU stand-in the probes of :mod:`harness.device_profile` are tested against, and the
+The model is the CPU stand-in the probes of :mod:`harness.device.device_profile` are tested against, and the
 prediction a measured profile is checked with on the device.
 
 >>> m = TensorCoreModel("fp16", block=4, alignment_bits=24)
@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from .formats import get_format
+from ..core.formats import get_format
 
 __all__ = ["ROUNDINGS", "ALIGNMENT_REFERENCES", "TensorCoreModel", "round_integer", "round_significand", "MatMul"]
 

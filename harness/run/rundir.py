@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from .results import read_header, read_records
+from ..results import read_header, read_records
 
 __all__ = ["DROPPED", "check_size", "done_keys", "resumed_header", "SAME_ENVIRONMENT"]
 
@@ -50,7 +50,7 @@ def done_keys(out: Path, matrix: set[tuple[str, str]] | None = None) -> tuple[se
     keys: set[tuple[str, str]] = set()
     kept: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
-    from .results import case_seed_key
+    from ..results import case_seed_key
     for r in read_records(path):
         k = (case_seed_key(r), r.get("strategy"))
         if matrix is not None and (k in keys or k not in matrix):

@@ -1,7 +1,7 @@
 """The supervisor: starts, feeds and watches the worker processes that run the cases.
 
 The process that writes the run directory runs no scenario code. It forks workers
-(:mod:`harness.worker`), sends each one case at a time ``(scenario name, params, seed, strategy
+(:mod:`harness.run.worker`), sends each one case at a time ``(scenario name, params, seed, strategy
 labels)`` and receives the records as plain dicts. It notices a worker's death by its process sentinel
 and a missed deadline by its own clock (the case's ``timeout`` plus :func:`grace`; the whole case
 counts: ``inputs()``, the reference, the run, the scenario's ``Expect``/``n`` callables), kills and
@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .results import SCHEMA_VERSION
-from .scenario import Case
-from .strategy import Strategy
+from ..results import SCHEMA_VERSION
+from ..core.scenario import Case
+from ..core.strategy import Strategy
 from .worker import death_reason, fork_context, worker_main
 
 __all__ = ["Supervisor", "can_fork", "fork_usable", "default_workers", "grace", "failure_record", "fork_safe_cuda_check",
@@ -65,7 +65,7 @@ def fork_usable(device: torch.device) -> tuple[bool, str, dict[str, Any] | None]
         return ok, why, None
     key = str(device)
     if key not in _PROBED:
-        from .results import environment
+        from ..results import environment
         from .worker import IsolatedFailure, isolated
         try:
             _PROBED[key] = (True, "", isolated(environment, (device.type,), 120.0))

@@ -9,7 +9,7 @@ Rules for what cannot be compared (no metric reports an error of 0 where nothing
   counts those where the candidate holds something else (the same infinity, or a NaN where the
   reference has a NaN, matches). A reference with such entries is an ``error`` unless the scenario
   declares ``nonfinite_reference`` (:func:`nonfinite_parts` says which output; the engine and
-  :func:`harness.verdict.judge` enforce it). A reference with no finite entry gives no error metric.
+  :func:`harness.judge.verdict.judge` enforce it). A reference with no finite entry gives no error metric.
 * **All-zero reference** (relative error undefined): ``rel_err`` is 0 when the candidate is exactly
   zero too and inf otherwise, and ``ref_all_zero`` is set so that the verdict says why.
   ``max_rel_err`` is over the entries non-zero in the reference, and absent where there are none;
@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from .formats import Format
-from .scenario import Output
+from ..core.formats import Format
+from ..core.scenario import Output
 
 __all__ = ["tensor_metrics", "compare", "ulp", "underflow_by_tensor", "output_problems", "nonfinite_parts",
            "measures_only"]
@@ -293,7 +293,7 @@ def compare(cand: Output, ref: Output, fmt: Format) -> dict[str, Any]:
             raise ValueError("scenario returned no gradients where the reference has them")
         m.update(_grads_metrics(cand.grads, ref.grads, fmt))
     zeros = ref.extra.get("computational_zeros")
-    if zeros is not None:  # training runs: entries whose FP32 gradient has no significant digit (harness.sensitivity)
+    if zeros is not None:  # training runs: entries whose FP32 gradient has no significant digit (harness.judge.sensitivity)
         m.update(_without_zeros(cand, ref, fmt, zeros))
     if ref.losses:
         if cand.losses is None:
@@ -301,6 +301,6 @@ def compare(cand: Output, ref: Output, fmt: Format) -> dict[str, Any]:
         m.update(_loss_metrics(cand.losses, ref.losses))
     if cand.trace is not None:
         m["scaler"] = cand.trace.as_dict()
-    if "updates_lost" in cand.extra and "updates_lost" in ref.extra:  # training runs (harness.user_model)
+    if "updates_lost" in cand.extra and "updates_lost" in ref.extra:  # training runs (harness.models.user_model)
         m["updates_lost_excess"] = _lost_excess(cand.extra, ref.extra)
     return m

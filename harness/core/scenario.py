@@ -1,7 +1,7 @@
 """Scenarios: one declarative entry each, a registry, and discovery of the suites.
 
 A scenario says what it demonstrates, its parameter grid (a ``quick`` subset and the ``full`` grid),
-how to build inputs from a seed, how to run under an :class:`~harness.execution.Execution`, the
+how to build inputs from a seed, how to run under an :class:`~harness.core.execution.Execution`, the
 reduction length ``n`` its error bound uses, and which strategies are expected to fail and why.
 Adding one is one ``register(Scenario(...))`` call in one module under ``suites/``; users register
 their own from their own module (``run --import mymodule``).
@@ -131,7 +131,7 @@ class Scenario:
     def execute(self, ex: Any, inputs: dict, params: dict) -> Output:
         """``run`` under the strategy's GEMM flags for the whole call (a GEMM or convolution outside
         ``ex.autocast()`` too: the reference's FP32 runs and every strategy's run alike), isolated
-        (:func:`harness.isolation.isolated`: a run that changes its inputs or global state raises
+        (:func:`harness.core.isolation.isolated`: a run that changes its inputs or global state raises
         ``SideEffect``, and what it changed is restored), checked to return an :class:`Output`."""
         during = f"its {ex.strategy.name or ex.strategy.compute} run"
         with ex.gemm_flags(), isolated(self.name, during, inputs) as own:  # inside the flags: sees the run's own

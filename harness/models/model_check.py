@@ -1,6 +1,6 @@
 """``python -m harness check-model MODULE:FACTORY`` and :func:`check_model`: a user's model trained under
-each strategy against FP32 (:mod:`harness.user_model`), failures diagnosed layer by layer
-(:mod:`harness.diagnose`), and one strategy recommended (:mod:`harness.recommend`).
+each strategy against FP32 (:mod:`harness.models.user_model`), failures diagnosed layer by layer
+(:mod:`harness.models.diagnose`), and one strategy recommended (:mod:`harness.models.recommend`).
 
 >>> result = check_model("examples.third_party_model:factory", steps=8)  # doctest: +SKIP
 >>> print(result.report()); result.exit_code  # doctest: +SKIP
@@ -16,16 +16,16 @@ from typing import Any, Callable
 import torch
 
 from .diagnose import Diagnosis, diagnose as run_diagnosis, fp16_window, fp32_gradients, window_gradients
-from .engine import RunConfig, resolve_device, run_matrix
+from ..run.engine import RunConfig, resolve_device, run_matrix
 from .model_isolation import diagnosis, preflight, stand_in, worker_scenarios
 from .recommend import recommend, window_sentence
-from .results import check_new_out, read_run, write_json_atomic
-from .scaling import format_number
-from .strategy import resolve
-from .supervisor import fork_safe_cuda_check, fork_usable
+from ..results import check_new_out, read_run, write_json_atomic
+from ..core.scaling import format_number
+from ..core.strategy import resolve
+from ..run.supervisor import fork_safe_cuda_check, fork_usable
 from .user_model import DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, load_spec, model_scenario
-from .verdict import FAILURES
-from .window import Window
+from ..judge.verdict import FAILURES
+from ..judge.window import Window
 
 __all__ = ["check_model", "CheckResult", "add_command"]
 
@@ -139,7 +139,7 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
     preset names or specs (default :data:`DEFAULT_STRATEGIES`). Writes a run directory (``run.json``,
     ``records.jsonl`` in the ``run`` schema, family ``training``, plus ``diagnosis.json``) to ``out``
     or ``results/runs/<UTC time>-<device>/``. The factory, the training and the diagnosis run in
-    worker processes (:mod:`harness.model_isolation`), each step under ``timeout`` seconds (None: no
+    worker processes (:mod:`harness.models.model_isolation`), each step under ``timeout`` seconds (None: no
     deadline). Bad input raises ValueError saying what was expected.
     """
     if steps < 1:
@@ -220,7 +220,7 @@ def _small_window(w: dict[str, Any], keep: int = 64) -> dict[str, Any]:
 
 def add_command(subparsers: Any) -> None:
     """``python -m harness check-model MODULE:FACTORY [--strategy ...]... [--steps N] [--device ...] [--out DIR]``."""
-    from .cli import out_dir, positive_int, seconds
+    from ..cli import out_dir, positive_int, seconds
     p = subparsers.add_parser("check-model", help="train your own model under each strategy against FP32; "
                               "diagnose failures layer by layer; recommend a strategy")
     p.add_argument("target", metavar="MODULE:FACTORY", help="FACTORY() returns {model, batch, loss[, optimizer]}")

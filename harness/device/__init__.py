@@ -1,0 +1,1 @@
+"""The Tensor-Core probes, the model of a Tensor-Core unit, and the device profile."""
