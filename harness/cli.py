@@ -27,14 +27,19 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def positive_int(text: str) -> int:
+def _whole_at_least(text: str, least: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """A count of at least 1 (``--seeds``, ``--steps``)."""
+    return _whole_at_least(text, 1)
 
 
 #: The longest ``--timeout`` (a week): a deadline the process's interval timer and the clock can hold.
@@ -61,13 +66,8 @@ def out_dir(text: str) -> Path:
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    """A count of at least 0 (``--workers``)."""
+    return _whole_at_least(text, 0)
 
 
 def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
