@@ -152,5 +152,9 @@ register(Scenario(
                    when=lambda p: p["depth"] >= 16),
             Expect(("fp8-*",), "underflow", "a unit of `layers.22` whose output gradients sit far below the "
                    "tensor's amax: E5M2 with a per-tensor scale flushes them, and its weight-gradient row is 0",
-                   when=lambda p: p["depth"] >= 24)),
+                   when=lambda p: p["depth"] >= 24),
+            Expect(("fp8-*",), "underflow", "on the GPU's FP8 GEMMs (torch._scaled_mm) one inner layer loses a "
+                   "unit's weight gradients to E5M2 at depths 8 and 16 too (measured on an H100: 2.3% of "
+                   "`layers.4`, 2.8% of `layers.12`); the CPU emulation keeps them",
+                   when=lambda p: p["depth"] < 24, device="cuda")),
 ))
