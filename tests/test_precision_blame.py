@@ -194,6 +194,8 @@ def test_sensitivity_floors_each_metric_and_chaos_is_not_judged() -> None:
     assert v.bound == b16  # the margin is grad_rel_err's, the one metric judged
     v = judge({"rel_err": 1.25, "grad_rel_err": 0.03}, FP16, n=66, sensitivity=chaos)  # gradients at the same weights
     assert v.outcome == "diverged" and v.reason.startswith("grad_rel_err 3.00e-02 >") and "chaotic" in v.reason
+    v = judge({"rel_err": 1.25, "loss_divergence": 0.25}, FP16, n=66, sensitivity=chaos)  # nothing else compared
+    assert v.outcome == "unsupported" and v.reason.startswith("not judged: the run is too chaotic") and v.margin is None
     assert CHAOTIC == 0.1 and FACTOR == 2.0
 
 

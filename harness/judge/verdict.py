@@ -307,8 +307,9 @@ def _judge_errors(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: 
             return Verdict("diverged", f"{key} {_e(m[key])} > {_e(bound_of(key))} = {how(key)}", bound_of(key),
                            margin=_margin({key: m[key]}, bound_of(key)))
     skipped = f"; not judged (chaotic): {', '.join(f'{k} {_e(m[k])}' for k in unjudged)}" if unjudged else ""
-    if not keys:
-        return Verdict("pass", f"no error judged{skipped}", None)  # chaotic, and nothing else compared
+    if not keys:  # chaotic, and nothing else compared: no pass without a judgement
+        return Verdict("unsupported", f"not judged: the run is too chaotic at this horizon to tell precision's "
+                                      f"part, and no metric at the same weights was compared{skipped}", None)
     worst = max(keys, key=lambda k: m[k] / bound_of(k) if bound_of(k) > 0 else math.inf)
     raised = [k for k in keys if floors.get(k, 0.0) > base]
     errs = ", ".join(f"{k} {_e(m[k])}" + (f" <= {_e(bound_of(k))}" if raised else "") for k in keys)
