@@ -477,3 +477,28 @@ def test_every_switch_of_the_table_is_restored_after_a_change(name: str) -> None
         with isolated("s_t", "its fp32 run"):
             put(new)
     assert global_state() == before
+
+
+def test_the_reference_perturbed_runs_are_isolated_too() -> None:
+    """FP32's one-ulp perturbed runs (a training scenario's ``perturbed``) go through ``Scenario.execute``
+    like every other run: a write into the inputs there is a SideEffect, restored, and its run is named."""
+    from harness.core.execution import Execution
+    from harness.core.scenario import Output, Scenario
+    from harness.core.strategy import PRESETS
+
+    def perturbed(ex, inputs, params, k):
+        inputs["x"].add_(k)
+        return Output(value=inputs["x"].clone())
+
+    s = Scenario(name="perturb_writes", family="training", description="d", grid={}, inputs=lambda p, g: {},
+                 run=lambda ex, inputs, params: Output(value=inputs["x"].clone()), perturbed=perturbed)
+    x = torch.tensor([1.5, -2.25])
+    ex = Execution(PRESETS["fp32"], torch.device("cpu"))
+    assert torch.equal(s.execute(ex, {"x": x}, {}).value, x)
+    with pytest.raises(SideEffect, match=r"`x` in place during its fp32 run \(perturbed 3\)"):
+        s.execute(ex, {"x": x}, {}, perturb=3)
+    assert torch.equal(x, torch.tensor([1.5, -2.25]))  # restored
+    plain = Scenario(name="no_perturbed", family="training", description="d", grid={}, inputs=lambda p, g: {},
+                     run=lambda ex, inputs, params: Output(value=inputs["x"]))
+    with pytest.raises(ValueError, match="declares no perturbed run"):
+        plain.execute(ex, {"x": x}, {}, perturb=0)

@@ -128,14 +128,18 @@ class Scenario:
                 return e
         return None
 
-    def execute(self, ex: Any, inputs: dict, params: dict) -> Output:
-        """``run`` under the strategy's GEMM flags for the whole call (a GEMM or convolution outside
+    def execute(self, ex: Any, inputs: dict, params: dict, perturb: int | None = None) -> Output:
+        """``run`` (or, with ``perturb``, ``perturbed`` from weights moved one ulp in directions drawn from
+        that seed) under the strategy's GEMM flags for the whole call (a GEMM or convolution outside
         ``ex.autocast()`` too: the reference's FP32 runs and every strategy's run alike), isolated
         (:func:`harness.core.isolation.isolated`: a run that changes its inputs or global state raises
         ``SideEffect``, and what it changed is restored), checked to return an :class:`Output`."""
-        during = f"its {ex.strategy.name or ex.strategy.compute} run"
+        if perturb is not None and self.perturbed is None:
+            raise ValueError(f"scenario {self.name} declares no perturbed run")
+        during = f"its {ex.strategy.name or ex.strategy.compute} run" + (f" (perturbed {perturb})"
+                                                                          if perturb is not None else "")
         with ex.gemm_flags(), isolated(self.name, during, inputs) as own:  # inside the flags: sees the run's own
-            out = self.run(ex, own, params)
+            out = self.run(ex, own, params) if perturb is None else self.perturbed(ex, own, params, perturb)
         if not isinstance(out, Output):
             raise TypeError(f"scenario {self.name}.run returned {type(out).__name__}, expected harness.Output")
         return out
