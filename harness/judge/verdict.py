@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..core.formats import FORMATS, Format
 from ..results import ERROR_METRICS, FAILURES, OUTCOMES, SEVERITY
@@ -188,30 +188,22 @@ def judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: fl
     case says so, and every reason of a run whose GEMMs ran only partly in the judged format
     (``m["gemm_coverage"]``) says how many did. The verdict's ``margin`` is the worst error metric over the
     bound it was judged against."""
-    args = (m, fmt, n, kappa, factor, underflow_budget, truncating, scaler, floor, floor_source, nonfinite_reference)
-    v = _judge_errors(*args, sensitivity) if sensitivity else _judge(*args)
+    b = max(bound(fmt, n, kappa, factor, truncating), floor)
+    v = _rules(m, fmt, underflow_budget, scaler, nonfinite_reference, b)
+    if v is None:
+        v = _error_bounds(m, b, lambda: _how(fmt, n, kappa, factor, truncating, floor, floor_source),
+                          nonfinite_reference, sensitivity)
+    elif v.outcome != "error":
+        v = Verdict(v.outcome, v.reason, b, v.direction, _margin(m, b))
     notes = [t for t in (_sens.chaotic_note(sensitivity), _coverage_note(m.get("gemm_coverage"))) if t]
     if notes:
         v = Verdict(v.outcome, "; ".join([v.reason, *notes]), v.bound, v.direction, v.margin)
     return v
 
 
-def _judge(m: dict[str, Any], fmt: Format, n: int, kappa: float = 1.0, factor: float = 1.0,
-           underflow_budget: float = UNDERFLOW_BUDGET, truncating: bool = False,
-           scaler: ScalerSpec | None = None, floor: float = 0.0, floor_source: str = FP64_FLOOR,
-           nonfinite_reference: str | None = None, bounds: bool = True) -> Verdict:
-    """:func:`judge` without the sensitivity floors and the notes; ``bounds=False`` stops before the error
-    bounds (a ``pass`` then means only that no earlier rule fired)."""
-    b = max(bound(fmt, n, kappa, factor, truncating), floor)
-    v = _classify(m, fmt, n, kappa, factor, underflow_budget, truncating, scaler, floor, floor_source,
-                  nonfinite_reference, b, bounds)
-    return Verdict(v.outcome, v.reason, None if v.outcome == "error" else b, v.direction,
-                   None if v.outcome == "error" else _margin(m, b))
-
-
-def _classify(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: float, underflow_budget: float,
-              truncating: bool, scaler: ScalerSpec | None, floor: float, floor_source: str,
-              declared: str | None, b: float, bounds: bool = True) -> Verdict:
+def _rules(m: dict[str, Any], fmt: Format, underflow_budget: float, scaler: ScalerSpec | None,
+           declared: str | None, b: float) -> Verdict | None:
+    """The checks before the error bounds (module doc, 1-5), in order; None when none fires."""
     nf = _nonfinite_reference(m, declared)
     if nf is not None and nf.outcome == "error":
         return nf
@@ -242,25 +234,53 @@ def _classify(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: floa
         return Verdict("diverged", f"updates: {_pct(m['updates_lost'])} of (update, weight) pairs with a gradient "
                                    f"left the weight unchanged (w + dw == w), {_pct(m['updates_lost_excess'])} more "
                                    f"than the reference > budget {_pct(underflow_budget)}", b)
-    if nf is not None:
-        return nf
-    if not bounds:
-        return Verdict("pass", "")
-    for key in ERROR_METRICS:
-        if key in m and m[key] > b:
+    return nf  # a declared inf/NaN reference that was not matched (``diverged``), or None
+
+
+def _error_bounds(m: dict[str, Any], base: float, how_base: Callable[[], str], declared: str | None,
+                  sens: dict[str, Any] | None) -> Verdict:
+    """Each error metric against its bound: ``base`` (the format's, or FP32's own error where larger), floored
+    per metric at :data:`harness.judge.sensitivity.FACTOR` times FP32's measured sensitivity in that metric
+    where a training case measured it. In a chaotic case the trajectory's metrics (drift, loss divergence)
+    are not judged: FP32 started one ulp away moves as far, so they cannot tell precision's part; the first
+    update's gradients (same weights) still are. The bound of a verdict is that of the metric it names (of
+    a pass: the metric closest to its bound), so its margin is error / bound."""
+    floors = _sens.floors(sens) if sens else {}
+    unjudged = [k for k in _sens.TRAJECTORY if k in m] if sens and sens.get("chaotic") else []
+    keys = [k for k in ERROR_METRICS if k in m and k not in unjudged]
+
+    def bound_of(key: str) -> float:
+        return max(base, floors.get(key, 0.0))
+
+    def how(key: str) -> str:
+        return _sens.describe(sens, key) if floors.get(key, 0.0) > base else how_base()
+
+    ratios = {k: m[k] / bound_of(k) if bound_of(k) > 0 else math.inf for k in keys}
+    margin = max(ratios.values()) if ratios else None  # the worst error metric over its bound
+    for key in keys:
+        if m[key] > bound_of(key):
             zero = (" (the reference is all zeros: relative error is undefined, and a non-zero value counts as "
                     "inf)") if m.get("ref_all_zero" if key == "rel_err" else "grad_ref_all_zero") else ""
-            return Verdict("diverged", f"{key} {_e(m[key])}{zero} > {_e(b)} = "
-                                       f"{_how(fmt, n, kappa, factor, truncating, floor, floor_source)}")
-    errs = [f"{k} {_e(m[k])}" for k in ERROR_METRICS if k in m]
-    if not errs:
+            return Verdict("diverged", f"{key} {_e(m[key])}{zero} > {_e(bound_of(key))} = {how(key)}", bound_of(key),
+                           margin=margin)
+    skipped = f"; not judged (chaotic): {', '.join(f'{k} {_e(m[k])}' for k in unjudged)}" if unjudged else ""
+    if not keys:
+        if unjudged:  # chaotic, and nothing at the same weights compared: no pass without a judgement
+            return Verdict("unsupported", f"not judged: the run is too chaotic at this horizon to tell precision's "
+                                          f"part, and no metric at the same weights was compared{skipped}")
         held = [f"{m[ref]} {what}" for ref, _, what in NONFINITE_REF if m.get(ref)]
-        if held:  # declared, and every inf/NaN of the reference matched (checked above)
+        if held:  # declared, and every inf/NaN of the reference matched (checked before)
             return Verdict("pass", f"every compared value is inf/NaN in the reference (declared: {declared}) "
-                                   f"and the same here ({', '.join(held)}); nothing finite to compare")
+                                   f"and the same here ({', '.join(held)}); nothing finite to compare", base)
         return Verdict("error", "nothing was compared: no rel_err, grad_rel_err or loss_divergence (the outputs "
                                 "hold no entry that is finite in the reference)")
-    return Verdict("pass", f"{', '.join(errs)} <= {_e(b)}")
+    worst = max(keys, key=lambda k: ratios[k])
+    raised = [k for k in keys if floors.get(k, 0.0) > base]
+    errs = ", ".join(f"{k} {_e(m[k])}" + (f" <= {_e(bound_of(k))}" if raised else "") for k in keys)
+    within = (f" (within FP32's own sensitivity for {', '.join(raised)}: {_sens.describe(sens, raised[0])})"
+              if raised else "")
+    return Verdict("pass", errs + ("" if raised else f" <= {_e(base)}") + within + skipped, bound_of(worst),
+                   margin=margin)
 
 
 def _tensor_underflow(m: dict[str, Any], fmt: Format, budget: float, b: float) -> Verdict | None:
@@ -275,48 +295,6 @@ def _tensor_underflow(m: dict[str, Any], fmt: Format, budget: float, b: float) -
     more = f"; {len(per) - 1} more tensors beyond the budget" if len(per) > 1 else ""
     return Verdict("underflow", f"gradient of `{name}`: {_pct(worst)} of its non-zero values flushed to zero > "
                                 f"budget {_pct(budget)} ({fmt.name} smallest {fmt.smallest:.3g}){more}", b)
-
-
-def _judge_errors(m: dict[str, Any], fmt: Format, n: int, kappa: float, factor: float, budget: float,
-                  truncating: bool, scaler: ScalerSpec | None, floor: float, floor_source: str,
-                  declared: str | None, sens: dict[str, Any]) -> Verdict:
-    """:func:`judge` with each error metric's bound floored at :data:`harness.judge.sensitivity.FACTOR` times FP32's
-    measured sensitivity in that metric. In a chaotic case the trajectory's metrics (drift, loss
-    divergence) are not judged: FP32 started one ulp away moves as far, so they cannot tell precision's
-    part; the first update's gradients (same weights) still are. Every rule before the error bounds
-    decides as in :func:`judge`; the bound of a pass is the one of the metric closest to its bound (so
-    error / bound is the margin)."""
-    floors = _sens.floors(sens)
-    base = max(bound(fmt, n, kappa, factor, truncating), floor)
-    v = _judge(m, fmt, n, kappa, factor, budget, truncating, scaler, floor, floor_source, declared, bounds=False)
-    if v.outcome != "pass" or v.reason:  # an earlier rule decided (a matched declared inf/NaN reference too)
-        return v
-    unjudged = [k for k in _sens.TRAJECTORY if k in m] if sens.get("chaotic") else []
-    keys = [k for k in ERROR_METRICS if k in m and k not in unjudged]
-
-    def bound_of(key: str) -> float:
-        return max(base, floors.get(key, 0.0))
-
-    def how(key: str) -> str:
-        if floors.get(key, 0.0) > base:
-            return _sens.describe(sens, key)
-        return _how(fmt, n, kappa, factor, truncating, floor, floor_source)
-
-    for key in keys:
-        if m[key] > bound_of(key):
-            return Verdict("diverged", f"{key} {_e(m[key])} > {_e(bound_of(key))} = {how(key)}", bound_of(key),
-                           margin=_margin({key: m[key]}, bound_of(key)))
-    skipped = f"; not judged (chaotic): {', '.join(f'{k} {_e(m[k])}' for k in unjudged)}" if unjudged else ""
-    if not keys:  # chaotic, and nothing else compared: no pass without a judgement
-        return Verdict("unsupported", f"not judged: the run is too chaotic at this horizon to tell precision's "
-                                      f"part, and no metric at the same weights was compared{skipped}", None)
-    worst = max(keys, key=lambda k: m[k] / bound_of(k) if bound_of(k) > 0 else math.inf)
-    raised = [k for k in keys if floors.get(k, 0.0) > base]
-    errs = ", ".join(f"{k} {_e(m[k])}" + (f" <= {_e(bound_of(k))}" if raised else "") for k in keys)
-    within = (f" (within FP32's own sensitivity for {', '.join(raised)}: {_sens.describe(sens, raised[0])})"
-              if raised else "")
-    return Verdict("pass", errs + ("" if raised else f" <= {_e(base)}") + within + skipped, bound_of(worst),
-                   margin=_margin({worst: m[worst]}, bound_of(worst)))
 
 
 def _coverage_note(cov: dict[str, Any] | None) -> str:
