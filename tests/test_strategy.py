@@ -18,11 +18,39 @@ CONTRACT = ("fp32", "tf32", "fp16", "fp16-static", "fp16-dynamic", "fp16-gradsca
 
 
 def test_preset_names_are_the_contract() -> None:
-    assert tuple(PRESETS) == CONTRACT
+    assert tuple(PRESETS)[:len(CONTRACT)] == CONTRACT  # the recipes added later follow the contract's names
     assert all(p.name == n for n, p in PRESETS.items())
 
 
-@pytest.mark.parametrize("name", CONTRACT)
+def test_specs_written_before_the_optional_keys_read_the_same() -> None:
+    # lib, update, states and compile print only where they differ from their default
+    assert "lib=" not in str(PRESETS["fp8-tensorwise"]) and "compile" not in str(PRESETS["bf16"])
+    assert str(PRESETS["torchao-fp8-rowwise"]).endswith(",fp8=rowwise,lib=torchao")
+    assert parse(str(PRESETS["fp8-tensorwise"]) + ",lib=none") is PRESETS["fp8-tensorwise"]
+
+
+def test_a_preset_takes_overrides() -> None:
+    s = parse("fp8-rowwise,compile=yes")
+    assert s.compile and s.fp8 == "rowwise" and s.label == "fp8-rowwise,compile=yes"
+    assert parse(str(s)) == s and str(s).endswith("fp8=rowwise,compile=yes")
+    assert parse("fp8-rowwise,compile=no") is PRESETS["fp8-rowwise"]  # an override that changes nothing
+    with pytest.raises(ValueError, match="given twice"):
+        parse("bf16,compile=yes,compile=no")
+    with pytest.raises(ValueError, match="unknown strategy key"):
+        parse("bf16,compiled=yes")
+
+
+def test_blockwise_promotion_interval_is_a_spec_parameter() -> None:
+    assert PRESETS["fp8-blockwise"].promote == 128 and PRESETS["fp8-blockwise"].recipe == "blockwise"
+    assert parse("compute=fp8,fp8=blockwise(0)").promote == 0
+    assert parse("compute=fp8,fp8=blockwise") is PRESETS["fp8-blockwise"]
+    for bad in ("compute=fp8,fp8=blockwise(x)", "compute=fp8,fp8=rowwise(4)", "compute=fp8,fp8=mxfp4",
+                "compute=fp4,fp8=rowwise", "compute=bf16,params=fp32,update=sr"):
+        with pytest.raises(ValueError):
+            parse(bad)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_round_trips_and_keeps_its_name(name: str) -> None:
     p = PRESETS[name]
     text = str(p)
@@ -43,9 +71,12 @@ def _all_strategies() -> list[Strategy]:
     scalers = [ScalerSpec("none"), ScalerSpec("static", init=1024), ScalerSpec("dynamic", interval=7, hysteresis=2),
                ScalerSpec("gradscaler", init=2.0**10)]
     out = []
-    for c, a, p, m, s, r, f in itertools.product(COMPUTE, APPLY, PARAMS, (False, True), scalers, REDUCTION, FP8_RECIPES):
+    for c, a, p, m, s, r, f, x in itertools.product(COMPUTE, APPLY, PARAMS, (False, True), scalers, REDUCTION,
+                                                    FP8_RECIPES + ("blockwise(0)",),
+                                                    (("none", "nearest", "param", False), ("torchao", "sr", "8bit", True),
+                                                     ("optimi", "kahan", "param", True))):
         try:
-            out.append(Strategy(c, a, p, m, s, r, f))
+            out.append(Strategy(c, a, p, m, s, r, f, *x))
         except ValueError:
             pass
     return out

@@ -23,7 +23,8 @@ class Format:
     ``fraction_bits`` is the number of stored mantissa bits (precision p = fraction_bits + 1);
     ``emax``/``emin`` are the exponents of the largest and smallest normal numbers.
     ``finite_only`` marks the OCP FP8 E4M3 variant whose top exponent holds normal numbers
-    (max 448) instead of inf.
+    (max 448) instead of inf; ``all_finite`` a format with no inf or NaN code at all (the OCP FP4 E2M1
+    element, max 6).
     """
 
     name: str
@@ -32,6 +33,7 @@ class Format:
     subnormals: bool = True
     finite_only: bool = False
     storage: str = ""  # torch dtype attribute name that holds values of this format
+    all_finite: bool = False
 
     @property
     def precision(self) -> int:
@@ -52,7 +54,7 @@ class Format:
 
     @property
     def emax(self) -> int:
-        return self.bias + (1 if self.finite_only else 0)
+        return self.bias + (1 if self.finite_only or self.all_finite else 0)
 
     @property
     def emin(self) -> int:
@@ -108,6 +110,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("bf16", 7, 8, storage="bfloat16"),
     Format("fp8_e4m3", 3, 4, finite_only=True, storage="float8_e4m3fn"),
     Format("fp8_e5m2", 2, 5, storage="float8_e5m2"),
+    # OCP MX / NVFP4 element: 1 sign, 2 exponent, 1 fraction bit; every code is a number (+-0, 0.5 .. 6)
+    Format("fp4_e2m1", 1, 2, all_finite=True),
 )}
 
 

@@ -7,8 +7,18 @@ the FP8 recipe. It prints to and parses from one grammar, and ``parse(str(s)) ==
 
     compute=fp16,apply=autocast,params=fp32,master=no,scaler=none,reduction=fp32,fp8=none
 
+Four more keys say how a recipe is carried out and print only where they differ from their default,
+so the specs written before they existed still read the same: ``lib`` (which library drives the
+recipe: ``none`` is the harness's own implementation, the exact emulation every library recipe is
+checked against), ``update`` (how a low-precision parameter takes its update: round to ``nearest``,
+stochastic rounding ``sr``, or a ``kahan``-compensated sum), ``states`` (optimizer states kept as the
+parameters are, or in ``8bit`` blocks) and ``compile`` (``yes`` runs the workload through
+``torch.compile``). A preset can be followed by overrides: ``bf16,compile=yes``.
+
 >>> str(parse("fp16-dynamic")) == str(PRESETS["fp16-dynamic"])
 True
+>>> str(parse("fp8-rowwise,compile=yes"))
+'compute=fp8,apply=autocast,params=fp32,master=no,scaler=none,reduction=fp32,fp8=rowwise,compile=yes'
 """
 from __future__ import annotations
 
@@ -22,16 +32,29 @@ from .scaling import SCALER_PRESETS, ScalerSpec, parse_scaler
 
 __all__ = ["Strategy", "PRESETS", "parse", "resolve", "support", "tensor_core_support", "MIN_CAPABILITY"]
 
-COMPUTE = ("fp64", "fp32", "tf32", "fp16", "bf16", "fp8")
+COMPUTE = ("fp64", "fp32", "tf32", "fp16", "bf16", "fp8", "fp4")
 APPLY = ("autocast", "cast")
 PARAMS = ("fp64", "fp32", "fp16", "bf16")
 REDUCTION = ("fp32", "reduced")
-FP8_RECIPES = ("none", "tensorwise", "delayed")
+#: Low-precision GEMM recipes (the ``fp8`` key): per-tensor scales from the tensor itself (``tensorwise``)
+#: or from an amax history (``delayed``); one scale per row of each operand (``rowwise``; ``rowwise_gw_hp``
+#: keeps the weight-gradient GEMM in high precision); DeepSeek-V3's 1x128 / 128x128 blocks with partial
+#: sums promoted to FP32 every N products (``blockwise(N)``, N=0: never); OCP MX blocks of 32 with E8M0
+#: scales (``mxfp8``, ``mxfp4``) and NVIDIA's blocks of 16 with E4M3 scales and a tensor scale (``nvfp4``).
+FP8_RECIPES = ("none", "tensorwise", "delayed", "rowwise", "rowwise_gw_hp", "blockwise", "mxfp8", "mxfp4", "nvfp4")
+#: The recipes whose elements are 4-bit (``compute=fp4``); the others are FP8 (``compute=fp8``).
+FP4_RECIPES = ("mxfp4", "nvfp4")
+BLOCKWISE_PROMOTE = 128  # DeepSeek-V3's promotion interval, the default of ``blockwise``
+LIBS = ("none", "torchao", "optimi", "bnb")
+UPDATES = ("nearest", "sr", "kahan")
+STATES = ("param", "8bit")
 BOOL = {"yes": True, "no": False, "true": True, "false": False, "1": True, "0": False}
-#: Activation (and cast-parameter) format of the computes that differ from it: FP8 recipes keep BF16
-#: between GEMMs, TF32 only changes GEMMs.
-_ACTIVATION = {"fp8": "bf16", "tf32": "fp32"}
-KEYS = ("compute", "apply", "params", "master", "scaler", "reduction", "fp8")
+#: Activation (and cast-parameter) format of the computes that differ from it: FP8 and FP4 recipes keep
+#: BF16 between GEMMs, TF32 only changes GEMMs.
+_ACTIVATION = {"fp8": "bf16", "fp4": "bf16", "tf32": "fp32"}
+KEYS = ("compute", "apply", "params", "master", "scaler", "reduction", "fp8", "lib", "update", "states", "compile")
+#: Keys printed only where they differ from these defaults (added after specs were first recorded).
+OPTIONAL = {"lib": "none", "update": "nearest", "states": "param", "compile": False}
 
 
 @dataclass(frozen=True)
@@ -45,17 +68,36 @@ class Strategy:
     scaler: ScalerSpec = field(default_factory=ScalerSpec)
     reduction: str = "fp32"
     fp8: str = "none"
+    lib: str = "none"
+    update: str = "nearest"
+    states: str = "param"
+    compile: bool = False
     name: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        if self.fp8 == "blockwise":  # the one spelling of the default interval
+            object.__setattr__(self, "fp8", f"blockwise({BLOCKWISE_PROMOTE})")
         for key, allowed in (("compute", COMPUTE), ("apply", APPLY), ("params", PARAMS),
-                             ("reduction", REDUCTION), ("fp8", FP8_RECIPES)):
+                             ("reduction", REDUCTION), ("fp8", FP8_RECIPES), ("lib", LIBS),
+                             ("update", UPDATES), ("states", STATES)):
             value = getattr(self, key)
+            if key == "fp8":
+                value = self.recipe
             if value not in allowed:
                 raise ValueError(f"strategy {key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-        if (self.compute == "fp8") != (self.fp8 != "none"):
-            raise ValueError("compute=fp8 needs an fp8 recipe (fp8=tensorwise or fp8=delayed), and an fp8 "
-                             "recipe needs compute=fp8")
+        if self.recipe == "blockwise" and self.promote < 0:
+            raise ValueError(f"fp8={self.fp8}: the promotion interval must be a whole number >= 0 (0: never)")
+        if self.recipe != "blockwise" and "(" in self.fp8:
+            raise ValueError(f"fp8={self.fp8}: only blockwise takes a parameter, e.g. fp8=blockwise(128)")
+        want = "none" if self.fp8 == "none" else ("fp4" if self.recipe in FP4_RECIPES else "fp8")
+        if (self.compute in ("fp8", "fp4") or want != "none") and self.compute != want:
+            raise ValueError(f"compute=fp8 needs an fp8 recipe (fp8="
+                             f"{'|'.join(r for r in FP8_RECIPES[1:] if r not in FP4_RECIPES)}), compute=fp4 an FP4 "
+                             f"one (fp8={'|'.join(FP4_RECIPES)}), and each recipe its compute; got "
+                             f"compute={self.compute}, fp8={self.fp8}")
+        if self.update != "nearest" and (self.params not in ("fp16", "bf16") or self.master):
+            raise ValueError(f"update={self.update} rounds the update into low-precision parameters: it needs "
+                             "params=bf16 or fp16 and master=no (FP32 master weights already keep it exactly)")
         if self.master and self.params not in ("fp16", "bf16"):
             raise ValueError("master=yes keeps FP32 copies of low-precision parameters; it needs params=fp16 or bf16")
         if self.master and self.scaler.kind == "gradscaler":
@@ -65,7 +107,21 @@ class Strategy:
             raise ValueError(f"apply=cast stores parameters in the compute format: set params={self.activation_format}")
 
     def __str__(self) -> str:
-        return ",".join(f"{k}={self._value_str(k)}" for k in KEYS)
+        return ",".join(f"{k}={self._value_str(k)}" for k in KEYS
+                        if k not in OPTIONAL or getattr(self, k) != OPTIONAL[k])
+
+    @property
+    def recipe(self) -> str:
+        """The GEMM recipe without its parameter (``blockwise(128)`` -> ``blockwise``)."""
+        return self.fp8.split("(", 1)[0]
+
+    @property
+    def promote(self) -> int:
+        """Products between promotions of a blockwise recipe's partial sums to FP32 (0: never)."""
+        if self.recipe != "blockwise":
+            return 0
+        arg = self.fp8[len("blockwise("):-1] if "(" in self.fp8 else str(BLOCKWISE_PROMOTE)
+        return int(arg) if arg.isdigit() else -1
 
     def _value_str(self, key: str) -> str:
         v = getattr(self, key)
@@ -84,7 +140,12 @@ class Strategy:
     def format(self) -> Format:
         """The format whose unit roundoff bounds this strategy's error: the lowest precision it computes in
         (for the FP8 recipes E5M2, u = 2^-3, which carries the gradients into the backward GEMMs; the
-        forward operands are E4M3, u = 2^-4)."""
+        forward operands are E4M3, u = 2^-4; the recipes that keep every operand in E4M3 are judged by
+        it, and the FP4 recipes by E2M1, u = 2^-2)."""
+        if self.compute == "fp4":
+            return get_format("fp4_e2m1")
+        if self.compute == "fp8" and self.recipe in ("blockwise", "mxfp8"):
+            return get_format("fp8_e4m3")
         return get_format({"fp8": "fp8_e5m2"}.get(self.compute, self.compute))
 
     @property
@@ -110,6 +171,22 @@ _PRESET_SPECS = (
     ("bf16-master", "compute=bf16,apply=cast,params=bf16,master=yes"),
     ("fp8-tensorwise", "compute=fp8,fp8=tensorwise"),
     ("fp8-delayed", "compute=fp8,fp8=delayed"),
+    ("fp8-rowwise", "compute=fp8,fp8=rowwise"),
+    ("fp8-rowwise-gw-hp", "compute=fp8,fp8=rowwise_gw_hp"),
+    ("fp8-blockwise", f"compute=fp8,fp8=blockwise({BLOCKWISE_PROMOTE})"),
+    ("mxfp8", "compute=fp8,fp8=mxfp8"),
+    ("mxfp4", "compute=fp4,fp8=mxfp4"),
+    ("nvfp4", "compute=fp4,fp8=nvfp4"),
+    ("torchao-fp8-tensorwise", "compute=fp8,fp8=tensorwise,lib=torchao"),
+    ("torchao-fp8-rowwise", "compute=fp8,fp8=rowwise,lib=torchao"),
+    ("torchao-fp8-rowwise-gw-hp", "compute=fp8,fp8=rowwise_gw_hp,lib=torchao"),
+    ("bf16-sr", "compute=bf16,apply=cast,params=bf16,update=sr"),
+    ("bf16-kahan", "compute=bf16,apply=cast,params=bf16,update=kahan"),
+    ("torchao-bf16-sr", "compute=bf16,apply=cast,params=bf16,update=sr,lib=torchao"),
+    ("optimi-bf16-kahan", "compute=bf16,apply=cast,params=bf16,update=kahan,lib=optimi"),
+    ("bf16-8bit-states", "compute=bf16,states=8bit"),
+    ("torchao-bf16-8bit-states", "compute=bf16,states=8bit,lib=torchao"),
+    ("bnb-bf16-8bit-states", "compute=bf16,states=8bit,lib=bnb"),
 )
 #: The named presets (names fixed by the project's contract), filled in below once parse exists.
 PRESETS: dict[str, Strategy] = {}
@@ -137,10 +214,14 @@ def _split_top(text: str) -> list[str]:
 
 
 def parse(text: str) -> Strategy:
-    """Parse a preset name or a ``key=value,...`` spec; unknown names suggest the nearest presets."""
+    """Parse a preset name, a ``key=value,...`` spec, or a preset followed by overrides
+    (``fp8-rowwise,compile=yes``); unknown names suggest the nearest presets."""
     t = text.strip()
     if t in PRESETS:
         return PRESETS[t]
+    head = _split_top(t)[0] if t else t
+    if "=" not in head and "," in t:
+        return _with_overrides(head, t)
     if "=" not in t:
         near = difflib.get_close_matches(t, list(PRESETS), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
@@ -157,9 +238,9 @@ def parse(text: str) -> Strategy:
                              f"keys: {', '.join(KEYS)}")
         if k in kw:
             raise ValueError(f"strategy key {k!r} given twice in {text!r}")
-        if k == "master":
+        if k in ("master", "compile"):
             if v not in BOOL:
-                raise ValueError(f"master={v!r}: use yes or no")
+                raise ValueError(f"{k}={v!r}: use yes or no")
             kw[k] = BOOL[v]
         elif k == "scaler":
             kw[k] = parse_scaler(v)
@@ -173,6 +254,28 @@ def parse(text: str) -> Strategy:
         if preset == strategy:
             return preset
     return strategy
+
+
+def _with_overrides(preset: str, text: str) -> Strategy:
+    """``PRESET,key=value,...``: the preset with those keys replaced, named as written (normalised)."""
+    base = parse(preset)
+    if not base.name:
+        raise ValueError(f"{preset!r} in {text!r} is not a preset; write the whole spec as key=value pairs")
+    over = _split_top(text)[1:]
+    merged = {p.split("=", 1)[0].strip(): p for p in _split_top(str(base))}
+    seen: set[str] = set()
+    for part in over:
+        if "=" not in part:
+            raise ValueError(f"strategy override {part!r} must be key=value; keys: {', '.join(KEYS)}")
+        key = part.split("=", 1)[0].strip()
+        if key in seen:
+            raise ValueError(f"strategy key {key!r} given twice in {text!r}")
+        seen.add(key)
+        merged[key] = part
+    strategy = parse(",".join(merged.values()))
+    if strategy.name:  # the overrides led back to a preset
+        return strategy
+    return strategy.with_name(",".join([base.name] + [p.replace(" ", "") for p in over]))
 
 
 PRESETS.update((name, parse(spec).with_name(name)) for name, spec in _PRESET_SPECS)
@@ -206,6 +309,16 @@ def tensor_core_support(compute: str, device: torch.device | str) -> str | None:
             f"(needs sm_{need[0]}{need[1]}+)")
 
 
+def _not_built(strategy: Strategy) -> str | None:
+    """The part of a valid spec that no code path carries out yet (never run as something else)."""
+    if strategy.recipe not in ("none", "tensorwise", "delayed"):
+        return f"fp8={strategy.fp8} has no implementation yet"
+    for key in ("lib", "update", "states", "compile"):
+        if getattr(strategy, key) != OPTIONAL[key]:
+            return f"{key}={strategy._value_str(key)} has no implementation yet"
+    return None
+
+
 def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[str]]:
     """Whether ``strategy`` runs on ``device``: (supported, reason if not, emulation notes).
 
@@ -213,6 +326,9 @@ def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[s
     and a path the device lacks is unsupported with a reason.
     """
     notes: list[str] = []
+    missing = _not_built(strategy)
+    if missing:
+        return False, missing, notes
     if device.type == "cpu":
         if strategy.compute == "tf32":
             notes.append("tf32 emulated on the CPU: GEMM inputs rounded to 10 fraction bits, FP32 accumulation")
