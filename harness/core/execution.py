@@ -40,6 +40,7 @@ class Execution:
         self.emulated_gemms = 0  # GEMMs that ran through the FP8 or emulated-TF32 path (see routes_gemms)
         self.routed_keys: set[str] = set()  # the call sites (``key``) of those GEMMs: layers, for coverage
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
+        self.block_notes: set[str] = set()  # how the blockwise and MX recipes' GEMMs ran (native or emulated)
 
     # -- what the strategy is --------------------------------------------------------------
     @property
@@ -51,7 +52,7 @@ class Execution:
         """Whether :meth:`matmul` runs the GEMM itself (FP8, and TF32 where no TF32 hardware path is
         used) instead of handing it to torch."""
         s = self.strategy
-        return s.compute == "fp8" or (s.compute == "tf32" and self.device.type != "cuda")
+        return s.compute in ("fp8", "fp4") or (s.compute == "tf32" and self.device.type != "cuda")
 
     @property
     def judged_format(self) -> Format:
@@ -68,7 +69,7 @@ class Execution:
         the native FP8 GEMMs that fell back to the emulation (never a silent downgrade)."""
         n = self.fp8_history.fallbacks
         return self.notes + ([f"{n} FP8 GEMMs emulated: dimensions not multiples of 16, which torch._scaled_mm "
-                              "requires"] if n else [])
+                              "requires"] if n else []) + sorted(self.block_notes - set(self.notes))
 
     # -- what scenarios call ---------------------------------------------------------------
     def act(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,22 +107,59 @@ class Execution:
             else:
                 yield
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, key: str = "mm") -> torch.Tensor:
-        """a @ b as the strategy computes it (``key`` names the call site for FP8 amax histories)."""
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, key: str = "mm",
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """a @ b as the strategy computes it (``key`` names the call site for FP8 amax histories).
+        ``out_dtype`` (default: the activation format) asks for the GEMM's output in another dtype, e.g.
+        FP32 to see a GEMM's accumulation without its output's rounding."""
         s = self.strategy
         if not self.routes_gemms:
-            return a @ b
+            return a @ b if out_dtype is None else _mm_out(a, b, out_dtype)
         self.emulated_gemms += 1
         self.routed_keys.add(key)
+        if s.recipe in _BLOCK_RECIPES:
+            return self._block_matmul(a, b, out_dtype or self.dtype)
         if s.compute == "fp8":
-            return fp8_matmul(a, b, key, self.fp8_history, s.fp8 == "delayed", self._native_fp8, self.dtype)
-        return tf32_matmul(a, b)
+            return fp8_matmul(a, b, key, self.fp8_history, s.fp8 == "delayed", self._native_fp8,
+                              out_dtype or self.dtype)
+        y = tf32_matmul(a, b)
+        return y if out_dtype is None else y.to(out_dtype)
+
+    def _block_matmul(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The block-scaled recipes: DeepSeek's blockwise FP8 (:mod:`.blockwise`), MX and NVFP4 (:mod:`.mx`)."""
+        s = self.strategy
+        if s.recipe == "blockwise":
+            from .blockwise import blockwise_matmul
+            return blockwise_matmul(a, b, s.promote, out_dtype, self.device.type == "cuda", self.block_notes)
+        from .mx import mx_matmul
+        return mx_matmul(a, b, s.recipe, out_dtype)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                key: str = "linear") -> torch.Tensor:
         """x @ w.T + b, like ``torch.nn.functional.linear``, routed through :meth:`matmul`."""
         y = self.matmul(x, w.t(), key)
         return y if b is None else y + b
+
+
+#: Recipes whose GEMMs scale per block (:meth:`Execution._block_matmul`).
+_BLOCK_RECIPES = ("blockwise", "mxfp8", "mxfp4", "nvfp4")
+
+
+def _mm_out(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b under the ambient autocast, its output kept in ``out_dtype``: FP16/BF16 products accumulated in
+    FP32 and not rounded to 16 bits at the end (cuBLAS's ``out_dtype`` GEMM on a GPU; on the CPU, whose
+    kernels accumulate these GEMMs in FP32 and lack that overload, the FP32 product of the same operands)."""
+    if torch.is_autocast_enabled(a.device.type):
+        dt = torch.get_autocast_dtype(a.device.type)
+        a, b = a.to(dt), b.to(dt)
+    low = a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
+    if low and a.is_cuda and a.dim() == 2 and b.dim() == 2:
+        with torch.autocast(a.device.type, enabled=False):
+            return torch.mm(a, b, out_dtype=out_dtype)
+    if low:
+        a, b = a.float(), b.float()
+    with torch.autocast(a.device.type, enabled=False):
+        return (a @ b).to(out_dtype)
 
 
 def _flags() -> dict:
