@@ -15,10 +15,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def _e4m3_values(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """Random E4M3 numbers (3 fraction bits, exponents -6..8, random signs)."""
+    """Random E4M3 numbers (3 fraction bits, exponents -6..8, random signs), every 17th a subnormal."""
     sig = 1 + torch.randint(0, 8, shape, generator=g).float() / 8
     sign = torch.randint(0, 2, shape, generator=g).float() * 2 - 1
-    return (sign * sig * torch.exp2(torch.randint(-6, 8, shape, generator=g).float())).clamp(-448, 448)
+    x = (sign * sig * torch.exp2(torch.randint(-6, 8, shape, generator=g).float())).clamp(-448, 448)
+    sub = sign * torch.randint(1, 8, shape, generator=g).float() * 2.0**-9
+    return torch.where(torch.arange(x.numel()).reshape(shape) % 17 == 0, sub, x)
 
 
 def _exact_operands(m: int, k: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,6 +68,7 @@ def test_nonfinite_input_stays_nonfinite_in_its_rows_only() -> None:
 
 
 def test_unit_factors_and_no_promotion_are_the_tensor_core_model_itself() -> None:
+    """blockwise_gemm works in float32 (exact for FP8 products); the model's own matmul in float64."""
     g = torch.Generator().manual_seed(0)
     a, b = _e4m3_values((6, 256), g), _e4m3_values((256, 5), g)
     model = bw.HOPPER_FP8

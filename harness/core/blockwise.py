@@ -80,19 +80,22 @@ def blockwise_gemm(qa: torch.Tensor, da: torch.Tensor, qb: torch.Tensor, db: tor
     m, k = qa.shape
     n = qb.shape[1]
     dev = qa.device
-    qa64, qb64, da, db = qa.cpu().double(), qb.cpu().double(), da.cpu().float(), db.cpu().float()
     interval = promote if promote > 0 else k
     scaled_terms = TILE % interval != 0  # an interval spans tiles: its products carry their factors
+    # FP8 products are exact in float32 (E4M3's exponents stay far inside its range); products carrying a
+    # 24-bit factor are not
+    work = torch.float32 if model.exact_in_fp32 and not scaled_terms else torch.float64
+    qa64, qb64, da, db = qa.cpu().to(work), qb.cpu().to(work), da.cpu().float(), db.cpu().float()
     out = torch.zeros(m, n, dtype=torch.float32)
     for p0 in range(0, k, interval):
-        acc = torch.zeros(m, n, dtype=torch.float64)
+        acc = torch.zeros(m, n, dtype=work)
         # walk the interval in tile-sized pieces so memory stays M*N*128; the accumulator carries over
         for c0 in range(p0, min(p0 + interval, k), TILE):
             c1 = min(c0 + TILE, p0 + interval, k)
-            prod, pexp = model.products(qa64[:, c0:c1], qb64[c0:c1])
+            prod, pexp = model.products(qa64[:, c0:c1], qb64[c0:c1], work)
             if scaled_terms:
                 f = (da[:, c0 // TILE, None] * db[c0 // TILE][None, :]).double()  # FP32-rounded factor
-                prod, pexp = prod * f[..., None], pexp + floor_log2(f)[..., None]
+                prod, pexp = prod * f, pexp + floor_log2(f)
             acc = model.accumulate(prod, pexp, acc)
         partial = acc.float()  # the accumulator's 14 bits are exact in FP32
         if not scaled_terms:
