@@ -166,6 +166,8 @@ def test_gpu_paths_agree_with_the_emulation_where_every_step_is_exact(promote: i
     else:
         assert torch.equal(y.cpu(), bw.blockwise_matmul(x, w, 0, torch.float32))
     assert notes  # which path ran is named
+    if promote == 128:  # torch's blockwise GEMM, or the reason it was not used
+        assert any("scaled_mm" in n for n in notes), notes
 
 
 @cuda

@@ -53,6 +53,26 @@ def _chunked(qa: torch.Tensor, da: torch.Tensor, qb: torch.Tensor, db: torch.Ten
     return out
 
 
+_CHECKED: set[int] = set()  # b_cols values whose native result was checked against the chunked path
+
+
+def _trusted(out: torch.Tensor, qa, ga, a_rows: int, qb, gb, b_cols: int) -> bool:
+    """The first native result per scale layout is checked against one ``_scaled_mm`` per 128 products (the
+    same promotion, scales applied by the harness): a scale layout torch reads differently than meant would
+    otherwise give wrong numbers silently. A disagreement beyond 2^-10 (normwise) marks the path broken."""
+    if b_cols in _CHECKED:
+        return True
+    from .blockwise import _factors
+    da, db = _factors(ga, a_rows, gb, b_cols, qa.shape[0], qb.shape[1])
+    ref = _chunked(qa, da, qb, db, TILE)
+    err = float((out.float() - ref).norm() / ref.norm().clamp_min(torch.finfo(torch.float32).tiny))
+    if not err <= 2.0**-10:  # NaN too
+        _BROKEN["scaled_mm"] = f"disagrees with one torch._scaled_mm per 128 products (rel. diff {err:.2e})"
+        return False
+    _CHECKED.add(b_cols)
+    return True
+
+
 def native_gemm(qa, ga, a_rows: int, qb, gb, b_cols: int, promote: int, notes: set[str] | None
                 ) -> torch.Tensor | None:
     """The FP32 GEMM on the GPU, or None where no native path applies (see module doc)."""
@@ -66,10 +86,11 @@ def native_gemm(qa, ga, a_rows: int, qb, gb, b_cols: int, promote: int, notes: s
         else:
             try:
                 out = blockwise_scaled_mm(qa, ga, qb, gb, b_cols)
-                notes.add("blockwise FP8 GEMMs native: torch.nn.functional.scaled_mm, BlockWise1x128 x "
-                          "BlockWise128x128 (cuBLAS)")
-                return out
-            except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+                if _trusted(out, qa, ga, a_rows, qb, gb, b_cols):
+                    notes.add("blockwise FP8 GEMMs native: torch.nn.functional.scaled_mm, BlockWise1x128 x "
+                              f"BlockWise{'128x128' if b_cols == TILE else '1x128'} (cuBLAS)")
+                    return out
+            except (RuntimeError, NotImplementedError, TypeError, ValueError, AttributeError) as exc:
                 _BROKEN["scaled_mm"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     if "scaled_mm" in _BROKEN and promote == TILE:
         notes.add(f"native blockwise scaled_mm not used ({_BROKEN['scaled_mm']})")
