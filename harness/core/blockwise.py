@@ -148,9 +148,9 @@ def blockwise_matmul(a: torch.Tensor, b: torch.Tensor, promote: int = TILE, out_
     """``a @ b`` with DeepSeek-V3's blockwise FP8 recipe and autograd; leading batch dims of ``a`` are flattened.
     ``native`` lets CUDA tensors use the FP8 Tensor Cores; ``notes`` collects how each GEMM ran, for the record.
 
-    >>> a = torch.full((2, 256), 0.5); b = torch.full((256, 2), 0.25)
-    >>> blockwise_matmul(a, b, 128, torch.float32).tolist()  # 256 products of 1/8, exact in 14 bits
-    [[32.0, 32.0], [32.0, 32.0]]
+    >>> a = torch.full((2, 256), 3.5); b = torch.full((256, 2), 1.75)  # scales 448/amax: 2^7, 2^8
+    >>> blockwise_matmul(a, b, 128, torch.float32).tolist()  # 256 products of 6.125, exact in 14 bits
+    [[1568.0, 1568.0], [1568.0, 1568.0]]
     """
     lead = a.shape[:-1]
     out = _BlockwiseMatMul.apply(a.reshape(-1, a.shape[-1]), b, promote, out_dtype, native, notes)
