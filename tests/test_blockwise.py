@@ -92,6 +92,15 @@ def test_promotion_keeps_products_the_14_bit_accumulator_loses_whole() -> None:
     assert bw.blockwise_matmul(a, b, 256, torch.float32).item() == 1568.0  # one interval spanning both tiles
 
 
+def test_an_interval_spanning_tiles_gives_each_product_its_own_tiles_factor() -> None:
+    """promote=96: the interval [96, 192) holds products of tile 0 (factor 2^-14) and tile 1 (2^-11)."""
+    a = torch.zeros(1, 256)
+    a[0, 100], a[0, 150] = 3.5, 3.5 * 2.0**-3  # each tile's amax: scales 2^7 and 2^10
+    b = torch.full((256, 1), 3.5)
+    for promote in (96, 0, 128, 32):
+        assert bw.blockwise_matmul(a, b, promote, torch.float32).item() == 12.25 + 12.25 / 8, promote
+
+
 def test_forward_and_both_gradients_are_exact_where_every_step_is() -> None:
     g = torch.Generator().manual_seed(1)
     x, w, up = _exact_operands(256, 256, 256, g)

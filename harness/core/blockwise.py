@@ -89,12 +89,14 @@ def blockwise_gemm(qa: torch.Tensor, da: torch.Tensor, qb: torch.Tensor, db: tor
     out = torch.zeros(m, n, dtype=torch.float32)
     for p0 in range(0, k, interval):
         acc = torch.zeros(m, n, dtype=work)
-        # walk the interval in tile-sized pieces so memory stays M*N*128; the accumulator carries over
+        # walk the interval in pieces of 128 so memory stays M*N*128; the accumulator (and its fused steps)
+        # carry over from piece to piece
         for c0 in range(p0, min(p0 + interval, k), TILE):
             c1 = min(c0 + TILE, p0 + interval, k)
             prod, pexp = model.products(qa64[:, c0:c1], qb64[c0:c1], work)
-            if scaled_terms:
-                f = (da[:, c0 // TILE, None] * db[c0 // TILE][None, :]).double()  # FP32-rounded factor
+            if scaled_terms:  # each product carries its own tile's factor, rounded to FP32
+                tk = torch.arange(c0, c1) // TILE
+                f = (da[:, tk].t()[:, :, None] * db[tk][:, None, :]).double()
                 prod, pexp = prod * f, pexp + floor_log2(f)
             acc = model.accumulate(prod, pexp, acc)
         partial = acc.float()  # the accumulator's 14 bits are exact in FP32
