@@ -203,3 +203,58 @@ def test_long_k_scenario_records_scaled_mm_with_and_without_promotion() -> None:
     assert set(errs) == {"one_gemm", "chunks_128"}
     assert errs["chunks_128"] <= errs["one_gemm"]
     assert out.extra["max_rel_err"] < 1e-2
+
+
+# -- the GPU paths' wiring, driven on the CPU (torch's CPU _scaled_mm accumulates in FP32) ------------------
+def _layouts(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor):
+    """(qa, ga, a_rows, qb, gb, b_cols, exact) of the forward, input-gradient and weight-gradient GEMMs."""
+    qx, gx = bw.quantize_blocks(x, 1, 128)
+    qw, gw = bw.quantize_blocks(w, 128, 128)
+    qg, gg = bw.quantize_blocks(up, 1, 128)
+    qxt, gxt = bw.quantize_blocks(x.t(), 1, 128)
+    qgt, ggt = bw.quantize_blocks(up, 128, 1)
+    x64, w64, up64 = x.double(), w.double(), up.double()
+    return [(qx, gx, 1, qw, gw, 128, x64 @ w64), (qg, gg, 1, qw.t(), gw.t(), 128, up64 @ w64.t()),
+            (qxt, gxt, 1, qgt, ggt, 1, x64.t() @ up64)]
+
+
+def test_native_paths_apply_each_tiles_factor(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.core import blockwise_native as bn
+    monkeypatch.setattr(bn, "_BROKEN", {})
+    monkeypatch.setattr(bn, "_CHECKED", set())
+    x, w, up = _exact_operands(256, 256, 256, torch.Generator().manual_seed(5))
+    for qa, ga, a_rows, qb, gb, b_cols, exact in _layouts(x, w, up):
+        for promote in (128, 64):
+            notes: set[str] = set()
+            out = bn.native_gemm(qa, ga, a_rows, qb, gb, b_cols, promote, notes)
+            assert out is not None and torch.equal(out.double(), exact), (b_cols, promote, notes)
+    assert bn.native_gemm(*_layouts(x, w, up)[0][:6], 0, set()) is None  # no native GEMM leaves out promotion
+
+
+def test_a_native_result_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.core import blockwise_native as bn
+    monkeypatch.setattr(bn, "_BROKEN", {})
+    monkeypatch.setattr(bn, "_CHECKED", set())
+    monkeypatch.setattr(bn.torch.nn.functional, "ScalingType", bn.torch.nn.functional.ScalingType, raising=False)
+    monkeypatch.setattr(bn, "blockwise_scaled_mm", lambda qa, ga, qb, gb, b_cols: 2 * (qa @ qb))  # a wrong layout
+    x, w, up = _exact_operands(256, 256, 256, torch.Generator().manual_seed(6))
+    qa, ga, a_rows, qb, gb, b_cols, exact = _layouts(x, w, up)[0]
+    notes: set[str] = set()
+    out = bn.native_gemm(qa, ga, a_rows, qb, gb, b_cols, 128, notes)
+    assert torch.equal(out.double(), exact)
+    assert "disagrees" in bn._BROKEN["scaled_mm:128"] and any("not used" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("b_cols", [128, 1])
+def test_blockwise_scale_layouts_pass_torchs_own_checks(b_cols: int) -> None:
+    """torch's shape and stride checks of the blockwise GEMM (its meta kernel) accept the layouts the GPU
+    path passes, K/128 = 3 included (128x128 scales padded to a multiple of 4 rows)."""
+    from harness.core.blockwise_native import blockwise_scaled_mm
+    if not hasattr(getattr(torch.nn.functional, "ScalingType", None), "BlockWise1x128"):
+        pytest.skip(f"torch {torch.__version__} has no blockwise-scaled GEMM")
+    meta = torch.device("meta")
+    m, k, n = 256, 384, 256
+    gb = torch.ones(3, n // 128 if b_cols == 128 else n, device=meta)
+    out = blockwise_scaled_mm(torch.ones(m, k, device=meta), torch.ones(m, 3, device=meta),
+                              torch.ones(k, n, device=meta), gb, b_cols)
+    assert out.shape == (m, n) and out.dtype == torch.float32
