@@ -40,6 +40,7 @@ class Execution:
         self.emulated_gemms = 0  # GEMMs that ran through the FP8 or emulated-TF32 path (see routes_gemms)
         self.routed_keys: set[str] = set()  # the call sites (``key``) of those GEMMs: layers, for coverage
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
+        self.optimizer_recipe_steps = 0  # optimizer steps an update=/states= recipe acted in (run.training)
 
     # -- what the strategy is --------------------------------------------------------------
     @property
