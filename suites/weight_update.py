@@ -86,6 +86,18 @@ register(Scenario(
         Expect(("bf16-pure",), "diverged", "update swamped: |dw| < 2^-8 is below half a BF16 ulp (2^-7) of w",
                when=lambda p: p["log2_ratio"] <= -9),
         Expect(("bf16-pure",), "diverged", "every step rounds w + dw to BF16's grid (ulp 2^-7): up to 2^-8 per step"),
+        Expect(("bf16-sr",), "diverged", "8 stochastically rounded steps: each weight's error is a random walk of "
+                                         "standard deviation sqrt(8*|dw|*ulp), above the bound of 8 roundings "
+                                         "(bf16_update_swamping shows SR over hundreds of steps)"),
+        Expect(("bf16-kahan", "optimi-bf16-kahan"), "diverged",
+               "8 updates of |dw| <= 2^-11 add up to at most half a BF16 ulp (2^-8): the Kahan compensation holds "
+               "the drift, the stored weight has not moved yet", when=lambda p: p["log2_ratio"] <= -11),
+        Expect(("bf16-kahan", "optimi-bf16-kahan"), "diverged",
+               "the stored weight is within half a BF16 ulp (2^-8) of FP32's, but 8 updates drift only 8|dw|: "
+               "that half ulp is a relative error above the bound", when=lambda p: p["log2_ratio"] <= -9),
+        Expect(("bf16-8bit-states",), "unsupported", "not applicable: SGD without momentum keeps no optimizer state"),
+        Expect(("torchao-bf16-*", "bnb-bf16-8bit-states"), "unsupported",
+               "the library has no SGD recipe (torchao: AdamW/Adam; bitsandbytes mapped for Adam/AdamW)"),
     ),
 ))
 
@@ -137,6 +149,8 @@ register(Scenario(
         Expect(("fp16-pure",), "diverged", "(1-beta2)*g^2 ~ 2^-22 is subnormal in FP16 and keeps a few bits: "
                                            "sqrt(v), and so every step, is off by percents",
                when=lambda p: -8 < p["log2_grad"] <= -6),
+        Expect(("*8bit-states",), "unsupported", "not applicable: 1024 weights, and states under 4096 entries stay "
+                                                 "in full precision (as in torchao and bitsandbytes)"),
     ),
 ))
 
