@@ -392,3 +392,19 @@ def test_cuda_sr_and_8bit_match_torchao_on_the_gpu() -> None:
     st = OptimState8bit.zeros(x.shape, True, 256, dev, dtype=torch.float32)
     st.copy_(x)
     assert torch.equal(quantize_8bit(x, True), st.dequantize())
+
+
+def test_sr_runs_reproduce_from_the_case_seed_and_leave_the_global_stream_alone() -> None:
+    scen = discover().get("bf16_update_swamping")
+    params = {"log2_lr": -13}
+    inputs = scen.inputs(params, seed_generator(Case(scen, params, 0)))
+
+    def run(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)  # as the engine seeds every run from its case
+        out = scen.run(Execution(PRESETS["bf16-sr"], CPU), inputs, params)
+        return out.value, torch.rand(4)  # the global stream after the run
+
+    (a, after_a), (b, _), (c, _) = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(0)
+    assert torch.equal(after_a, torch.rand(4))  # SR drew from a generator of its own
