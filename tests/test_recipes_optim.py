@@ -310,7 +310,8 @@ def test_a_scenario_without_optimizer_step_records_not_applicable() -> None:
 def _sgd_drift(update: str, rows: int, steps: int = 256, dw: float = 2.0**-12) -> torch.Tensor:
     """Weights at 1 under a fixed SGD update dw < half a BF16 ulp (2^-8): the final drift per weight."""
     p = torch.ones(rows, dtype=torch.bfloat16)
-    opt = PrecisionOptimizer(lambda ps: torch.optim.SGD(ps, lr=dw), [p], update, generator=torch.Generator().manual_seed(1)) \
+    gen = torch.Generator().manual_seed(1)
+    opt = PrecisionOptimizer(lambda ps: torch.optim.SGD(ps, lr=dw), [p], update, generator=gen) \
         if update != "nearest" else torch.optim.SGD([p], lr=dw)
     for _ in range(steps):
         p.grad = torch.full_like(p, -1.0)
