@@ -41,6 +41,7 @@ class Execution:
         self.routed_keys: set[str] = set()  # the call sites (``key``) of those GEMMs: layers, for coverage
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
         self.block_notes: set[str] = set()  # how the blockwise and MX recipes' GEMMs ran (native or emulated)
+        self.optimizer_recipe_steps = 0  # optimizer steps an update=/states= recipe acted in (run.training)
 
     # -- what the strategy is --------------------------------------------------------------
     @property

@@ -251,7 +251,7 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                 probe.detach()
         delta = _flat(trainer.parameters_fp32(), names) - start
     extra: dict[str, Any] = {"updates": update, "attempts": attempts, "update_norm": float(delta.double().norm()),
-                             "updates_lost": lost / nonzero if nonzero else 0.0, "updates_lost_of": [lost, nonzero],
+                             **_lost_metrics(ex, lost, nonzero),
                              "gemm_coverage": gemm_coverage(trainer.model, ex), "inputs_identical": not rng_used}
     if rng_used:
         extra["inputs_note"] = RNG_NOTE
@@ -259,6 +259,17 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
         extra["stopped"] = stopped
     trace = trainer.trace if ex.strategy.scaler.kind != "none" else None
     return Output(value=delta, grads=grads, losses=losses, trace=trace, extra=extra)
+
+
+def _lost_metrics(ex: Execution, lost: int, nonzero: int) -> dict[str, Any]:
+    """The share of (update, weight) pairs that left the weight unchanged. Under round to nearest such an
+    update is lost (``updates_lost``, judged against a budget). Under ``update=sr`` or ``kahan`` it is not:
+    the Kahan compensation keeps it and stochastic rounding moves the weight by it in expectation, so the
+    same count is ``updates_unmoved``, reported, and the run is judged by its drift and loss instead."""
+    share = lost / nonzero if nonzero else 0.0
+    if ex.strategy.update in ("sr", "kahan"):
+        return {"updates_unmoved": share, "updates_unmoved_of": [lost, nonzero]}
+    return {"updates_lost": share, "updates_lost_of": [lost, nonzero]}
 
 
 #: Why a run whose model or loss draws random numbers cannot be made to see its reference's inputs.
