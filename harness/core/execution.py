@@ -21,6 +21,7 @@ import torch
 from .emulation import tf32_matmul
 from .formats import Format, get_format
 from .fp8 import AmaxHistory, fp8_matmul
+from .fp8_rowwise import RECIPES as TORCHAO_STYLE, recipe_matmul, rowwise_native
 from .strategy import Strategy, support
 
 __all__ = ["Execution", "FP64", "route_linears", "gemm_coverage", "is_conv1d"]
@@ -40,6 +41,10 @@ class Execution:
         self.emulated_gemms = 0  # GEMMs that ran through the FP8 or emulated-TF32 path (see routes_gemms)
         self.routed_keys: set[str] = set()  # the call sites (``key``) of those GEMMs: layers, for coverage
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
+        if self._native_fp8 and self.torchao_style and strategy.recipe != "tensorwise":
+            # the own path falls back to the emulation where _scaled_mm takes no row-wise scales (the
+            # notes say so; lib=torchao is unsupported there)
+            self._native_fp8 = rowwise_native(str(self.device)) is None
 
     # -- what the strategy is --------------------------------------------------------------
     @property
@@ -52,6 +57,13 @@ class Execution:
         used) instead of handing it to torch."""
         s = self.strategy
         return s.compute == "fp8" or (s.compute == "tf32" and self.device.type != "cuda")
+
+    @property
+    def torchao_style(self) -> bool:
+        """Whether GEMMs follow torchao's float8 recipes (:mod:`harness.core.fp8_rowwise`): the row-wise
+        recipes, and every recipe torchao drives; ``fp8=tensorwise|delayed`` of the own path keep theirs."""
+        s = self.strategy
+        return s.compute == "fp8" and (s.lib == "torchao" or (s.recipe in TORCHAO_STYLE and s.recipe != "tensorwise"))
 
     @property
     def judged_format(self) -> Format:
@@ -113,6 +125,8 @@ class Execution:
             return a @ b
         self.emulated_gemms += 1
         self.routed_keys.add(key)
+        if self.torchao_style:
+            return self._recipe_matmul(a, b)
         if s.compute == "fp8":
             return fp8_matmul(a, b, key, self.fp8_history, s.fp8 == "delayed", self._native_fp8, self.dtype)
         return tf32_matmul(a, b)
@@ -121,7 +135,20 @@ class Execution:
                key: str = "linear") -> torch.Tensor:
         """x @ w.T + b, like ``torch.nn.functional.linear``, routed through :meth:`matmul`."""
         y = self.matmul(x, w.t(), key)
+        if b is not None and self.torchao_style:
+            b = b.to(y.dtype)  # Float8Linear adds the bias in the output's dtype
         return y if b is None else y + b
+
+    def _recipe_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """A GEMM of a torchao-style recipe, the input in the activation format as ``Float8Linear`` casts
+        it under autocast: through torchao where the strategy names it, else the own emulation."""
+        s = self.strategy
+        a = a.to(self.dtype)
+        with torch.autocast(self.device.type, enabled=False):
+            if s.lib == "torchao":
+                from ..recipes import torchao_float8
+                return torchao_float8.matmul(a, b, s.recipe)
+            return recipe_matmul(a, b, s.recipe, self._native_fp8)
 
 
 def _flags() -> dict:
@@ -165,6 +192,8 @@ def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
     strategy's activation format; :func:`gemm_coverage` counts it."""
     if not ex.routes_gemms:
         return model
+    if ex.strategy.lib == "torchao" and ex.strategy.compute == "fp8":
+        return _torchao_convert(model, ex)
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             def fwd(x, _m=mod, _k=name or "linear"):
@@ -177,6 +206,17 @@ def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
                 return y.reshape(*x.shape[:-1], _m.nf)
             mod.forward = conv1d  # type: ignore[method-assign]
     return model
+
+
+def _torchao_convert(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
+    """torchao converts the ``nn.Linear`` layers itself (nothing else); each converted layer that runs
+    counts as a routed GEMM, so :func:`gemm_coverage` reports what the library covered."""
+    from ..recipes import torchao_float8
+
+    def ran(key: str) -> None:
+        ex.emulated_gemms += 1
+        ex.routed_keys.add(key)
+    return torchao_float8.convert(model, ex.strategy.recipe, ran)
 
 
 #: Module types whose parameters feed a GEMM (a convolution is one too, on Tensor Cores), by the name
