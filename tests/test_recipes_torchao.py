@@ -235,6 +235,15 @@ def test_missing_torchao_is_unsupported_with_the_install_line(monkeypatch) -> No
                                                               "'torchao>=0.18'"
 
 
+def test_the_install_line_names_an_extra_that_exists() -> None:
+    """missing_reason says ``pip install 'mp-harness[recipes]'``: the extra installs every library at
+    the minimum version the harness supports."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    recipes = extras["project"]["optional-dependencies"]["recipes"]
+    assert recipes == [f"{lib.dist}>={lib.minimum}" for lib in libraries.LIBRARIES.values()]
+
+
 def test_only_torchao_float8_recipes_are_lifted() -> None:
     assert support(parse("compute=fp8,fp8=delayed,lib=torchao"), CPU)[1] == "lib=torchao has no implementation yet"
     assert support(parse("compute=fp8,fp8=blockwise(128),lib=torchao"), CPU)[1] == (
