@@ -255,6 +255,17 @@ def test_only_torchao_float8_recipes_are_lifted() -> None:
     assert PRESETS["torchao-fp8-tensorwise"].format.name == "fp8_e5m2"
 
 
+def test_on_a_gpu_torchao_converts_only_widths_that_scaled_mm_takes() -> None:
+    """torch._scaled_mm on a GPU needs multiples of 16: a Linear(24, 32) stays high precision there (torchao's
+    documented module filter); on the CPU torchao converts it."""
+    from torchao.float8.float8_linear import Float8Linear
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 24), nn.Linear(24, 32))
+    kinds = [type(m) for m in torchao_float8.convert(copy.deepcopy(model), "rowwise", print, gpu=True)]
+    assert kinds == [Float8Linear, nn.Linear, nn.Linear]
+    kinds = [type(m) for m in torchao_float8.convert(copy.deepcopy(model), "rowwise", print, gpu=False)]
+    assert kinds == [Float8Linear] * 3
+
+
 def test_gpt2_coverage_says_conv1d_stayed_in_high_precision() -> None:
     """GPT-2's attention and MLP are Hugging Face Conv1D, which torchao does not convert: only the LM head
     (an nn.Linear) runs in FP8, and the coverage and the verdict's note say so."""
@@ -320,7 +331,7 @@ def test_cuda_torchao_matches_the_native_oracle(recipe: str) -> None:
         res[how] = [y.detach(), a.grad, b.grad]
     assert_bitwise(res["torchao"], res["native"])
     for n, e in zip(res["native"], res["emulated"]):  # Tensor Core accumulation order: BF16-level agreement
-        torch.testing.assert_close(n.float(), e.float(), rtol=2**-7, atol=1e-6 * e.float().abs().max().item())
+        torch.testing.assert_close(n.float(), e.float(), rtol=2**-7, atol=1e-3 * e.float().abs().max().item())
 
 
 @pytest.mark.cuda
@@ -340,3 +351,26 @@ def test_cuda_execution_runs_rowwise_natively_with_notes() -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = m(torch.randn(64, 32, device=dev))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset", ["fp8-rowwise", "torchao-fp8-rowwise", "torchao-fp8-rowwise-gw-hp"])
+def test_cuda_shapes_scaled_mm_refuses_run_the_emulation_and_say_so(preset: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    dev = torch.device("cuda")
+    ex = Execution(PRESETS[preset], dev)
+    if not ex.supported:
+        pytest.skip(ex.unsupported_reason)
+    g = torch.Generator().manual_seed(9)
+    a0, b0 = torch.randn(40, 24, generator=g), torch.randn(24, 8, generator=g)
+    a, b = a0.to(dev).requires_grad_(), b0.to(dev).requires_grad_()
+    y = ex.matmul(a, b)
+    y.float().sum().backward()
+    recipe = PRESETS[preset].recipe
+    a2, b2 = a0.to(torch.bfloat16).requires_grad_(), b0.clone().requires_grad_()
+    want = recipe_matmul(a2, b2, recipe, native=False)
+    want.float().sum().backward()
+    assert_bitwise([y.detach().cpu(), a.grad.cpu(), b.grad.cpu()], [want.detach(), a2.grad.to(torch.float32), b2.grad])
+    assert ex.emulation_notes()[-1] == ("1 FP8 GEMMs emulated: dimensions not multiples of 16, which "
+                                        "torch._scaled_mm requires")

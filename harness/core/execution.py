@@ -21,7 +21,7 @@ import torch
 from .emulation import tf32_matmul
 from .formats import Format, get_format
 from .fp8 import AmaxHistory, fp8_matmul
-from .fp8_rowwise import RECIPES as TORCHAO_STYLE, recipe_matmul, rowwise_native
+from .fp8_rowwise import RECIPES as TORCHAO_STYLE, gemm_fits, recipe_matmul, rowwise_native
 from .strategy import Strategy, support
 
 __all__ = ["Execution", "FP64", "route_linears", "gemm_coverage", "is_conv1d"]
@@ -144,11 +144,16 @@ class Execution:
         it under autocast: through torchao where the strategy names it, else the own emulation."""
         s = self.strategy
         a = a.to(self.dtype)
+        # torch._scaled_mm on a GPU takes only multiples of 16 (torchao would raise): such a GEMM runs the
+        # emulation, which is what torchao computes on the CPU, and is counted in the record's notes
+        fits = self.device.type != "cuda" or gemm_fits(a, b)
+        if not fits and (self._native_fp8 or s.lib == "torchao"):
+            self.fp8_history.fallbacks += 1
         with torch.autocast(self.device.type, enabled=False):
-            if s.lib == "torchao":
+            if s.lib == "torchao" and fits:
                 from ..recipes import torchao_float8
                 return torchao_float8.matmul(a, b, s.recipe)
-            return recipe_matmul(a, b, s.recipe, self._native_fp8)
+            return recipe_matmul(a, b, s.recipe, self._native_fp8 and fits)
 
 
 def _flags() -> dict:
@@ -216,7 +221,7 @@ def _torchao_convert(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
     def ran(key: str) -> None:
         ex.emulated_gemms += 1
         ex.routed_keys.add(key)
-    return torchao_float8.convert(model, ex.strategy.recipe, ran)
+    return torchao_float8.convert(model, ex.strategy.recipe, ran, gpu=ex.device.type == "cuda")
 
 
 #: Module types whose parameters feed a GEMM (a convolution is one too, on Tensor Cores), by the name

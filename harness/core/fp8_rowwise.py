@@ -32,7 +32,8 @@ import torch
 from .formats import FORMATS, Format
 from .fp8 import quantize_fp8
 
-__all__ = ["Cast", "Recipe", "RECIPES", "EPS", "scale_of", "recipe_matmul", "rowwise_native", "recipe_support"]
+__all__ = ["Cast", "Recipe", "RECIPES", "EPS", "scale_of", "recipe_matmul", "rowwise_native", "recipe_support",
+           "fits_scaled_mm", "gemm_fits"]
 
 E4M3, E5M2 = FORMATS["fp8_e4m3"], FORMATS["fp8_e5m2"]
 #: torchao's guard against a zero amax (``torchao.float8.float8_utils.EPS``).
@@ -123,6 +124,12 @@ def recipe_support(recipe: str, torchao: bool, device: torch.device) -> tuple[st
     return None, [what]
 
 
+def fits_scaled_mm(m: int, k: int, n: int) -> bool:
+    """Whether ``torch._scaled_mm`` on a GPU takes an (m, k) @ (k, n) GEMM: every dimension a multiple of
+    16 (the backward GEMMs make each of them an inner dimension)."""
+    return m % 16 == 0 and k % 16 == 0 and n % 16 == 0
+
+
 def _gemm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
           fast_accum: bool, native: bool) -> torch.Tensor:
     """torchao's scaled GEMM of two FP8 operands (``addmm_float8_unwrapped``, see module doc)."""
@@ -185,3 +192,8 @@ def recipe_matmul(a: torch.Tensor, b: torch.Tensor, recipe: str, native: bool) -
     lead = a.shape[:-1]
     out = _RecipeMatMul.apply(a.reshape(-1, a.shape[-1]), b, RECIPES[recipe], native)
     return out.reshape(*lead, b.shape[-1])
+
+
+def gemm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """:func:`fits_scaled_mm` for ``a @ b`` with ``a``'s leading dims flattened."""
+    return fits_scaled_mm(a.numel() // max(a.shape[-1], 1), a.shape[-1], b.shape[-1])
