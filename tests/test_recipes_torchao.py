@@ -255,6 +255,29 @@ def test_only_torchao_float8_recipes_are_lifted() -> None:
     assert PRESETS["torchao-fp8-tensorwise"].format.name == "fp8_e5m2"
 
 
+def test_the_cpu_scaled_mm_scales_before_the_gemm_so_an_exact_fp8_cancellation_leaves_a_residue() -> None:
+    """deep_narrow_vanishing at depth 24, layer 13, unit 30 (measured): identical E4M3 inputs over the batch
+    and E5M2 gradients that sum to exactly 0. The FP8 products sum exactly (the own path, and a GPU that
+    scales after accumulating: 0); torch._scaled_mm on the CPU, and with it torchao there and the
+    emulation of it, scales each operand first and keeps a residue of ~1e-15."""
+    qg = torch.tensor([[-16384.0, 12288.0, -2048.0, -10240.0, 5120.0, 6144.0, -1024.0, 6144.0]]).to(torch.float8_e5m2)
+    qa = torch.full((8, 16), 352.0).to(torch.float8_e4m3fn)
+    sg, sa = torch.tensor(947271565312.0), torch.tensor(570.5870361328125)
+    assert torch.equal(qg.float() @ qa.float(), torch.zeros(1, 16))
+    cpu = torch._scaled_mm(qg, qa.t().contiguous().t(), scale_a=sg.reciprocal(), scale_b=sa.reciprocal(),
+                           out_dtype=torch.float32)
+    emulated = fp8_rowwise._gemm(qg, sg, qa, sa, torch.float32, fast_accum=True, native=False)
+    assert torch.equal(cpu, emulated) and emulated.abs().max().item() == pytest.approx(1.33e-15, rel=1e-2)
+
+
+def test_library_presets_carry_the_declarations_of_the_recipe_they_run() -> None:
+    from harness.core.scenario import Expect
+    e = Expect(("fp8*",), "diverged", "BF16 activations")
+    assert e.applies("torchao-fp8-rowwise", {}, "cpu") and e.applies("fp8-rowwise", {}, "cpu")
+    assert not Expect(("fp8-tensorwise",), "pass", "").applies("torchao-fp8-rowwise", {}, "cpu")
+    assert not e.applies("bf16", {}, "cpu") and not e.applies("torchaofp8", {}, "cpu")
+
+
 def test_on_a_gpu_torchao_converts_only_widths_that_scaled_mm_takes() -> None:
     """torch._scaled_mm on a GPU needs multiples of 16: a Linear(24, 32) stays high precision there (torchao's
     documented module filter); on the CPU torchao converts it."""
@@ -374,3 +397,17 @@ def test_cuda_shapes_scaled_mm_refuses_run_the_emulation_and_say_so(preset: str)
     assert_bitwise([y.detach().cpu(), a.grad.cpu(), b.grad.cpu()], [want.detach(), a2.grad.to(torch.float32), b2.grad])
     assert ex.emulation_notes()[-1] == ("1 FP8 GEMMs emulated: dimensions not multiples of 16, which "
                                         "torch._scaled_mm requires")
+
+
+@pytest.mark.cuda
+def test_cuda_scaled_mm_keeps_the_exact_fp8_cancellation() -> None:
+    """The GPU counterpart of the CPU residue above: _scaled_mm accumulates the FP8 products, then scales:
+    exactly 0 (so on a GPU torchao's tensorwise loses that unit too, as the own path does)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a CUDA device with FP8 Tensor Cores")
+    row = [-16384.0, 12288.0, -2048.0, -10240.0, 5120.0, 6144.0, -1024.0, 6144.0] + [0.0] * 8
+    qg = torch.tensor([row] * 16, device="cuda").to(torch.float8_e5m2)
+    qa = torch.full((16, 16), 352.0, device="cuda").to(torch.float8_e4m3fn)
+    sg, sa = torch.tensor(947271565312.0, device="cuda"), torch.tensor(570.5870361328125, device="cuda")
+    out = fp8_rowwise._gemm(qg, sg, qa, sa, torch.bfloat16, fast_accum=False, native=True)
+    assert torch.equal(out.float(), torch.zeros(16, 16, device="cuda"))
