@@ -370,6 +370,8 @@ def test_cuda_execution_runs_rowwise_natively_with_notes() -> None:
     assert ex.emulation_notes()[0] == "own float8 rowwise (torchao's recipe)"
     ok, reason, notes = support(PRESETS["torchao-fp8-rowwise"], dev)
     assert (ok, reason) == ((True, "") if why is None else (False, why))
+    if why is not None:
+        return
     m = route_linears(mlp().to(dev), Execution(PRESETS["torchao-fp8-rowwise"], dev))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = m(torch.randn(64, 32, device=dev))
