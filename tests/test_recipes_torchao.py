@@ -309,6 +309,23 @@ def test_gpt2_coverage_says_conv1d_stayed_in_high_precision() -> None:
     assert _coverage_note(cov).startswith("only 1 of 9 GEMM layers ran in fp8_e4m3 (not: Conv1D 0/8)")
 
 
+def test_own_rowwise_routes_conv1d_and_keeps_bf16_activations() -> None:
+    """The own row-wise recipes run GPT-2's Conv1D in FP8 too (torchao does not), and add every bias in
+    the output's dtype, so activations stay BF16 as with Float8Linear; the own tensorwise path keeps its
+    old promotion to the FP32 bias (its records stay as they were)."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 32)
+    for preset, dtype in (("fp8-rowwise", torch.bfloat16), ("fp8-tensorwise", torch.float32)):
+        ex = Execution(PRESETS[preset], CPU)
+        model = route_linears(nn.Sequential(pytorch_utils.Conv1D(48, 32), nn.Linear(48, 16)), ex)
+        with ex.autocast():
+            y0 = model[0](x)
+            y = model[1](y0)
+        assert (y0.dtype, y.dtype) == (dtype, dtype), preset
+        assert gemm_coverage(model, ex)["by_type"] == {"Conv1D": [1, 1], "Linear": [1, 1]}
+
+
 def test_check_model_accepts_torchao_rowwise_on_a_third_party_model(capsys, tmp_path: Path) -> None:
     """torch's TransformerEncoder unchanged: torchao converts its feed-forward Linears and the head; the
     attention projections (nn.MultiheadAttention calls them functionally) stay in BF16, and the record says so."""

@@ -134,10 +134,14 @@ class Execution:
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                key: str = "linear") -> torch.Tensor:
         """x @ w.T + b, like ``torch.nn.functional.linear``, routed through :meth:`matmul`."""
-        y = self.matmul(x, w.t(), key)
-        if b is not None and self.torchao_style:
-            b = b.to(y.dtype)  # Float8Linear adds the bias in the output's dtype
-        return y if b is None else y + b
+        return self.add_bias(self.matmul(x, w.t(), key), b)
+
+    def add_bias(self, y: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``y + b`` after a routed GEMM: in the output's dtype for torchao-style recipes, as ``Float8Linear``
+        adds it (BF16 activations); the own ``tensorwise``/``delayed`` path keeps its promotion to ``b``'s dtype."""
+        if b is None:
+            return y
+        return y + (b.to(y.dtype) if self.torchao_style else b)
 
     def _recipe_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """A GEMM of a torchao-style recipe, the input in the activation format as ``Float8Linear`` casts
@@ -207,7 +211,7 @@ def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
         elif is_conv1d(mod):
             def conv1d(x, _m=mod, _k=name or "conv1d"):
                 y = ex.matmul(x.reshape(-1, x.shape[-1]), _m.weight, key=_k)
-                y = y if _m.bias is None else y + _m.bias
+                y = ex.add_bias(y, _m.bias)
                 return y.reshape(*x.shape[:-1], _m.nf)
             mod.forward = conv1d  # type: ignore[method-assign]
     return model
