@@ -221,6 +221,15 @@ def test_records_name_the_library_and_its_version() -> None:
         f"torchao {v} float8 rowwise_gw_hp (Float8LinearConfig.from_recipe_name('rowwise_with_gw_hp'))")
 
 
+def test_strategies_command_names_torchao_and_its_version(capsys) -> None:
+    from harness.cli import main
+    assert main(["strategies"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    for name in ("torchao-fp8-tensorwise", "torchao-fp8-rowwise", "torchao-fp8-rowwise-gw-hp"):
+        assert rows[name][1:3] == ["torchao", libraries.version("torchao")] and rows[name][-1] == str(PRESETS[name])
+    assert rows["fp8-rowwise"][1] == rows["fp8-rowwise-gw-hp"][1] == "own"
+
+
 def test_missing_torchao_is_unsupported_with_the_install_line(monkeypatch) -> None:
     from harness.cli import _library
     monkeypatch.setattr(libraries, "version", lambda lib: None)
