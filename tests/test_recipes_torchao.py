@@ -294,14 +294,10 @@ def test_the_cpu_scaled_mm_scales_before_the_gemm_so_an_exact_fp8_cancellation_l
 def test_the_cpu_probe_tells_another_arithmetic_apart(monkeypatch) -> None:
     """The probe that decides the CPU notes (and these tests' skips) fails for a GEMM that scales after
     accumulating, as a oneDNN FP8 kernel or a GPU does."""
-    real = fp8_rowwise._gemm
-
-    def post_scaled(qa, sa, qb, sb, out_dtype, fast_accum, native):
-        if sa.dim() == 0 or native:
-            return real(qa, sa, qb, sb, out_dtype, fast_accum, native)
-        return ((qa.float() @ qb.float()) / (sa * sb)).to(out_dtype)
+    def post_scaled(qa, ia, qb, ib):
+        return (qa.float() @ qb.float()) * (ia * ib)
     fp8_rowwise.cpu_scaled_mm_is_emulation.cache_clear()
-    monkeypatch.setattr(fp8_rowwise, "_gemm", post_scaled)
+    monkeypatch.setattr(fp8_rowwise, "_dequantized_mm", post_scaled)
     try:
         assert fp8_rowwise.cpu_scaled_mm_is_emulation() is False
     finally:
