@@ -23,6 +23,8 @@ from harness.core.fp8_rowwise import RECIPES, recipe_matmul, scale_of
 from harness.core.strategy import PRESETS, parse, support
 
 pytest.importorskip("torchao.float8")
+from torchao.float8 import Float8LinearConfig  # noqa: E402
+
 from harness.recipes import torchao_float8  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -228,8 +230,7 @@ def test_records_name_the_library_and_its_version() -> None:
     # the own tensorwise and delayed paths keep their notes (existing records do not change)
     assert support(PRESETS["fp8-tensorwise"], CPU)[2] == support(PRESETS["fp8-delayed"], CPU)[2] == [
         "fp8 emulated on the CPU: GEMM inputs cast to e4m3/e5m2 with per-tensor scales, FP32 accumulation"]
-    assert torchao_float8.describe("rowwise_gw_hp") == (
-        f"torchao {v} float8 rowwise_gw_hp (Float8LinearConfig.from_recipe_name('rowwise_with_gw_hp'))")
+    assert torchao_float8.config("rowwise_gw_hp") == Float8LinearConfig.from_recipe_name("rowwise_with_gw_hp")
 
 
 def test_strategies_command_names_torchao_and_its_version(capsys) -> None:
