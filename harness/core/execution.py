@@ -21,6 +21,7 @@ import torch
 from .emulation import tf32_matmul
 from .formats import Format, get_format
 from .fp8 import AmaxHistory, fp8_matmul
+from .fp8_rowwise import RECIPES as TORCHAO_STYLE, gemm_fits, recipe_matmul, rowwise_native
 from .strategy import Strategy, support
 
 __all__ = ["Execution", "FP64", "route_linears", "gemm_coverage", "is_conv1d"]
@@ -42,6 +43,10 @@ class Execution:
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
         self.block_notes: set[str] = set()  # how the blockwise and MX recipes' GEMMs ran (native or emulated)
         self.optimizer_recipe_steps = 0  # optimizer steps an update=/states= recipe acted in (run.training)
+        if self._native_fp8 and self.torchao_style and strategy.recipe != "tensorwise":
+            # the own path falls back to the emulation where _scaled_mm takes no row-wise scales (the
+            # notes say so; lib=torchao is unsupported there)
+            self._native_fp8 = rowwise_native(str(self.device)) is None
 
     # -- what the strategy is --------------------------------------------------------------
     @property
@@ -54,6 +59,13 @@ class Execution:
         used) instead of handing it to torch."""
         s = self.strategy
         return s.compute in ("fp8", "fp4") or (s.compute == "tf32" and self.device.type != "cuda")
+
+    @property
+    def torchao_style(self) -> bool:
+        """Whether GEMMs follow torchao's float8 recipes (:mod:`harness.core.fp8_rowwise`): the row-wise
+        recipes, and every recipe torchao drives; ``fp8=tensorwise|delayed`` of the own path keep theirs."""
+        s = self.strategy
+        return s.compute == "fp8" and (s.lib == "torchao" or (s.recipe in TORCHAO_STYLE and s.recipe != "tensorwise"))
 
     @property
     def judged_format(self) -> Format:
@@ -120,6 +132,9 @@ class Execution:
         self.routed_keys.add(key)
         if s.recipe in _BLOCK_RECIPES:
             return self._block_matmul(a, b, out_dtype or self.dtype)
+        if self.torchao_style:
+            y = self._recipe_matmul(a, b)
+            return y if out_dtype is None else y.to(out_dtype)
         if s.compute == "fp8":
             return fp8_matmul(a, b, key, self.fp8_history, s.fp8 == "delayed", self._native_fp8,
                               out_dtype or self.dtype)
@@ -138,8 +153,30 @@ class Execution:
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                key: str = "linear") -> torch.Tensor:
         """x @ w.T + b, like ``torch.nn.functional.linear``, routed through :meth:`matmul`."""
-        y = self.matmul(x, w.t(), key)
-        return y if b is None else y + b
+        return self.add_bias(self.matmul(x, w.t(), key), b)
+
+    def add_bias(self, y: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``y + b`` after a routed GEMM: in the output's dtype for torchao-style recipes, as ``Float8Linear``
+        adds it (BF16 activations); the own ``tensorwise``/``delayed`` path keeps its promotion to ``b``'s dtype."""
+        if b is None:
+            return y
+        return y + (b.to(y.dtype) if self.torchao_style else b)
+
+    def _recipe_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """A GEMM of a torchao-style recipe, the input in the activation format as ``Float8Linear`` casts
+        it under autocast: through torchao where the strategy names it, else the own emulation."""
+        s = self.strategy
+        a = a.to(self.dtype)
+        # torch._scaled_mm on a GPU takes only multiples of 16 (torchao would raise): such a GEMM runs the
+        # emulation, which is what torchao computes on the CPU, and is counted in the record's notes
+        fits = self.device.type != "cuda" or gemm_fits(a, b)
+        if not fits and (self._native_fp8 or s.lib == "torchao"):
+            self.fp8_history.fallbacks += 1
+        with torch.autocast(self.device.type, enabled=False):
+            if s.lib == "torchao" and fits:
+                from ..recipes import torchao_float8
+                return torchao_float8.matmul(a, b, s.recipe)
+            return recipe_matmul(a, b, s.recipe, self._native_fp8 and fits)
 
 
 #: Recipes whose GEMMs scale per block (:meth:`Execution._block_matmul`).
@@ -204,6 +241,8 @@ def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
     strategy's activation format; :func:`gemm_coverage` counts it."""
     if not ex.routes_gemms:
         return model
+    if ex.strategy.lib == "torchao" and ex.strategy.compute == "fp8":
+        return _torchao_convert(model, ex)
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             def fwd(x, _m=mod, _k=name or "linear"):
@@ -212,10 +251,21 @@ def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
         elif is_conv1d(mod):
             def conv1d(x, _m=mod, _k=name or "conv1d"):
                 y = ex.matmul(x.reshape(-1, x.shape[-1]), _m.weight, key=_k)
-                y = y if _m.bias is None else y + _m.bias
+                y = ex.add_bias(y, _m.bias)
                 return y.reshape(*x.shape[:-1], _m.nf)
             mod.forward = conv1d  # type: ignore[method-assign]
     return model
+
+
+def _torchao_convert(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
+    """torchao converts the ``nn.Linear`` layers itself (nothing else); each converted layer that runs
+    counts as a routed GEMM, so :func:`gemm_coverage` reports what the library covered."""
+    from ..recipes import torchao_float8
+
+    def ran(key: str) -> None:
+        ex.emulated_gemms += 1
+        ex.routed_keys.add(key)
+    return torchao_float8.convert(model, ex.strategy.recipe, ran, gpu=ex.device.type == "cuda")
 
 
 #: Module types whose parameters feed a GEMM (a convolution is one too, on Tensor Cores), by the name

@@ -144,7 +144,7 @@ class Strategy:
         it, and the FP4 recipes by E2M1, u = 2^-2)."""
         if self.compute == "fp4":
             return get_format("fp4_e2m1")
-        if self.compute == "fp8" and self.recipe in ("blockwise", "mxfp8"):
+        if self.compute == "fp8" and self.recipe in ("rowwise", "rowwise_gw_hp", "blockwise", "mxfp8"):
             return get_format("fp8_e4m3")
         return get_format({"fp8": "fp8_e5m2"}.get(self.compute, self.compute))
 
@@ -330,12 +330,23 @@ def _block_recipe_notes(strategy: Strategy, device: torch.device) -> list[str]:
     return []
 
 
+#: The ``fp8=`` recipes torchao's float8 training drives (``lib=torchao``; :mod:`harness.recipes.torchao_float8`).
+TORCHAO_FP8 = ("tensorwise", "rowwise", "rowwise_gw_hp")
+
+
+def _torchao_fp8(strategy: Strategy) -> bool:
+    """Whether ``strategy`` is one of torchao's float8 training recipes."""
+    return strategy.lib == "torchao" and strategy.compute == "fp8" and strategy.recipe in TORCHAO_FP8
+
+
 def _not_built(strategy: Strategy) -> str | None:
     """The part of a valid spec that no code path carries out yet (never run as something else)."""
-    if strategy.recipe not in ("none", "tensorwise", "delayed") + BLOCK_RECIPES:
+    if strategy.recipe not in ("none", "tensorwise", "delayed", "rowwise", "rowwise_gw_hp") + BLOCK_RECIPES:
         return f"fp8={strategy.fp8} has no implementation yet"
     for key in ("lib", "update", "states", "compile"):
         if key in ("lib", "update", "states") and _optimizer_recipe_built(strategy):
+            continue
+        if key == "lib" and _torchao_fp8(strategy):
             continue
         if getattr(strategy, key) != OPTIONAL[key]:
             return f"{key}={strategy._value_str(key)} has no implementation yet"
@@ -382,10 +393,15 @@ def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[s
     missing = _not_built(strategy) or optimizer_support(strategy)
     if missing:
         return False, missing, notes
+    if strategy.compute == "fp8" and (_torchao_fp8(strategy) or strategy.recipe in ("rowwise", "rowwise_gw_hp")):
+        from .fp8_rowwise import recipe_support
+        why, notes = recipe_support(strategy.recipe, strategy.lib == "torchao", device)
+        if why:
+            return False, why, notes
     if device.type == "cpu":
         if strategy.compute == "tf32":
             notes.append("tf32 emulated on the CPU: GEMM inputs rounded to 10 fraction bits, FP32 accumulation")
-        if strategy.compute == "fp8" and strategy.recipe not in BLOCK_RECIPES:
+        if strategy.compute == "fp8" and strategy.recipe not in BLOCK_RECIPES and not notes:
             notes.append("fp8 emulated on the CPU: GEMM inputs cast to e4m3/e5m2 with per-tensor scales, "
                          "FP32 accumulation")
         notes.extend(_block_recipe_notes(strategy, device))
