@@ -250,7 +250,7 @@ def test_support_reasons(monkeypatch) -> None:
         "lib=optimi has no sr recipe (libraries that have it: none, torchao)"
     assert "FP16 parameters: use update=kahan" in support(parse("fp16-pure,update=sr"), CPU)[1]
     assert support(parse("bf16-master,states=8bit"), CPU)[0]
-    assert "has no implementation yet" in support(PRESETS["torchao-fp8-tensorwise"], CPU)[1]
+    assert support(PRESETS["torchao-fp8-tensorwise"], CPU)[0]  # torchao's float8 recipes are driven too
     monkeypatch.setattr(libraries, "version", lambda lib: None)
     ok, why, _ = support(PRESETS["bnb-bf16-8bit-states"], CPU)
     assert not ok and why.startswith("bitsandbytes is not installed: pip install 'bitsandbytes>=")
