@@ -30,7 +30,7 @@ import inspect
 import os
 import sys
 import tempfile
-import warnings
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,6 +44,7 @@ ENV = "MP_HARNESS_CACHE"
 #: Bumped when the stored layout changes: older files are then never read.
 LAYOUT = 1
 
+_IMPORTED = time.time()  # see _changed_since_import
 _configured: str | None = None  # set by --cache / --no-cache; forked workers inherit it
 _identities: dict[str, dict[str, Any]] = {}  # scenario name -> model identity (see register)
 
@@ -120,6 +121,15 @@ def _module_file(name: str) -> str | None:
         return None
 
 
+def _changed_since_import(path: str) -> bool:
+    """The file changed after the harness was imported: the code running may be older than the file, and
+    its hash would not say what ran."""
+    try:
+        return os.stat(path).st_mtime > _IMPORTED
+    except OSError:
+        return True
+
+
 def _tensors_sha(items: Any) -> str:
     """SHA-256 of (name, dtype, shape, bytes) of every tensor in ``items`` (name -> value pairs)."""
     h = hashlib.sha256()
@@ -160,9 +170,10 @@ def model_identity(target: Any, spec: Any) -> dict[str, Any] | None:
         module, qualname = target.__module__, target.__qualname__
     else:
         return None
-    source = _file_sha(_module_file(module))
-    if source is None:
+    path = _module_file(module)
+    if path is None or _changed_since_import(path):
         return None
+    source = _file_sha(path)
     cls = type(spec.model)
     return {"factory": f"{module}:{qualname}", "factory_source": source,
             "model_class": f"{cls.__module__}.{cls.__qualname__}",
@@ -199,8 +210,8 @@ class DiskEntry:
                 raise ValueError("its key is not this reference's")
             return _reference(data["reference"])
         except Exception as exc:  # noqa: BLE001  (a bad cache file is recomputed, never fatal)
-            warnings.warn(f"reference cache file {self.path} ignored ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); computing the reference again")
+            _note(f"reference cache file {self.path} ignored ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0] if str(exc) else ''}); computing the reference again")
             return None
 
     def store(self, ref: Any) -> None:
@@ -216,8 +227,13 @@ class DiskEntry:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         except OSError as exc:
-            warnings.warn(f"reference cache {self.path.parent} not written ({exc.strerror or exc}); "
-                          "the next check computes the reference again")
+            _note(f"reference cache {self.path.parent} not written ({exc.strerror or exc}); the next check "
+                  "computes the reference again")
+
+
+def _note(text: str) -> None:
+    """One line on stderr, also from a worker process (where a warning would go to the worker's filters)."""
+    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def lookup(case: Any, device: torch.device) -> DiskEntry | None:
