@@ -13,7 +13,7 @@ strategies, CI reruns); any difference in the key computes a fresh one:
 - the case (model name, updates, seed), torch's version, the device and the GPU's name, the harness's
   version and the SHA-256 of its own source.
 
-Where: ``--cache DIR`` (:func:`configure`), else ``$MP_HARNESS_CACHE``, else ``$XDG_CACHE_HOME/mp-harness``
+Where (:mod:`harness.cachedir`): ``--cache DIR``, else ``$MP_HARNESS_CACHE``, else ``$XDG_CACHE_HOME/mp-harness``
 (``~/.cache/mp-harness``); ``--no-cache`` (or ``MP_HARNESS_CACHE=off``) turns it off. A file is written
 to a temporary name and renamed (a reader never sees half of one); a file that cannot be read or does not
 match its key is ignored with a warning and recomputed. Files are read with ``torch.load(weights_only=True)``:
@@ -29,30 +29,23 @@ import importlib.metadata
 import inspect
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-__all__ = ["configure", "configured", "add_options", "from_options", "cache_dir", "register", "model_identity", "lookup", "DiskEntry", "OFF"]
+from .. import cachedir
+from ..cachedir import OFF, cache_dir, configure
 
-#: The value of ``MP_HARNESS_CACHE`` (or of ``configure``) that turns the cache off.
-OFF = "off"
-ENV = "MP_HARNESS_CACHE"
+__all__ = ["configure", "configured", "add_options", "from_options", "cache_dir", "register", "model_identity", "lookup",
+           "DiskEntry", "OFF"]
+
 #: Bumped when the stored layout changes: older files are then never read.
 LAYOUT = 1
 
 _IMPORTED = time.time()  # see _changed_since_import
-_configured: str | None = None  # set by --cache / --no-cache; forked workers inherit it
 _identities: dict[str, dict[str, Any]] = {}  # scenario name -> model identity (see register)
-
-
-def configure(where: str | Path | None) -> None:
-    """``--cache DIR`` (a path), ``--no-cache`` (:data:`OFF`), or None for the default location."""
-    global _configured
-    _configured = None if where is None else str(where)
 
 
 @contextlib.contextmanager
@@ -61,7 +54,7 @@ def configured(cache: str | Path | bool | None) -> Iterator[None]:
     if cache is True or cache is None:
         yield
         return
-    saved = _configured
+    saved = cachedir.configured_value()
     configure(OFF if cache is False else cache)
     try:
         yield
@@ -89,17 +82,6 @@ def _cache_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a directory; pass one (e.g. --cache .refcache), or "
                                          "--no-cache to keep nothing")
     return text
-
-
-def cache_dir() -> Path | None:
-    """The directory references are kept in, or None where the cache is off."""
-    where = _configured or os.environ.get(ENV) or None
-    if where == OFF:
-        return None
-    if where:
-        return Path(where).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mp-harness"
 
 
 def _sha(data: bytes) -> str:
@@ -217,15 +199,7 @@ class DiskEntry:
     def store(self, ref: Any) -> None:
         """Write ``ref`` atomically; a failure to write only warns (the check goes on without the cache)."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".pt")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    torch.save({"key": self.key, "reference": _plain(ref)}, f)
-                os.replace(tmp, self.path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            cachedir.write_atomic(self.path, lambda f: torch.save({"key": self.key, "reference": _plain(ref)}, f))
         except OSError as exc:
             _note(f"reference cache {self.path.parent} not written ({exc.strerror or exc}); the next check "
                   "computes the reference again")
