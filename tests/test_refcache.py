@@ -139,3 +139,40 @@ def test_fused_unscale_and_check_is_bit_for_bit_the_per_tensor_loop(scale: float
 def test_read_back_is_one_copy_of_every_value() -> None:
     assert fused.read_back(torch.tensor(1.5, dtype=torch.float16), torch.ones(1), torch.tensor([2.0**-24])) == \
         [1.5, 1.0, 2.0**-24]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scale", [2.0**16, 0.25, 2.0**-149])
+def test_fused_unscale_and_check_on_cuda_matches_the_cpu(scale: float) -> None:
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(257, 33, generator=g) * 1e3, torch.full((9,), 2.0**127), torch.tensor([1.0, float("nan")])]
+    for k in range(len(grads) + 1):
+        cpu = [t.clone() for t in grads[:k + 1]]
+        dev = [t.cuda() for t in cpu]
+        inv = torch.tensor(scale, dtype=torch.float32).double().reciprocal().float()
+        a = fused.unscale_and_check(cpu, inv, scale)
+        b = fused.unscale_and_check(dev, inv.cuda(), scale)
+        assert float(a) == float(b.cpu())
+        assert all(torch.equal(x.view(torch.int32), y.cpu().view(torch.int32)) for x, y in zip(cpu, dev))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gradscaler_scale_known_on_the_host_matches_the_device() -> None:
+    """fp16-gradscaler on CUDA with overflows and growth: the CPU copy of GradScaler's state never disagrees
+    with the device's (Trainer raises where it would), and the trace backs off and grows."""
+    from harness.core.execution import Execution
+    from harness.core.strategy import resolve
+    from harness.models.user_model import load_spec, train_trajectory
+
+    def factory() -> dict:
+        torch.manual_seed(0)
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+        return {"model": torch.nn.Linear(8, 8), "batch": lambda i: (x,), "loss": lambda m, b: m(b[0]).pow(2).sum(),
+                "optimizer": lambda ps: torch.optim.SGD(ps, lr=1e-6)}
+
+    # 2^24 overflows FP16's gradients; GradScaler backs off to 2^13, then grows every 2 updates and backs off
+    (s,) = resolve(["fp16-gradscaler,scaler=gradscaler(init=2^24,interval=2)"])
+    out = train_trajectory(Execution(s, torch.device("cuda")), load_spec(factory), 12)
+    assert "backoff" in out.trace.events and "grow" in out.trace.events
