@@ -8,7 +8,8 @@
    and ``--steps // 10`` updates, so the fixed costs (the model's copy, the first kernels) cancel.
    The ratio harness / bare is printed per strategy; the goal is <= 1.2.
 3. ``check-model`` itself (unless ``--no-check``), with a fresh reference cache, then again with it
-   warm: where its seconds go (start-up of a fresh process, pre-flight, the reference, each
+   warm (or once with ``--cache DIR``: cold where DIR is empty, warm where a run filled it): where its
+   seconds go (start-up of a fresh process, pre-flight, the reference, each
    strategy, the diagnosis, the rest).
 
 Models (``examples/hf_models.py``, ``examples/third_party_model.py``; transformers/timm imported only for
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 from harness.core.execution import Execution, route_linears  # noqa: E402
 from harness.core.strategy import resolve  # noqa: E402
 from harness.models.user_model import DEFAULT_STRATEGIES, ModelSpec, load_spec, train_trajectory  # noqa: E402
+from harness.run.fused import to_device  # noqa: E402
 from harness.run.timing import sync  # noqa: E402
 
 TARGETS = {"example": "examples.third_party_model:factory", "gpt2": "examples.hf_models:gpt2",
@@ -55,10 +57,11 @@ def bare_loop(spec: ModelSpec, ex: Execution, steps: int) -> float:
     opt = spec.optimizer(params)
     use_gs = ex.strategy.scaler.kind != "none"
     gs = torch.amp.GradScaler(dev.type, init_scale=ex.strategy.scaler.init, enabled=use_gs)
-    batches = [tuple(b.to(dev) if isinstance(b, torch.Tensor) else b for b in spec.batch_at(i)) for i in range(steps)]
+    batches = [spec.batch_at(i) for i in range(steps)]  # drawn before the clock, as the harness's are
     sync(dev)
     t = time.perf_counter()
-    for b in batches:
+    for cpu in batches:  # to the device each update, from pinned memory without a wait (a DataLoader's pin_memory)
+        b = tuple(to_device(x, dev) if isinstance(x, torch.Tensor) else x for x in cpu)
         opt.zero_grad(set_to_none=True)
         with ex.autocast():
             loss = spec.loss_at(model, b)
@@ -146,10 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=tuple(TARGETS), default="example")
     ap.add_argument("--size", choices=("tiny", "full"), default="tiny")
     ap.add_argument("--steps", type=int, default=8, help="updates per timed run (>= 2)")
-    ap.add_argument("--strategy", action="append", default=[], help=f"repeatable; default {', '.join(DEFAULT_STRATEGIES)}")
+    ap.add_argument("--strategy", action="append", default=[],
+                    help=f"repeatable; default {', '.join(DEFAULT_STRATEGIES)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-check", action="store_true", help="only the step ratios, not check-model itself")
+    ap.add_argument("--no-ratios", action="store_true", help="only check-model, not the step ratios")
+    ap.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                    help="run check-model once with this reference cache (cold if empty, warm if filled); "
+                         "default: a fresh one, cold then warm")
     ap.add_argument("--json", type=Path, default=None, metavar="FILE")
     a = ap.parse_args(argv)
     if a.steps < 2:
@@ -166,16 +174,17 @@ def main(argv: list[str] | None = None) -> int:
                            "torch": str(torch.__version__)}
     print(f"{target} ({a.model} {a.size}, {n_params / 1e6:.1f}M parameters) on {res['gpu'] or a.device}, "
           f"{a.steps} updates")
-    res["steps_ratio"] = step_ratios(spec, resolve(labels), dev, a.steps, a.repeats)
+    res["steps_ratio"] = [] if a.no_ratios else step_ratios(spec, resolve(labels), dev, a.steps, a.repeats)
     for r in res["steps_ratio"]:
         print(f"  {r['strategy']:18s} " + (f"unsupported: {r['unsupported']}" if "unsupported" in r else
                                            f"bare {r['bare_ms']:8.2f} ms  harness {r['harness_ms']:8.2f} ms  "
                                            f"ratio {r['ratio']:.3f}"))
     if not a.no_check:
         res["start_up"] = start_up_seconds()
-        with tempfile.TemporaryDirectory() as cache:
-            for run in ("cold cache", "warm cache"):
-                c = check_model_seconds(target, labels, a.steps, a.device, Path(cache))
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = a.cache or Path(tmp)
+            for run in (("given cache",) if a.cache else ("cold cache", "warm cache")):
+                c = check_model_seconds(target, labels, a.steps, a.device, cache)
                 res[run] = c
                 strat = ", ".join(f"{k} {v:.1f}" for k, v in c["strategies"].items())
                 print(f"check-model, {run}: {c['total']:.1f} s = pre-flight {c['preflight']:.1f} + strategies "

@@ -38,8 +38,8 @@ import torch
 from .. import cachedir
 from ..cachedir import OFF, cache_dir, configure
 
-__all__ = ["configure", "configured", "add_options", "from_options", "cache_dir", "register", "model_identity", "lookup",
-           "DiskEntry", "OFF"]
+__all__ = ["configure", "configured", "add_options", "from_options", "cache_dir", "register", "model_identity",
+           "lookup", "DiskEntry", "OFF"]
 
 #: Bumped when the stored layout changes: older files are then never read.
 LAYOUT = 1
@@ -120,7 +120,8 @@ def _tensors_sha(items: Any) -> str:
         if isinstance(t, torch.Tensor):
             t = t.detach().cpu().contiguous()
             h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
         else:
             h.update(repr(t).encode())
     return h.hexdigest()

@@ -138,7 +138,7 @@ class Trainer:
             ad.gs.scale(loss).backward()
         assert self.master is None, "Strategy refuses master=yes with a gradscaler"
         ad.gs.unscale_(self.opt)
-        found = sum(ad.gs._found_inf_per_device(self.opt).values())
+        found = sum(ad.gs._found_inf_per_device(self.opt).values(), torch.zeros(1, device=self.ex.device))
         grads = {n: (p.grad.detach().float().clone() if p.grad is not None
                      else torch.zeros_like(p, dtype=torch.float32)) for n, p in zip(self.names, self.params)}
         loss_value, found_inf, before = fused.read_back(loss, found, ad.gs._scale)
