@@ -158,6 +158,7 @@ def _check_model(target: str | Callable[[], dict] | dict, strategies: list[str] 
     if not torch.cuda.is_initialized():  # deterministic cuBLAS (see user_model._reproducible); read at CUDA start
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     fork_safe_cuda_check()
+    _import_before_forking()
     dev = resolve_device(device)
     strats = resolve(list(strategies or DEFAULT_STRATEGIES))
     if not fork_usable(dev)[0]:  # the factory runs here: no deadline, no protection (see supervisor)
@@ -179,6 +180,13 @@ def _check_model(target: str | Callable[[], dict] | dict, strategies: list[str] 
                 else:
                     result.diagnoses[r["strategy"]] = d
     return _finish(result, records)
+
+
+def _import_before_forking() -> None:
+    """What every forked process (pre-flight, worker, diagnosis) would import again: ``torch._dynamo``, which
+    the first ``optimizer.step()`` of a process imports (torch wraps optimizer methods in
+    ``torch._disable_dynamo``); seconds each, once here."""
+    import torch._dynamo  # noqa: F401
 
 
 def _check_in_process(target: Any, strats: list, steps: int, dev: torch.device, out: Path | str | None,
