@@ -176,3 +176,17 @@ def test_gradscaler_scale_known_on_the_host_matches_the_device() -> None:
     (s,) = resolve(["fp16-gradscaler,scaler=gradscaler(init=2^24,interval=2)"])
     out = train_trajectory(Execution(s, torch.device("cuda")), load_spec(factory), 12)
     assert "backoff" in out.trace.events and "grow" in out.trace.events
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_import_before_forking_leaves_cuda_to_the_workers() -> None:
+    """check-model imports torch._dynamo in the parent before forking; that must not start CUDA there (a
+    parent that started the driver cannot fork workers that use CUDA)."""
+    import subprocess
+    code = ("import torch; from harness.models import model_check; model_check._import_before_forking(); "
+            "print(torch.cuda.is_initialized())")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
