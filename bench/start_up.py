@@ -8,7 +8,9 @@ Each part runs in a new interpreter, as a rank starts:
    optimizer imports it: its methods are wrapped by ``torch._disable_dynamo``); on CUDA the first FP32
    GEMM (cuBLAS), the first convolution forward and backward (cuDNN) and, where the GPU has FP8 Tensor
    Cores, the first FP8 GEMM of the harness (Triton's fused quantization and ``torch._scaled_mm``);
-2. ``case``: one case (``--case``, its first parameters) under every strategy, twice in another fresh
+2. ``commands``: ``python -m harness --help`` and ``list`` (its listing computed, then kept: :mod:`harness.listing`),
+   each in a fresh process;
+3. ``case``: one case (``--case``, its first parameters) under every strategy, twice in another fresh
    process: cold (the first work after the imports) and warm. Cold minus warm is what that case's first
    run pays for start-up.
 
@@ -93,11 +95,29 @@ def _child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def commands() -> list[list]:
+    """[command, seconds] of ``python -m harness --help`` and ``list`` in fresh processes: ``list`` with its
+    listing not kept yet (``cache off``: it imports torch and the suites) and kept (what every later
+    ``list`` pays)."""
+    import tempfile
+    rows: list[list] = []
+    with tempfile.TemporaryDirectory() as cache:
+        for label, args, where in (("--help", ["--help"], "off"), ("list, cache off", ["list"], "off"),
+                                   ("list, filling the cache", ["list"], cache), ("list, cache kept", ["list"], cache)):
+            env = dict(os.environ, MP_HARNESS_CACHE=where)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            rows.append([f"python -m harness {label}", time.perf_counter() - t])
+    return rows
+
+
 def measure(device: str, case: str | None, tier: str) -> dict:
-    """Both parts, each in a fresh interpreter."""
+    """Every part, each in a fresh interpreter."""
     case = case or DEFAULT_CASE["cuda" if device.startswith("cuda") else "cpu"]
     phases = _child(["--child", "phases", "--device", device])
-    return {"device": device, "phases": phases["rows"],
+    return {"device": device, "phases": phases["rows"], "commands": commands(),
             "case": _child(["--child", "case", "--device", device, "--case", case, "--tier", tier])}
 
 
@@ -119,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"a fresh process on {a.device}, phase by phase:")
     for name, s in res["phases"]:
         print(f"  {s:7.3f} s  {name}")
+    print("commands, each in a fresh process:")
+    for name, sec in res["commands"]:
+        print(f"  {sec:7.3f} s  {name}")
     c = res["case"]
     print(f"{c['case']} under {c['strategies']} strategies in another fresh process: cold {c['cold']:.2f} s, "
           f"warm {c['warm']:.2f} s: its first run pays {c['cold'] - c['warm']:+.2f} s")

@@ -108,21 +108,33 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                         "(a new --timeout, --workers or --max-records applies to the rest)")
     for mod in _command_modules(argv):
         importlib.import_module(mod).add_command(sub)
+    if next((a for a in argv if not a.startswith("-")), None) not in VIEW_COMMANDS:
+        _add_stand_ins(sub, argv)
     return p
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from . import listing
+    kept = None if args.imports else listing.load(args.json)  # no torch import where the listing is kept
+    if kept is None:
+        text, as_json = _listing(args.imports)
+        if not args.imports:
+            listing.store(text, as_json)
+        kept = as_json if args.json else text
+    print(kept)
+    return 0
+
+
+def _listing(imports: list[str]) -> tuple[str, str]:
+    """``list``'s two outputs, text and ``--json``, from the discovered scenarios."""
     from .core.scenario import discover
-    reg = discover(args.imports)
-    items = [s.summary() for s in reg]
-    if args.json:
-        print(json.dumps(items, indent=1, default=str))
-        return 0
+    items = [s.summary() for s in discover(imports)]
+    lines = []
     for s in items:
         grid = ", ".join(f"{k}={v}" for k, v in s["grid"].items())
-        print(f"{s['name']:28s} {s['family']:15s} {s['description'].splitlines()[0]}")
-        print(f"{'':28s} {'':15s} grid: {grid}")
-    return 0
+        lines.append(f"{s['name']:28s} {s['family']:15s} {s['description'].splitlines()[0]}")
+        lines.append(f"{'':28s} {'':15s} grid: {grid}")
+    return "\n".join(lines), json.dumps(items, indent=1, default=str)
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
@@ -221,9 +233,49 @@ VIEW_COMMANDS = {"report": "harness.report.cli", "gate": "harness.gate"}
 
 def _command_modules(argv: Sequence[str]) -> tuple[str, ...]:
     """The modules whose commands the parser needs for ``argv``: the view's own for ``report``/``gate``
-    (no torch), every one otherwise (``--help`` lists them all)."""
+    (no torch), the one that defines the command otherwise (:func:`command_index`), and every module
+    whose commands cannot be read without importing it. The other commands get a stand-in parser with
+    their help line (:func:`_add_stand_ins`): ``--help`` lists them all without importing torch."""
     command = next((a for a in argv if not a.startswith("-")), None)
-    return (VIEW_COMMANDS[command],) if command in VIEW_COMMANDS else COMMAND_MODULES
+    if command in VIEW_COMMANDS:
+        return (VIEW_COMMANDS[command],)
+    index = command_index()
+    unread = tuple(m for m in COMMAND_MODULES if m not in {mod for mod, _ in index.values()})
+    return unread + ((index[command][0],) if command in index else ())
+
+
+def command_index() -> dict[str, tuple[str, str]]:
+    """``{command: (module, help line)}`` of :data:`COMMAND_MODULES`, read from their source (``ast``), not
+    imported: importing ``check-model``'s module imports torch, seconds that ``--help`` and ``list`` need
+    not pay. A module whose ``add_parser`` calls are not literal is left out (and imported)."""
+    import ast
+    import importlib.util
+    out: dict[str, tuple[str, str]] = {}
+    for mod in COMMAND_MODULES:
+        spec = importlib.util.find_spec(mod)
+        try:
+            tree = ast.parse(Path(spec.origin).read_text()) if spec and spec.origin else None
+        except (OSError, SyntaxError):
+            tree = None
+        found = {}
+        for node in ast.walk(tree) if tree else ():
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_parser":
+                name = node.args[0] if node.args else None
+                helps = [k.value for k in node.keywords if k.arg == "help"]
+                if not (isinstance(name, ast.Constant) and len(helps) == 1 and isinstance(helps[0], ast.Constant)):
+                    found = {}
+                    break
+                found[name.value] = (mod, helps[0].value)
+        out.update(found)
+    return out
+
+
+def _add_stand_ins(sub: Any, argv: Sequence[str]) -> None:
+    """A parser with only its help line for each command of :func:`command_index` not imported for ``argv``."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for name, (_, help_line) in command_index().items():
+        if name != command and name not in sub.choices:
+            sub.add_parser(name, help=help_line)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001

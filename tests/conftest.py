@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# check-model keeps references on disk by default; tests compute theirs (tests/test_refcache.py turns it on)
+os.environ["MP_HARNESS_CACHE"] = "off"
 torch.set_num_threads(1)
 
 from harness.core.scenario import REGISTRY, Scenario  # noqa: E402

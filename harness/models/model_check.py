@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .diagnose import Diagnosis, diagnose as run_diagnosis, fp16_window, fp32_gradients, window_gradients
+from ..run import refcache
 from ..run.engine import RunConfig, resolve_device, run_matrix
 from .model_isolation import diagnosis, preflight, stand_in, worker_scenarios
 from .recommend import recommend, window_sentence
@@ -132,7 +133,7 @@ def _reference_lines(records: list[dict[str, Any]]) -> list[str]:
 def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] | None = None,
                 steps: int = DEFAULT_STEPS, device: str = "auto", out: Path | str | None = None,
                 diagnose: bool = True, progress: Callable[[int, int, str], None] | None = None,
-                timeout: float | None = 600.0) -> CheckResult:
+                timeout: float | None = 600.0, cache: str | Path | bool | None = None) -> CheckResult:
     """Train ``target``'s model under each strategy against FP32, diagnose failures, recommend one.
 
     ``target`` is ``"MODULE:FACTORY"``, a factory, or its dict (see the module doc). Strategies are
@@ -140,14 +141,24 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
     ``records.jsonl`` in the ``run`` schema, family ``training``, plus ``diagnosis.json``) to ``out``
     or ``results/runs/<UTC time>-<device>/``. The factory, the training and the diagnosis run in
     worker processes (:mod:`harness.models.model_isolation`), each step under ``timeout`` seconds (None: no
-    deadline). Bad input raises ValueError saying what was expected.
+    deadline). ``cache``: where the FP32/FP64 reference is kept across checks (a directory; False: not
+    kept; None: ``MP_HARNESS_CACHE`` or ``~/.cache/mp-harness``, :mod:`harness.run.refcache`). Bad input
+    raises ValueError saying what was expected.
     """
+    with refcache.configured(cache):
+        return _check_model(target, strategies, steps, device, out, diagnose, progress, timeout)
+
+
+def _check_model(target: str | Callable[[], dict] | dict, strategies: list[str] | None, steps: int, device: str,
+                 out: Path | str | None, diagnose: bool, progress: Callable[[int, int, str], None] | None,
+                 timeout: float | None) -> CheckResult:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     check_new_out(out)
     if not torch.cuda.is_initialized():  # deterministic cuBLAS (see user_model._reproducible); read at CUDA start
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     fork_safe_cuda_check()
+    _import_before_forking()
     dev = resolve_device(device)
     strats = resolve(list(strategies or DEFAULT_STRATEGIES))
     if not fork_usable(dev)[0]:  # the factory runs here: no deadline, no protection (see supervisor)
@@ -171,6 +182,13 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
     return _finish(result, records)
 
 
+def _import_before_forking() -> None:
+    """What every forked process (pre-flight, worker, diagnosis) would import again: ``torch._dynamo``, which
+    the first ``optimizer.step()`` of a process imports (torch wraps optimizer methods in
+    ``torch._disable_dynamo``); seconds each, once here."""
+    import torch._dynamo  # noqa: F401
+
+
 def _check_in_process(target: Any, strats: list, steps: int, dev: torch.device, out: Path | str | None,
                       diagnose: bool, progress: Callable[[int, int, str], None] | None) -> CheckResult:
     """:func:`check_model` where no worker can be forked: everything in this process."""
@@ -187,8 +205,9 @@ def _check_in_process(target: Any, strats: list, steps: int, dev: torch.device, 
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); expected {EXPECTED}") from None
     ref_grads = window_gradients(spec, dev, ref_grads)
     imports = [target.split(":")[0]] if isinstance(target, str) else []
-    cfg = RunConfig([model_scenario(spec, steps)], strats, dev, out=Path(out) if out else None, imports=imports,
-                    workers=0)
+    scenario = model_scenario(spec, steps)
+    refcache.register(scenario.name, target, spec)
+    cfg = RunConfig([scenario], strats, dev, out=Path(out) if out else None, imports=imports, workers=0)
     out_dir, _, _ = run_matrix(cfg, progress)
     _, records = read_run(out_dir)
     by_label = {s.label: s for s in strats}
@@ -233,6 +252,7 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--timeout", type=seconds, default=600.0, metavar="SECONDS",
                    help="deadline of each step in seconds, 0 to 604800: the factory and one FP32 step, each "
                         "strategy's training, each diagnosis; 0 disables it (default 600)")
+    refcache.add_options(p)
     p.set_defaults(func=_cmd)
 
 
@@ -241,6 +261,7 @@ def _cmd(args: Any) -> int:
         print(f"[{done}/{total}] {what}", file=sys.stderr)
 
     result = check_model(args.target, args.strategy, args.steps, args.device, args.out, not args.no_diagnose,
-                         progress if sys.stderr.isatty() else None, args.timeout or None)
+                         progress if sys.stderr.isatty() else None, args.timeout or None,
+                         refcache.from_options(args))
     print(result.report())
     return result.exit_code

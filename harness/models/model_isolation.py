@@ -72,7 +72,10 @@ def stand_in(name: str, steps: int) -> Scenario:
 
 def _build(target: Any, steps: int) -> dict[str, Scenario]:
     from .user_model import load_spec, model_scenario
-    s = model_scenario(load_spec(target), steps)
+    from ..run import refcache
+    spec = load_spec(target)
+    s = model_scenario(spec, steps)
+    refcache.register(s.name, target, spec)
     return {s.name: s}
 
 

@@ -215,7 +215,8 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
         start = _flat(trainer.parameters_fp32(), names).clone()
         losses: list[float] = []
         grads: dict[str, torch.Tensor] | None = None
-        stopped, update, attempts, lost, nonzero, rng_used = None, 0, 0, 0, 0, False
+        stopped, update, attempts, rng_used = None, 0, 0, False
+        lost_of = torch.zeros(2, dtype=torch.int64, device=ex.device)  # counted on the device, read once at the end
         if probe is not None:
             probe.attach(trainer.model)
         try:
@@ -223,7 +224,7 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                 if probe is not None:
                     probe.begin(attempts, update, trainer.scaler.scale)
                 attempts += 1
-                before = _flat(trainer.parameters_fp32(), names).clone()
+                before = _flat(trainer.parameters_fp32(), names)  # a copy: torch.cat allocates
                 batch = spec.batch_at(update)
                 rng = _rng_states(ex.device) if attempts == 1 else None
                 try:
@@ -241,7 +242,7 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                 if not decision.skipped:
                     live = _flat(g, names) != 0
                     kept = _flat(trainer.parameters_fp32(), names) == before
-                    lost, nonzero = lost + int((live & kept).sum()), nonzero + int(live.sum())
+                    lost_of += torch.stack([(live & kept).sum(), live.sum()])
                     update += 1
                 elif not ex.strategy.scaler.dynamic:
                     grads, stopped = g, f"update {update}: non-finite gradients under a fixed loss scale"
@@ -250,6 +251,7 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
             if probe is not None:
                 probe.detach()
         delta = _flat(trainer.parameters_fp32(), names) - start
+        lost, nonzero = lost_of.tolist()
     extra: dict[str, Any] = {"updates": update, "attempts": attempts, "update_norm": float(delta.double().norm()),
                              **_lost_metrics(ex, lost, nonzero),
                              "gemm_coverage": gemm_coverage(trainer.model, ex), "inputs_identical": not rng_used}

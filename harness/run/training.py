@@ -21,6 +21,7 @@ import torch
 from ..core.execution import Execution
 from ..core.optim_precision import PrecisionOptimizer, optimizer_recipe
 from ..core.scaling import Decision, LossScaleFloorError, ScaleTrace, Scaler
+from . import fused
 
 __all__ = ["Trainer", "TrainResult", "make_optimizer"]
 
@@ -36,16 +37,35 @@ class TrainResult:
 
 
 class _GradScalerAdapter:
-    """Drives torch.amp.GradScaler and reports each step as a :class:`Decision`."""
+    """Drives torch.amp.GradScaler and reports each step as a :class:`Decision`.
+
+    The scale after a step is known on the host without reading the device: a copy of the scaler's state
+    on the CPU goes through the same update kernel (``torch._amp_update_scale_``, what
+    ``GradScaler.update`` runs) with the overflow flag already read back; the device's scale is compared
+    with it at the next read-back (:meth:`check`)."""
 
     def __init__(self, ex: Execution) -> None:
         spec = ex.strategy.scaler
         self.gs = torch.amp.GradScaler(ex.device.type, init_scale=spec.init, growth_factor=spec.growth,
                                        backoff_factor=spec.backoff, growth_interval=spec.interval)
+        self._scale = torch.full((1,), float(self.gs.get_scale()), dtype=torch.float32)
+        self._tracker = torch.zeros((1,), dtype=torch.int32)
 
     @property
     def scale(self) -> float:
-        return float(self.gs.get_scale())
+        return float(self._scale)
+
+    def advance(self, found_inf: bool) -> float:
+        """The scale GradScaler.update set, from the CPU copy of its state."""
+        torch._amp_update_scale_(self._scale, self._tracker, torch.full((1,), float(found_inf)),
+                                 self.gs.get_growth_factor(), self.gs.get_backoff_factor(),
+                                 self.gs.get_growth_interval())
+        return float(self._scale)
+
+    def check(self, device_scale: float) -> None:
+        """The device's scale, read back this step, against the CPU copy (they cannot differ)."""
+        if device_scale != self.scale:
+            raise RuntimeError(f"GradScaler's scale {device_scale!r} differs from its CPU copy {self.scale!r}")
 
 
 #: Mixed into the case's seed for the stochastic rounding of ``update=sr`` (a stream of its own: the
@@ -96,6 +116,7 @@ class Trainer:
         make_opt = optimizer or (lambda ps: torch.optim.SGD(ps, lr=1e-2))
         self.opt = make_optimizer(ex, make_opt, self.master if self.master is not None else self.params)
         self.trace = ScaleTrace(str(s.scaler))
+        self._scale_cache: tuple[float, torch.Tensor] | None = None
         if s.scaler.kind == "gradscaler":
             self.scaler: Scaler | _GradScalerAdapter = _GradScalerAdapter(ex)
         else:
@@ -104,12 +125,15 @@ class Trainer:
     def _batch(self, batch: tuple) -> tuple:
         ex = self.ex
         cast = ex.strategy.apply == "cast"
-        return tuple((b.to(ex.device, ex.dtype) if cast else b.to(ex.device))
-                     if isinstance(b, torch.Tensor) and b.is_floating_point()
-                     else (b.to(ex.device) if isinstance(b, torch.Tensor) else b) for b in batch)
+        return tuple(fused.to_device(b, ex.device, ex.dtype if cast and b.is_floating_point() else None)
+                     if isinstance(b, torch.Tensor) else b for b in batch)
 
     def step(self, loss_fn: LossFn, batch: tuple) -> tuple[float, dict[str, torch.Tensor], Decision]:
         """One step; returns (loss, unscaled FP32 gradients by parameter name, the scaler's decision).
+
+        The device is synchronised once: the loss and the overflow flag are read back together
+        (:func:`harness.run.fused.read_back`); the gradients are unscaled and checked by fused kernels
+        (:func:`harness.run.fused.unscale_and_check`), not one tensor at a time.
 
         Raises :class:`LossScaleFloorError` when the scaler's policy is to raise at its floor."""
         for p in self.params:
@@ -118,34 +142,43 @@ class Trainer:
             loss = loss_fn(self.model, self._batch(batch))
         if isinstance(self.scaler, _GradScalerAdapter):
             return self._gradscaler_step(loss)
-        scale = torch.tensor(self.scaler.scale, dtype=torch.float32, device=self.ex.device)
+        scale = self._scale_tensor(self.scaler.scale)
         with self.ex.gemm_flags():  # TF32 GEMMs of a tf32 strategy in the backward pass too
             (loss * scale).backward()
         inv = scale.double().reciprocal().float()  # as GradScaler: 1/S in FP32 (inf once S is subnormal)
-        grads = {n: (p.grad.float() * inv if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
-                 for n, p in zip(self.names, self.params)}
-        found_inf = not all(bool(torch.isfinite(g).all()) for g in grads.values())
-        decision = self.scaler.update(found_inf)
+        g32 = fused.fp32_grads(self.params)
+        found = fused.unscale_and_check(g32, inv, self.scaler.scale)
+        loss_value, found_inf = fused.read_back(loss, found)
+        decision = self.scaler.update(bool(found_inf))
+        grads = dict(zip(self.names, g32))
         if not decision.skipped:
             self._apply(grads)
-        return float(loss.detach().float()), grads, decision
+        return loss_value, grads, decision
+
+    def _scale_tensor(self, value: float) -> torch.Tensor:
+        """The loss scale as a 0-d FP32 device tensor, rebuilt only when the scale changes (a host-to-device
+        copy waits for the device)."""
+        if self._scale_cache is None or self._scale_cache[0] != value:
+            self._scale_cache = (value, torch.tensor(value, dtype=torch.float32, device=self.ex.device))
+        return self._scale_cache[1]
 
     def _gradscaler_step(self, loss: torch.Tensor) -> tuple[float, dict[str, torch.Tensor], Decision]:
         ad = self.scaler
         assert isinstance(ad, _GradScalerAdapter)
-        before = ad.scale
         with self.ex.gemm_flags():
             ad.gs.scale(loss).backward()
         assert self.master is None, "Strategy refuses master=yes with a gradscaler"
         ad.gs.unscale_(self.opt)
-        found_inf = sum(float(v) for v in ad.gs._found_inf_per_device(self.opt).values()) > 0
+        found = sum(ad.gs._found_inf_per_device(self.opt).values(), torch.zeros(1, device=self.ex.device))
         grads = {n: (p.grad.detach().float().clone() if p.grad is not None
                      else torch.zeros_like(p, dtype=torch.float32)) for n, p in zip(self.names, self.params)}
-        ad.gs.step(self.opt)
+        loss_value, found_inf, before = fused.read_back(loss, found, ad.gs._scale)
+        ad.check(before)
+        ad.gs.step(self.opt)  # reads found_inf again: the device has nothing left to wait for
         ad.gs.update()
-        after = ad.scale
+        after = ad.advance(bool(found_inf))
         event = "backoff" if after < before else ("grow" if after > before else "hold")
-        return float(loss.detach().float()), grads, Decision(before, found_inf, found_inf, after, event)
+        return loss_value, grads, Decision(before, bool(found_inf), bool(found_inf), after, event)
 
     def _apply(self, grads: dict[str, torch.Tensor]) -> None:
         if self.master is not None:

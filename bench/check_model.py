@@ -1,0 +1,205 @@
+"""What ``check-model`` costs against the training it checks, in one process on one device.
+
+1. ``bare``: per strategy, the user's own loop on the same model (``route_linears`` applied, so an FP8
+   strategy's GEMMs are the same), the factory's optimizer, ``torch.amp.GradScaler`` where the strategy
+   scales the loss: forward under autocast, backward, step; timed per update.
+2. ``harness``: :func:`harness.models.user_model.train_trajectory` (what check-model runs per strategy)
+   on the same model, timed per update. Both per-update times are differences of two runs, ``--steps``
+   and ``--steps // 10`` updates, so the fixed costs (the model's copy, the first kernels) cancel.
+   The ratio harness / bare is printed per strategy; the goal is <= 1.2.
+3. ``check-model`` itself (unless ``--no-check``), with a fresh reference cache, then again with it
+   warm (or once with ``--cache DIR``: cold where DIR is empty, warm where a run filled it): where its
+   seconds go (start-up of a fresh process, pre-flight, the reference, each
+   strategy, the diagnosis, the rest).
+
+Models (``examples/hf_models.py``, ``examples/third_party_model.py``; transformers/timm imported only for
+the model selected): ``--model example|gpt2|llama|vit --size tiny|full``::
+
+    python bench/check_model.py --model example --steps 8 --device cpu           # seconds, as the test runs it
+    python bench/check_model.py --model gpt2 --size full --steps 1000 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from harness.core.execution import Execution, route_linears  # noqa: E402
+from harness.core.strategy import resolve  # noqa: E402
+from harness.models.user_model import DEFAULT_STRATEGIES, ModelSpec, load_spec, train_trajectory  # noqa: E402
+from harness.run.fused import to_device  # noqa: E402
+from harness.run.timing import sync  # noqa: E402
+
+TARGETS = {"example": "examples.third_party_model:factory", "gpt2": "examples.hf_models:gpt2",
+           "llama": "examples.hf_models:llama", "vit": "examples.hf_models:vit"}
+SIZE_ENV = {"example": ("MP_HARNESS_EXAMPLE_SIZE", {"tiny": "small", "full": "large"}),
+            "gpt2": ("MP_HARNESS_HF_SIZE", {}), "llama": ("MP_HARNESS_HF_SIZE", {}), "vit": ("MP_HARNESS_HF_SIZE", {})}
+
+
+def bare_loop(spec: ModelSpec, ex: Execution, steps: int) -> float:
+    """Seconds of ``steps`` updates of the textbook loop under ``ex``'s strategy (synchronised at the end)."""
+    import copy
+    dev = ex.device
+    model = route_linears(copy.deepcopy(spec.model), ex).to(dev, ex.param_dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = spec.optimizer(params)
+    use_gs = ex.strategy.scaler.kind != "none"
+    gs = torch.amp.GradScaler(dev.type, init_scale=ex.strategy.scaler.init, enabled=use_gs)
+    batches = [spec.batch_at(i) for i in range(steps)]  # drawn before the clock, as the harness's are
+    sync(dev)
+    t = time.perf_counter()
+    for cpu in batches:  # to the device each update, from pinned memory without a wait (a DataLoader's pin_memory)
+        b = tuple(to_device(x, dev) if isinstance(x, torch.Tensor) else x for x in cpu)
+        opt.zero_grad(set_to_none=True)
+        with ex.autocast():
+            loss = spec.loss_at(model, b)
+        with ex.gemm_flags():
+            gs.scale(loss).backward()
+        gs.step(opt)
+        gs.update()
+    sync(dev)
+    return time.perf_counter() - t
+
+
+def harness_loop(spec: ModelSpec, ex: Execution, steps: int) -> float:
+    """Seconds of :func:`train_trajectory` over ``steps`` updates (what check-model runs per strategy)."""
+    sync(ex.device)
+    t = time.perf_counter()
+    train_trajectory(ex, spec, steps)
+    sync(ex.device)
+    return time.perf_counter() - t
+
+
+def per_update(run: Callable[[int], float], steps: int, repeats: int) -> float:
+    """Seconds per update: (time of ``steps`` - time of ``steps // 10``) / the difference, median of repeats."""
+    short = max(1, steps // 10)
+    run(short)  # warm-up: first kernels, allocator
+    return statistics.median((run(steps) - run(short)) / (steps - short) for _ in range(repeats))
+
+
+def step_ratios(spec: ModelSpec, strategies: list, device: torch.device, steps: int, repeats: int) -> list[dict]:
+    rows = []
+    for s in strategies:
+        ex = Execution(s, device)
+        if not ex.supported:
+            rows.append({"strategy": s.label, "unsupported": ex.unsupported_reason})
+            continue
+        bare = per_update(lambda n: bare_loop(spec, Execution(s, device), n), steps, repeats)
+        ours = per_update(lambda n: harness_loop(spec, Execution(s, device), n), steps, repeats)
+        rows.append({"strategy": s.label, "bare_ms": bare * 1e3, "harness_ms": ours * 1e3, "ratio": ours / bare})
+    return rows
+
+
+def start_up_seconds() -> float:
+    """A fresh interpreter importing what ``check-model`` imports before its work."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import harness.cli, harness.models.model_check"], cwd=ROOT, env=env,
+                   check=True)
+    return time.perf_counter() - t
+
+
+def check_model_seconds(target: str, strategies: list[str], steps: int, device: str, cache: Path) -> dict[str, Any]:
+    """Where one ``check_model`` call's seconds go (pre-flight and diagnosis timed by wrapping them)."""
+    from harness.models import model_check
+    spent = {"preflight": 0.0, "diagnosis": 0.0}
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return wrapper
+
+    saved = model_check.preflight, model_check.diagnosis
+    model_check.preflight, model_check.diagnosis = timed("preflight", saved[0]), timed("diagnosis", saved[1])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            res = model_check.check_model(target, strategies, steps, device, Path(tmp) / "run", timeout=None,
+                                          cache=cache)  # no deadline: a long reference is what is measured
+            total = time.perf_counter() - t
+            run = json.loads((res.out / "run.json").read_text())
+    finally:
+        model_check.preflight, model_check.diagnosis = saved
+    stats = run["summary"]
+    per = {r["strategy"]: r["seconds"] for r in res.records}
+    ref = float(stats.get("seconds_in_references", 0.0))
+    out = {"total": total, **spent, "reference": ref, "references_computed": stats.get("references_computed"),
+           "strategies": per, "verdicts": {r["strategy"]: r["outcome"] for r in res.records}}
+    out["rest"] = total - spent["preflight"] - spent["diagnosis"] - sum(per.values())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=tuple(TARGETS), default="example")
+    ap.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    ap.add_argument("--steps", type=int, default=8, help="updates per timed run (>= 2)")
+    ap.add_argument("--strategy", action="append", default=[],
+                    help=f"repeatable; default {', '.join(DEFAULT_STRATEGIES)}")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--no-check", action="store_true", help="only the step ratios, not check-model itself")
+    ap.add_argument("--no-ratios", action="store_true", help="only check-model, not the step ratios")
+    ap.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                    help="run check-model once with this reference cache (cold if empty, warm if filled); "
+                         "default: a fresh one, cold then warm")
+    ap.add_argument("--json", type=Path, default=None, metavar="FILE")
+    a = ap.parse_args(argv)
+    if a.steps < 2:
+        ap.error("--steps must be >= 2")
+    env, names = SIZE_ENV[a.model]
+    os.environ[env] = names.get(a.size, a.size)
+    target = TARGETS[a.model]
+    dev = torch.device(a.device)
+    labels = a.strategy or list(DEFAULT_STRATEGIES)
+    try:
+        spec = load_spec(target)
+    except ValueError as exc:  # e.g. timm not installed for --model vit
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n_params = sum(p.numel() for p in spec.model.parameters())
+    res: dict[str, Any] = {"model": a.model, "size": a.size, "params": n_params, "steps": a.steps,
+                           "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                           "torch": str(torch.__version__)}
+    print(f"{target} ({a.model} {a.size}, {n_params / 1e6:.1f}M parameters) on {res['gpu'] or a.device}, "
+          f"{a.steps} updates")
+    res["steps_ratio"] = [] if a.no_ratios else step_ratios(spec, resolve(labels), dev, a.steps, a.repeats)
+    for r in res["steps_ratio"]:
+        print(f"  {r['strategy']:18s} " + (f"unsupported: {r['unsupported']}" if "unsupported" in r else
+                                           f"bare {r['bare_ms']:8.2f} ms  harness {r['harness_ms']:8.2f} ms  "
+                                           f"ratio {r['ratio']:.3f}"))
+    if not a.no_check:
+        res["start_up"] = start_up_seconds()
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = a.cache or Path(tmp)
+            for run in (("given cache",) if a.cache else ("cold cache", "warm cache")):
+                c = check_model_seconds(target, labels, a.steps, a.device, cache)
+                res[run] = c
+                strat = ", ".join(f"{k} {v:.1f}" for k, v in c["strategies"].items())
+                print(f"check-model, {run}: {c['total']:.1f} s = pre-flight {c['preflight']:.1f} + strategies "
+                      f"({strat}; the first includes the reference {c['reference']:.1f}, "
+                      f"{c['references_computed']} computed) + diagnosis {c['diagnosis']:.1f} + rest "
+                      f"{c['rest']:.1f}; a fresh process's start-up {res['start_up']:.1f} s comes on top")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""bench/check_model.py at a tiny size: the bare loop and check-model's step on the same model, their ratio,
+and check-model's seconds by part, with the reference read from the cache the second time."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import check_model as bench  # noqa: E402
+
+
+def test_bench_prints_ratios_and_where_the_seconds_go(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "b.json"
+    assert bench.main(["--model", "example", "--steps", "4", "--device", "cpu", "--strategy", "fp32",
+                       "--strategy", "fp16-gradscaler", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["strategy"]: r for r in res["steps_ratio"]}
+    assert list(rows) == ["fp32", "fp16-gradscaler"]
+    for r in rows.values():
+        assert r["bare_ms"] > 0 and r["harness_ms"] > 0 and r["ratio"] == r["harness_ms"] / r["bare_ms"]
+    cold, warm = res["cold cache"], res["warm cache"]
+    assert cold["references_computed"] == 1 and warm["references_computed"] == 0  # the reference, kept on disk
+    assert cold["verdicts"] == warm["verdicts"] == {"fp32": "pass", "fp16-gradscaler": "pass"}
+    assert res["start_up"] > 0 and cold["reference"] > 0
+    text = capsys.readouterr().out
+    assert "ratio" in text and "check-model, warm cache" in text
