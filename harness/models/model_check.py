@@ -169,6 +169,7 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
                 if isinstance(d, str):
                     result.diagnosis_failures[r["strategy"]] = d
                 else:
+                    d.verdict = r["reason"]  # the lines that explain this verdict (diagnose.Diagnosis.lines)
                     result.diagnoses[r["strategy"]] = d
     return _finish(result, records)
 
@@ -198,7 +199,9 @@ def _check_in_process(target: Any, strats: list, steps: int, dev: torch.device, 
     if diagnose:
         for r in records:
             if r["outcome"] in FAILURES and r["outcome"] != "error":
-                result.diagnoses[r["strategy"]] = run_diagnosis(spec, by_label[r["strategy"]], dev, steps, ref_grads)
+                d = run_diagnosis(spec, by_label[r["strategy"]], dev, steps, ref_grads)
+                d.verdict = r["reason"]
+                result.diagnoses[r["strategy"]] = d
     return _finish(result, records)
 
 

@@ -215,6 +215,10 @@ class Probe:
     def begin(self, attempt: int, update: int, scale: float) -> None: ...
     def detach(self) -> None: ...
 
+    def applied(self, names: list[str], live: torch.Tensor, kept: torch.Tensor) -> None:
+        """After an applied update: flat masks (in the order of ``names``' parameters) of the entries with a
+        non-zero gradient (``live``) and of those the update left unchanged (``kept``)."""
+
 
 def _flat(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([tensors[n].reshape(-1) for n in names])
@@ -279,6 +283,8 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                     live = _flat(g, names) != 0
                     kept = _flat(trainer.parameters_fp32(), names) == before
                     lost, nonzero = lost + int((live & kept).sum()), nonzero + int(live.sum())
+                    if probe is not None:
+                        probe.applied(names, live, kept)
                     update += 1
                 elif not ex.strategy.scaler.dynamic:
                     grads, stopped = g, f"update {update}: non-finite gradients under a fixed loss scale"

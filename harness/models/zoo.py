@@ -34,7 +34,7 @@ import torch
 from . import zoo_data
 
 __all__ = ["ZooModel", "ZOO", "SIZES", "LIBRARIES", "library_missing", "unsupported", "factory", "names",
-           "register", "parse_target"]
+           "register", "parse_target", "get", "gpt2_config", "llama_config", "causal_lm", "image_classifier"]
 
 SIZES = ("tiny", "base")
 #: The zoo's libraries (``pip install 'mp-harness[zoo]'``), with the ranges pyproject's ``zoo`` extra pins.
@@ -197,14 +197,19 @@ def _hf_common() -> dict:
     return {"attn_implementation": "sdpa"}
 
 
-def _gpt2(size: str, seed: int, **over: Any) -> dict:
+def gpt2_config(size: str, **over: Any) -> Any:
+    """A GPT-2 config at ``size`` (base: GPT-2 124M), dropout off; ``over`` overrides fields."""
     import transformers
     c = LM[size]
-    vocab = c["vocab"] or 50257
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=max(c["seq"], 64), n_embd=c["width"],
-                                  n_layer=c["layers"], n_head=c["heads"], resid_pdrop=0.0, embd_pdrop=0.0,
-                                  attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **{**_hf_common(), **over})
-    return causal_lm(transformers.GPT2LMHeadModel(cfg), vocab, c["seq"], c["batch"], seed, c["lr"])
+    return transformers.GPT2Config(vocab_size=c["vocab"] or 50257, n_positions=max(c["seq"], 64), n_embd=c["width"],
+                                   n_layer=c["layers"], n_head=c["heads"], resid_pdrop=0.0, embd_pdrop=0.0,
+                                   attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **{**_hf_common(), **over})
+
+
+def _gpt2(size: str, seed: int) -> dict:
+    import transformers
+    c, cfg = LM[size], gpt2_config(size)
+    return causal_lm(transformers.GPT2LMHeadModel(cfg), cfg.vocab_size, c["seq"], c["batch"], seed, c["lr"])
 
 
 def llama_config(size: str, cls: str = "LlamaConfig", **over: Any) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .zoo import LM, ZooModel, causal_lm, llama_config, register
+from .zoo import LM, ZooModel, causal_lm, gpt2_config, llama_config, register
 
 __all__ = ["PROBE", "observe_logits", "z_loss", "HIGH_LR", "Z_LOSS"]
 
@@ -96,9 +96,7 @@ def _gpt2_logits(size: str, seed: int, zloss: bool = False) -> dict:
     import transformers
     _register_probe()
     c = LM[size]
-    cfg = transformers.GPT2Config(vocab_size=c["vocab"], n_positions=max(c["seq"], 64), n_embd=c["width"],
-                                  n_layer=c["layers"], n_head=c["heads"], resid_pdrop=0.0, embd_pdrop=0.0,
-                                  attn_pdrop=0.0, attn_implementation=PROBE)
+    cfg = gpt2_config(size, attn_implementation=PROBE)
     return _observed(causal_lm(transformers.GPT2LMHeadModel(cfg), c["vocab"], c["seq"], c["batch"], seed, HIGH_LR,
                                z_loss if zloss else None))
 
@@ -107,9 +105,7 @@ def _gpt2_qk1000(size: str, seed: int) -> dict:
     import transformers
     _register_probe()
     c = LM[size]
-    cfg = transformers.GPT2Config(vocab_size=c["vocab"], n_positions=max(c["seq"], 64), n_embd=c["width"],
-                                  n_layer=c["layers"], n_head=c["heads"], resid_pdrop=0.0, embd_pdrop=0.0,
-                                  attn_pdrop=0.0, attn_implementation=PROBE)
+    cfg = gpt2_config(size, attn_implementation=PROBE)
     model = transformers.GPT2LMHeadModel(cfg)
     w = c["width"]
     with torch.no_grad():  # c_attn holds [q | k | v] along its output dimension (Conv1D: weight is (in, out))
