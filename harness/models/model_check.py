@@ -156,7 +156,7 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
         return _check_in_process(target, strats, steps, dev, out, diagnose, progress, seed)
     name, window = preflight(target, dev, timeout, seed)
     imports = [target_module(target)] if isinstance(target, str) else []
-    cfg = RunConfig([stand_in(name, steps)], strats, dev, out=Path(out) if out else None, imports=imports,
+    cfg = RunConfig([stand_in(name, steps, seed)], strats, dev, out=Path(out) if out else None, imports=imports,
                     timeout=timeout)
     out_dir, _, _ = run_matrix(cfg, progress, init=worker_scenarios(target, steps, seed))
     _, records = read_run(out_dir)

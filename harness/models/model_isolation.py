@@ -62,11 +62,11 @@ def _never(*args: Any) -> Output:
     raise RuntimeError("the stand-in of a user model ran in the supervisor; its workers build the real one")
 
 
-def stand_in(name: str, steps: int) -> Scenario:
+def stand_in(name: str, steps: int, seed: int = 0) -> Scenario:
     """What the supervisor knows of the model's scenario: its name and grid (no user code)."""
-    from .user_model import CHAIN_REASON
+    from .user_model import CHAIN_REASON, model_grid
     from ..core.scenario import Tolerance
-    return Scenario(name=name, family="training", description=f"user model {name}", grid={"steps": [steps]},
+    return Scenario(name=name, family="training", description=f"user model {name}", grid=model_grid(steps, seed),
                     inputs=lambda p, g: {}, run=_never, tolerance=Tolerance(reason=CHAIN_REASON))
 
 

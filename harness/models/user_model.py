@@ -40,7 +40,7 @@ from ..core.scenario import Output, Scenario, Tolerance
 from ..run.training import Trainer
 
 __all__ = ["ModelSpec", "load_spec", "depth", "train_trajectory", "chain_length", "model_scenario", "Probe",
-           "DEFAULT_STRATEGIES", "DEFAULT_STEPS", "EXPECTED", "CHAIN_REASON", "RNG_NOTE", "target_module", "ZOO_PREFIX"]
+           "DEFAULT_STRATEGIES", "DEFAULT_STEPS", "EXPECTED", "CHAIN_REASON", "RNG_NOTE", "target_module", "ZOO_PREFIX", "model_grid"]
 
 #: Autocast strategies: they apply to any model unchanged (casting strategies such as ``bf16-pure``
 #: need a model whose code accepts FP16/BF16 inputs; pass them with ``--strategy``).
@@ -378,13 +378,19 @@ def _dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(saved)
 
 
+def model_grid(steps: int, seed: int = 0) -> dict[str, list[int]]:
+    """A user model's one case: ``{"steps": [steps]}``, and ``"seed"`` where ``--seed`` is not 0 (a run with
+    the default seed keeps the parameters it always had)."""
+    return {"steps": [steps], **({"seed": [seed]} if seed else {})}
+
+
 def model_scenario(spec: ModelSpec, steps: int) -> Scenario:
     """The user's model as a ``training`` scenario of one case (params ``{"steps": steps}``)."""
     return Scenario(
         name=spec.name, family="training",
         description=f"user model {spec.name} ({type(spec.model).__name__}, {spec.depth} parameterised layers) "
                     f"trained {steps} updates under each strategy against FP32",
-        grid={"steps": [steps], **({"seed": [spec.seed]} if spec.seed else {})}, inputs=lambda p, g: {},
+        grid=model_grid(steps, spec.seed), inputs=lambda p, g: {},
         run=lambda ex, inputs, p: train_trajectory(ex, spec, p["steps"]),
         perturbed=lambda ex, inputs, p, k: train_trajectory(ex, spec, p["steps"], perturb=k),
         n=lambda p: chain_length(spec.depth, p["steps"]),

@@ -239,7 +239,9 @@ def _bert(size: str, seed: int) -> dict:
                                   max_position_embeddings=max(c["seq"], 64), hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0, **_hf_common())
     seq = c["seq"] // 2 if size == "base" else c["seq"]  # BERT-base pre-trains at 128 tokens
-    chain = zoo_data.MarkovChain(vocab, seed, reserved=vocab - 1)  # the last id is [MASK]
+    # the chain uses a quarter of the ids (the last one is [MASK]): the masked ids' marginal is learnt within
+    # a few updates, their context (the chain's table) later
+    chain = zoo_data.MarkovChain(vocab, seed, reserved=vocab // 4)
 
     def batch(step: int) -> tuple:
         return zoo_data.masked(chain, c["batch"], seq, seed, step, mask_id=vocab - 1)
