@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 def test_registry_names_and_unknown_names() -> None:
     names = zoo.names()
     assert names[:7] == ["gpt2", "llama", "bert", "t5", "vit", "convnext", "resnet50"]
-    assert {"llama-highlr", "llama-highlr-qknorm", "gpt2-logits", "gpt2-logits-zloss", "gpt2-qk1000"} <= set(names)
+    assert {"llama-highlr", "llama-highlr-qknorm", "gpt2-qk1000"} <= set(names)
     with pytest.raises(ValueError, match="unknown zoo model 'gtp2'; did you mean gpt2"):
         zoo.get("gtp2")
     with pytest.raises(ValueError, match="registered twice"):
