@@ -152,3 +152,34 @@ def test_zoo_command_table_and_report(capsys, tmp_path: Path) -> None:
     assert (tmp_path / "again.md").read_text() == table  # a pure function of zoo.json
     assert main(["zoo", "--report", str(tmp_path)]) == 2
     assert "no zoo.json" in capsys.readouterr().err
+
+
+# -- on the GPU (the lead runs these: timm and torchvision import there) ---------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "t5", "vit", "convnext", "resnet50"])
+def test_every_model_builds_and_learns_on_cuda(name: str) -> None:
+    why = zoo.unsupported(name, "tiny", "cuda")
+    assert why is None, why  # the GPU machine has the [zoo] extra
+    spec = load_spec(f"zoo:{name}")
+    losses = train_trajectory(Execution(PRESETS["fp32"], torch.device("cuda")), spec, 16).losses
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
+
+
+@pytest.mark.cuda
+@cuda
+def test_zoo_command_on_cuda_tiny(tmp_path: Path, capsys) -> None:
+    code = main(["zoo", "--size", "tiny", "--model", "gpt2", "--model", "vit", "--model", "resnet50",
+                 "--model", "gpt2-qk1000", "--strategy", "fp32", "--strategy", "fp16-dynamic", "--strategy", "bf16",
+                 "--steps", "4", "--device", "cuda", "--out", str(tmp_path / "zoo")])
+    capsys.readouterr()
+    summary = json.loads((tmp_path / "zoo" / "zoo.json").read_text())
+    by = {e["model"]: e for e in summary["models"]}
+    assert all(e["outcome"] != "unsupported" for e in by.values()), by
+    for name in ("gpt2", "vit", "resnet50"):
+        assert {r["strategy"]: r["outcome"] for r in by[name]["records"]}["fp32"] == "pass"
+    qk = {r["strategy"]: r["outcome"] for r in by["gpt2-qk1000"]["records"]}
+    assert qk["fp32"] == "pass" and qk["fp16-dynamic"] in ("stalled", "overflow") and code == 1

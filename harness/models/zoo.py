@@ -38,7 +38,7 @@ __all__ = ["ZooModel", "ZOO", "SIZES", "LIBRARIES", "library_missing", "unsuppor
 
 SIZES = ("tiny", "base")
 #: The zoo's libraries (``pip install 'mp-harness[zoo]'``), with the ranges pyproject's ``zoo`` extra pins.
-LIBRARIES = {"transformers": "transformers>=4.44,<6", "timm": "timm>=1.0,<2", "torchvision": "torchvision>=0.19"}
+LIBRARIES = {"transformers": "transformers>=4.51,<6", "timm": "timm>=1.0,<2", "torchvision": "torchvision>=0.19"}
 INSTALL = "pip install 'mp-harness[zoo]'"
 #: Why a convolutional model does not run at its base size on a CPU.
 CPU_CONV = ("CPU autocast runs FP16/BF16 convolutions 10-40x slower than FP32, so a base-size convolutional "
