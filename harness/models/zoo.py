@@ -143,8 +143,10 @@ def factory(name: str, size: str = "tiny", seed: int | None = None) -> dict:
 
 def __getattr__(attr: str) -> Callable[[], dict]:
     """``harness.models.zoo:NAME[@SIZE]`` as a factory: what ``check-model zoo:NAME`` imports."""
-    if attr.startswith("__"):
-        raise AttributeError(attr)
+    name, _, size = attr.partition("@")
+    _load_regimes()
+    if name not in ZOO:  # any other attribute is missing, as for a plain module
+        raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
     name, size = parse_target(attr)
     fac = functools.partial(factory, name, size)
     fac.__qualname__ = f"zoo-{name}-{size}"  # type: ignore[attr-defined]
