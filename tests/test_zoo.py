@@ -183,3 +183,19 @@ def test_zoo_command_on_cuda_tiny(tmp_path: Path, capsys) -> None:
         assert {r["strategy"]: r["outcome"] for r in by[name]["records"]}["fp32"] == "pass"
     qk = {r["strategy"]: r["outcome"] for r in by["gpt2-qk1000"]["records"]}
     assert qk["fp32"] == "pass" and qk["fp16-dynamic"] in ("stalled", "overflow") and code == 1
+
+
+def test_a_model_check_model_refuses_is_a_row_and_the_zoo_goes_on(tmp_path: Path, monkeypatch) -> None:
+    from harness.models import zoo_run
+    real = zoo.factory
+
+    def broken(name: str, size: str = "tiny", seed=None) -> dict:
+        if name == "llama":
+            raise RuntimeError("CUDA out of memory")
+        return real(name, size, seed)
+    monkeypatch.setattr(zoo, "factory", broken)
+    summary = zoo_run.run_zoo(["llama", "t5"], ["fp32"], steps=1, device="cpu", out=tmp_path / "z")
+    llama, t5 = summary["models"]
+    assert llama["outcome"] == "error" and "RuntimeError: CUDA out of memory" in llama["reason"]
+    assert t5["outcome"] == "pass"
+    assert "| llama | tiny | error: " in zoo_run.zoo_table(summary)

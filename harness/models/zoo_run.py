@@ -68,8 +68,15 @@ def run_zoo(models: list[str] | None = None, strategies: list[str] | None = None
             entry.update(outcome="unsupported", reason=why)
         else:
             t0 = time.perf_counter()
-            res = check_model(f"zoo:{name}@{s}", strategies, steps or DEFAULT_STEPS, str(dev), root / name,
-                              timeout=timeout, seed=seed)
+            try:
+                res = check_model(f"zoo:{name}@{s}", strategies, steps or DEFAULT_STEPS, str(dev), root / name,
+                                  timeout=timeout, seed=seed)
+            except ValueError as exc:  # check-model refused the model (its FP32 step failed, a deadline): the
+                # other models still run, and the row says why this one did not
+                entry.update(outcome="error", reason=str(exc), seconds=time.perf_counter() - t0)
+                summary["models"].append(entry)
+                write_json_atomic(root / ZOO_FILE, summary)
+                continue
             entry.update(outcome="fail" if res.failed else "pass", run=name, seconds=time.perf_counter() - t0,
                          recommendation=res.recommendation, records=[_brief(r) for r in res.records],
                          diagnoses={k: d.lines() for k, d in res.diagnoses.items()})
@@ -122,8 +129,8 @@ def zoo_table(summary: dict[str, Any]) -> str:
              f"seed {summary['seed']}. Cells: verdict, margin (worst error / its bound), seconds.", "",
              "| model | size | " + " | ".join(strategies) + " |", "|---|---|" + "---|" * len(strategies)]
     for e in summary["models"]:
-        if e["outcome"] == "unsupported":
-            lines.append(f"| {e['model']} | {e['size']} | unsupported: {e['reason']} |" + " |" * (len(strategies) - 1))
+        if e["outcome"] in ("unsupported", "error"):
+            lines.append(f"| {e['model']} | {e['size']} | {e['outcome']}: {e['reason']} |" + " |" * (len(strategies) - 1))
             continue
         by = {r["strategy"]: r for r in e["records"]}
         lines.append(f"| {e['model']} | {e['size']} | " + " | ".join(_cell(by[s]) if s in by else "-"
@@ -199,4 +206,4 @@ def _cmd(args: Any) -> int:
     print(text)
     if "out" in summary:
         print(f"zoo run -> {summary['out']}")
-    return 1 if any(e["outcome"] == "fail" for e in summary["models"]) and args.report is None else 0
+    return 1 if any(e["outcome"] in ("fail", "error") for e in summary["models"]) and args.report is None else 0
