@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from harness.core.execution import Execution, route_linears  # noqa: E402
 from harness.core.strategy import resolve  # noqa: E402
 from harness.models.user_model import DEFAULT_STRATEGIES, ModelSpec, load_spec, train_trajectory  # noqa: E402
-from harness.run.fused import to_device  # noqa: E402
+from harness.core.batches import to_device  # noqa: E402
 from harness.run.timing import sync  # noqa: E402
 
 TARGETS = {"example": "examples.third_party_model:factory", "gpt2": "examples.hf_models:gpt2",

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-__all__ = ["fp32_grads", "unscale_and_check", "read_back", "to_device"]
+__all__ = ["fp32_grads", "unscale_and_check", "read_back"]
 
 
 def fp32_grads(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -44,10 +44,3 @@ def read_back(*tensors: torch.Tensor) -> list[float]:
     return flat.tolist()
 
 
-def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``t.to(device, dtype)``; a CPU tensor goes to a CUDA device through pinned memory without waiting
-    (an ordinary host-to-device copy synchronises the device)."""
-    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():  # a pinned one may be the caller's
-        t = t.pin_memory()  # a copy of its own: the caller may change ``t`` before the copy has run
-        return t.to(device, dtype, non_blocking=True) if dtype is not None else t.to(device, non_blocking=True)
-    return t.to(device, dtype) if dtype is not None else t.to(device)
