@@ -21,9 +21,10 @@ import torch
 from .emulation import tf32_matmul
 from .formats import Format, get_format
 from .fp8 import AmaxHistory, fp8_matmul
+from .gemm_routing import Site, gemm_coverage, is_conv1d, route_gemms
 from .strategy import Strategy, support
 
-__all__ = ["Execution", "FP64", "route_linears", "gemm_coverage", "is_conv1d"]
+__all__ = ["Execution", "FP64", "route_gemms", "route_linears", "gemm_coverage", "is_conv1d"]
 
 
 class Execution:
@@ -39,6 +40,7 @@ class Execution:
         self.fp8_history = AmaxHistory()
         self.emulated_gemms = 0  # GEMMs that ran through the FP8 or emulated-TF32 path (see routes_gemms)
         self.routed_keys: set[str] = set()  # the call sites (``key``) of those GEMMs: layers, for coverage
+        self.gemm_sites: dict[str, Site] = {}  # every GEMM a routed model ran (harness.core.gemm_routing)
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
 
     # -- what the strategy is --------------------------------------------------------------
@@ -148,69 +150,5 @@ def FP64(device: torch.device | str = "cpu") -> Execution:
     return Execution(parse("compute=fp64,apply=cast,params=fp64"), device)
 
 
-def is_conv1d(mod: torch.nn.Module) -> bool:
-    """Whether ``mod`` is a Hugging Face ``Conv1D`` (transformers.pytorch_utils; GPT-2's attention and MLP):
-    ``x @ W + b`` with ``W`` of shape (in, out). Recognised by duck typing, so transformers is no dependency."""
-    w = getattr(mod, "weight", None)
-    return (type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
-            and getattr(mod, "nf", None) == w.shape[1])
-
-
-def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
-    """Send every ``nn.Linear`` of ``model`` through ``ex.linear``, and every Hugging Face ``Conv1D``
-    through ``ex.matmul`` (FP8 and emulated TF32 GEMMs).
-
-    Strategies whose GEMMs torch runs natively (FP32, FP16, BF16, TF32 on a GPU) leave the model as is.
-    What stays outside (convolutions, ``nn.MultiheadAttention``'s functional projections) runs in the
-    strategy's activation format; :func:`gemm_coverage` counts it."""
-    if not ex.routes_gemms:
-        return model
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            def fwd(x, _m=mod, _k=name or "linear"):
-                return ex.linear(x, _m.weight, _m.bias, key=_k)
-            mod.forward = fwd  # type: ignore[method-assign]
-        elif is_conv1d(mod):
-            def conv1d(x, _m=mod, _k=name or "conv1d"):
-                y = ex.matmul(x.reshape(-1, x.shape[-1]), _m.weight, key=_k)
-                y = y if _m.bias is None else y + _m.bias
-                return y.reshape(*x.shape[:-1], _m.nf)
-            mod.forward = conv1d  # type: ignore[method-assign]
-    return model
-
-
-#: Module types whose parameters feed a GEMM (a convolution is one too, on Tensor Cores), by the name
-#: the coverage reports them under. ``nn.MultiheadAttention`` counts once, for its in-projection (its
-#: ``out_proj`` is an ``nn.Linear`` child that it calls functionally).
-def _gemm_type(mod: torch.nn.Module) -> str | None:
-    if isinstance(mod, torch.nn.Linear):
-        return "Linear"
-    if is_conv1d(mod):
-        return "Conv1D"
-    if isinstance(mod, torch.nn.modules.conv._ConvNd):
-        return type(mod).__name__
-    if isinstance(mod, torch.nn.MultiheadAttention):
-        return "MultiheadAttention.in_proj"
-    return None
-
-
-def gemm_coverage(model: torch.nn.Module, ex: Execution) -> dict:
-    """How many of ``model``'s parameterised GEMM layers ran in the strategy's compute format, by layer type.
-
-    Where torch runs the GEMMs natively (autocast or cast to FP16/BF16, FP32, TF32 on a GPU) every one
-    does. Where the harness routes them (FP8, TF32 on the CPU) only the layers whose GEMM went through
-    :meth:`Execution.matmul` in this run count: an FP8 strategy's other GEMMs ran in its activation format.
-    Returns ``{"format", "covered", "total", "by_type": {type: [covered, total]}}``."""
-    by_type: dict[str, list[int]] = {}
-    for name, mod in model.named_modules():
-        kind = _gemm_type(mod)
-        if kind is None:
-            continue
-        ran = not ex.routes_gemms or (name or kind.lower()) in ex.routed_keys
-        if isinstance(mod, torch.nn.MultiheadAttention) and ex.routes_gemms:
-            ran = False  # its projections are called functionally, never through a routed forward
-        c = by_type.setdefault(kind, [0, 0])
-        c[0] += int(ran)
-        c[1] += 1
-    return {"format": ex.format.name, "covered": sum(c for c, _ in by_type.values()),
-            "total": sum(t for _, t in by_type.values()), "by_type": by_type}
+#: The name every caller knows: it routes every GEMM now, not only ``nn.Linear`` (see :func:`route_gemms`).
+route_linears = route_gemms
