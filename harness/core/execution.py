@@ -41,6 +41,7 @@ class Execution:
         self.emulated_gemms = 0  # GEMMs that ran through the FP8 or emulated-TF32 path (see routes_gemms)
         self.routed_keys: set[str] = set()  # the call sites (``key``) of those GEMMs: layers, for coverage
         self.gemm_sites: dict[str, Site] = {}  # every GEMM a routed model ran (harness.core.gemm_routing)
+        self.compile_stats = None  # compile=yes: the CompileStats of the models compiled (harness.recipes)
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
 
     # -- what the strategy is --------------------------------------------------------------

@@ -40,6 +40,8 @@ _CONVS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.conv_tra
           F.conv_transpose2d: "conv_transpose2d", F.conv_transpose3d: "conv_transpose3d"}
 _PRODUCTS = {torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.mm: "mm", torch.Tensor.mm: "mm",
              torch.bmm: "bmm", torch.Tensor.bmm: "bmm"}
+_OTHERS = (F.linear, torch.addmm, torch.baddbmm, torch.einsum, F.scaled_dot_product_attention,
+           F.multi_head_attention_forward)
 #: Recipes whose per-tensor scaling defines an FP8 convolution (quantize input and weight, convolve in FP32).
 CONV_RECIPES = ("tensorwise", "delayed")
 
@@ -106,6 +108,8 @@ def _undispatched(fn: Callable) -> Callable:
 
 
 _MHA = _undispatched(F.multi_head_attention_forward)
+#: The functions the router handles (everything else passes through untouched).
+_GEMMS = frozenset([*_CONVS, *_PRODUCTS, *_OTHERS])
 
 
 class GemmRouter(TorchFunctionMode):
@@ -157,7 +161,15 @@ class GemmRouter(TorchFunctionMode):
 
     # -- the mode -----------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
-        kwargs = kwargs or {}
+        if func in _GEMMS:
+            return self._gemm(func, args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+    @torch.compiler.disable
+    def _gemm(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """One GEMM call: its site recorded, and routed where the recipe covers it. Kept out of
+        ``torch.compile``'s graphs (a graph break per GEMM), so that a compiled routed model neither guards on
+        the bookkeeping nor fuses into the emulation; every other op of the forward compiles as usual."""
         if func is F.linear:
             return self._linear(func, args, kwargs)
         if func in _PRODUCTS:
@@ -170,10 +182,8 @@ class GemmRouter(TorchFunctionMode):
             return self._einsum(func, args, kwargs)
         if func is F.scaled_dot_product_attention:
             return self._sdpa(func, args, kwargs)
-        if func is F.multi_head_attention_forward:
-            with self:  # its body's F.linear, bmm and SDPA come back here
-                return _MHA(*args, **kwargs)
-        return func(*args, **kwargs)
+        with self:  # F.multi_head_attention_forward: its body's F.linear, bmm and SDPA come back here
+            return _MHA(*args, **kwargs)
 
     def _linear(self, func, args, kwargs):
         x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
@@ -182,7 +192,7 @@ class GemmRouter(TorchFunctionMode):
         key, label, layer = self._weight_site("linear", w, want)
         routed = "weight" in self.scope
         self._site(key, label, layer, True, routed)
-        return _routed(self.ex.linear, x, w, b, key=key) if routed else func(*args, **kwargs)
+        return self.ex.linear(x, w, b, key=key) if routed else func(*args, **kwargs)
 
     def _product(self, func, op: str, args, kwargs):
         a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other" if op == "matmul" else "mat2")
@@ -203,9 +213,9 @@ class GemmRouter(TorchFunctionMode):
             return None
         mm = self.ex.matmul
         if self.ex.strategy.compute == "tf32" or b.dim() == 2:
-            return lambda key: _routed(mm, a, b, key=key)
+            return lambda key: mm(a, b, key=key)
         if a.dim() == 2:  # (a @ b)^T = b^T @ a^T, batch dims on b
-            return lambda key: _routed(mm, b.mT, a.t(), key=key).mT
+            return lambda key: mm(b.mT, a.t(), key=key).mT
         return None
 
     def _add_product(self, func, args, kwargs):
@@ -230,9 +240,9 @@ class GemmRouter(TorchFunctionMode):
         ex.emulated_gemms += 1  # as Execution.matmul counts the GEMMs it emulates
         ex.routed_keys.add(key)
         if ex.strategy.compute == "tf32":
-            return _routed(bilinear, f, a, b, TF32)
+            return bilinear(f, a, b, TF32)
         rounding = fp8_rounding(ex.fp8_history, key, ex.strategy.recipe == "delayed")
-        return _routed(bilinear, f, a, b, rounding, ex.dtype)
+        return bilinear(f, a, b, rounding, ex.dtype)
 
     def _conv(self, func, op: str, args, kwargs):
         x, w, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
@@ -279,13 +289,6 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Any:
     return args[i] if len(args) > i else kwargs.get(name)
 
 
-@torch.compiler.disable
-def _routed(fn: Callable, *args: Any, **kwargs: Any) -> Any:
-    """A routed GEMM: kept out of ``torch.compile``'s graphs (a graph break), so that compiling a routed
-    model neither guards on the execution's counters nor fuses into the emulation."""
-    return fn(*args, **kwargs)
-
-
 def _sdpa_math(ex: Any, site: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                enable_gqa: bool = False) -> torch.Tensor:
@@ -294,14 +297,14 @@ def _sdpa_math(ex: Any, site: str, query: torch.Tensor, key: torch.Tensor, value
     if enable_gqa:
         rep = query.size(-3) // key.size(-3)
         key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
-    s = _routed(ex.matmul, query, key.transpose(-2, -1), key=f"{site}.qk")
+    s = ex.matmul(query, key.transpose(-2, -1), key=f"{site}.qk")
     s = s * (1.0 / math.sqrt(query.size(-1)) if scale is None else scale)
     if is_causal:
         keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    return _routed(ex.matmul, torch.softmax(s, dim=-1).to(value.dtype), value, key=f"{site}.pv")
+    return ex.matmul(torch.softmax(s, dim=-1).to(value.dtype), value, key=f"{site}.pv")
 
 
 def route_gemms(model: torch.nn.Module, ex: Any) -> torch.nn.Module:

@@ -313,10 +313,19 @@ def _not_built(strategy: Strategy) -> str | None:
     """The part of a valid spec that no code path carries out yet (never run as something else)."""
     if strategy.recipe not in ("none", "tensorwise", "delayed"):
         return f"fp8={strategy.fp8} has no implementation yet"
-    for key in ("lib", "update", "states", "compile"):
+    for key in ("lib", "update", "states"):
         if getattr(strategy, key) != OPTIONAL[key]:
             return f"{key}={strategy._value_str(key)} has no implementation yet"
     return None
+
+
+def _compile_missing(strategy: Strategy, device: torch.device) -> str | None:
+    """Why ``compile=yes`` cannot run on ``device`` (no C++ compiler, no Triton, a Python torch.compile does
+    not support), or None."""
+    if not strategy.compile:
+        return None
+    from ..recipes.torch_compile import missing_reason
+    return missing_reason(device)
 
 
 def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[str]]:
@@ -326,7 +335,7 @@ def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[s
     and a path the device lacks is unsupported with a reason.
     """
     notes: list[str] = []
-    missing = _not_built(strategy)
+    missing = _not_built(strategy) or _compile_missing(strategy, device)
     if missing:
         return False, missing, notes
     if device.type == "cpu":

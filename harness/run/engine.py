@@ -174,6 +174,19 @@ def _not_judged(s: Scenario, out: Any) -> Verdict:
                                   "or loss curve to compare")
 
 
+def _compiled(s: Scenario, ex: Execution, extra: dict[str, Any]) -> Verdict | None:
+    """``compile=yes``: the compile cost into the record (``compile``: models, compilations, seconds, apart
+    from the run's own ``seconds`` that include it); a run that compiled nothing is not judged, so that an
+    eager result never reads as the compiled one."""
+    if not ex.strategy.compile:
+        return None
+    if ex.compile_stats is None:
+        return Verdict("unsupported", f"compile=yes: scenario {s.name} trains no model through the harness's "
+                                      "Trainer, the part torch.compile compiles; it ran eagerly, not judged")
+    extra["compile"] = ex.compile_stats.as_dict()
+    return None
+
+
 def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache,
              timeout: float | None = None) -> tuple[dict[str, Any], float]:
     """Run and judge one (case, strategy); returns (record, seconds spent inside the scenario).
@@ -210,6 +223,7 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
             inner = time.perf_counter() - t1
         extra["peak_bytes"] = _peak(device, mem0)
         extra["emulated"] = ex.emulation_notes()
+        uncompiled = _compiled(s, ex, extra)
         fmt = ex.judged_format
         extra["judged_format"] = fmt.name
         metrics = compare(out, ref.output, fmt)
@@ -221,6 +235,7 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
                               else UNDERFLOW_BUDGET),
             truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
             nonfinite_reference=s.nonfinite_reference, **_floor(ref))
+        verdict = uncompiled or verdict
     except (Exception, SystemExit) as exc:  # a failing scenario is data: an error record, and the run goes on
         # (SystemExit too: a scenario calling exit() must not end the run and leave it marked complete)
         metrics = {}
