@@ -21,7 +21,7 @@ import torch
 from .emulation import tf32_matmul
 from .formats import Format, get_format
 from .fp8 import AmaxHistory, fp8_matmul
-from .gemm_routing import Site, gemm_coverage, is_conv1d, route_gemms
+from .gemm_routing import Site, gemm_coverage, is_conv1d, route_gemms, routing_notes
 from .strategy import Strategy, support
 
 __all__ = ["Execution", "FP64", "route_gemms", "route_linears", "gemm_coverage", "is_conv1d"]
@@ -71,7 +71,7 @@ class Execution:
         the native FP8 GEMMs that fell back to the emulation (never a silent downgrade)."""
         n = self.fp8_history.fallbacks
         return self.notes + ([f"{n} FP8 GEMMs emulated: dimensions not multiples of 16, which torch._scaled_mm "
-                              "requires"] if n else [])
+                              "requires"] if n else []) + routing_notes(self)
 
     # -- what scenarios call ---------------------------------------------------------------
     def act(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from .bilinear import TF32, bilinear, fp8_rounding
 
-__all__ = ["GemmRouter", "route_gemms", "gemm_coverage", "scope", "is_conv1d", "Site"]
+__all__ = ["GemmRouter", "route_gemms", "gemm_coverage", "routing_notes", "scope", "is_conv1d", "Site"]
 
 _CONVS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.conv_transpose1d: "conv_transpose1d",
           F.conv_transpose2d: "conv_transpose2d", F.conv_transpose3d: "conv_transpose3d"}
@@ -367,3 +367,17 @@ def gemm_coverage(model: torch.nn.Module, ex: Any) -> dict:
     if outside:
         out.update(outside_recipe=outside, scope=describe_scope(ex.strategy))
     return out
+
+
+def routing_notes(ex: Any) -> list[str]:
+    """What the router emulated on a GPU where a native GEMM ran before: FP8 convolutions and einsums (no FP8
+    kernel takes them; they run as the exact FP32 emulation)."""
+    if ex.device.type != "cuda" or ex.strategy.compute != "fp8":
+        return []
+    n = sum(1 for s in ex.gemm_sites.values() if s.routed and s.label.split(" ")[0] in _BILINEAR_LABELS)
+    return [f"{n} FP8 convolution/einsum call sites emulated in FP32 (quantized operands): no FP8 kernel "
+            "takes them"] if n else []
+
+
+_BILINEAR_LABELS = {"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                    *_CONVS.values(), "einsum"}

@@ -90,6 +90,10 @@ def compile_model(model: torch.nn.Module, stats: CompileStats | None = None) -> 
     """Compile ``model``'s forward in place after resetting Dynamo; returns the stats
     its compilations add to (``stats``, where a run compiles more than one model)."""
     import torch._dynamo
+    from torch._inductor import config
+    # compile in this process: a pool of compile workers would leave threads and processes behind, and the
+    # harness forks its case workers (a fork taken while another thread holds a lock can hang)
+    config.compile_threads = 1
     torch._dynamo.reset()  # a fresh cache per model: nothing leaks from the last case's graphs or guards
     stats = stats if stats is not None else CompileStats()
     stats.models += 1
