@@ -98,3 +98,17 @@ def test_check_model_records_compiled_and_eager_side_by_side(tmp_path: Path) -> 
 def test_execution_starts_uncompiled() -> None:
     ex = Execution(parse("bf16,compile=yes"), "cpu")
     assert ex.compile_stats is None and ex.supported == (torch_compile.missing_reason(ex.device) is None)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_compiled_model_runs_through_inductor_and_triton(tmp_path: Path) -> None:
+    """On a GPU: compile=yes is supported where Triton is, and the compiled record of the shift model passes
+    where the eager one diverges, as on the CPU (Triton kernels keep intermediates in FP32 too)."""
+    from harness.models.model_check import check_model
+    assert torch_compile.missing_reason(torch.device("cuda")) is None
+    result = check_model(_shift_model, ["bf16-master", "bf16-master,compile=yes"], steps=4, device="cuda",
+                         out=tmp_path / "run", diagnose=False)
+    eager, compiled = result.records
+    assert compiled["compile"]["compilations"] >= 1 and compiled["compile"]["seconds"] > 0
+    assert eager["outcome"] == "diverged" and compiled["outcome"] == "pass", (eager["reason"], compiled["reason"])

@@ -177,3 +177,35 @@ def test_attention_products_are_routed_under_tf32_and_left_in_bf16_under_fp8() -
         cov = gemm_coverage(routed, ex)
         assert {k: v for k, v in cov["by_type"].items() if "bmm" in k} == expect
         assert cov.get("outside_recipe", {}) == ({} if name == "tf32" else {"bmm (activations)": 2})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_every_gemm_is_covered_and_the_fp8_convolution_is_noted() -> None:
+    """On a GPU: F.linear and the functional matmul through torch._scaled_mm (dimensions multiples of 16),
+    the convolution as the FP32 emulation of an FP8 one, named in the record's notes; gradients reach
+    every parameter."""
+    torch.manual_seed(0)
+    m = nn.ModuleDict({"conv": nn.Conv2d(1, 16, 3, padding=1), "mha": nn.MultiheadAttention(16, 2, batch_first=True),
+                       "lin": nn.Linear(16, 16)}).cuda()
+    w = nn.Parameter(torch.randn(16, 16, device="cuda") / 4)
+
+    class Big(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m, self.w = m, w
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.m["conv"](x).flatten(2).transpose(1, 2)
+            a, _ = self.m["mha"](h, h, h, need_weights=False)
+            return self.m["lin"](a) @ self.w
+
+    ex = Execution(parse("fp8-tensorwise"), "cuda")
+    routed = route_gemms(Big(), ex)
+    with ex.autocast():
+        y = routed(torch.randn(4, 1, 4, 4, device="cuda"))
+    y.float().sum().backward()
+    cov = gemm_coverage(routed, ex)
+    assert cov["covered"] == cov["total"] == 5 and torch.isfinite(y).all()
+    assert any("convolution" in n for n in ex.emulation_notes())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in routed.parameters())

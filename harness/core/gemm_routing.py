@@ -118,7 +118,9 @@ class GemmRouter(TorchFunctionMode):
     def __init__(self, ex: Any, model: torch.nn.Module) -> None:
         super().__init__()
         self.ex, self.scope = ex, scope(ex.strategy)
-        self.owners: dict[int, tuple[str, torch.nn.Module, str]] = {}  # id(param) -> (module, owner, param)
+        # id(param) -> (module name, module, parameter name); ``Module.to`` keeps the Parameter objects (it
+        # replaces their data), so a model moved or cast after routing keeps these keys
+        self.owners: dict[int, tuple[str, torch.nn.Module, str]] = {}
         for mname, mod in model.named_modules():
             for pname, p in mod.named_parameters(recurse=False):
                 self.owners.setdefault(id(p), (mname, mod, pname))
