@@ -118,12 +118,13 @@ class GemmRouter(TorchFunctionMode):
     def __init__(self, ex: Any, model: torch.nn.Module) -> None:
         super().__init__()
         self.ex, self.scope = ex, scope(ex.strategy)
-        # id(param) -> (module name, module, parameter name); ``Module.to`` keeps the Parameter objects (it
-        # replaces their data), so a model moved or cast after routing keeps these keys
-        self.owners: dict[int, tuple[str, torch.nn.Module, str]] = {}
-        for mname, mod in model.named_modules():
-            for pname, p in mod.named_parameters(recurse=False):
-                self.owners.setdefault(id(p), (mname, mod, pname))
+        # id(param) -> [(module name, module, parameter name)], more than one for a tied weight (GPT-2's
+        # lm_head and token embedding); ``Module.to`` keeps the Parameter objects (it replaces their data), so
+        # a model moved or cast after routing keeps these keys
+        self.owners: dict[int, list[tuple[str, torch.nn.Module, str]]] = {}
+        for mname, mod in model.named_modules(remove_duplicate=False):
+            for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+                self.owners.setdefault(id(p), []).append((mname, mod, pname))
         self.active = False
         self._seen: dict[str, int] = {}
 
@@ -138,12 +139,14 @@ class GemmRouter(TorchFunctionMode):
             self.active = False
 
     # -- bookkeeping ------------------------------------------------------------------------------
-    def owner(self, t: Any) -> tuple[str, torch.nn.Module, str] | None:
+    def owner(self, t: Any, layer_label: str | None = None) -> tuple[str, torch.nn.Module, str] | None:
         """The (module name, module, parameter name) of a parameter operand, or of the parameter a view
-        (``w.t()``, a chunk of ``in_proj_weight``) was taken from."""
+        (``w.t()``, a chunk of ``in_proj_weight``) was taken from; of a tied weight, the owner that is a
+        ``layer_label`` layer where there is one."""
         if not isinstance(t, torch.Tensor):
             return None
-        return self.owners.get(id(t)) or (self.owners.get(id(t._base)) if t._base is not None else None)
+        owns = self.owners.get(id(t)) or (self.owners.get(id(t._base), []) if t._base is not None else [])
+        return next((o for o in owns if layer_type(o[1]) == layer_label), owns[0] if owns else None)
 
     def _key(self, base: str) -> str:
         n = self._seen.get(base, 0)
@@ -155,7 +158,7 @@ class GemmRouter(TorchFunctionMode):
 
     def _weight_site(self, op: str, w: Any, layer_label: str) -> tuple[str, str, str | None]:
         """(key, label, layer) of a GEMM whose weight operand is ``w`` (``layer_label``: its layer type)."""
-        own = self.owner(w)
+        own = self.owner(w, layer_label)
         if own is not None and layer_type(own[1]) == layer_label:
             return self._key(own[0] or op), layer_label, own[0]
         where = ".".join(part for part in (own[0], own[2]) if part) if own else op
@@ -189,7 +192,7 @@ class GemmRouter(TorchFunctionMode):
 
     def _linear(self, func, args, kwargs):
         x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-        own = self.owner(w)
+        own = self.owner(w, "MultiheadAttention.in_proj")
         want = "MultiheadAttention.in_proj" if own and isinstance(own[1], torch.nn.MultiheadAttention) else "Linear"
         key, label, layer = self._weight_site("linear", w, want)
         routed = "weight" in self.scope
