@@ -258,21 +258,32 @@ def test_conv1d_is_routed_through_the_strategys_gemm() -> None:
     assert gemm_coverage(model, ex) == {"format": "tf32", "covered": 1, "total": 1, "by_type": {"Conv1D": [1, 1]}}
 
 
-def test_a_strategy_that_covered_some_gemms_says_so(tmp_path: Path) -> None:
-    def conv_model() -> dict:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
-        x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-        return {"model": model, "batch": lambda i: (x,), "loss": lambda m, b: m(b[0]).float().pow(2).mean()}
+class _BatchedWeights(nn.Module):
+    """A Linear and a product with a batched (3-D) parameter, which the FP8 GEMM (2-D operands) cannot take."""
 
-    result = check_model(conv_model, ["fp32", "fp8-tensorwise"], steps=2, device="cpu", out=tmp_path / "run",
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8, 8) / 3)
+        self.head = nn.Linear(3 * 8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x @ self.w).flatten(1))
+
+
+def test_a_strategy_that_covered_some_gemms_says_so(tmp_path: Path) -> None:
+    def model() -> dict:
+        torch.manual_seed(0)
+        x = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))
+        return {"model": _BatchedWeights(), "batch": lambda i: (x,), "loss": lambda m, b: m(b[0]).float().pow(2).mean()}
+
+    result = check_model(model, ["fp32", "fp8-tensorwise"], steps=2, device="cpu", out=tmp_path / "run",
                          diagnose=False)
     fp32, fp8 = result.records
-    assert fp32["metrics"]["gemm_coverage"]["covered"] == 2 and "GEMM layers" not in fp32["reason"]
+    assert fp32["metrics"]["gemm_coverage"]["covered"] == 1 and "GEMM layers" not in fp32["reason"]
     assert fp8["judged_format"].startswith("fp8") and fp8["metrics"]["gemm_coverage"] == {
-        "format": "fp8_e5m2", "covered": 1, "total": 2, "by_type": {"Conv2d": [0, 1], "Linear": [1, 1]}}
-    assert "only 1 of 2 GEMM layers ran in fp8_e5m2 (not: Conv2d 0/1)" in fp8["reason"]
-    assert "1/2 (Conv2d 0/1)" in result.report()
+        "format": "fp8_e5m2", "covered": 1, "total": 2, "by_type": {"Linear": [1, 1], "matmul (functional)": [0, 1]}}
+    assert "only 1 of 2 GEMM layers ran in fp8_e5m2 (not: matmul (functional) 0/1)" in fp8["reason"]
+    assert "1/2 (matmul (functional) 0/1)" in result.report()
 
 
 # -- Hugging Face GPT-2 ----------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from .emulation import tf32_matmul
 from .formats import Format, get_format
 from .fp8 import AmaxHistory, fp8_matmul
 from .fp8_rowwise import RECIPES as TORCHAO_STYLE, gemm_fits, recipe_matmul, rowwise_native
+from .gemm_routing import Site, gemm_coverage, is_conv1d, route_gemms, routing_notes
 from .strategy import Strategy, support
 
-__all__ = ["Execution", "FP64", "route_linears", "gemm_coverage", "is_conv1d"]
+__all__ = ["Execution", "FP64", "route_gemms", "route_linears", "gemm_coverage", "is_conv1d"]
 
 
 class Execution:
@@ -40,6 +41,8 @@ class Execution:
         self.fp8_history = AmaxHistory()
         self.emulated_gemms = 0  # GEMMs that ran through the FP8 or emulated-TF32 path (see routes_gemms)
         self.routed_keys: set[str] = set()  # the call sites (``key``) of those GEMMs: layers, for coverage
+        self.gemm_sites: dict[str, Site] = {}  # every GEMM a routed model ran (harness.core.gemm_routing)
+        self.compile_stats = None  # compile=yes: the CompileStats of the models compiled (harness.recipes)
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
         self.block_notes: set[str] = set()  # how the blockwise and MX recipes' GEMMs ran (native or emulated)
         self.optimizer_recipe_steps = 0  # optimizer steps an update=/states= recipe acted in (run.training)
@@ -82,7 +85,7 @@ class Execution:
         the native FP8 GEMMs that fell back to the emulation (never a silent downgrade)."""
         n = self.fp8_history.fallbacks
         return self.notes + ([f"{n} FP8 GEMMs emulated: dimensions not multiples of 16, which torch._scaled_mm "
-                              "requires"] if n else []) + sorted(self.block_notes - set(self.notes))
+                              "requires"] if n else []) + sorted(self.block_notes - set(self.notes)) + routing_notes(self)
 
     # -- what scenarios call ---------------------------------------------------------------
     def act(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,82 +227,5 @@ def FP64(device: torch.device | str = "cpu") -> Execution:
     return Execution(parse("compute=fp64,apply=cast,params=fp64"), device)
 
 
-def is_conv1d(mod: torch.nn.Module) -> bool:
-    """Whether ``mod`` is a Hugging Face ``Conv1D`` (transformers.pytorch_utils; GPT-2's attention and MLP):
-    ``x @ W + b`` with ``W`` of shape (in, out). Recognised by duck typing, so transformers is no dependency."""
-    w = getattr(mod, "weight", None)
-    return (type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
-            and getattr(mod, "nf", None) == w.shape[1])
-
-
-def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
-    """Send every ``nn.Linear`` of ``model`` through ``ex.linear``, and every Hugging Face ``Conv1D``
-    through ``ex.matmul`` (FP8 and emulated TF32 GEMMs).
-
-    Strategies whose GEMMs torch runs natively (FP32, FP16, BF16, TF32 on a GPU) leave the model as is.
-    What stays outside (convolutions, ``nn.MultiheadAttention``'s functional projections) runs in the
-    strategy's activation format; :func:`gemm_coverage` counts it."""
-    if not ex.routes_gemms:
-        return model
-    if ex.strategy.lib == "torchao" and ex.strategy.compute == "fp8":
-        return _torchao_convert(model, ex)
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            def fwd(x, _m=mod, _k=name or "linear"):
-                return ex.linear(x, _m.weight, _m.bias, key=_k)
-            mod.forward = fwd  # type: ignore[method-assign]
-        elif is_conv1d(mod):
-            def conv1d(x, _m=mod, _k=name or "conv1d"):
-                y = ex.matmul(x.reshape(-1, x.shape[-1]), _m.weight, key=_k)
-                y = ex.add_bias(y, _m.bias)
-                return y.reshape(*x.shape[:-1], _m.nf)
-            mod.forward = conv1d  # type: ignore[method-assign]
-    return model
-
-
-def _torchao_convert(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
-    """torchao converts the ``nn.Linear`` layers itself (nothing else); each converted layer that runs
-    counts as a routed GEMM, so :func:`gemm_coverage` reports what the library covered."""
-    from ..recipes import torchao_float8
-
-    def ran(key: str) -> None:
-        ex.emulated_gemms += 1
-        ex.routed_keys.add(key)
-    return torchao_float8.convert(model, ex.strategy.recipe, ran, gpu=ex.device.type == "cuda")
-
-
-#: Module types whose parameters feed a GEMM (a convolution is one too, on Tensor Cores), by the name
-#: the coverage reports them under. ``nn.MultiheadAttention`` counts once, for its in-projection (its
-#: ``out_proj`` is an ``nn.Linear`` child that it calls functionally).
-def _gemm_type(mod: torch.nn.Module) -> str | None:
-    if isinstance(mod, torch.nn.Linear):
-        return "Linear"
-    if is_conv1d(mod):
-        return "Conv1D"
-    if isinstance(mod, torch.nn.modules.conv._ConvNd):
-        return type(mod).__name__
-    if isinstance(mod, torch.nn.MultiheadAttention):
-        return "MultiheadAttention.in_proj"
-    return None
-
-
-def gemm_coverage(model: torch.nn.Module, ex: Execution) -> dict:
-    """How many of ``model``'s parameterised GEMM layers ran in the strategy's compute format, by layer type.
-
-    Where torch runs the GEMMs natively (autocast or cast to FP16/BF16, FP32, TF32 on a GPU) every one
-    does. Where the harness routes them (FP8, TF32 on the CPU) only the layers whose GEMM went through
-    :meth:`Execution.matmul` in this run count: an FP8 strategy's other GEMMs ran in its activation format.
-    Returns ``{"format", "covered", "total", "by_type": {type: [covered, total]}}``."""
-    by_type: dict[str, list[int]] = {}
-    for name, mod in model.named_modules():
-        kind = _gemm_type(mod)
-        if kind is None:
-            continue
-        ran = not ex.routes_gemms or (name or kind.lower()) in ex.routed_keys
-        if isinstance(mod, torch.nn.MultiheadAttention) and ex.routes_gemms:
-            ran = False  # its projections are called functionally, never through a routed forward
-        c = by_type.setdefault(kind, [0, 0])
-        c[0] += int(ran)
-        c[1] += 1
-    return {"format": ex.format.name, "covered": sum(c for c, _ in by_type.values()),
-            "total": sum(t for _, t in by_type.values()), "by_type": by_type}
+#: The name every caller knows: it routes every GEMM now, not only ``nn.Linear`` (see :func:`route_gemms`).
+route_linears = route_gemms

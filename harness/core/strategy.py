@@ -343,8 +343,8 @@ def _not_built(strategy: Strategy) -> str | None:
     """The part of a valid spec that no code path carries out yet (never run as something else)."""
     if strategy.recipe not in ("none", "tensorwise", "delayed", "rowwise", "rowwise_gw_hp") + BLOCK_RECIPES:
         return f"fp8={strategy.fp8} has no implementation yet"
-    for key in ("lib", "update", "states", "compile"):
-        if key in ("lib", "update", "states") and _optimizer_recipe_built(strategy):
+    for key in ("lib", "update", "states"):
+        if _optimizer_recipe_built(strategy):
             continue
         if key == "lib" and _torchao_fp8(strategy):
             continue
@@ -383,6 +383,15 @@ def optimizer_support(strategy: Strategy) -> str | None:
     return None
 
 
+def _compile_missing(strategy: Strategy, device: torch.device) -> str | None:
+    """Why ``compile=yes`` cannot run on ``device`` (no C++ compiler, no Triton, a Python torch.compile does
+    not support), or None."""
+    if not strategy.compile:
+        return None
+    from ..recipes.torch_compile import missing_reason
+    return missing_reason(device)
+
+
 def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[str]]:
     """Whether ``strategy`` runs on ``device``: (supported, reason if not, emulation notes).
 
@@ -390,7 +399,7 @@ def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[s
     and a path the device lacks is unsupported with a reason.
     """
     notes: list[str] = []
-    missing = _not_built(strategy) or optimizer_support(strategy)
+    missing = _not_built(strategy) or optimizer_support(strategy) or _compile_missing(strategy, device)
     if missing:
         return False, missing, notes
     if strategy.compute == "fp8" and (_torchao_fp8(strategy) or strategy.recipe in ("rowwise", "rowwise_gw_hp")):

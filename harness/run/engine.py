@@ -188,6 +188,19 @@ def _not_applicable(s: Scenario, ex: Execution) -> Verdict | None:
                                   "(the run would repeat the strategy without it)")
 
 
+def _compiled(s: Scenario, ex: Execution, extra: dict[str, Any]) -> Verdict | None:
+    """``compile=yes``: the compile cost into the record (``compile``: models, compilations, seconds, apart
+    from the run's own ``seconds`` that include it); a run that compiled nothing is not judged, so that an
+    eager result never reads as the compiled one."""
+    if not ex.strategy.compile:
+        return None
+    if ex.compile_stats is None:
+        return Verdict("unsupported", f"compile=yes: scenario {s.name} trains no model through the harness's "
+                                      "Trainer, the part torch.compile compiles; it ran eagerly, not judged")
+    extra["compile"] = ex.compile_stats.as_dict()
+    return None
+
+
 def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache,
              timeout: float | None = None) -> tuple[dict[str, Any], float]:
     """Run and judge one (case, strategy); returns (record, seconds spent inside the scenario).
@@ -224,12 +237,13 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
             inner = time.perf_counter() - t1
         extra["peak_bytes"] = _peak(device, mem0)
         extra["emulated"] = ex.emulation_notes()
+        uncompiled = _compiled(s, ex, extra)
         fmt = ex.judged_format
         extra["judged_format"] = fmt.name
         metrics = compare(out, ref.output, fmt)
         metrics.update(out.extra)
         tol = s.tolerance
-        verdict = _not_applicable(s, ex) or (_not_judged(s, out) if measures_only(ref.output) else judge(
+        verdict = uncompiled or _not_applicable(s, ex) or (_not_judged(s, out) if measures_only(ref.output) else judge(
             metrics, fmt, s.n(case.params), kappa=ref.output.kappa, factor=tol.factor if tol else 1.0,
             underflow_budget=(tol.underflow_budget if tol and tol.underflow_budget is not None
                               else UNDERFLOW_BUDGET),

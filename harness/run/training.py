@@ -99,6 +99,14 @@ def make_optimizer(ex: Execution, make_opt: Callable[[list], torch.optim.Optimiz
     return opt  # type: ignore[return-value]
 
 
+def _compile(model: torch.nn.Module, ex: Execution) -> None:
+    """``compile=yes``: the model's forward (and through AOTAutograd its backward) compiled in place by
+    ``torch.compile``; the compile cost goes to ``ex.compile_stats`` (:mod:`harness.recipes.torch_compile`)."""
+    if ex.strategy.compile:
+        from ..recipes.torch_compile import compile_model
+        ex.compile_stats = compile_model(model, ex.compile_stats)
+
+
 class Trainer:
     """Runs training steps of ``model`` under an execution's strategy.
 
@@ -111,6 +119,7 @@ class Trainer:
         self.ex = ex
         s = ex.strategy
         self.model = model.to(ex.device, ex.param_dtype)
+        _compile(self.model, ex)
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params] if s.master else None
