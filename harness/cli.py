@@ -126,12 +126,27 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
     from .core.strategy import PRESETS
+    rows = [{"name": n, "spec": str(s), "library": _library(s.lib)} for n, s in PRESETS.items()]
     if args.json:
-        print(json.dumps([{"name": n, "spec": str(s)} for n, s in PRESETS.items()], indent=1))
+        print(json.dumps(rows, indent=1))
         return 0
-    for n, s in PRESETS.items():
-        print(f"{n:16s} {s}")
+    name_w = max(len(r["name"]) for r in rows)
+    lib_w = max(len(r["library"]) for r in rows if not r["library"].startswith("not installed"))
+    for r in rows:
+        print(f"{r['name']:{name_w}s}  {r['library']:{lib_w}s}  {r['spec']}")
     return 0
+
+
+def _library(lib: str) -> str:
+    """Who computes a strategy's recipe: ``own`` (the harness, the oracle), ``torchao 0.18.0``, or
+    ``not installed: pip install ...``."""
+    from .core.libraries import LIBRARIES, missing_reason, version
+    if lib == "none":
+        return "own"
+    why = missing_reason(lib)
+    if why:
+        return f"not installed: {LIBRARIES[lib].install}" if version(lib) is None else why
+    return f"{LIBRARIES[lib].dist} {version(lib)}"
 
 
 def _progress_bar(console: Any):

@@ -106,10 +106,15 @@ def test_list_shows_every_scenario(cli_batch: dict) -> None:
 def test_strategies_print_the_presets_with_canonical_specs(cli_batch: dict) -> None:
     text, js = cli_batch["strategies"], cli_batch["strategies_json"]
     assert text["rc"] == js["rc"] == 0
-    rows = [line.split(None, 1) for line in text["stdout"].splitlines()]
+    rows = [line.split() for line in text["stdout"].splitlines()]  # name, library (words), spec
     assert [r[0] for r in rows] == list(PRESETS)
-    assert all(spec == str(PRESETS[n]) and parse(spec) == PRESETS[n] for n, spec in rows)
-    assert json.loads(js["stdout"]) == [{"name": n, "spec": str(s)} for n, s in PRESETS.items()]
+    assert all(r[-1] == str(PRESETS[r[0]]) and parse(r[-1]) == PRESETS[r[0]] for r in rows)
+    listed = json.loads(js["stdout"])
+    assert [{"name": i["name"], "spec": i["spec"]} for i in listed] == [{"name": n, "spec": str(s)}
+                                                                      for n, s in PRESETS.items()]
+    assert all(" ".join(r[1:-1]) == i["library"] for r, i in zip(rows, listed))
+    # the harness's own recipes say so; a library's say which one and its version
+    assert {i["library"] for i in listed if PRESETS[i["name"]].lib == "none"} == {"own"}
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from .emulation import tf32_matmul
 from .formats import Format, get_format
 from .fp8 import AmaxHistory, fp8_matmul
+from .fp8_rowwise import RECIPES as TORCHAO_STYLE, recipe_matmul, rowwise_native
 from .strategy import Strategy, support
 
 __all__ = ["Execution", "FP64", "route_linears", "gemm_coverage", "is_conv1d"]
@@ -40,6 +41,11 @@ class Execution:
         self.emulated_gemms = 0  # GEMMs that ran through the FP8 or emulated-TF32 path (see routes_gemms)
         self.routed_keys: set[str] = set()  # the call sites (``key``) of those GEMMs: layers, for coverage
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
+        self.block_notes: set[str] = set()  # how the blockwise and MX recipes' GEMMs ran (native or emulated)
+        if self._native_fp8 and self.torchao_style and strategy.recipe != "tensorwise":
+            # the own path falls back to the emulation where _scaled_mm takes no row-wise scales (the
+            # notes say so; lib=torchao is unsupported there)
+            self._native_fp8 = rowwise_native(str(self.device)) is None
 
     # -- what the strategy is --------------------------------------------------------------
     @property
@@ -51,7 +57,14 @@ class Execution:
         """Whether :meth:`matmul` runs the GEMM itself (FP8, and TF32 where no TF32 hardware path is
         used) instead of handing it to torch."""
         s = self.strategy
-        return s.compute == "fp8" or (s.compute == "tf32" and self.device.type != "cuda")
+        return s.compute in ("fp8", "fp4") or (s.compute == "tf32" and self.device.type != "cuda")
+
+    @property
+    def torchao_style(self) -> bool:
+        """Whether GEMMs follow torchao's float8 recipes (:mod:`harness.core.fp8_rowwise`): the row-wise
+        recipes, and every recipe torchao drives; ``fp8=tensorwise|delayed`` of the own path keep theirs."""
+        s = self.strategy
+        return s.compute == "fp8" and (s.lib == "torchao" or (s.recipe in TORCHAO_STYLE and s.recipe != "tensorwise"))
 
     @property
     def judged_format(self) -> Format:
@@ -68,7 +81,7 @@ class Execution:
         the native FP8 GEMMs that fell back to the emulation (never a silent downgrade)."""
         n = self.fp8_history.fallbacks
         return self.notes + ([f"{n} FP8 GEMMs emulated: dimensions not multiples of 16, which torch._scaled_mm "
-                              "requires"] if n else [])
+                              "requires"] if n else []) + sorted(self.block_notes - set(self.notes))
 
     # -- what scenarios call ---------------------------------------------------------------
     def act(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,22 +119,74 @@ class Execution:
             else:
                 yield
 
-    def matmul(self, a: torch.Tensor, b: torch.Tensor, key: str = "mm") -> torch.Tensor:
-        """a @ b as the strategy computes it (``key`` names the call site for FP8 amax histories)."""
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, key: str = "mm",
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """a @ b as the strategy computes it (``key`` names the call site for FP8 amax histories).
+        ``out_dtype`` (default: the activation format) asks for the GEMM's output in another dtype, e.g.
+        FP32 to see a GEMM's accumulation without its output's rounding."""
         s = self.strategy
         if not self.routes_gemms:
-            return a @ b
+            return a @ b if out_dtype is None else _mm_out(a, b, out_dtype)
         self.emulated_gemms += 1
         self.routed_keys.add(key)
+        if s.recipe in _BLOCK_RECIPES:
+            return self._block_matmul(a, b, out_dtype or self.dtype)
+        if self.torchao_style:
+            return self._recipe_matmul(a, b)
         if s.compute == "fp8":
-            return fp8_matmul(a, b, key, self.fp8_history, s.fp8 == "delayed", self._native_fp8, self.dtype)
-        return tf32_matmul(a, b)
+            return fp8_matmul(a, b, key, self.fp8_history, s.fp8 == "delayed", self._native_fp8,
+                              out_dtype or self.dtype)
+        y = tf32_matmul(a, b)
+        return y if out_dtype is None else y.to(out_dtype)
+
+    def _block_matmul(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The block-scaled recipes: DeepSeek's blockwise FP8 (:mod:`.blockwise`), MX and NVFP4 (:mod:`.mx`)."""
+        s = self.strategy
+        if s.recipe == "blockwise":
+            from .blockwise import blockwise_matmul
+            return blockwise_matmul(a, b, s.promote, out_dtype, self.device.type == "cuda", self.block_notes)
+        from .mx import mx_matmul
+        return mx_matmul(a, b, s.recipe, out_dtype)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                key: str = "linear") -> torch.Tensor:
         """x @ w.T + b, like ``torch.nn.functional.linear``, routed through :meth:`matmul`."""
         y = self.matmul(x, w.t(), key)
+        if b is not None and self.torchao_style:
+            b = b.to(y.dtype)  # Float8Linear adds the bias in the output's dtype
         return y if b is None else y + b
+
+    def _recipe_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """A GEMM of a torchao-style recipe, the input in the activation format as ``Float8Linear`` casts
+        it under autocast: through torchao where the strategy names it, else the own emulation."""
+        s = self.strategy
+        a = a.to(self.dtype)
+        with torch.autocast(self.device.type, enabled=False):
+            if s.lib == "torchao":
+                from ..recipes import torchao_float8
+                return torchao_float8.matmul(a, b, s.recipe)
+            return recipe_matmul(a, b, s.recipe, self._native_fp8)
+
+
+#: Recipes whose GEMMs scale per block (:meth:`Execution._block_matmul`).
+_BLOCK_RECIPES = ("blockwise", "mxfp8", "mxfp4", "nvfp4")
+
+
+def _mm_out(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b under the ambient autocast, its output kept in ``out_dtype``: FP16/BF16 products accumulated in
+    FP32 and not rounded to 16 bits at the end (cuBLAS's ``out_dtype`` GEMM on a GPU; on the CPU, whose
+    kernels accumulate these GEMMs in FP32 and lack that overload, the FP32 product of the same operands)."""
+    if torch.is_autocast_enabled(a.device.type):
+        dt = torch.get_autocast_dtype(a.device.type)
+        a, b = a.to(dt), b.to(dt)
+    low = a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
+    if low and a.is_cuda and a.dim() == 2 and b.dim() == 2:
+        with torch.autocast(a.device.type, enabled=False):
+            return torch.mm(a, b, out_dtype=out_dtype)
+    if low:
+        a, b = a.float(), b.float()
+    with torch.autocast(a.device.type, enabled=False):
+        return (a @ b).to(out_dtype)
 
 
 def _flags() -> dict:
@@ -165,6 +230,8 @@ def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
     strategy's activation format; :func:`gemm_coverage` counts it."""
     if not ex.routes_gemms:
         return model
+    if ex.strategy.lib == "torchao" and ex.strategy.compute == "fp8":
+        return _torchao_convert(model, ex)
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
             def fwd(x, _m=mod, _k=name or "linear"):
@@ -177,6 +244,17 @@ def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
                 return y.reshape(*x.shape[:-1], _m.nf)
             mod.forward = conv1d  # type: ignore[method-assign]
     return model
+
+
+def _torchao_convert(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
+    """torchao converts the ``nn.Linear`` layers itself (nothing else); each converted layer that runs
+    counts as a routed GEMM, so :func:`gemm_coverage` reports what the library covered."""
+    from ..recipes import torchao_float8
+
+    def ran(key: str) -> None:
+        ex.emulated_gemms += 1
+        ex.routed_keys.add(key)
+    return torchao_float8.convert(model, ex.strategy.recipe, ran)
 
 
 #: Module types whose parameters feed a GEMM (a convolution is one too, on Tensor Cores), by the name

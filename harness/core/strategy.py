@@ -144,7 +144,7 @@ class Strategy:
         it, and the FP4 recipes by E2M1, u = 2^-2)."""
         if self.compute == "fp4":
             return get_format("fp4_e2m1")
-        if self.compute == "fp8" and self.recipe in ("blockwise", "mxfp8"):
+        if self.compute == "fp8" and self.recipe in ("rowwise", "rowwise_gw_hp", "blockwise", "mxfp8"):
             return get_format("fp8_e4m3")
         return get_format({"fp8": "fp8_e5m2"}.get(self.compute, self.compute))
 
@@ -309,11 +309,43 @@ def tensor_core_support(compute: str, device: torch.device | str) -> str | None:
             f"(needs sm_{need[0]}{need[1]}+)")
 
 
+#: The ``fp8=`` recipes torchao's float8 training drives (``lib=torchao``; :mod:`harness.recipes.torchao_float8`).
+TORCHAO_FP8 = ("tensorwise", "rowwise", "rowwise_gw_hp")
+
+
+def _torchao_fp8(strategy: Strategy) -> bool:
+    """Whether ``strategy`` is one of torchao's float8 training recipes."""
+    return strategy.lib == "torchao" and strategy.compute == "fp8" and strategy.recipe in TORCHAO_FP8
+
+
+#: Recipes that scale per block, each with its own emulation (harness.core.blockwise, harness.core.mx).
+BLOCK_RECIPES = ("blockwise", "mxfp8", "mxfp4", "nvfp4")
+
+
+def _block_recipe_notes(strategy: Strategy, device: torch.device) -> list[str]:
+    """What a block-scaled recipe runs as on ``device`` (the record names the emulation)."""
+    r = strategy.recipe
+    if r == "blockwise":
+        every = f"every {strategy.promote} products" if strategy.promote else "never (promote=0)"
+        where = ("on the GPU: torch's blockwise-scaled GEMM or one torch._scaled_mm per interval where they apply, "
+                 "else emulated" if device.type == "cuda" else "emulated on the CPU")
+        return [f"blockwise FP8 {where}: E4M3 1x128 activation/gradient tiles and 128x128 weight blocks, the "
+                f"FP8 Tensor-Core accumulator modelled (14 bits, H200 profile), partial sums promoted to FP32 {every}"]
+    if r in ("mxfp8", "mxfp4", "nvfp4"):
+        blocks = ("blocks of 16, E4M3 block scales over an FP32 tensor scale" if r == "nvfp4"
+                  else "blocks of 32, E8M0 scales (OCP MX, floor)")
+        return [f"{r} emulated: {blocks}, GEMM of the dequantized blocks with FP32 accumulation; the hardware "
+                "path needs a Blackwell GPU (sm_100+), and torchao's MX training path too"]
+    return []
+
+
 def _not_built(strategy: Strategy) -> str | None:
     """The part of a valid spec that no code path carries out yet (never run as something else)."""
-    if strategy.recipe not in ("none", "tensorwise", "delayed"):
+    if strategy.recipe not in ("none", "tensorwise", "delayed", "rowwise", "rowwise_gw_hp") + BLOCK_RECIPES:
         return f"fp8={strategy.fp8} has no implementation yet"
     for key in ("lib", "update", "states", "compile"):
+        if key == "lib" and _torchao_fp8(strategy):
+            continue
         if getattr(strategy, key) != OPTIONAL[key]:
             return f"{key}={strategy._value_str(key)} has no implementation yet"
     return None
@@ -329,12 +361,18 @@ def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[s
     missing = _not_built(strategy)
     if missing:
         return False, missing, notes
+    if strategy.compute == "fp8" and (_torchao_fp8(strategy) or strategy.recipe in ("rowwise", "rowwise_gw_hp")):
+        from .fp8_rowwise import recipe_support
+        why, notes = recipe_support(strategy.recipe, strategy.lib == "torchao", device)
+        if why:
+            return False, why, notes
     if device.type == "cpu":
         if strategy.compute == "tf32":
             notes.append("tf32 emulated on the CPU: GEMM inputs rounded to 10 fraction bits, FP32 accumulation")
-        if strategy.compute == "fp8":
+        if strategy.compute == "fp8" and not notes and strategy.recipe not in BLOCK_RECIPES:
             notes.append("fp8 emulated on the CPU: GEMM inputs cast to e4m3/e5m2 with per-tensor scales, "
                          "FP32 accumulation")
+        notes.extend(_block_recipe_notes(strategy, device))
         if strategy.reduction == "reduced":
             return False, ("reduction=reduced needs cuBLAS (allow_fp16/bf16_reduced_precision_reduction); "
                            "no CPU kernel honours it"), notes
@@ -343,6 +381,7 @@ def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[s
         why = tensor_core_support(strategy.compute, device)
         if why:
             return False, why, notes
+        notes.extend(_block_recipe_notes(strategy, device))
         if strategy.compute == "fp8":
             if not hasattr(torch, "_scaled_mm"):
                 return False, f"torch {torch.__version__} lacks torch._scaled_mm", notes

@@ -1,0 +1,81 @@
+"""torchao's float8 training recipes, driven through torchao itself (``lib=torchao``, ``fp8=tensorwise|rowwise|
+rowwise_gw_hp``).
+
+A model is converted with ``torchao.float8.convert_to_float8_training`` and the recipe's
+``Float8LinearConfig.from_recipe_name``: every ``nn.Linear`` becomes a ``Float8Linear``; anything else
+(Hugging Face ``Conv1D``, convolutions, functional projections) stays in high precision, and
+:func:`harness.core.execution.gemm_coverage` says so. A scenario's functional GEMM (``Execution.matmul``)
+runs through torchao's own autograd function, ``matmul_with_hp_or_float8_args``, so the library computes
+it. :mod:`harness.core.fp8_rowwise` is the emulation both are checked against, bit for bit.
+
+Imported only by a run whose strategy names ``lib=torchao`` (torchao is an optional dependency).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["RECIPE_NAMES", "config", "convert", "matmul", "describe"]
+
+#: The harness's ``fp8=`` recipe -> torchao's ``Float8LinearRecipeName`` value.
+RECIPE_NAMES = {"tensorwise": "tensorwise", "rowwise": "rowwise", "rowwise_gw_hp": "rowwise_with_gw_hp"}
+
+
+def describe(recipe: str) -> str:
+    """What the record says ran, e.g. ``torchao 0.18.0 float8 rowwise (Float8LinearConfig.from_recipe_name(...))``."""
+    import torchao
+    return (f"torchao {torchao.__version__} float8 {recipe} "
+            f"(Float8LinearConfig.from_recipe_name({RECIPE_NAMES[recipe]!r}))")
+
+
+@functools.lru_cache(maxsize=None)
+def config(recipe: str) -> Any:
+    """torchao's ``Float8LinearConfig`` for the harness's ``fp8=`` ``recipe``."""
+    if recipe not in RECIPE_NAMES:
+        raise ValueError(f"fp8={recipe} has no torchao float8 recipe; torchao runs {', '.join(RECIPE_NAMES)}")
+    from torchao.float8 import Float8LinearConfig
+    return Float8LinearConfig.from_recipe_name(RECIPE_NAMES[recipe])
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_config(recipe: str) -> Any:
+    """The ``LinearMMConfig`` a ``Float8Linear`` builds from the config (``float8_linear.Float8Linear.__init__``):
+    fast accumulation in the output GEMM only, no emulation, no padding."""
+    from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
+    c = config(recipe)
+    return LinearMMConfig(*(ScaledMMConfig(c.emulate, g.use_fast_accum, False, c.pad_inner_dim)
+                            for g in (c.gemm_config_output, c.gemm_config_grad_input, c.gemm_config_grad_weight)))
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, recipe: str) -> torch.Tensor:
+    """``a @ b`` with autograd through torchao's ``matmul_with_hp_or_float8_args`` (2-D ``b``; leading dims
+    of ``a`` flattened). The result has ``a``'s dtype; run it outside autocast."""
+    from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
+    lead = a.shape[:-1]
+    out = matmul_with_hp_or_float8_args.apply(a.reshape(-1, a.shape[-1]), b, _mm_config(recipe), config(recipe))
+    return out.reshape(*lead, b.shape[-1])
+
+
+def _autocast_input(mod: torch.nn.Module, args: tuple) -> tuple | None:
+    """``Float8Linear`` casts its input to the autocast dtype only under CUDA autocast; under CPU autocast
+    do the same, so the CPU runs the recipe as the GPU does (else the high-precision weight-gradient GEMM
+    of ``rowwise_with_gw_hp`` meets a BF16 gradient and an FP32 input and fails)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.device.type == "cuda" or not torch.is_autocast_enabled(x.device.type):
+        return None
+    return (x.to(torch.get_autocast_dtype(x.device.type)), *args[1:])
+
+
+def convert(model: torch.nn.Module, recipe: str, on_run: Callable[[str], None]) -> torch.nn.Module:
+    """``model`` with every ``nn.Linear`` converted by torchao for ``recipe`` (the root module too);
+    ``on_run(name)`` is called each time a converted layer runs its forward, for coverage."""
+    from torchao.float8 import convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+    model = convert_to_float8_training(model, config=config(recipe))
+    for name, mod in model.named_modules():
+        if isinstance(mod, Float8Linear):
+            mod.register_forward_pre_hook(_autocast_input)
+            mod.register_forward_pre_hook(lambda _m, _a, _k=name or "linear": on_run(_k))
+    return model
