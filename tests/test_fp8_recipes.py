@@ -116,6 +116,13 @@ def test_delayed_scaling_flushes_calm_steps_under_an_obsolete_amax(reg) -> None:
 
 
 # -- E5M2 gradients ------------------------------------------------------------------------------------------
+def per_block(x: torch.Tensor, fmt, rows: int) -> torch.Tensor:
+    """A scale per feature (column) and block of ``rows`` tokens."""
+    t, f = x.shape
+    xb = x.reshape(t // rows, rows, f)
+    return q(xb, fmt, xb.abs().amax(1, keepdim=True)).reshape(t, f)
+
+
 def test_one_e5m2_scale_flushes_the_small_features_and_one_per_feature_keeps_them(reg) -> None:
     g = inputs(reg, "fp8_grad_underflow", layout="features")["t"].bfloat16().float()  # dL/dy reaches the GEMM in BF16
     lost = per_tensor(g, E5M2) == 0
@@ -127,14 +134,20 @@ def test_one_e5m2_scale_flushes_the_small_features_and_one_per_feature_keeps_the
     assert rec["metrics"]["grad_underflow_frac"] == float(lost.float().mean())  # dw = I^T G: entry for entry
 
 
-def test_large_tokens_fit_e5m2_per_tensor_but_flush_e4m3_per_feature(reg) -> None:
-    g = inputs(reg, "fp8_grad_underflow", layout="tokens")["t"].bfloat16().float()
+@pytest.mark.parametrize("layout", ["tokens", "tokens_other_tile", "tokens_other_block"])
+def test_large_tokens_fit_e5m2_per_tensor_and_flush_the_e4m3_scales_they_share(reg, layout: str) -> None:
+    g = inputs(reg, "fp8_grad_underflow", layout=layout)["t"].bfloat16().float()
+    judged = fr.judged_tokens(layout)
+    judged[list(fr.LARGE)] = False
     assert int((per_tensor(g, E5M2) == 0).sum()) == 0
-    lost = per_column(g, E4M3) == 0
-    small = torch.ones(fr.SIDE, dtype=torch.bool)
-    small[list(fr.LARGE)] = False
-    assert bool(lost[small].all()) and not bool(lost[~small].any())  # every token but the large ones
-    assert record(reg, "fp8_grad_underflow", "fp8-tensorwise", layout="tokens")["outcome"] == "pass"
+    lost = {"column": per_column(g, E4M3) == 0, "tile": per_block(g, E4M3, 128) == 0,
+            "block": per_block(g, E4M3, 32) == 0}
+    share = {k: float(v[judged].double().mean()) for k, v in lost.items()}
+    assert share["column"] == 1.0  # the row-wise recipes: every judged token's gradient flushes
+    assert share["tile"] == {"tokens": 126 / 254, "tokens_other_tile": 0.0, "tokens_other_block": 1.0}[layout]
+    assert share["block"] == {"tokens": 30 / 254, "tokens_other_tile": 0.0, "tokens_other_block": 0.0}[layout]
+    rec = record(reg, "fp8_grad_underflow", "fp8-tensorwise", layout=layout)
+    assert rec["outcome"] == "pass"
 
 
 # -- declared against actual ------------------------------------------------------------------------------
