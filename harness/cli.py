@@ -78,7 +78,8 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     ls.set_defaults(func=_cmd_list)
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE")
-    st = sub.add_parser("strategies", help="strategy presets and their canonical spec strings")
+    st = sub.add_parser("strategies", help="strategy presets, who computes each (own or a library and its version) "
+                                          "and their canonical spec strings")
     st.set_defaults(func=_cmd_strategies)
     st.add_argument("--json", action="store_true")
     r = sub.add_parser("run", help="run the scenario x strategy matrix")

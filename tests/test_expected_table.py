@@ -38,7 +38,7 @@ def test_committed_table_is_the_generated_one(capsys: pytest.CaptureFixture) -> 
 
 
 def test_declared_expectations_match_actual_cpu_outcomes(records: list[dict]) -> None:
-    assert len(records) == 13 * 17  # 17 quick cases
+    assert len(records) == len(PRESETS) * 17  # 17 quick cases
     wrong = [f"{r['case']} {r['strategy']}: got {r['outcome']} ({r['reason']}), declared "
              f"{(r['expected'] or {}).get('outcome', 'pass')}"
              for r in records if r["outcome"] != (r["expected"] or {}).get("outcome", "pass")]

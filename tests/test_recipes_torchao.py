@@ -27,6 +27,10 @@ from harness.recipes import torchao_float8  # noqa: E402
 
 CPU = torch.device("cpu")
 RECIPE_NAMES = ("tensorwise", "rowwise", "rowwise_gw_hp")
+#: torchao on the CPU runs torch._scaled_mm; the bit-for-bit tests need it to be torch's dequantize-then-GEMM
+#: (a CPU whose oneDNN has FP8 kernels accumulates otherwise: there they are skipped, and say why)
+exact_cpu = pytest.mark.skipif(not fp8_rowwise.cpu_scaled_mm_is_emulation(),
+                               reason="torch._scaled_mm on this CPU is not the dequantize-then-GEMM fallback")
 
 
 def mlp() -> nn.Module:
@@ -83,6 +87,7 @@ def differs(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[int]:
     return [i for i, (p, q) in enumerate(zip(a, b)) if not torch.equal(p, q)]
 
 
+@exact_cpu
 @pytest.mark.parametrize("recipe", RECIPE_NAMES)
 def test_torchao_model_matches_the_oracle_bit_for_bit(recipe: str) -> None:
     base = mlp()
@@ -95,6 +100,7 @@ def test_torchao_model_matches_the_oracle_bit_for_bit(recipe: str) -> None:
 
 #: Which of (output, w0, b0, w1, b1, w2, b2) move when the oracle gets one detail wrong (the last bias's
 #: gradient is dy itself: no GEMM touches it).
+@exact_cpu
 @pytest.mark.parametrize("recipe,wrong,moved", [
     # scales not rounded to powers of two: every FP8 operand changes
     ("rowwise", {"pow2": False}, [0, 1, 2, 3, 4, 5]),
@@ -127,6 +133,28 @@ def test_rowwise_scales_are_powers_of_two_per_row_and_tensorwise_ones_are_not() 
     assert scale_of(torch.zeros(2, 2), e4m3, None, pow2=False).item() == pytest.approx(448.0 / 1e-12)  # EPS
 
 
+@exact_cpu
+def test_rowwise_keeps_the_small_rows_that_tensorwise_flushes() -> None:
+    """Rows 10^6 apart: one scale for the tensor flushes 388 of the 2048 inputs to zero (4 rows entirely),
+    one per row none; the forward output's worst row error drops from 0.69 to 0.27 (docs/recipes.md)."""
+    x, r = batch()
+    xb = x.to(torch.bfloat16)
+    flushed = {}
+    for name in ("tensorwise", "rowwise"):
+        q, _ = fp8_rowwise._cast(xb, RECIPES[name].output[0], True, RECIPES[name].pow2)
+        zero = (q.float() == 0) & (xb != 0)
+        flushed[name] = (int(zero.sum()), int(zero.all(dim=1).sum()))
+    assert flushed == {"tensorwise": (388, 4), "rowwise": (0, 0)}
+    base = mlp()
+    ref = base(x).double()
+    worst = {}
+    for name in ("tensorwise", "rowwise"):
+        y = grads_of(torchao_model(copy.deepcopy(base), name))[0].double()
+        worst[name] = ((y - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+    assert worst["rowwise"] == pytest.approx(0.266, abs=5e-3) and worst["tensorwise"] == pytest.approx(0.686, abs=5e-3)
+
+
+@exact_cpu
 @pytest.mark.parametrize("recipe", ["rowwise", "rowwise_gw_hp"])
 def test_harness_strategies_own_and_torchao_train_identically(recipe: str) -> None:
     """The harness's own fp8=rowwise* (route_linears) and lib=torchao: three AdamW steps, same bits."""
@@ -150,6 +178,7 @@ def test_harness_strategies_own_and_torchao_train_identically(recipe: str) -> No
     assert differs(params[0], [p.detach() for p in mlp().parameters()]) == list(range(6))
 
 
+@exact_cpu
 def test_tensorwise_torchao_trains_as_its_oracle() -> None:
     params = []
     for model in (torchao_model(mlp(), "tensorwise"), oracle(mlp(), "tensorwise")):
@@ -162,6 +191,7 @@ def test_tensorwise_torchao_trains_as_its_oracle() -> None:
     assert_bitwise(params[0], params[1])
 
 
+@exact_cpu
 @pytest.mark.parametrize("recipe", ["rowwise", "rowwise_gw_hp"])
 def test_functional_matmul_goes_through_torchao(monkeypatch, recipe: str) -> None:
     """Execution.matmul of lib=torchao calls torchao's autograd function; the own strategy the oracle;
@@ -187,6 +217,7 @@ def test_functional_matmul_goes_through_torchao(monkeypatch, recipe: str) -> Non
     assert_bitwise(out[0], out[1])
 
 
+@exact_cpu
 def test_records_name_the_library_and_its_version() -> None:
     v = libraries.version("torchao")
     ok, why, notes = support(PRESETS["torchao-fp8-rowwise"], CPU)
@@ -199,6 +230,15 @@ def test_records_name_the_library_and_its_version() -> None:
         "fp8 emulated on the CPU: GEMM inputs cast to e4m3/e5m2 with per-tensor scales, FP32 accumulation"]
     assert torchao_float8.describe("rowwise_gw_hp") == (
         f"torchao {v} float8 rowwise_gw_hp (Float8LinearConfig.from_recipe_name('rowwise_with_gw_hp'))")
+
+
+def test_strategies_command_names_torchao_and_its_version(capsys) -> None:
+    from harness.cli import main
+    assert main(["strategies"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    for name in ("torchao-fp8-tensorwise", "torchao-fp8-rowwise", "torchao-fp8-rowwise-gw-hp"):
+        assert rows[name][1:3] == ["torchao", libraries.version("torchao")] and rows[name][-1] == str(PRESETS[name])
+    assert rows["fp8-rowwise"][1] == rows["fp8-rowwise-gw-hp"][1] == "own"
 
 
 def test_missing_torchao_is_unsupported_with_the_install_line(monkeypatch) -> None:
@@ -215,6 +255,15 @@ def test_missing_torchao_is_unsupported_with_the_install_line(monkeypatch) -> No
                                                               "'torchao>=0.18'"
 
 
+def test_the_install_line_names_an_extra_that_exists() -> None:
+    """missing_reason says ``pip install 'mp-harness[recipes]'``: the extra installs every library at
+    the minimum version the harness supports."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    recipes = extras["project"]["optional-dependencies"]["recipes"]
+    assert recipes == [f"{lib.dist}>={lib.minimum}" for lib in libraries.LIBRARIES.values()]
+
+
 def test_only_torchao_float8_recipes_are_lifted() -> None:
     assert support(parse("compute=fp8,fp8=delayed,lib=torchao"), CPU)[1] == "lib=torchao has no implementation yet"
     assert support(parse("compute=fp8,fp8=blockwise(128),lib=torchao"), CPU)[1] == (
@@ -224,6 +273,58 @@ def test_only_torchao_float8_recipes_are_lifted() -> None:
     # every operand of the row-wise recipes is E4M3: that is the format they are judged by
     assert PRESETS["fp8-rowwise"].format.name == PRESETS["torchao-fp8-rowwise-gw-hp"].format.name == "fp8_e4m3"
     assert PRESETS["torchao-fp8-tensorwise"].format.name == "fp8_e5m2"
+
+
+@exact_cpu
+def test_the_cpu_scaled_mm_scales_before_the_gemm_so_an_exact_fp8_cancellation_leaves_a_residue() -> None:
+    """deep_narrow_vanishing at depth 24, layer 13, unit 30 (measured): identical E4M3 inputs over the batch
+    and E5M2 gradients that sum to exactly 0. The FP8 products sum exactly (the own path, and a GPU that
+    scales after accumulating: 0); torch._scaled_mm on the CPU, and with it torchao there and the
+    emulation of it, scales each operand first and keeps a residue of ~1e-15."""
+    qg = torch.tensor([[-16384.0, 12288.0, -2048.0, -10240.0, 5120.0, 6144.0, -1024.0, 6144.0]]).to(torch.float8_e5m2)
+    qa = torch.full((8, 16), 352.0).to(torch.float8_e4m3fn)
+    sg, sa = torch.tensor(947271565312.0), torch.tensor(570.5870361328125)
+    assert torch.equal(qg.float() @ qa.float(), torch.zeros(1, 16))
+    cpu = torch._scaled_mm(qg, qa.t().contiguous().t(), scale_a=sg.reciprocal(), scale_b=sa.reciprocal(),
+                           out_dtype=torch.float32)
+    emulated = fp8_rowwise._gemm(qg, sg, qa, sa, torch.float32, fast_accum=True, native=False)
+    assert torch.equal(cpu, emulated) and emulated.abs().max().item() == pytest.approx(1.33e-15, rel=1e-2)
+
+
+def test_the_cpu_probe_tells_another_arithmetic_apart(monkeypatch) -> None:
+    """The probe that decides the CPU notes (and these tests' skips) fails for a GEMM that scales after
+    accumulating, as a oneDNN FP8 kernel or a GPU does."""
+    real = fp8_rowwise._gemm
+
+    def post_scaled(qa, sa, qb, sb, out_dtype, fast_accum, native):
+        if sa.dim() == 0 or native:
+            return real(qa, sa, qb, sb, out_dtype, fast_accum, native)
+        return ((qa.float() @ qb.float()) / (sa * sb)).to(out_dtype)
+    fp8_rowwise.cpu_scaled_mm_is_emulation.cache_clear()
+    monkeypatch.setattr(fp8_rowwise, "_gemm", post_scaled)
+    try:
+        assert fp8_rowwise.cpu_scaled_mm_is_emulation() is False
+    finally:
+        fp8_rowwise.cpu_scaled_mm_is_emulation.cache_clear()
+
+
+def test_library_presets_carry_the_declarations_of_the_recipe_they_run() -> None:
+    from harness.core.scenario import Expect
+    e = Expect(("fp8*",), "diverged", "BF16 activations")
+    assert e.applies("torchao-fp8-rowwise", {}, "cpu") and e.applies("fp8-rowwise", {}, "cpu")
+    assert not Expect(("fp8-tensorwise",), "pass", "").applies("torchao-fp8-rowwise", {}, "cpu")
+    assert not e.applies("bf16", {}, "cpu") and not e.applies("torchaofp8", {}, "cpu")
+
+
+def test_on_a_gpu_torchao_converts_only_widths_that_scaled_mm_takes() -> None:
+    """torch._scaled_mm on a GPU needs multiples of 16: a Linear(24, 32) stays high precision there (torchao's
+    documented module filter); on the CPU torchao converts it."""
+    from torchao.float8.float8_linear import Float8Linear
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 24), nn.Linear(24, 32))
+    kinds = [type(m) for m in torchao_float8.convert(copy.deepcopy(model), "rowwise", print, gpu=True)]
+    assert kinds == [Float8Linear, nn.Linear, nn.Linear]
+    kinds = [type(m) for m in torchao_float8.convert(copy.deepcopy(model), "rowwise", print, gpu=False)]
+    assert kinds == [Float8Linear] * 3
 
 
 def test_gpt2_coverage_says_conv1d_stayed_in_high_precision() -> None:
@@ -244,6 +345,23 @@ def test_gpt2_coverage_says_conv1d_stayed_in_high_precision() -> None:
     cov = gemm_coverage(model, ex)
     assert cov["by_type"] == {"Conv1D": [0, 8], "Linear": [1, 1]} and (cov["covered"], cov["total"]) == (1, 9)
     assert _coverage_note(cov).startswith("only 1 of 9 GEMM layers ran in fp8_e4m3 (not: Conv1D 0/8)")
+
+
+def test_own_rowwise_routes_conv1d_and_keeps_bf16_activations() -> None:
+    """The own row-wise recipes run GPT-2's Conv1D in FP8 too (torchao does not), and add every bias in
+    the output's dtype, so activations stay BF16 as with Float8Linear; the own tensorwise path keeps its
+    old promotion to the FP32 bias (its records stay as they were)."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 32)
+    for preset, dtype in (("fp8-rowwise", torch.bfloat16), ("fp8-tensorwise", torch.float32)):
+        ex = Execution(PRESETS[preset], CPU)
+        model = route_linears(nn.Sequential(pytorch_utils.Conv1D(48, 32), nn.Linear(48, 16)), ex)
+        with ex.autocast():
+            y0 = model[0](x)
+            y = model[1](y0)
+        assert (y0.dtype, y.dtype) == (dtype, dtype), preset
+        assert gemm_coverage(model, ex)["by_type"] == {"Conv1D": [1, 1], "Linear": [1, 1]}
 
 
 def test_check_model_accepts_torchao_rowwise_on_a_third_party_model(capsys, tmp_path: Path) -> None:
@@ -291,7 +409,7 @@ def test_cuda_torchao_matches_the_native_oracle(recipe: str) -> None:
         res[how] = [y.detach(), a.grad, b.grad]
     assert_bitwise(res["torchao"], res["native"])
     for n, e in zip(res["native"], res["emulated"]):  # Tensor Core accumulation order: BF16-level agreement
-        torch.testing.assert_close(n.float(), e.float(), rtol=2**-7, atol=1e-6 * e.float().abs().max().item())
+        torch.testing.assert_close(n.float(), e.float(), rtol=2**-7, atol=1e-3 * e.float().abs().max().item())
 
 
 @pytest.mark.cuda
@@ -307,7 +425,46 @@ def test_cuda_execution_runs_rowwise_natively_with_notes() -> None:
     assert ex.emulation_notes()[0] == "own float8 rowwise (torchao's recipe)"
     ok, reason, notes = support(PRESETS["torchao-fp8-rowwise"], dev)
     assert (ok, reason) == ((True, "") if why is None else (False, why))
+    if why is not None:
+        return
     m = route_linears(mlp().to(dev), Execution(PRESETS["torchao-fp8-rowwise"], dev))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = m(torch.randn(64, 32, device=dev))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset", ["fp8-rowwise", "torchao-fp8-rowwise", "torchao-fp8-rowwise-gw-hp"])
+def test_cuda_shapes_scaled_mm_refuses_run_the_emulation_and_say_so(preset: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    dev = torch.device("cuda")
+    ex = Execution(PRESETS[preset], dev)
+    if not ex.supported:
+        pytest.skip(ex.unsupported_reason)
+    g = torch.Generator().manual_seed(9)
+    a0, b0 = torch.randn(40, 24, generator=g), torch.randn(24, 8, generator=g)
+    a, b = a0.to(dev).requires_grad_(), b0.to(dev).requires_grad_()
+    y = ex.matmul(a, b)
+    y.float().sum().backward()
+    recipe = PRESETS[preset].recipe
+    a2, b2 = a0.to(torch.bfloat16).requires_grad_(), b0.clone().requires_grad_()
+    want = recipe_matmul(a2, b2, recipe, native=False)
+    want.float().sum().backward()
+    assert_bitwise([y.detach().cpu(), a.grad.cpu(), b.grad.cpu()], [want.detach(), a2.grad.to(torch.float32), b2.grad])
+    assert ex.emulation_notes()[-1] == ("1 FP8 GEMMs emulated: dimensions not multiples of 16, which "
+                                        "torch._scaled_mm requires")
+
+
+@pytest.mark.cuda
+def test_cuda_scaled_mm_keeps_the_exact_fp8_cancellation() -> None:
+    """The GPU counterpart of the CPU residue above: _scaled_mm accumulates the FP8 products, then scales:
+    exactly 0 (so on a GPU torchao's tensorwise loses that unit too, as the own path does)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a CUDA device with FP8 Tensor Cores")
+    row = [-16384.0, 12288.0, -2048.0, -10240.0, 5120.0, 6144.0, -1024.0, 6144.0] + [0.0] * 8
+    qg = torch.tensor([row] * 16, device="cuda").to(torch.float8_e5m2)
+    qa = torch.full((16, 16), 352.0, device="cuda").to(torch.float8_e4m3fn)
+    sg, sa = torch.tensor(947271565312.0, device="cuda"), torch.tensor(570.5870361328125, device="cuda")
+    out = fp8_rowwise._gemm(qg, sg, qa, sa, torch.bfloat16, fast_accum=False, native=True)
+    assert torch.equal(out.float(), torch.zeros(16, 16, device="cuda"))

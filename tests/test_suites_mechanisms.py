@@ -292,7 +292,7 @@ def quick_records(reg, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 
 def test_quick_tier_outcomes_are_the_declared_ones(quick_records: list[dict]) -> None:
-    assert len(quick_records) == 13 * 34
+    assert len(quick_records) == len(PRESETS) * 34
     wrong = [f"{r['case']} {r['strategy']}: {r['outcome']} ({r['reason']}), declared "
              f"{(r['expected'] or {}).get('outcome', 'pass')}"
              for r in quick_records if r["outcome"] != (r["expected"] or {}).get("outcome", "pass")]

@@ -21,7 +21,7 @@ import torch
 from .emulation import tf32_matmul
 from .formats import Format, get_format
 from .fp8 import AmaxHistory, fp8_matmul
-from .fp8_rowwise import RECIPES as TORCHAO_STYLE, recipe_matmul, rowwise_native
+from .fp8_rowwise import RECIPES as TORCHAO_STYLE, gemm_fits, recipe_matmul, rowwise_native
 from .strategy import Strategy, support
 
 __all__ = ["Execution", "FP64", "route_linears", "gemm_coverage", "is_conv1d"]
@@ -151,21 +151,30 @@ class Execution:
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                key: str = "linear") -> torch.Tensor:
         """x @ w.T + b, like ``torch.nn.functional.linear``, routed through :meth:`matmul`."""
-        y = self.matmul(x, w.t(), key)
-        if b is not None and self.torchao_style:
-            b = b.to(y.dtype)  # Float8Linear adds the bias in the output's dtype
-        return y if b is None else y + b
+        return self.add_bias(self.matmul(x, w.t(), key), b)
+
+    def add_bias(self, y: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """``y + b`` after a routed GEMM: in the output's dtype for torchao-style recipes, as ``Float8Linear``
+        adds it (BF16 activations); the own ``tensorwise``/``delayed`` path keeps its promotion to ``b``'s dtype."""
+        if b is None:
+            return y
+        return y + (b.to(y.dtype) if self.torchao_style else b)
 
     def _recipe_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """A GEMM of a torchao-style recipe, the input in the activation format as ``Float8Linear`` casts
         it under autocast: through torchao where the strategy names it, else the own emulation."""
         s = self.strategy
         a = a.to(self.dtype)
+        # torch._scaled_mm on a GPU takes only multiples of 16 (torchao would raise): such a GEMM runs the
+        # emulation, which is what torchao computes on the CPU, and is counted in the record's notes
+        fits = self.device.type != "cuda" or gemm_fits(a, b)
+        if not fits and (self._native_fp8 or s.lib == "torchao"):
+            self.fp8_history.fallbacks += 1
         with torch.autocast(self.device.type, enabled=False):
-            if s.lib == "torchao":
+            if s.lib == "torchao" and fits:
                 from ..recipes import torchao_float8
                 return torchao_float8.matmul(a, b, s.recipe)
-            return recipe_matmul(a, b, s.recipe, self._native_fp8)
+            return recipe_matmul(a, b, s.recipe, self._native_fp8 and fits)
 
 
 #: Recipes whose GEMMs scale per block (:meth:`Execution._block_matmul`).
@@ -240,7 +249,7 @@ def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
         elif is_conv1d(mod):
             def conv1d(x, _m=mod, _k=name or "conv1d"):
                 y = ex.matmul(x.reshape(-1, x.shape[-1]), _m.weight, key=_k)
-                y = y if _m.bias is None else y + _m.bias
+                y = ex.add_bias(y, _m.bias)
                 return y.reshape(*x.shape[:-1], _m.nf)
             mod.forward = conv1d  # type: ignore[method-assign]
     return model
@@ -254,7 +263,7 @@ def _torchao_convert(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
     def ran(key: str) -> None:
         ex.emulated_gemms += 1
         ex.routed_keys.add(key)
-    return torchao_float8.convert(model, ex.strategy.recipe, ran)
+    return torchao_float8.convert(model, ex.strategy.recipe, ran, gpu=ex.device.type == "cuda")
 
 
 #: Module types whose parameters feed a GEMM (a convolution is one too, on Tensor Cores), by the name

@@ -32,7 +32,8 @@ import torch
 from .formats import FORMATS, Format
 from .fp8 import quantize_fp8
 
-__all__ = ["Cast", "Recipe", "RECIPES", "EPS", "scale_of", "recipe_matmul", "rowwise_native", "recipe_support"]
+__all__ = ["Cast", "Recipe", "RECIPES", "EPS", "scale_of", "recipe_matmul", "rowwise_native", "recipe_support",
+           "fits_scaled_mm", "gemm_fits", "cpu_scaled_mm_is_emulation"]
 
 E4M3, E5M2 = FORMATS["fp8_e4m3"], FORMATS["fp8_e5m2"]
 #: torchao's guard against a zero amax (``torchao.float8.float8_utils.EPS``).
@@ -103,6 +104,28 @@ def rowwise_native(device: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_scaled_mm_is_emulation() -> bool:
+    """Whether ``torch._scaled_mm`` on this CPU computes what the emulation does, bit for bit (torch's
+    dequantize-then-GEMM fallback; a CPU whose oneDNN has FP8 kernels may accumulate otherwise). Tried
+    once on a 32x32 GEMM with row-wise and with tensor-wise scales."""
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randn(32, 32, generator=g) * 100).to(torch.float8_e4m3fn)
+    b = (torch.randn(32, 32, generator=g) * 100).to(torch.float8_e4m3fn).t().contiguous().t()
+    for sa, sb in ((torch.rand(32, 1, generator=g) + 0.5, torch.rand(1, 32, generator=g) + 0.5),
+                   (torch.rand((), generator=g) + 0.5, torch.rand((), generator=g) + 0.5)):
+        try:
+            got = torch._scaled_mm(a, b, scale_a=sa.reciprocal(), scale_b=sb.reciprocal(), out_dtype=torch.bfloat16,
+                                   use_fast_accum=True)
+        except (RuntimeError, NotImplementedError):
+            return False
+        if not torch.equal(got, _gemm(a, sa, b, sb, torch.bfloat16, True, native=False)):
+            return False
+    return True
+
+
 def recipe_support(recipe: str, torchao: bool, device: torch.device) -> tuple[str | None, list[str]]:
     """For a torchao-style recipe, own or driven through torchao: (why ``device`` cannot run it, or None;
     the notes every record carries: the library and its version, and how the GEMMs ran)."""
@@ -112,6 +135,8 @@ def recipe_support(recipe: str, torchao: bool, device: torch.device) -> tuple[st
         return missing_reason("torchao"), []
     what = f"torchao {version('torchao')} float8 {recipe}" if torchao else f"own float8 {recipe} (torchao's recipe)"
     if device.type == "cpu":
+        if torchao and not cpu_scaled_mm_is_emulation():
+            return None, [f"{what}; torch._scaled_mm on the CPU (oneDNN FP8 kernels: not the emulation's arithmetic)"]
         how = "torch._scaled_mm on the CPU" if torchao else "emulated on the CPU"
         return None, [f"{what}; {how}: FP8 inputs dequantized, FP32 GEMM"]
     if device.type == "cuda" and recipe != "tensorwise" and not tensor_core_support("fp8", device):
@@ -121,6 +146,12 @@ def recipe_support(recipe: str, torchao: bool, device: torch.device) -> tuple[st
         if why:
             return None, [what, f"fp8={recipe} emulated: {why}"]
     return None, [what]
+
+
+def fits_scaled_mm(m: int, k: int, n: int) -> bool:
+    """Whether ``torch._scaled_mm`` on a GPU takes an (m, k) @ (k, n) GEMM: every dimension a multiple of
+    16 (the backward GEMMs make each of them an inner dimension)."""
+    return m % 16 == 0 and k % 16 == 0 and n % 16 == 0
 
 
 def _gemm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
@@ -185,3 +216,8 @@ def recipe_matmul(a: torch.Tensor, b: torch.Tensor, recipe: str, native: bool) -
     lead = a.shape[:-1]
     out = _RecipeMatMul.apply(a.reshape(-1, a.shape[-1]), b, RECIPES[recipe], native)
     return out.reshape(*lead, b.shape[-1])
+
+
+def gemm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """:func:`fits_scaled_mm` for ``a @ b`` with ``a``'s leading dims flattened."""
+    return fits_scaled_mm(a.numel() // max(a.shape[-1], 1), a.shape[-1], b.shape[-1])

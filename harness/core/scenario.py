@@ -75,11 +75,20 @@ class Expect:
     device: str | None = None
 
     def applies(self, strategy: str, params: dict, device: str) -> bool:
+        """Whether ``strategy`` (a preset name or spec) is declared here. A library's preset also matches
+        as the recipe it runs: ``torchao-fp8-rowwise`` as ``fp8-rowwise`` (so ``fp8*`` covers both)."""
         if self.device and self.device != device:
             return False
-        if not any(fnmatch.fnmatchcase(strategy, p) for p in self.strategies):
+        names = (strategy, *_without_library(strategy))
+        if not any(fnmatch.fnmatchcase(n, p) for n in names for p in self.strategies):
             return False
         return self.when is None or bool(self.when(params))
+
+
+def _without_library(name: str) -> tuple[str, ...]:
+    """``name`` without a leading ``LIB-`` of a library preset (``torchao-fp8-rowwise`` -> ``fp8-rowwise``)."""
+    from .strategy import LIBS
+    return tuple(name[len(lib) + 1:] for lib in LIBS[1:] if name.startswith(lib + "-"))
 
 
 @dataclass(frozen=True)
