@@ -18,7 +18,10 @@ from ._models import blocked_sum, ema, one_pass_layernorm, rms_norm, wide
 ROWS, SOFTMAX_ROWS = 32, 16
 #: Running sums of sum_long: the threads of a reduction kernel with a compute-format accumulator.
 LANES = 4096
-FP16, BF16, FP8 = ("fp16*",), ("bf16*",), ("fp8*",)
+#: FP8 and FP4 recipes keep BF16 activations, so these reductions run in BF16 under every one of them (the
+#: presets fp8-*, mxfp8, mxfp4, nvfp4, and specs spelled out)
+FP16, BF16 = ("fp16*",), ("bf16*",)
+FP8 = ("fp8*", "mxfp*", "nvfp4*", "compute=fp8,*", "compute=fp4,*")
 CAST = ("fp16-pure", "fp16-master", "bf16-pure", "bf16-master")
 
 

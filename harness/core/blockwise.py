@@ -80,19 +80,24 @@ def blockwise_gemm(qa: torch.Tensor, da: torch.Tensor, qb: torch.Tensor, db: tor
     m, k = qa.shape
     n = qb.shape[1]
     dev = qa.device
-    qa64, qb64, da, db = qa.cpu().double(), qb.cpu().double(), da.cpu().float(), db.cpu().float()
     interval = promote if promote > 0 else k
     scaled_terms = TILE % interval != 0  # an interval spans tiles: its products carry their factors
+    # FP8 products are exact in float32 (E4M3's exponents stay far inside its range); products carrying a
+    # 24-bit factor are not
+    work = torch.float32 if model.exact_in_fp32 and not scaled_terms else torch.float64
+    qa64, qb64, da, db = qa.cpu().to(work), qb.cpu().to(work), da.cpu().float(), db.cpu().float()
     out = torch.zeros(m, n, dtype=torch.float32)
     for p0 in range(0, k, interval):
-        acc = torch.zeros(m, n, dtype=torch.float64)
-        # walk the interval in tile-sized pieces so memory stays M*N*128; the accumulator carries over
+        acc = torch.zeros(m, n, dtype=work)
+        # walk the interval in pieces of 128 so memory stays M*N*128; the accumulator (and its fused steps)
+        # carry over from piece to piece
         for c0 in range(p0, min(p0 + interval, k), TILE):
             c1 = min(c0 + TILE, p0 + interval, k)
-            prod, pexp = model.products(qa64[:, c0:c1], qb64[c0:c1])
-            if scaled_terms:
-                f = (da[:, c0 // TILE, None] * db[c0 // TILE][None, :]).double()  # FP32-rounded factor
-                prod, pexp = prod * f[..., None], pexp + floor_log2(f)[..., None]
+            prod, pexp = model.products(qa64[:, c0:c1], qb64[c0:c1], work)
+            if scaled_terms:  # each product carries its own tile's factor, rounded to FP32
+                tk = torch.arange(c0, c1) // TILE
+                f = (da[:, tk].t()[:, :, None] * db[tk][:, None, :]).double()
+                prod, pexp = prod * f, pexp + floor_log2(f)
             acc = model.accumulate(prod, pexp, acc)
         partial = acc.float()  # the accumulator's 14 bits are exact in FP32
         if not scaled_terms:
@@ -145,9 +150,9 @@ def blockwise_matmul(a: torch.Tensor, b: torch.Tensor, promote: int = TILE, out_
     """``a @ b`` with DeepSeek-V3's blockwise FP8 recipe and autograd; leading batch dims of ``a`` are flattened.
     ``native`` lets CUDA tensors use the FP8 Tensor Cores; ``notes`` collects how each GEMM ran, for the record.
 
-    >>> a = torch.full((2, 256), 0.5); b = torch.full((256, 2), 0.25)
-    >>> blockwise_matmul(a, b, 128, torch.float32).tolist()  # 256 products of 1/8, exact in 14 bits
-    [[32.0, 32.0], [32.0, 32.0]]
+    >>> a = torch.full((2, 256), 3.5); b = torch.full((256, 2), 1.75)  # scales 448/amax: 2^7, 2^8
+    >>> blockwise_matmul(a, b, 128, torch.float32).tolist()  # 256 products of 6.125, exact in 14 bits
+    [[1568.0, 1568.0], [1568.0, 1568.0]]
     """
     lead = a.shape[:-1]
     out = _BlockwiseMatMul.apply(a.reshape(-1, a.shape[-1]), b, promote, out_dtype, native, notes)

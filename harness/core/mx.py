@@ -12,11 +12,11 @@ torchao's ``NVFP4Tensor`` computes them: block scale ``(block_amax / 6) / tensor
 (clamped to [2^-6, 448]), elements ``x * ((1 / tensor_scale) / block_scale)`` rounded to E2M1.
 
 The values are bit for bit torchao's (``MXTensor.to_mx``, ``NVFP4Tensor.to_nvfp4``, dequantized) on finite
-inputs (``tests/test_mx.py``), with three deliberate differences where torchao loses information:
+and non-finite inputs (``tests/test_mx.py``): a NaN makes its MX block NaN (E8M0's NaN scale); an inf
+gets the scale 2^(128 - emax), stays inf and flushes the rest of its block to 0; under NVFP4 an inf or NaN
+anywhere makes the tensor scale, hence every value, NaN. Two deliberate differences where torchao loses
+information:
 
-* a block holding inf dequantizes to NaN (E4M3 and E2M1 hold no inf; torchao saturates it to a finite
-  value, which would hide an overflow), and for NVFP4 an inf or NaN anywhere makes the tensor scale, hence
-  every value, NaN;
 * an MX block whose scale is E8M0's smallest, 2^-127, is quantized with that scale (torchao divides by
   2^-126 and multiplies back by 2^-127, halving such blocks: amax below 2^-118 for E4M3, 2^-124 for E2M1);
 * an all-zero tensor stays zero under NVFP4 (torchao's tensor scale 0 makes it NaN).
@@ -59,11 +59,12 @@ def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def mx_scale_exponents(blocks: torch.Tensor, elem_emax: int) -> torch.Tensor:
     """The biased E8M0 scale (int32, 0..255) of each block of ``blocks`` (..., B): amax's FP32 exponent field
-    minus ``elem_emax``, clamped to E8M0; 255 (NaN) where a block holds NaN or inf."""
+    minus ``elem_emax``, clamped to E8M0's finite range; 255 (NaN) where a block holds NaN. An inf block reads
+    exponent 128 and keeps a finite scale, so the inf survives the quantization."""
     amax = blocks.abs().amax(dim=-1)
     e = ((amax.view(torch.int32) >> 23) & 0xFF) - 127  # floor(log2(amax)) for normals; -127 for 0 and subnormals
     biased = (e - elem_emax).clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS
-    return torch.where(torch.isfinite(amax), biased, torch.full_like(biased, 255))
+    return torch.where(amax.isnan(), torch.full_like(biased, 255), biased)
 
 
 def _e8m0_value(biased: torch.Tensor) -> torch.Tensor:

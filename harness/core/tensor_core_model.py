@@ -65,9 +65,10 @@ def round_integer(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def floor_log2(x: torch.Tensor) -> torch.Tensor:
-    """floor(log2|x|) as float64, -inf for zeros."""
-    _, e = torch.frexp(x.double())
-    return torch.where(x != 0, (e - 1).double(), torch.full_like(x, -torch.inf, dtype=torch.float64))
+    """floor(log2|x|) in ``x``'s floating dtype (float64 for others), -inf for zeros."""
+    x = x if x.is_floating_point() else x.double()
+    _, e = torch.frexp(x)
+    return torch.where(x != 0, (e - 1).to(x.dtype), torch.full_like(x, -torch.inf))
 
 
 def round_significand(x: torch.Tensor, bits: int, mode: str) -> torch.Tensor:
@@ -120,24 +121,36 @@ class TensorCoreModel:
             y = torch.where(y.abs() < f.min_normal, torch.zeros_like(y), y)
         return y
 
-    def _step(self, terms: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
-        """One fused step over the last dimension of ``terms`` (float64) whose alignment exponents are
-        ``exps`` (-inf for zeros): align, add, normalize."""
-        emax = exps.amax(dim=-1, keepdim=True)
+    def _step(self, acc: torch.Tensor, prod: torch.Tensor, pexp: torch.Tensor) -> torch.Tensor:
+        """One fused step: the accumulator ``acc`` (float64, ...) and the products ``prod`` (block, ...) whose
+        alignment exponents are ``pexp`` (-inf for zeros) are aligned to the largest exponent, added exactly
+        and normalized."""
+        emax = torch.maximum(floor_log2(acc), pexp.amax(dim=0))
         shift = torch.where(torch.isfinite(emax), emax - (self.alignment_bits - 1), torch.zeros_like(emax))
-        aligned = round_integer(terms * torch.exp2(-shift), self.alignment_rounding) * torch.exp2(shift)
-        total = aligned.sum(dim=-1)  # exact: integers below 2^(bits+2) times (block+1) in float64
+        down = torch.exp2(-shift)
+        # exact: integers below 2^(bits+2), (block+1) of them, in float64; scaling by 2^shift is exact too
+        ints = round_integer(prod * down, self.alignment_rounding).sum(dim=0)
+        total = (ints + round_integer(acc * down, self.alignment_rounding)) * torch.exp2(shift)
         return round_significand(total, self.accumulator_bits, self.normalization_rounding)
 
-    def products(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact products of ``a`` (M x K) and ``b`` (K x N) in float64, shape (M, N, K), with the
-        exponents the alignment counts them from (-inf for zeros)."""
-        A, B = self._inputs(a.cpu()), self._inputs(b.cpu()).t()
-        prod = A[:, None, :] * B[None, :, :]  # (M, N, K), exact in float64
+    @property
+    def exact_in_fp32(self) -> bool:
+        """Whether a fused step is exact in float32 (half the memory traffic of float64): products of two
+        inputs of at most 12 significant bits, and (block + 1) aligned integers below 2^(alignment_bits + 2)."""
+        return (2 * get_format(self.fmt).precision <= 24
+                and self.alignment_bits + 2 + (self.block + 1).bit_length() <= 24)
+
+    def products(self, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact products of ``a`` (M x K) and ``b`` (K x N), shape (K, M, N) (K first, so a fused step
+        reads a contiguous slice), with the exponents the alignment counts them from (-inf for zeros).
+        ``dtype=float32`` only where :attr:`exact_in_fp32` (and the inputs' exponents stay in its range)."""
+        A, B = self._inputs(a.cpu()).t().to(dtype), self._inputs(b.cpu()).to(dtype)  # (K, M), (K, N)
+        prod = A[:, :, None] * B[:, None, :]  # exact
         if self.alignment_reference == "exponent_sum":
             emin = get_format(self.fmt).emin  # a subnormal's exponent field reads emin
             ea, eb = (torch.where(x != 0, floor_log2(x).clamp_min(emin), -torch.inf) for x in (A, B))
-            pexp = ea[:, None, :] + eb[None, :, :]
+            pexp = ea[:, :, None] + eb[:, None, :]
         else:
             pexp = floor_log2(prod)
         if not self.exact_products:
@@ -145,12 +158,10 @@ class TensorCoreModel:
         return prod, pexp
 
     def accumulate(self, prod: torch.Tensor, pexp: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-        """Add the products ``prod`` (float64, (..., K), alignment exponents ``pexp``) into the float64
-        accumulator ``acc`` (...) one fused step of ``block`` products at a time; returns the new one."""
-        for k0 in range(0, prod.shape[-1], self.block):
-            terms = torch.cat([acc[..., None], prod[..., k0:k0 + self.block]], dim=-1)
-            exps = torch.cat([floor_log2(acc)[..., None], pexp[..., k0:k0 + self.block]], dim=-1)
-            acc = self._step(terms, exps)
+        """Add the products ``prod`` ((K, ...), alignment exponents ``pexp``) into the accumulator ``acc`` (...,
+        the products' dtype) one fused step of ``block`` products at a time; returns the new one."""
+        for k0 in range(0, prod.shape[0], self.block):
+            acc = self._step(acc, prod[k0:k0 + self.block], pexp[k0:k0 + self.block])
         return acc
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
