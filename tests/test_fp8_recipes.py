@@ -171,3 +171,22 @@ def test_the_scenarios_separate_delayed_from_tensorwise(quick_records: list[dict
     cases = {c for c, _ in by}
     differ = sorted(c for c in cases if by[(c, "fp8-tensorwise")] != by[(c, "fp8-delayed")])
     assert differ == ["fp8_amax_spike[log2_spike=8]", "fp8_amax_stale[log2_drop=20]"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_full_grid_outcomes_are_the_declared_ones_and_separate_the_recipes(reg, tmp_path) -> None:
+    from harness.core.strategy import tier_presets
+    from harness.report.separation import separation_tables
+    out = tmp_path / "run"
+    strategies = [parse(n) for n in tier_presets("recipes")]
+    run_matrix(RunConfig([reg.get(n) for n in NAMES], strategies, torch.device("cuda"), tier="full", out=out))
+    recs = read_run(out)[1]
+    wrong = [f"{r['case']} {r['strategy']}: got {r['outcome']} ({r['reason']}), declared "
+             f"{(r['expected'] or {}).get('outcome', 'pass')}" for r in recs
+             if r["outcome"] != "unsupported" and r["outcome"] != (r["expected"] or {}).get("outcome", "pass")]
+    assert not wrong, "\n".join(wrong)
+    _, summary = separation_tables(recs)
+    unseparated = [r for r in summary.rows if r[2] == "no scenario separates them"]
+    # these four scenarios alone separate every pair but MXFP4 from the row-wise recipe (fp8_long_k does that)
+    assert all({r[0], r[1]} <= {"fp8-rowwise", "torchao-fp8-rowwise", "mxfp4"} for r in unseparated), unseparated
