@@ -239,7 +239,9 @@ SMALL = {"features": (-40.0, -26.0), "tokens": (-26.0, -20.0)}
 #: The tokens whose weight gradient is judged, per layout: all of them, those in the other 128-token tile
 #: than the large tokens, or in the same tile but other blocks of 32.
 JUDGED = {"features": range(TOKENS_G), "tokens": range(TOKENS_G), "tokens_other_tile": range(128, 256),
-          "tokens_other_block": range(32, 128)}
+          "tokens_other_block": range(32, 128), "spread": range(TOKENS_G)}
+#: ``spread``: no large tokens; per-token magnitudes log-uniform over this many binades below 1.
+SPREAD_G = 8
 
 
 def judged_tokens(layout: str) -> torch.Tensor:
@@ -253,8 +255,11 @@ def _grad_inputs(p: dict, g: torch.Generator) -> dict:
     features = p["layout"] == "features"
     lo, hi = SMALL["features" if features else "tokens"]
     n = FEATURES_G if features else TOKENS_G
+    if p["layout"] == "spread":
+        lo, hi = -SPREAD_G, 0.0
     mag = torch.exp2(lo + (hi - lo) * torch.rand(n, generator=g))
-    mag[list(LARGE)] = 1.0
+    if p["layout"] != "spread":
+        mag[list(LARGE)] = 1.0
     shape = (1, n) if features else (n, 1)  # per output feature, or per token
     return {"t": signed((TOKENS_G, FEATURES_G), g) * mag.reshape(shape), "w": signed((TOKENS_G, FEATURES_G), g) / 16}
 
@@ -284,8 +289,11 @@ register(Scenario(
         "E5M2 spans the 2^26 under one scale, but E4M3 scales shared with the large tokens flush the others "
         "below 2^-18.8: the row-wise recipes (a scale per feature over all tokens) everywhere, blockwise FP8 "
         "within the large tokens' 128-token tile, MXFP8 within their block of 32; BF16 weight gradients "
-        "(rowwise_gw_hp) keep them all."),
-    grid={"layout": ["features", "tokens", "tokens_other_tile", "tokens_other_block"]},
+        "(rowwise_gw_hp) keep them all. `layout=spread` has no large tokens, their magnitudes log-uniform over "
+        "2^-8..1: every E4M3 and E5M2 scale holds that, but E2M1 spans only 6/0.25 = 2^4.6 in a block of 32 "
+        "(MXFP4) or 16 (NVFP4), and the block's smaller gradients flush (full tier only)."),
+    grid={"layout": ["features", "tokens", "tokens_other_tile", "tokens_other_block", "spread"]},
+    quick={"layout": ["features", "tokens", "tokens_other_tile", "tokens_other_block"]},
     inputs=_grad_inputs,
     run=_grad_run,
     n=lambda p: 2,
@@ -294,15 +302,15 @@ register(Scenario(
                "2^-32.8 flush", when=lambda p: p["layout"] == "features"),
         Expect(NVFP4, "underflow", "block scales in E4M3 under a tensor scale set by the large gradients: a block "
                "2^-26 or more below them needs a scale under E4M3's smallest subnormal and flushes"),
-        Expect(ROWWISE, "underflow", LARGE_TOKENS_SHARE, when=lambda p: p["layout"] != "features"),
+        Expect(ROWWISE, "underflow", LARGE_TOKENS_SHARE, when=lambda p: p["layout"].startswith("tokens")),
         Expect(BLOCKWISE, "underflow", "the large tokens' 128-token tile shares one E4M3 scale per feature: the "
                "other tokens of that tile flush", when=lambda p: p["layout"] in ("tokens", "tokens_other_block")),
         Expect(MXFP8, "underflow", "the large tokens' block of 32 shares one scale: its other 30 tokens flush "
                "(11.7% of dw)", when=lambda p: p["layout"] == "tokens"),
-        Expect(MXFP4, "underflow", "E2M1 spans 2^3.6 in a block of 32 tokens whose gradients spread over 2^6: the "
-               "smaller ones flush", when=lambda p: p["layout"] != "features"),
+        Expect(MXFP4, "underflow", "E2M1 spans 2^4.6 in a block of 32 tokens whose gradients spread over 2^6 or "
+               "more: the smaller ones flush", when=lambda p: p["layout"] != "features"),
         Expect(("fp16",), "underflow", "no loss scale: gradients below 2^-25 flush in FP16 (2^-40..2^-26 all, "
-               "2^-26..2^-20 some)"),
+               "2^-26..2^-20 some)", when=lambda p: p["layout"] != "spread"),
         Expect(("fp16-static",), "underflow", "a scale of 2^10 lifts 2^-40..2^-26 only to 2^-30..2^-16: those "
                "below 2^-25 flush", when=lambda p: p["layout"] == "features"),
     ),
