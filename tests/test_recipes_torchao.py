@@ -23,6 +23,8 @@ from harness.core.fp8_rowwise import RECIPES, recipe_matmul, scale_of
 from harness.core.strategy import PRESETS, parse, support
 
 pytest.importorskip("torchao.float8")
+from torchao.float8 import Float8LinearConfig  # noqa: E402
+
 from harness.recipes import torchao_float8  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -228,8 +230,7 @@ def test_records_name_the_library_and_its_version() -> None:
     # the own tensorwise and delayed paths keep their notes (existing records do not change)
     assert support(PRESETS["fp8-tensorwise"], CPU)[2] == support(PRESETS["fp8-delayed"], CPU)[2] == [
         "fp8 emulated on the CPU: GEMM inputs cast to e4m3/e5m2 with per-tensor scales, FP32 accumulation"]
-    assert torchao_float8.describe("rowwise_gw_hp") == (
-        f"torchao {v} float8 rowwise_gw_hp (Float8LinearConfig.from_recipe_name('rowwise_with_gw_hp'))")
+    assert torchao_float8.config("rowwise_gw_hp") == Float8LinearConfig.from_recipe_name("rowwise_with_gw_hp")
 
 
 def test_strategies_command_names_torchao_and_its_version(capsys) -> None:
@@ -294,14 +295,10 @@ def test_the_cpu_scaled_mm_scales_before_the_gemm_so_an_exact_fp8_cancellation_l
 def test_the_cpu_probe_tells_another_arithmetic_apart(monkeypatch) -> None:
     """The probe that decides the CPU notes (and these tests' skips) fails for a GEMM that scales after
     accumulating, as a oneDNN FP8 kernel or a GPU does."""
-    real = fp8_rowwise._gemm
-
-    def post_scaled(qa, sa, qb, sb, out_dtype, fast_accum, native):
-        if sa.dim() == 0 or native:
-            return real(qa, sa, qb, sb, out_dtype, fast_accum, native)
-        return ((qa.float() @ qb.float()) / (sa * sb)).to(out_dtype)
+    def post_scaled(qa, ia, qb, ib):
+        return (qa.float() @ qb.float()) * (ia * ib)
     fp8_rowwise.cpu_scaled_mm_is_emulation.cache_clear()
-    monkeypatch.setattr(fp8_rowwise, "_gemm", post_scaled)
+    monkeypatch.setattr(fp8_rowwise, "_dequantized_mm", post_scaled)
     try:
         assert fp8_rowwise.cpu_scaled_mm_is_emulation() is False
     finally:

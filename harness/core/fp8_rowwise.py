@@ -108,20 +108,21 @@ def rowwise_native(device: str) -> str | None:
 def cpu_scaled_mm_is_emulation() -> bool:
     """Whether ``torch._scaled_mm`` on this CPU computes what the emulation does, bit for bit (torch's
     dequantize-then-GEMM fallback; a CPU whose oneDNN has FP8 kernels may accumulate otherwise). Tried
-    once on a 32x32 GEMM with row-wise and with tensor-wise scales."""
+    once on a 64x64 GEMM with row-wise and with tensor-wise scales and an FP32 result (BF16 would
+    round the difference away)."""
     if not hasattr(torch, "_scaled_mm"):
         return False
     g = torch.Generator().manual_seed(0)
-    a = (torch.randn(32, 32, generator=g) * 100).to(torch.float8_e4m3fn)
-    b = (torch.randn(32, 32, generator=g) * 100).to(torch.float8_e4m3fn).t().contiguous().t()
-    for sa, sb in ((torch.rand(32, 1, generator=g) + 0.5, torch.rand(1, 32, generator=g) + 0.5),
+    a = (torch.randn(64, 64, generator=g) * 100).to(torch.float8_e4m3fn)
+    b = (torch.randn(64, 64, generator=g) * 100).to(torch.float8_e4m3fn).t().contiguous().t()
+    for sa, sb in ((torch.rand(64, 1, generator=g) + 0.5, torch.rand(1, 64, generator=g) + 0.5),
                    (torch.rand((), generator=g) + 0.5, torch.rand((), generator=g) + 0.5)):
         try:
-            got = torch._scaled_mm(a, b, scale_a=sa.reciprocal(), scale_b=sb.reciprocal(), out_dtype=torch.bfloat16,
+            got = torch._scaled_mm(a, b, scale_a=sa.reciprocal(), scale_b=sb.reciprocal(), out_dtype=torch.float32,
                                    use_fast_accum=True)
         except (RuntimeError, NotImplementedError):
             return False
-        if not torch.equal(got, _gemm(a, sa, b, sb, torch.bfloat16, True, native=False)):
+        if not torch.equal(got, _dequantized_mm(a, sa.reciprocal(), b, sb.reciprocal())):
             return False
     return True
 
@@ -154,6 +155,11 @@ def fits_scaled_mm(m: int, k: int, n: int) -> bool:
     return m % 16 == 0 and k % 16 == 0 and n % 16 == 0
 
 
+def _dequantized_mm(qa: torch.Tensor, ia: torch.Tensor, qb: torch.Tensor, ib: torch.Tensor) -> torch.Tensor:
+    """The emulated scaled GEMM in FP32: each FP8 operand times its inverse scale, then the product."""
+    return (qa.float() * ia) @ (qb.float() * ib)
+
+
 def _gemm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
           fast_accum: bool, native: bool) -> torch.Tensor:
     """torchao's scaled GEMM of two FP8 operands (``addmm_float8_unwrapped``, see module doc)."""
@@ -171,7 +177,7 @@ def _gemm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor
                                use_fast_accum=fast_accum)
         out = out[0] if isinstance(out, tuple) else out
     else:
-        out = ((qa.float() * ia) @ (qb.float() * ib)).to(od)
+        out = _dequantized_mm(qa, ia, qb, ib).to(od)
     if post is not None:
         out *= post  # in the output dtype, as torchao does
     return out.to(out_dtype)

@@ -17,17 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["RECIPE_NAMES", "config", "convert", "matmul", "describe"]
+__all__ = ["RECIPE_NAMES", "config", "convert", "matmul"]
 
 #: The harness's ``fp8=`` recipe -> torchao's ``Float8LinearRecipeName`` value.
 RECIPE_NAMES = {"tensorwise": "tensorwise", "rowwise": "rowwise", "rowwise_gw_hp": "rowwise_with_gw_hp"}
-
-
-def describe(recipe: str) -> str:
-    """What the record says ran, e.g. ``torchao 0.18.0 float8 rowwise (Float8LinearConfig.from_recipe_name(...))``."""
-    import torchao
-    return (f"torchao {torchao.__version__} float8 {recipe} "
-            f"(Float8LinearConfig.from_recipe_name({RECIPE_NAMES[recipe]!r}))")
 
 
 @functools.lru_cache(maxsize=None)
