@@ -91,7 +91,8 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="preset names or spec strings (repeatable; default: every preset)")
     r.add_argument("--device", default=None, metavar="cpu|cuda|auto", help="auto: cuda when present (default)")
     r.add_argument("--seeds", type=positive_int, default=None, metavar="N", help="seeds per case (default 1)")
-    r.add_argument("--tier", default=None, metavar="quick|full", help="parameter grid (default quick)")
+    r.add_argument("--tier", default=None, metavar="quick|full|recipes|all",
+                   help="parameter grid and default strategies (default quick; docs/scenarios.md)")
     r.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import a module that registers scenarios of your own (repeatable)")
     r.add_argument("--out", type=out_dir, default=None, metavar="DIR",

@@ -53,15 +53,39 @@ def _order(scenarios: Iterable[Scenario]) -> list[Scenario]:
     return sorted(scenarios, key=lambda s: (FAMILIES.index(s.family), s.name))
 
 
+#: Column groups of the tables (a table of thirty strategies is unreadable): (title, compute formats).
+GROUPS = (("FP32, TF32 and FP16", ("fp32", "fp64", "tf32", "fp16")), ("BF16", ("bf16",)),
+          ("FP8 and FP4 recipes", ("fp8", "fp4")))
+
+
+def _groups(strategies: Sequence[Strategy]) -> list[tuple[str, list[int]]]:
+    """(title, column indices) of each group with a strategy in it; one untitled group when there is one."""
+    out = [(title, [j for j, st in enumerate(strategies) if st.compute in computes]) for title, computes in GROUPS]
+    rest = [j for j, st in enumerate(strategies) if not any(st.compute in c for _, c in GROUPS)]
+    out = [(t, cols) for t, cols in out + [("other", rest)] if cols]
+    return [("", out[0][1])] if len(out) == 1 else out
+
+
+def _heading(title: str) -> list[str]:
+    return [f"*{title}*", ""] if title else []
+
+
 def _summary(rows: list, strategies: Sequence[Strategy]) -> list[str]:
-    head = "| family | " + " | ".join(st.label for st in strategies) + " |"
-    out = [head, "|---|" + "---:|" * len(strategies)]
+    out: list[str] = []
+    for title, cols in _groups(strategies):
+        out += _heading(title) + _summary_table(rows, strategies, cols) + [""]
+    return out[:-1]
+
+
+def _summary_table(rows: list, strategies: Sequence[Strategy], cols: list[int]) -> list[str]:
+    head = "| family | " + " | ".join(strategies[j].label for j in cols) + " |"
+    out = [head, "|---|" + "---:|" * len(cols)]
     for fam in FAMILIES:
         fam_rows = [cells for s, _, cells in rows if s.family == fam]
         if not fam_rows:
             continue
         counts = []
-        for j in range(len(strategies)):
+        for j in cols:
             judged = [c[j][0] for c in fam_rows if c[j][0] != "unsupported"]
             counts.append(f"{sum(o != 'pass' for o in judged)}/{len(judged)}" if judged else "n/a")
         out.append(f"| {fam} | " + " | ".join(counts) + " |")
@@ -93,11 +117,13 @@ def render(scenarios: Iterable[Scenario], strategies: Sequence[Strategy] | None 
         fam_rows = [r for r in rows if r[0].family == fam]
         if not fam_rows:
             continue
-        lines += [f"## {fam}", "", "| case | " + " | ".join(st.label for st in strategies) + " |",
-                  "|---|" + ":-:|" * len(strategies)]
-        for _, cid, cells in fam_rows:
-            lines.append(f"| `{cid}` | " + " | ".join(CODES[o] for o, _ in cells) + " |")
-        lines.append("")
+        lines += [f"## {fam}", ""]
+        for title, cols in _groups(strategies):
+            lines += _heading(title) + ["| case | " + " | ".join(strategies[j].label for j in cols) + " |",
+                                        "|---|" + ":-:|" * len(cols)]
+            for _, cid, cells in fam_rows:
+                lines.append(f"| `{cid}` | " + " | ".join(CODES[cells[j][0]] for j in cols) + " |")
+            lines.append("")
         for s in (s for s in ordered if s.family == fam):
             lines.append(f"- **{s.name}**: {s.description.splitlines()[0]}")
             reasons = {}

@@ -120,3 +120,15 @@ def test_check_and_bad_input_exit_codes(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["--tier", "huge"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[1].startswith("error: ") and "invalid choice: 'huge'" in err[1]
+
+
+def test_render_splits_the_columns_by_strategy_group() -> None:
+    s = Scenario(name="toy", family="accumulation", description="A toy.", grid={"k": [1]},
+                 inputs=lambda p, g: {"x": torch.ones(2)}, run=_toy,
+                 expect=(Expect(("fp8-*",), "underflow", "flushed"),))
+    text = render([s], [PRESETS["fp32"], PRESETS["bf16"], PRESETS["fp8-tensorwise"], PRESETS["fp16"]], tier="full")
+    for title, head, row in (("FP32, TF32 and FP16", "| case | fp32 | fp16 |", "| `toy[k=1]` | · | · |"),
+                             ("BF16", "| case | bf16 |", "| `toy[k=1]` | · |"),
+                             ("FP8 and FP4 recipes", "| case | fp8-tensorwise |", "| `toy[k=1]` | unf |")):
+        assert f"*{title}*\n\n{head}" in text and row in text
+    assert "| family | fp8-tensorwise |\n|---|---:|\n| accumulation | 1/1 |" in text

@@ -27,7 +27,10 @@ __all__ = ["Scenario", "Output", "Case", "Tolerance", "Expect", "REGISTRY", "reg
 
 FAMILIES = ("reduction", "tiny_gradient", "exploding_loss", "weight_update", "accumulation", "training",
             "tensor_core", "distributed")
-TIERS = ("quick", "full")
+#: ``quick`` runs each scenario's quick grid; the others its full grid, and differ in their default strategies
+#: (:func:`harness.core.strategy.tier_presets`): ``full`` the contract's presets (the default GPU run),
+#: ``recipes`` the FP8/FP4 recipes next to BF16, ``all`` every preset.
+TIERS = ("quick", "full", "recipes", "all")
 
 
 @dataclass

@@ -293,6 +293,23 @@ def resolve(names: list[str] | None) -> list[Strategy]:
     return out
 
 
+#: The presets the project's contract names (DESIGN.md section 4): the default strategies of the full tier.
+CONTRACT_PRESETS = ("fp32", "tf32", "fp16", "fp16-static", "fp16-dynamic", "fp16-gradscaler", "fp16-pure",
+                    "fp16-master", "bf16", "bf16-pure", "bf16-master", "fp8-tensorwise", "fp8-delayed")
+
+
+def tier_presets(tier: str) -> list[str]:
+    """The preset names a tier runs when no strategy is given: every preset for ``quick`` and ``all``, the
+    contract's for ``full`` (the default GPU run stays within its time budget), BF16 and every FP8/FP4
+    recipe for ``recipes`` (the run that tells the recipes apart: ``python -m harness report`` says which
+    scenario separates which)."""
+    if tier == "full":
+        return list(CONTRACT_PRESETS)
+    if tier == "recipes":
+        return ["bf16"] + [n for n, s in PRESETS.items() if s.compute in ("fp8", "fp4")]
+    return list(PRESETS)
+
+
 #: The compute capability whose Tensor Cores take each input format (FP16 from the first generation).
 MIN_CAPABILITY = {"fp16": (7, 0), "bf16": (8, 0), "tf32": (8, 0), "fp8": (8, 9)}
 

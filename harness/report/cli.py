@@ -12,6 +12,7 @@ from typing import Any
 from ..results import InputError, RunRecords, read_header
 from .compare import Run, compare_tables
 from .markdown import render_markdown
+from .separation import separation_tables
 from .tables import (Table, environment_table, failure_table, family_table, format_comparison_table,
                      margin_table, outcome_table, render_text, summarize)
 
@@ -30,11 +31,13 @@ def load_runs(dirs: list[Path]) -> list[Run]:
 
 
 def run_tables(run: Run) -> list[Table]:
-    """The tables of one run, in report order, from one pass over its records."""
+    """The tables of one run, in report order, from one pass over its records (a second one where the run
+    has FP8/FP4 recipes to tell apart: :mod:`harness.report.separation`)."""
     _, header, records = run
     sm = summarize(records)
+    recipes = [s for s, f in sm.formats.items() if f in ("fp8", "fp4")]
     return [environment_table(header, sm), failure_table(sm), family_table(sm), format_comparison_table(sm),
-            outcome_table(sm), margin_table(sm)]
+            outcome_table(sm), margin_table(sm), *(separation_tables(records) if len(recipes) > 1 else [])]
 
 
 def add_command(sub: Any) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from . import gradplots, plots
 from ..results import FAILURES
 from .compare import Run, compare_tables
+from .separation import separation_tables
 from .tables import (Table, environment_table, failure_table, family_table, format_comparison_table,
                      margin_table, outcome_table)
 
@@ -151,6 +152,9 @@ def run_sections(label: str, header: dict[str, Any], records: list[dict[str, Any
                  "that work for every tensor of a model; dashed red: the gap no single scale bridges.",
                  "no gradient windows in this run")),
     ]
+    sep = separation_tables(recs)
+    if sep:
+        secs.append(("recipes", "Which scenario separates which recipes", "".join(table_html(t) for t in sep)))
     prof = profiles(recs)
     if prof:
         secs.append(("profile", "Device profile", "".join(table_html(t) for t in prof)))

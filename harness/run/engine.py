@@ -315,11 +315,11 @@ def select_matrix(tier: str, device: str, strategies: Sequence[str], imports: Se
     """(scenarios, strategies, device) of a selection, as ``run`` and ``pytest --harness`` take it; raises
     ValueError with one line for an unknown tier, device or strategy, or filters that select nothing."""
     from ..core.scenario import TIERS, discover
-    from ..core.strategy import resolve
+    from ..core.strategy import resolve, tier_presets
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
     dev = resolve_device(device)
-    chosen = resolve(list(strategies))
+    chosen = resolve(list(strategies) or tier_presets(tier))
     scenarios = discover(list(imports)).select(scenario_globs, families)
     if not scenarios:
         raise ValueError("the filters select no scenario; `python -m harness list` shows them")
