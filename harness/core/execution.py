@@ -23,7 +23,15 @@ from .formats import Format, get_format
 from .fp8 import AmaxHistory, fp8_matmul
 from .strategy import Strategy, support
 
-__all__ = ["Execution", "FP64", "route_linears", "gemm_coverage", "is_conv1d"]
+__all__ = ["Execution", "FP64", "route_linears", "gemm_coverage", "is_conv1d", "is_kept", "KEEP_FORMATS"]
+
+#: The formats a precision plan may keep modules in (:meth:`Execution.keeping`).
+KEEP_FORMATS = ("fp32", "bf16")
+
+
+def is_kept(name: str, kept: frozenset[str] | tuple[str, ...]) -> bool:
+    """Whether module ``name`` is one of ``kept`` or inside one (``a.b`` is inside ``a``)."""
+    return any(name == k or name.startswith(k + ".") for k in kept)
 
 
 class Execution:
@@ -40,6 +48,10 @@ class Execution:
         self.emulated_gemms = 0  # GEMMs that ran through the FP8 or emulated-TF32 path (see routes_gemms)
         self.routed_keys: set[str] = set()  # the call sites (``key``) of those GEMMs: layers, for coverage
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
+        #: Modules (dotted names) a precision plan keeps out of the strategy's low precision, and the format
+        #: they keep (:meth:`keeping`; :mod:`harness.core.keep` applies it). Empty: the strategy as it is.
+        self.keep_high: frozenset[str] = frozenset()
+        self.keep_format: str = "fp32"
 
     # -- what the strategy is --------------------------------------------------------------
     @property
@@ -69,6 +81,17 @@ class Execution:
         n = self.fp8_history.fallbacks
         return self.notes + ([f"{n} FP8 GEMMs emulated: dimensions not multiples of 16, which torch._scaled_mm "
                               "requires"] if n else [])
+
+    def keeping(self, modules: tuple[str, ...] | frozenset[str], fmt: str = "fp32") -> "Execution":
+        """This execution with ``modules`` (dotted names, each with everything inside it) kept in ``fmt``
+        (``fp32`` or ``bf16``): not routed to FP8/TF32 (:func:`route_linears`), run outside the strategy's
+        autocast or with their parameters stored in ``fmt`` (:func:`harness.core.keep.apply_keep`). Only a
+        reduced-precision strategy keeps anything: FP32 and FP64 runs (references) stay as they are."""
+        if fmt not in KEEP_FORMATS:
+            raise ValueError(f"keep format {fmt!r} is not allowed; choose one of {', '.join(KEEP_FORMATS)}")
+        if self.strategy.reduced:
+            self.keep_high, self.keep_format = frozenset(modules), fmt
+        return self
 
     # -- what scenarios call ---------------------------------------------------------------
     def act(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,10 +185,13 @@ def route_linears(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
 
     Strategies whose GEMMs torch runs natively (FP32, FP16, BF16, TF32 on a GPU) leave the model as is.
     What stays outside (convolutions, ``nn.MultiheadAttention``'s functional projections) runs in the
-    strategy's activation format; :func:`gemm_coverage` counts it."""
+    strategy's activation format; :func:`gemm_coverage` counts it. Modules a plan keeps in higher
+    precision (:meth:`Execution.keeping`) are not routed."""
     if not ex.routes_gemms:
         return model
     for name, mod in model.named_modules():
+        if ex.keep_high and is_kept(name, ex.keep_high):
+            continue
         if isinstance(mod, torch.nn.Linear):
             def fwd(x, _m=mod, _k=name or "linear"):
                 return ex.linear(x, _m.weight, _m.bias, key=_k)

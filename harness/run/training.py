@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ..core.execution import Execution
+from ..core.keep import to_storage
 from ..core.scaling import Decision, LossScaleFloorError, ScaleTrace, Scaler
 
 __all__ = ["Trainer", "TrainResult"]
@@ -58,7 +59,7 @@ class Trainer:
                  optimizer: Callable[[list], torch.optim.Optimizer] | None = None) -> None:
         self.ex = ex
         s = ex.strategy
-        self.model = model.to(ex.device, ex.param_dtype)
+        self.model = to_storage(model, ex)  # model.to(device, param_dtype), less the modules a plan keeps
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params] if s.master else None

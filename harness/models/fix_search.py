@@ -1,0 +1,311 @@
+"""The search behind ``check-model --fix``: candidate plans for one failing strategy, cheapest first, each
+run and judged by the engine's own :func:`harness.run.engine.run_case` against the model's reference
+(computed once, shared by every attempt), and the set of modules kept in higher precision shrunk by
+delta debugging.
+
+Order (:data:`harness.models.plan.CHANGES`):
+
+1. ``scaler`` (FP16 only): loss scales from the FP16 window of the FP32 gradients
+   (:mod:`harness.judge.window`): the scaler started at the power of two in the middle of the window, then
+   a dynamic scaler held inside it (floor and cap at its ends). An empty window rules them out, and says so.
+2. ``keep``: modules kept in FP32 (BF16 for FP8 recipes), starting from the diagnosis (the first module
+   whose output or gradient went non-finite, the modules of the tensors that pull the window apart or
+   lost gradients or updates) or, where keeping those does not pass, from every layer that holds
+   parameters; the passing set is shrunk by ``ddmin`` (Zeller and Hildebrandt 2002) to one from which no
+   module can be dropped. Keeping every layer is the higher precision itself, never a plan.
+3. ``optimizer`` (FP16/BF16 parameters without master weights): stochastically rounded updates,
+   Kahan-compensated updates, FP32 master weights; those the harness cannot run here are listed, not run.
+4. ``format`` (FP16 only): BF16 instead of FP16 for the whole model, without a loss scaler.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+
+from ..core.execution import Execution, is_conv1d, is_kept
+from ..core.scaling import SCALER_PRESETS, ScalerSpec
+from ..core.scenario import Case, Scenario
+from ..core.strategy import PRESETS, Strategy
+from ..judge.window import Window
+from ..run.engine import case_inputs, run_case
+from ..run.reference import ReferenceCache
+from .diagnose import ROOT, Diagnosis
+from .plan import Plan
+from .recommend import window_sentence
+from .user_model import load_spec, model_scenario
+
+__all__ = ["ddmin", "plan_scenario", "search", "SearchResult", "OutOfRuns"]
+
+
+class OutOfRuns(Exception):
+    """The search spent its budget of training runs."""
+
+
+def ddmin(items: list[str], passes: Callable[[tuple[str, ...]], bool]) -> tuple[str, ...]:
+    """A subset of ``items`` for which ``passes`` holds and from which no single item can be dropped
+    (1-minimal), by delta debugging; ``passes(tuple(items))`` must hold. Subsets keep ``items``' order.
+
+    >>> ddmin(list("abcdefgh"), lambda s: {"c", "f"} <= set(s))
+    ('c', 'f')
+    """
+    cur, n = list(items), 2
+    while len(cur) >= 2:
+        size = math.ceil(len(cur) / n)
+        chunks = [cur[i:i + size] for i in range(0, len(cur), size)]
+        for c in chunks:  # one chunk alone
+            if passes(tuple(c)):
+                cur, n = c, 2
+                break
+        else:
+            for c in chunks:  # everything but one chunk
+                rest = [x for x in cur if x not in c]
+                if len(chunks) > 2 and passes(tuple(rest)):
+                    cur, n = rest, max(n - 1, 2)
+                    break
+            else:
+                if n >= len(cur):
+                    break
+                n = min(len(cur), 2 * n)
+    return tuple(cur)
+
+
+def plan_scenario(base: Scenario, plan: Plan) -> Scenario:
+    """``base`` (the model's training scenario) run with ``plan``'s modules kept in higher precision. Its
+    FP32 and FP64 runs are ``base``'s own (:meth:`Execution.keeping` keeps nothing there): the same reference."""
+    if not plan.keep_high_precision:
+        return base
+    keep, fmt = plan.keep_high_precision, plan.keep_format
+    return replace(base, run=lambda ex, inputs, p: base.run(ex.keeping(keep, fmt), inputs, p))
+
+
+class SearchResult:
+    """What :func:`search` found: the first plan that passed (or None), one line per attempt, the step
+    times measured (seconds per training attempt: the plan's, the failing strategy's, BF16's)."""
+
+    def __init__(self) -> None:
+        self.plan: Plan | None = None
+        self.tried: list[str] = []
+        self.seconds: dict[str, float | None] = {"plan": None, "failing": None, "bf16": None}
+        self.failing_outcome = ""
+
+
+def _step_seconds(rec: dict[str, Any], inner: float) -> float | None:
+    attempts = (rec.get("metrics") or {}).get("attempts")
+    return inner / attempts if attempts else None
+
+
+def _owner(param: str) -> str:
+    return param.rsplit(".", 1)[0] if "." in param else ""
+
+
+#: Above this many modules the search without a diagnosis starts from the modules that hold parameters
+#: themselves only (each containing module is one more delta-debugging item).
+MAX_ITEMS = 64
+
+
+def _layers(model: torch.nn.Module, fp8: bool) -> list[str]:
+    """The modules a plan may keep, in the model's order: for FP8 recipes the GEMM layers the recipe routes
+    (Linear, Conv1D); otherwise every module (a block keeps the ops between its children too), or, in a
+    model of more than :data:`MAX_ITEMS`, those that hold parameters themselves."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if fp8:
+        return [n for n, m in named if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
+    if len(named) <= MAX_ITEMS:
+        return [n for n, _ in named]
+    return [n for n, m in named if any(True for _ in m.parameters(recurse=False))]
+
+
+def _covers_all(model: torch.nn.Module, keep: tuple[str, ...], fp8: bool) -> bool:
+    """Whether ``keep`` keeps every GEMM layer (FP8) or every module holding parameters: the higher
+    precision itself, not a plan."""
+    return all(is_kept(n, keep) for n in _layers(model, fp8) if fp8 or any(
+        True for _ in model.get_submodule(n).parameters(recurse=False)))
+
+
+def _suspects(diag: Diagnosis | None, window: Window, strategy: Strategy, model: torch.nn.Module,
+              layers: list[str]) -> list[str]:
+    """Modules the diagnosis and the window point at, in the model's order: the first module whose output
+    or gradient went non-finite (its parent where its inputs already were: the code between modules that
+    made them runs in the parent's forward), the owners of the tensors that lost gradients or updates,
+    and of the two tensors that pull an empty FP16 window apart. For FP8 recipes, the GEMM layers in them."""
+    names: set[str] = set()
+    if diag is not None:
+        for ev in (diag.forward, diag.backward):
+            if ev is not None and ev.module != ROOT:
+                names.add(_owner(ev.module) if ev.cause == "inputs" else ev.module)
+        ranked = sorted(diag.underflow.items(), key=lambda kv: -kv[1])[:8]
+        names.update(_owner(p) for p, _ in ranked)
+        lost = getattr(diag, "lost_updates", None) or {}  # per-tensor absorbed updates, where the diagnosis has them
+        names.update(_owner(p) for p, _ in sorted(lost.items(), key=lambda kv: -kv[1])[:8])
+    if strategy.compute == "fp16" and window.empty:
+        names.update(_owner(t) for t in (window.lo_tensor, window.hi_tensor) if t)
+    names.discard("")
+    order = [n for n, _ in model.named_modules() if n]
+    if strategy.compute in ("fp8", "fp4"):  # only routed layers can be kept out of FP8
+        return [n for n in layers if any(n == m or n.startswith(m + ".") for m in names)]
+    return [n for n in order if n in names]
+
+
+def _scalers(strategy: Strategy, window: Window) -> tuple[list[Strategy], str]:
+    """Scaler candidates from the FP16 window, and the window in words (their reason)."""
+    why = f"FP16 loss-scale window of the FP32 gradients: {window_sentence(window)}"
+    lo2, hi2 = window.pow2
+    if window.empty or lo2 is None or hi2 is None:
+        return [], why
+    mid = math.ldexp(1.0, round((math.log2(lo2) + math.log2(hi2)) / 2))
+    sc = strategy.scaler
+    if sc.kind == "static":
+        out = [replace(sc, init=mid)]
+    elif sc.kind == "gradscaler":
+        out = [replace(sc, init=mid)]
+    else:
+        base = sc if sc.kind == "dynamic" else SCALER_PRESETS["torch"]
+        out = [replace(base, init=mid, min=min(base.min, mid), max=max(base.max, mid))]
+    if sc.kind != "static":
+        d = SCALER_PRESETS["torch"] if sc.kind != "dynamic" else sc
+        out.append(replace(d, kind="dynamic", init=mid, min=lo2, max=hi2))
+    cands = [replace(strategy, scaler=s, name="") for s in out if s != sc]
+    return list(dict.fromkeys(cands)), why
+
+
+def _updates(strategy: Strategy) -> list[Strategy]:
+    s = replace(strategy, name="")
+    if s.params not in ("fp16", "bf16") or s.master:
+        return []
+    out = [replace(s, update=u) for u in ("sr", "kahan") if s.update != u]
+    scaler = s.scaler if s.scaler.kind != "gradscaler" else replace(s.scaler, kind="dynamic")
+    return out + [replace(s, master=True, update="nearest", scaler=scaler)]
+
+
+def _formats(strategy: Strategy) -> list[Strategy]:
+    if strategy.compute != "fp16":
+        return []
+    params = "bf16" if strategy.params == "fp16" else strategy.params
+    return [replace(strategy, compute="bf16", params=params, scaler=ScalerSpec(), name="")]
+
+
+class _Runner:
+    """Runs plans through the engine against one shared reference; counts runs against a budget."""
+
+    def __init__(self, target: Any, steps: int, device: torch.device, timeout: float | None, budget: int) -> None:
+        spec = load_spec(target)
+        self.model = spec.model
+        self.base = model_scenario(spec, steps)
+        self.case = Case(self.base, {"steps": steps}, 0)  # check-model's one case (one seed)
+        self.device, self.timeout, self.budget, self.runs = device, timeout, budget, 0
+        self.inputs, _ = case_inputs(self.case, device)
+        self.refs = ReferenceCache()
+
+    def run(self, strategy: Strategy, plan: Plan | None = None) -> tuple[dict[str, Any], float]:
+        if self.runs >= self.budget:
+            raise OutOfRuns(f"the search budget of {self.budget} training runs is spent")
+        self.runs += 1
+        sc = plan_scenario(self.base, plan) if plan is not None else self.base
+        return run_case(Case(sc, self.case.params, self.case.seed), strategy, self.device, self.inputs, self.refs,
+                        self.timeout)
+
+
+def _line(plan: Plan, rec: dict[str, Any]) -> str:
+    return f"{plan.describe()} -> {rec['outcome']}" + ("" if rec["outcome"] == "pass" else f" ({rec['reason'][:160]})")
+
+
+def search(target: Any, strategy: Strategy, device: torch.device, steps: int, window: Window,
+           diag: Diagnosis | None, budget: int = 40, timeout: float | None = None) -> SearchResult:
+    """The cheapest plan that passes for ``strategy`` (see module doc); every attempt is listed."""
+    r, res = _Runner(target, steps, device, timeout, budget), SearchResult()
+    rec, inner = r.run(strategy)
+    res.failing_outcome, res.seconds["failing"] = rec["outcome"], _step_seconds(rec, inner)
+    if rec["outcome"] == "pass":
+        res.tried.append(f"{strategy.label} passed when run again here: its failure did not reproduce")
+        return res
+    bf16 = PRESETS["bf16"]
+    if Execution(bf16, device).supported:
+        brec, binner = r.run(bf16)
+        res.seconds["bf16"] = _step_seconds(brec, binner)
+    try:
+        _search(r, res, strategy, window, diag)
+    except OutOfRuns as exc:
+        res.tried.append(str(exc))
+    return res
+
+
+def _attempt(r: _Runner, res: SearchResult, plan: Plan) -> bool:
+    if not Execution(plan.strategy, r.device).supported:
+        res.tried.append(f"{plan.describe()}: not run ({Execution(plan.strategy, r.device).unsupported_reason})")
+        return False
+    rec, inner = r.run(plan.strategy, plan)
+    res.tried.append(_line(plan, rec))
+    if rec["outcome"] == "pass":
+        res.plan, res.seconds["plan"] = plan, _step_seconds(rec, inner)
+        return True
+    return False
+
+
+def _search(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, diag: Diagnosis | None) -> None:
+    def mk(s: Strategy, change: str, notes: Any = (), keep: Any = (), fmt: str = "fp32") -> Plan:
+        return Plan(str(replace(s, name="")), tuple(keep), fmt, tuple(notes), strategy.label, change)
+
+    forward = diag.forward if diag is not None and diag.forward is not None else None
+    if strategy.compute == "fp16" and forward is not None and forward.cause == "overflow":
+        res.tried.append(f"loss scaler: not tried: the forward pass overflows at `{forward.module}`, which no loss "
+                         "scale changes")
+    elif strategy.compute == "fp16":
+        cands, why = _scalers(strategy, window)
+        if not cands:
+            res.tried.append(f"loss scaler: none to try ({why})")
+        for s in cands:
+            if _attempt(r, res, mk(s, "scaler", [why])):
+                return
+    if _keep(r, res, strategy, window, diag, mk):
+        return
+    for s in _updates(strategy):
+        if _attempt(r, res, mk(s, "optimizer")):
+            return
+    for s in _formats(strategy):
+        why = f"FP16 loss-scale window of the FP32 gradients: {window_sentence(window)}"
+        if _attempt(r, res, mk(s, "format", [why])):
+            return
+
+
+def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, diag: Diagnosis | None,
+          mk: Callable[..., Plan]) -> bool:
+    """Modules kept in higher precision, shrunk by ddmin; True when a plan passed."""
+    fp8 = strategy.compute in ("fp8", "fp4")
+    fmt = "bf16" if fp8 else "fp32"
+    layers = _layers(r.model, fp8)
+    notes = [d for d in (diag.lines() if diag else [])][:2]
+    if strategy.compute == "fp16" and window.empty:
+        notes.append(f"FP16 loss-scale window of the FP32 gradients: {window_sentence(window)}")
+    memo: dict[tuple[str, ...], tuple[bool, float | None]] = {}  # kept set -> (passed, step time)
+
+    def passes(keep: tuple[str, ...]) -> bool:
+        if keep not in memo:
+            plan = mk(strategy, "keep", notes, keep, fmt)
+            rec, inner = r.run(plan.strategy, plan)
+            res.tried.append(_line(plan, rec))
+            memo[keep] = rec["outcome"] == "pass", _step_seconds(rec, inner)
+        return memo[keep][0]
+
+    suspects = _suspects(diag, window, strategy, r.model, layers)
+    start = None
+    if suspects and not _covers_all(r.model, tuple(suspects), fp8) and passes(tuple(suspects)):
+        start = suspects
+    elif len(layers) > 1 and passes(tuple(layers)):
+        start = layers
+    if start is None:
+        if len(layers) <= 1:
+            res.tried.append(f"modules kept in {fmt.upper()}: none to choose ({len(layers)} "
+                             f"{'GEMM layer' if fp8 else 'module'} below the model; keeping all is the higher "
+                             "precision itself)")
+        return False
+    keep = ddmin(start, passes)
+    if _covers_all(r.model, keep, fp8):
+        res.tried.append(f"only keeping every {'GEMM ' if fp8 else ''}layer in {fmt.upper()} passes: that is the "
+                         "higher precision itself, no plan")
+        return False
+    res.plan, res.seconds["plan"] = mk(strategy, "keep", notes, keep, fmt), memo[keep][1]
+    return True
+

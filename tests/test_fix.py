@@ -1,0 +1,284 @@
+"""``check-model --fix``: plans found by search and verified by re-run, on models whose failure is known by
+construction. Factories used through ``MODULE:FACTORY`` are defined here (pytest puts tests/ on sys.path)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from harness.cli import main
+from harness.core.execution import Execution
+from harness.core.keep import to_storage
+from harness.core.strategy import PRESETS, parse
+from harness.models.fix import fix_model
+from harness.models.fix_search import ddmin
+from harness.models.model_check import check_model
+from harness.models.plan import Plan, snippet
+from harness.results import read_run
+
+CPU = torch.device("cpu")
+
+
+# -- (a) one layer's activations overflow FP16 -------------------------------------------------------
+class Scores(nn.Module):
+    """Attention of one head: logits ``q(x) k(x)^T`` pass FP16's 65504 (q multiplies by 2^12, |x| >= 1.5,
+    8 dims: each logit >= 8 * 1.5^2 * 2^12 = 73728), though q(x), k(x) and the output are in range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        with torch.no_grad():
+            for lin, gain in ((self.q, 2.0**12), (self.k, 1.0)):
+                lin.weight.copy_(torch.eye(8) * gain)
+                lin.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.q(x) @ self.k(x).transpose(-1, -2)
+        return torch.softmax(logits, dim=-1) @ self.v(x)
+
+
+class AttnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        with torch.no_grad():  # the identity: the attention sees the batch as it is
+            self.inp.weight.copy_(torch.eye(8))
+            self.inp.bias.zero_()
+        self.attn = Scores()
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.attn(self.inp(x)))
+
+
+def attention() -> dict:
+    x = 1.5 + torch.rand(6, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    return {"model": AttnNet(), "batch": lambda i: (x, t),
+            "loss": lambda m, b: (m(b[0]).float() - b[1]).pow(2).mean()}
+
+
+def _fix(factory, strategies: list[str], tmp_path: Path, steps: int = 4, diagnose: bool = True):
+    result = check_model(factory, strategies, steps=steps, device="cpu", out=tmp_path / "run", diagnose=diagnose)
+    return result, fix_model(factory, result, "cpu")
+
+
+def test_overflowing_attention_is_kept_in_fp32_and_nothing_else(tmp_path: Path) -> None:
+    result, rep = _fix(attention, ["fp16", "bf16"], tmp_path)
+    assert [r["outcome"] for r in result.records] == ["overflow", "pass"]
+    (fix,) = rep.fixes
+    assert fix.verified and fix.plan is not None
+    assert fix.plan.keep_high_precision == ("attn",)  # the block whose own matmul overflows, not q, k or v
+    assert (fix.plan.change, fix.plan.keep_format, parse(fix.plan.strategy_spec)) == ("keep", "fp32", PRESETS["fp16"])
+    assert fix.record is not None and fix.record["outcome"] == "pass" and fix.record["strategy"] == "fp16+fix"
+    # the re-run is a run directory of its own, judged like check-model's (same scenario name and reference)
+    header, records = read_run(fix.run_dir)
+    assert [r["outcome"] for r in records] == ["pass"] and records[0]["scenario"] == result.records[0]["scenario"]
+    assert "loss scaler: not tried: the forward pass overflows at `attn`" in fix.tried[0]
+    text = rep.report()
+    assert "keep `attn` in FP32" in text and "torch.autocast('cpu', enabled=False)" in text
+
+
+def test_without_a_diagnosis_delta_debugging_shrinks_to_the_attention(tmp_path: Path) -> None:
+    """No diagnosis to start from: every module is kept (that passes), then ddmin drops all but ``attn``."""
+    _, rep = _fix(attention, ["fp16"], tmp_path, diagnose=False)
+    (fix,) = rep.fixes
+    assert fix.verified and fix.plan is not None and fix.plan.keep_high_precision == ("attn",)
+    keeps = [t for t in fix.tried if t.startswith("keep ")]
+    assert keeps[0].startswith("keep `attn`, `attn.k`, `attn.q`, `attn.v`, `inp`, `out` in FP32") and \
+        keeps[0].endswith("-> pass")
+    assert len(keeps) >= 3 and any("overflow" in t for t in keeps)  # smaller sets were tried and failed
+
+
+# -- (b) gradients that span more than FP16's range --------------------------------------------------
+class TwoScales(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 1, bias=False)
+        self.b = nn.Linear(1, 1, bias=False)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x1), self.b(x2)
+
+
+def two_scales() -> dict:
+    """dL/d(a.weight) = 2^-40 in all 64 entries, dL/d(b.weight) = 2^10: a span of 2^50 (FP16 has 2^40)."""
+    x1, x2 = torch.ones(1, 64), torch.full((1, 1), 2.0**10)
+
+    def loss(m: nn.Module, batch: tuple) -> torch.Tensor:
+        ya, yb = m(*batch)
+        return ya.float().sum() * 2.0**-40 + yb.float().sum()
+    return {"model": TwoScales(), "batch": lambda i: (x1, x2), "loss": loss}
+
+
+def test_gradients_wider_than_fp16_keep_the_large_one_out_with_the_window_as_reason(tmp_path: Path) -> None:
+    result, rep = _fix(two_scales, ["fp16-dynamic"], tmp_path)
+    assert result.window.empty
+    (fix,) = rep.fixes
+    assert fix.outcome == "stalled" and fix.verified and fix.plan is not None
+    # b's 2^10 gradients in FP32: the scaler stays at 2^16, where a's 2^-40 are 2^-24, inside FP16
+    assert fix.plan.keep_high_precision == ("b",)
+    assert fix.tried[0].startswith("loss scaler: none to try (FP16 loss-scale window of the FP32 gradients: "
+                                   "no single FP16 loss scale works")
+    assert any("`a.weight` needs S >= 2^16" in n and "`b.weight` needs S <= 2^5" in n for n in fix.plan.notes)
+    sc = fix.record["metrics"]["scaler"]
+    assert (sc["skipped"], sc["scale_min"], sc["scale_max"]) == (0, 2.0**16, 2.0**16)
+
+
+def tiny_gradients() -> dict:
+    """Every gradient is 2^-36 (a, 64 entries): FP16 needs S > 2^11 (2^-36 * S above half of 2^-24); a
+    static scale of 1024 flushes them all."""
+    x = torch.ones(1, 64)
+    return {"model": nn.Sequential(nn.Linear(64, 1, bias=False)), "batch": lambda i: (x,),
+            "loss": lambda m, b: m(b[0]).float().sum() * 2.0**-36}
+
+
+def test_a_static_scale_too_small_gets_the_scale_the_window_asks_for(tmp_path: Path) -> None:
+    result, rep = _fix(tiny_gradients, ["fp16-static"], tmp_path)
+    (fix,) = rep.fixes
+    assert fix.outcome == "underflow" and fix.verified and fix.plan is not None
+    assert fix.plan.change == "scaler" and fix.plan.keep_high_precision == ()
+    lo2, hi2 = result.window.pow2
+    assert lo2 == 2.0**12  # 2^-36 * 2^11 = 2^-25 ties to zero: the first power of two that works is 2^12
+    s = parse(fix.plan.strategy_spec)
+    mid = math.ldexp(1.0, round((math.log2(lo2) + math.log2(hi2)) / 2))
+    assert (s.scaler.kind, s.scaler.init) == ("static", mid) and lo2 <= mid <= hi2
+    assert fix.plan.notes[0].startswith("FP16 loss-scale window of the FP32 gradients: FP16 loss scales from 2^12")
+    assert fix.plan.describe() == f"scaler: scaler init 2^10 -> {fix.plan.changed().split('-> ')[1]}"
+    assert "S = " in snippet(fix.plan)
+
+
+# -- (c) an FP8 model with one outlier layer ---------------------------------------------------------
+class ThreeLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.first, self.mid, self.last = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        with torch.no_grad():
+            for lin in (self.first, self.mid, self.last):
+                lin.weight.copy_(torch.randn(16, 16, generator=g) * 0.25)
+            # one outlier weight: per-tensor FP8 scaling (amax -> 448) puts the rest of mid's weight below half
+            # of E4M3's smallest subnormal (0.25 * 448 / 2^20 = 2^-13.2 < 2^-10): they flush to zero. It
+            # multiplies a feature that is always 0 (first's row 0 is zero, its bias -1, relu's gradient there
+            # 0), so FP32 trains as if it were not there.
+            self.mid.weight[0, 0] = 2.0**20
+            self.first.weight[0].zero_()
+            self.first.bias[0] = -1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.mid(torch.relu(self.first(x)))))
+
+
+def fp8_outlier() -> dict:
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
+    return {"model": ThreeLinears(), "batch": lambda i: (x, t),
+            "loss": lambda m, b: (m(b[0]).float() - b[1]).pow(2).mean(),
+            "optimizer": lambda ps: torch.optim.SGD(ps, lr=1e-3)}
+
+
+def test_fp8_outlier_layer_stays_in_bf16(tmp_path: Path) -> None:
+    result, rep = _fix(fp8_outlier, ["fp8-tensorwise"], tmp_path)
+    assert result.records[0]["outcome"] != "pass"
+    (fix,) = rep.fixes
+    assert fix.verified and fix.plan is not None
+    assert (fix.plan.keep_high_precision, fix.plan.keep_format) == (("mid",), "bf16")
+    assert fix.record["metrics"]["gemm_coverage"]["covered"] == 2  # first and last still ran in FP8
+    code = snippet(fix.plan)
+    assert "convert_to_float8_training(model, module_filter_fn=module_filter_fn)" in code
+    ns: dict = {}
+    exec(code.split("from torchao")[0] + code[code.index("KEEP_BF16"):code.index("convert_to_float8_training(model")],
+         ns)
+    assert [ns["module_filter_fn"](None, n) for n in ("first", "mid", "mid.x", "last")] == [True, False, False, True]
+
+
+# -- nothing to fix, nothing that works ---------------------------------------------------------------
+def healthy() -> dict:
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
+    return {"model": nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), "batch": lambda i: (x, t),
+            "loss": lambda m, b: (m(b[0]).float() - b[1]).pow(2).mean()}
+
+
+def cancellation() -> dict:
+    """The loss is the difference of the layer at x and at x + 2^-14: both round to the same FP16/BF16
+    input, the difference is 0 and so are the gradients; only FP32 sees it (and keeping the one layer in
+    FP32 is FP32 itself, no plan)."""
+    g = torch.Generator().manual_seed(6)
+    x = 1.0 + torch.rand(4, 4, generator=g)
+    return {"model": nn.Sequential(nn.Linear(4, 4)), "batch": lambda i: (x,),
+            "loss": lambda m, b: (m(b[0] + 2.0**-14) - m(b[0])).float().pow(2).sum() * 2.0**20}
+
+
+def test_cli_nothing_to_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["check-model", "test_fix:healthy", "--strategy", "bf16", "--steps", "3", "--device", "cpu",
+                 "--out", str(tmp_path / "run"), "--fix", "--plan-out", str(tmp_path / "plan.json")])
+    assert code == 0
+    assert "--fix: every strategy passed (or is unsupported here): nothing to fix" in capsys.readouterr().out
+    assert json.loads((tmp_path / "plan.json").read_text())["fixes"] == {}
+
+
+def test_cli_nothing_passes_prints_no_plan(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["check-model", "test_fix:cancellation", "--strategy", "fp16", "--strategy", "bf16", "--steps", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "run"), "--fix", "--plan-out", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    assert code == 1  # as check-model's: the strategies failed
+    assert "fix for fp16 (" in out and "fix for bf16 (" in out
+    assert out.count("no verified fix found") == 2 and "apply it:" not in out
+    plans = json.loads((tmp_path / "p.json").read_text())["fixes"]
+    assert {k: (v["verified"], v["plan"], v["snippet"]) for k, v in plans.items()} == \
+        {"fp16": (False, None, None), "bf16": (False, None, None)}
+    assert any(t.startswith("format: compute fp16 -> bf16") and "-> pass" not in t for t in plans["fp16"]["tried"])
+
+
+def test_cli_plan_out_needs_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["check-model", "test_fix:healthy", "--plan-out", str(tmp_path / "p.json")])
+    assert code == 2 and "--plan-out writes the plans --fix finds; add --fix" in capsys.readouterr().err
+
+
+# -- the pieces ---------------------------------------------------------------------------------------
+def test_ddmin_is_one_minimal_and_keeps_order() -> None:
+    calls: list[tuple[str, ...]] = []
+
+    def passes(s: tuple[str, ...]) -> bool:
+        calls.append(s)
+        return {"b", "g"} <= set(s)
+    assert ddmin(list("abcdefgh"), passes) == ("b", "g")
+    assert ddmin(["x"], passes) == ("x",) and ddmin(list("gb"), passes) == ("g", "b")
+    assert len(calls) < 2 ** 8  # not the power set
+
+
+def test_plan_round_trips_and_refuses_bad_values() -> None:
+    p = Plan(str(PRESETS["bf16-pure"]), ("norm", "attn"), "fp32", ("why",), "bf16-pure", "keep")
+    assert p.keep_high_precision == ("attn", "norm") and Plan.from_dict(json.loads(json.dumps(p.as_dict()))) == p
+    with pytest.raises(ValueError, match="keep_format 'fp8' is not allowed"):
+        Plan(str(PRESETS["fp16"]), ("a",), "fp8")
+    with pytest.raises(ValueError, match="compute='fp17' is not allowed"):
+        Plan("compute=fp17", ())
+
+
+@pytest.mark.parametrize("preset", ["fp16-pure", "bf16-pure"])
+def test_pure_strategy_keeps_the_original_fp32_weights(preset: str) -> None:
+    """A kept module of a cast strategy holds its FP32 weights, not the low-precision ones cast back; its
+    output goes back to the strategy's format; the others are stored low."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[1].weight[0, 0] = 1.0 + 2.0**-20  # not representable in FP16 or BF16
+    original = model[1].weight.detach().clone()
+    ex = Execution(PRESETS[preset], CPU).keeping(("1",))
+    m = to_storage(model, ex)
+    assert m[0].weight.dtype == ex.dtype and m[1].weight.dtype == torch.float32
+    assert torch.equal(m[1].weight, original)
+    assert m(torch.ones(2, 4, dtype=ex.dtype)).dtype == ex.dtype
+
+
+def test_fp32_and_fp64_runs_keep_nothing() -> None:
+    """The reference's runs are the unchanged model: a plan's reference is check-model's."""
+    for s in (PRESETS["fp32"], parse("compute=fp64,apply=cast,params=fp64")):
+        assert Execution(s, CPU).keeping(("a",)).keep_high == frozenset()
+    assert Execution(PRESETS["fp16"], CPU).keeping(("a",)).keep_high == frozenset({"a"})
