@@ -2,6 +2,7 @@
 construction. Factories used through ``MODULE:FACTORY`` are defined here (pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -56,20 +57,28 @@ class AttnNet(nn.Module):
 
 
 def attention() -> dict:
+    torch.manual_seed(0)  # the same weights in every process that calls the factory
     x = 1.5 + torch.rand(6, 8, generator=torch.Generator().manual_seed(0))
     t = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
     return {"model": AttnNet(), "batch": lambda i: (x, t),
             "loss": lambda m, b: (m(b[0]).float() - b[1]).pow(2).mean()}
 
 
-def _fix(factory, strategies: list[str], tmp_path: Path, steps: int = 4, diagnose: bool = True):
-    result = check_model(factory, strategies, steps=steps, device="cpu", out=tmp_path / "run", diagnose=diagnose)
+def _fix(factory, strategies: list[str], tmp_path: Path, steps: int = 3):
+    result = check_model(factory, strategies, steps=steps, device="cpu", out=tmp_path / "run")
     return result, fix_model(factory, result, "cpu")
 
 
-def test_overflowing_attention_is_kept_in_fp32_and_nothing_else(tmp_path: Path) -> None:
-    result, rep = _fix(attention, ["fp16", "bf16"], tmp_path)
+@pytest.fixture(scope="module")
+def attention_check(tmp_path_factory: pytest.TempPathFactory):
+    """check-model's run of the attention model (shared: the two tests below search it differently)."""
+    return check_model(attention, ["fp16", "bf16"], steps=3, device="cpu", out=tmp_path_factory.mktemp("attn") / "run")
+
+
+def test_overflowing_attention_is_kept_in_fp32_and_nothing_else(attention_check) -> None:
+    result = attention_check
     assert [r["outcome"] for r in result.records] == ["overflow", "pass"]
+    rep = fix_model(attention, result, "cpu")
     (fix,) = rep.fixes
     assert fix.verified and fix.plan is not None
     assert fix.plan.keep_high_precision == ("attn",)  # the block whose own matmul overflows, not q, k or v
@@ -78,15 +87,19 @@ def test_overflowing_attention_is_kept_in_fp32_and_nothing_else(tmp_path: Path) 
     # the re-run is a run directory of its own, judged like check-model's (same scenario name and reference)
     header, records = read_run(fix.run_dir)
     assert [r["outcome"] for r in records] == ["pass"] and records[0]["scenario"] == result.records[0]["scenario"]
+    assert records[0]["metrics"]["final_loss_ref"] == result.records[0]["metrics"]["final_loss_ref"]
     assert "loss scaler: not tried: the forward pass overflows at `attn`" in fix.tried[0]
     text = rep.report()
     assert "keep `attn` in FP32" in text and "torch.autocast('cpu', enabled=False)" in text
+    saved = json.loads((result.out / "fix.json").read_text())["fixes"]["fp16"]
+    assert Plan.from_dict(saved["plan"]) == fix.plan and saved["verdict"]["outcome"] == "pass"
 
 
-def test_without_a_diagnosis_delta_debugging_shrinks_to_the_attention(tmp_path: Path) -> None:
+def test_without_a_diagnosis_delta_debugging_shrinks_to_the_attention(attention_check) -> None:
     """No diagnosis to start from: every module is kept (that passes), then ddmin drops all but ``attn``."""
-    _, rep = _fix(attention, ["fp16"], tmp_path, diagnose=False)
-    (fix,) = rep.fixes
+    result = copy.copy(attention_check)
+    result.diagnoses = {}
+    (fix,) = fix_model(attention, result, "cpu").fixes
     assert fix.verified and fix.plan is not None and fix.plan.keep_high_precision == ("attn",)
     keeps = [t for t in fix.tried if t.startswith("keep ")]
     assert keeps[0].startswith("keep `attn`, `attn.k`, `attn.q`, `attn.v`, `inp`, `out` in FP32") and \
@@ -107,6 +120,7 @@ class TwoScales(nn.Module):
 
 def two_scales() -> dict:
     """dL/d(a.weight) = 2^-40 in all 64 entries, dL/d(b.weight) = 2^10: a span of 2^50 (FP16 has 2^40)."""
+    torch.manual_seed(0)  # the same weights in every process that calls the factory
     x1, x2 = torch.ones(1, 64), torch.full((1, 1), 2.0**10)
 
     def loss(m: nn.Module, batch: tuple) -> torch.Tensor:
@@ -132,8 +146,11 @@ def test_gradients_wider_than_fp16_keep_the_large_one_out_with_the_window_as_rea
 def tiny_gradients() -> dict:
     """Every gradient is 2^-36 (a, 64 entries): FP16 needs S > 2^11 (2^-36 * S above half of 2^-24); a
     static scale of 1024 flushes them all."""
-    x = torch.ones(1, 64)
-    return {"model": nn.Sequential(nn.Linear(64, 1, bias=False)), "batch": lambda i: (x,),
+    torch.manual_seed(0)  # the same weights in every process that calls the factory
+    x, model = torch.ones(1, 64), nn.Sequential(nn.Linear(64, 1, bias=False))
+    with torch.no_grad():  # y = 32 exactly: no cancellation in the loss for FP16 to blur
+        model[0].weight.fill_(0.5)
+    return {"model": model, "batch": lambda i: (x,),
             "loss": lambda m, b: m(b[0]).float().sum() * 2.0**-36}
 
 
@@ -174,6 +191,7 @@ class ThreeLinears(nn.Module):
 
 
 def fp8_outlier() -> dict:
+    torch.manual_seed(0)  # the same weights in every process that calls the factory
     g = torch.Generator().manual_seed(4)
     x, t = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
     return {"model": ThreeLinears(), "batch": lambda i: (x, t),
@@ -198,6 +216,7 @@ def test_fp8_outlier_layer_stays_in_bf16(tmp_path: Path) -> None:
 
 # -- nothing to fix, nothing that works ---------------------------------------------------------------
 def healthy() -> dict:
+    torch.manual_seed(0)  # the same weights in every process that calls the factory
     g = torch.Generator().manual_seed(5)
     x, t = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
     return {"model": nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), "batch": lambda i: (x, t),
@@ -208,6 +227,7 @@ def cancellation() -> dict:
     """The loss is the difference of the layer at x and at x + 2^-14: both round to the same FP16/BF16
     input, the difference is 0 and so are the gradients; only FP32 sees it (and keeping the one layer in
     FP32 is FP32 itself, no plan)."""
+    torch.manual_seed(0)  # the same weights in every process that calls the factory
     g = torch.Generator().manual_seed(6)
     x = 1.0 + torch.rand(4, 4, generator=g)
     return {"model": nn.Sequential(nn.Linear(4, 4)), "batch": lambda i: (x,),
@@ -282,3 +302,20 @@ def test_fp32_and_fp64_runs_keep_nothing() -> None:
     for s in (PRESETS["fp32"], parse("compute=fp64,apply=cast,params=fp64")):
         assert Execution(s, CPU).keeping(("a",)).keep_high == frozenset()
     assert Execution(PRESETS["fp16"], CPU).keeping(("a",)).keep_high == frozenset({"a"})
+
+
+def per_process() -> dict:
+    """Weights drawn from a seed that differs in every process: not the model check-model trained."""
+    import os
+    torch.manual_seed(os.getpid())
+    x = torch.ones(2, 4)
+    return {"model": nn.Sequential(nn.Linear(4, 4)), "batch": lambda i: (x,),
+            "loss": lambda m, b: m(b[0]).float().pow(2).sum() * 2.0**-36}
+
+
+def test_a_factory_that_builds_another_model_is_not_searched(tmp_path: Path) -> None:
+    result, rep = _fix(per_process, ["fp16-static"], tmp_path, steps=2)
+    assert result.records[0]["outcome"] == "underflow"
+    (fix,) = rep.fixes
+    assert not fix.verified and fix.run_dir is None
+    assert len(fix.tried) == 1 and fix.tried[0].startswith("not searched: the factory built another model here")

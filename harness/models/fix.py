@@ -124,37 +124,49 @@ def _run(fn: Any, args: tuple, device: torch.device, timeout: float | None) -> A
     return fn(*args)
 
 
+def _new_dir(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``... where an earlier ``--fix`` of the same run already wrote one."""
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
 def _plan_scenarios(target: Any, steps: int, plan: Plan) -> dict[str, Any]:
     s = plan_scenario(model_scenario(load_spec(target), steps), plan)
     return {s.name: s}
 
 
 def _verify(target: Any, plan: Plan, result: CheckResult, device: torch.device, timeout: float | None
-            ) -> tuple[dict[str, Any], str]:
-    """The plan run as ``check-model`` runs a strategy, in a run directory of its own: (record, directory)."""
-    out = result.out / "fix" / _sanitize(plan.fixes)
+            ) -> tuple[dict[str, Any], str, float | None]:
+    """The plan run as ``check-model`` runs a strategy, in a run directory of its own: (record, directory,
+    seconds per training attempt in it)."""
+    out = _new_dir(result.out / "fix" / _sanitize(plan.fixes))
     imports = [target.split(":")[0]] if isinstance(target, str) else []
     cfg = RunConfig([stand_in(result.name, result.steps)], [plan.strategy], device, out=out, imports=imports,
-                    timeout=timeout)
-    out_dir, _, _ = run_matrix(cfg, None, init=partial(_plan_scenarios, target, result.steps, plan))
+                    timeout=timeout, workers=1)
+    out_dir, summary, _ = run_matrix(cfg, None, init=partial(_plan_scenarios, target, result.steps, plan))
     _, records = read_run(out_dir)
-    return records[0], str(out_dir)
+    attempts = (records[0].get("metrics") or {}).get("attempts")
+    return records[0], str(out_dir), summary.seconds_in_scenarios / attempts if attempts else None
 
 
-def _fix_one(target: Any, strategy: Strategy, outcome: str, result: CheckResult, device: torch.device,
+def _fix_one(target: Any, strategy: Strategy, original: dict[str, Any], result: CheckResult, device: torch.device,
              timeout: float | None, budget: int) -> Fix:
-    fix = Fix(strategy.label, outcome, device=device.type)
+    fix = Fix(strategy.label, original["outcome"], device=device.type)
     limit = None if not timeout else timeout * (budget + 2)  # each run has the --timeout a step has
     try:
         found: SearchResult = _run(search, (target, strategy, device, result.steps, result.window,
-                                            result.diagnoses.get(strategy.label), budget, timeout), device, limit)
+                                            result.diagnoses.get(strategy.label), budget, timeout, original), device, limit)
     except IsolatedFailure as exc:
         fix.why_none = f"the search failed: {exc}"
         return fix
     fix.tried, fix.seconds = found.tried, found.seconds
     if found.plan is None:
         return fix
-    record, fix.run_dir = _verify(target, found.plan, result, device, timeout)
+    record, fix.run_dir, seconds = _verify(target, found.plan, result, device, timeout)
+    fix.seconds["plan"] = seconds if seconds is not None else fix.seconds["plan"]  # the re-run's own
     if record["outcome"] != "pass":
         fix.why_none = (f"{found.plan.describe()} passed in the search but its re-run gave {record['outcome']}: "
                         f"{record['reason'][:200]}")
@@ -176,7 +188,7 @@ def fix_model(target: Any, result: CheckResult, device: str = "auto", timeout: f
         if r["outcome"] in ("pass", "unsupported", "error"):
             continue
         strategy = parse(r["strategy_spec"]).with_name(r["strategy"])
-        fixes.append(_fix_one(target, strategy, r["outcome"], result, dev, timeout, budget))
+        fixes.append(_fix_one(target, strategy, r, result, dev, timeout, budget))
     rep = FixReport(result.name, result.steps, dev.type, fixes)
     write_json_atomic(result.out / "fix.json", rep.as_dict())
     if plan_out is not None:

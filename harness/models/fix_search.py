@@ -213,11 +213,24 @@ def _line(plan: Plan, rec: dict[str, Any]) -> str:
 
 
 def search(target: Any, strategy: Strategy, device: torch.device, steps: int, window: Window,
-           diag: Diagnosis | None, budget: int = 40, timeout: float | None = None) -> SearchResult:
-    """The cheapest plan that passes for ``strategy`` (see module doc); every attempt is listed."""
+           diag: Diagnosis | None, budget: int = 40, timeout: float | None = None,
+           original: dict[str, Any] | None = None) -> SearchResult:
+    """The cheapest plan that passes for ``strategy`` (see module doc); every attempt is listed.
+
+    ``original`` is check-model's record of ``strategy``: the search first runs the strategy again and
+    stops where its reference (the FP32 loss curve's last value) is not that record's, since then the
+    factory built another model here (weights drawn from an unseeded global RNG) and no plan would be
+    for the model that was checked."""
     r, res = _Runner(target, steps, device, timeout, budget), SearchResult()
     rec, inner = r.run(strategy)
     res.failing_outcome, res.seconds["failing"] = rec["outcome"], _step_seconds(rec, inner)
+    want = ((original or {}).get("metrics") or {}).get("final_loss_ref")
+    got = (rec.get("metrics") or {}).get("final_loss_ref")
+    if want is not None and got != want:
+        res.tried.append(f"not searched: the factory built another model here (FP32's final loss {got!r}, "
+                         f"check-model's {want!r}); seed the weights' initialisation in the factory "
+                         "(torch.manual_seed) so that every call builds the same model")
+        return res
     if rec["outcome"] == "pass":
         res.tried.append(f"{strategy.label} passed when run again here: its failure did not reproduce")
         return res

@@ -11,6 +11,7 @@ True
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -94,6 +95,12 @@ def _num(v: Any) -> str:
     return format_number(v) if isinstance(v, float) else str(v)
 
 
+def _py(x: float) -> str:
+    """A number as Python source: ``2.0**32`` for a power of two, else its repr."""
+    m, e = math.frexp(x)
+    return f"2.0**{e - 1}" if m == 0.5 and abs(e - 1) > 4 else repr(float(x))
+
+
 _DT = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
 
 
@@ -170,11 +177,11 @@ def _scaler(s: Strategy, device: str) -> list[str]:
     if sc.kind == "none":
         return []
     if sc.kind == "static":
-        return [f"S = {sc.init:g}  # static loss scale: (loss * S).backward(); divide the gradients by S"]
-    args = f"{device!r}, init_scale={sc.init:g}, growth_factor={sc.growth:g}, backoff_factor={sc.backoff:g}, " \
-           f"growth_interval={sc.interval}"
+        return [f"S = {_py(sc.init)}  # static loss scale: (loss * S).backward(); divide the gradients by S"]
+    args = f"{device!r}, init_scale={_py(sc.init)}, growth_factor={_py(sc.growth)}, " \
+           f"backoff_factor={_py(sc.backoff)}, growth_interval={sc.interval}"
     out = [f"scaler = torch.amp.GradScaler({args})"]
-    extra = [f"{k} {v:g}" for k, v in (("floor", sc.min), ("cap", sc.max)) if (k == "floor" and v > 0)
+    extra = [f"{k} {format_number(v)}" for k, v in (("floor", sc.min), ("cap", sc.max)) if (k == "floor" and v > 0)
              or (k == "cap" and v != float("inf"))]
     if sc.kind == "dynamic" and sc.hysteresis > 1:
         extra.append(f"hysteresis {sc.hysteresis}")
