@@ -154,6 +154,7 @@ def tiny_gradients() -> dict:
             "loss": lambda m, b: m(b[0]).float().sum() * 2.0**-36}
 
 
+@pytest.mark.slow  # each test here is a check-model run and a search (~6 s of CPU); the quick set keeps (a)-(c)
 def test_a_static_scale_too_small_gets_the_scale_the_window_asks_for(tmp_path: Path) -> None:
     result, rep = _fix(tiny_gradients, ["fp16-static"], tmp_path)
     (fix,) = rep.fixes
@@ -242,6 +243,7 @@ def test_cli_nothing_to_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert json.loads((tmp_path / "plan.json").read_text())["fixes"] == {}
 
 
+@pytest.mark.slow  # each test here is a check-model run and a search (~6 s of CPU); the quick set keeps (a)-(c)
 def test_cli_nothing_passes_prints_no_plan(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["check-model", "test_fix:cancellation", "--strategy", "fp16", "--strategy", "bf16", "--steps", "2",
                  "--device", "cpu", "--out", str(tmp_path / "run"), "--fix", "--plan-out", str(tmp_path / "p.json")])
@@ -313,6 +315,7 @@ def per_process() -> dict:
             "loss": lambda m, b: m(b[0]).float().pow(2).sum() * 2.0**-36}
 
 
+@pytest.mark.slow  # each test here is a check-model run and a search (~6 s of CPU); the quick set keeps (a)-(c)
 def test_a_factory_that_builds_another_model_is_not_searched(tmp_path: Path) -> None:
     result, rep = _fix(per_process, ["fp16-static"], tmp_path, steps=2)
     assert result.records[0]["outcome"] == "underflow"

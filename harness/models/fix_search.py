@@ -289,7 +289,7 @@ def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, dia
     fp8 = strategy.compute in ("fp8", "fp4")
     fmt = "bf16" if fp8 else "fp32"
     layers = _layers(r.model, fp8)
-    notes = [d for d in (diag.lines() if diag else [])][:2]
+    notes = [d for d in (diag.lines() if diag else [])[:2] if not d.startswith(("no inf/NaN", "underflow: no "))]
     if strategy.compute == "fp16" and window.empty:
         notes.append(f"FP16 loss-scale window of the FP32 gradients: {window_sentence(window)}")
     memo: dict[tuple[str, ...], tuple[bool, float | None]] = {}  # kept set -> (passed, step time)
@@ -319,6 +319,10 @@ def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, dia
         res.tried.append(f"only keeping every {'GEMM ' if fp8 else ''}layer in {fmt.upper()} passes: that is the "
                          "higher precision itself, no plan")
         return False
+    runs = len(memo)
+    notes.insert(0, f"delta debugging ({runs} run{'s' if runs > 1 else ''}): keeping {'these' if len(keep) > 1 else 'this'} passes; "
+                    f"{'dropping any one of them' if len(keep) > 1 else 'keeping nothing (the strategy as it is)'} "
+                    "fails")
     res.plan, res.seconds["plan"] = mk(strategy, "keep", notes, keep, fmt), memo[keep][1]
     return True
 
