@@ -215,6 +215,31 @@ def test_fp8_outlier_layer_stays_in_bf16(tmp_path: Path) -> None:
     assert [ns["module_filter_fn"](None, n) for n in ("first", "mid", "mid.x", "last")] == [True, False, False, True]
 
 
+# -- pure BF16 whose updates are absorbed (w + dw == w) ----------------------------------------------
+def swamped() -> dict:
+    """SGD at lr 1e-3 on weights near 0.3 and a LayerNorm near 1: most updates are below half a BF16 ulp of
+    their weight, in every layer, so keeping some layers in FP32 is not enough."""
+    torch.manual_seed(0)  # the same weights in every process that calls the factory
+    g = torch.Generator().manual_seed(7)
+    x, t = torch.randn(16, 8, generator=g), torch.randn(16, 2, generator=g)
+    return {"model": nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2)), "batch": lambda i: (x, t),
+            "loss": lambda m, b: (m(b[0]).float() - b[1]).pow(2).mean(),
+            "optimizer": lambda ps: torch.optim.SGD(ps, lr=1e-3)}
+
+
+@pytest.mark.slow  # a check-model run and a search of 8 to 11 runs
+def test_absorbed_updates_get_a_weight_update_plan(tmp_path: Path) -> None:
+    result, rep = _fix(swamped, ["bf16-pure"], tmp_path)
+    assert result.records[0]["metrics"]["updates_lost"] > 0.5
+    (fix,) = rep.fixes
+    assert fix.verified and fix.plan is not None and fix.plan.change == "optimizer"
+    s = parse(fix.plan.strategy_spec)
+    assert s.master or s.update in ("sr", "kahan")
+    assert fix.record["metrics"]["updates_lost"] < 0.01
+    assert any(t.startswith("only keeping every layer in FP32 passes") for t in fix.tried)
+    assert fix.tried.index(next(t for t in fix.tried if t.startswith("optimizer:"))) > 0  # keep was tried first
+
+
 # -- nothing to fix, nothing that works ---------------------------------------------------------------
 def healthy() -> dict:
     torch.manual_seed(0)  # the same weights in every process that calls the factory
@@ -322,3 +347,35 @@ def test_a_factory_that_builds_another_model_is_not_searched(tmp_path: Path) -> 
     (fix,) = rep.fixes
     assert not fix.verified and fix.run_dir is None
     assert len(fix.tried) == 1 and fix.tried[0].startswith("not searched: the factory built another model here")
+
+
+# -- on a GPU (the lead runs these there) ----------------------------------------------------------------
+def _gpu_fix(target: str, strategy: str, tmp_path: Path) -> dict:
+    """``check-model TARGET --fix`` on CUDA in a process of its own (this one may not start CUDA before
+    check-model forks its workers); the plans it wrote."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    out = subprocess.run([sys.executable, "-m", "harness", "check-model", target, "--strategy", strategy, "--steps",
+                          "3", "--device", "cuda", "--out", str(tmp_path / "run"), "--fix", "--plan-out",
+                          str(tmp_path / "plan.json")], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stdout + out.stderr  # the strategy as given fails
+    return json.loads((tmp_path / "plan.json").read_text())["fixes"][strategy]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_overflowing_attention_is_kept_in_fp32(tmp_path: Path) -> None:
+    fix = _gpu_fix("test_fix:attention", "fp16", tmp_path)
+    assert fix["verified"] and fix["plan"]["keep_high_precision"] == ["attn"]
+    assert fix["verdict"]["outcome"] == "pass" and fix["seconds_per_step"]["plan"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA device with FP8 (sm_89 or later)")
+def test_gpu_fp8_outlier_layer_stays_in_bf16(tmp_path: Path) -> None:
+    fix = _gpu_fix("test_fix:fp8_outlier", "fp8-tensorwise", tmp_path)
+    assert fix["verified"] and (fix["plan"]["keep_high_precision"], fix["plan"]["keep_format"]) == (["mid"], "bf16")
+    assert "module_filter_fn" in fix["snippet"]

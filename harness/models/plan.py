@@ -68,7 +68,7 @@ class Plan:
         except ValueError:
             return self.strategy_spec
         new = parse(self.strategy_spec)
-        parts = [f"{k} {getattr(old, k)} -> {getattr(new, k)}" for k in _KEYS
+        parts = [f"{k} {old._value_str(k)} -> {new._value_str(k)}" for k in _KEYS
                  if getattr(old, k) != getattr(new, k)]
         if old.scaler.kind != new.scaler.kind:
             parts.append(f"scaler {old.scaler} -> {new.scaler}")
