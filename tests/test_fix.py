@@ -379,3 +379,19 @@ def test_gpu_fp8_outlier_layer_stays_in_bf16(tmp_path: Path) -> None:
     fix = _gpu_fix("test_fix:fp8_outlier", "fp8-tensorwise", tmp_path)
     assert fix["verified"] and (fix["plan"]["keep_high_precision"], fix["plan"]["keep_format"]) == (["mid"], "bf16")
     assert "module_filter_fn" in fix["snippet"]
+
+
+def test_kept_modules_run_their_gemms_natively_under_fp8() -> None:
+    """A kept block's Linears are not routed, and a GEMM it routes by call runs natively too (no FP8
+    rounding: bit for bit torch's BF16 product), counted as no emulated GEMM."""
+    from harness.core.execution import route_linears
+    ex = Execution(PRESETS["fp8-tensorwise"], CPU).keeping(("block",), "bf16")
+    a = torch.tensor([[1.0 + 2.0**-6, 3.0]])  # 1 + 2^-6 is exact in BF16, not in E4M3 (3 mantissa bits)
+    b = torch.tensor([[1.0], [2.0**-7]])
+    with ex.native():
+        assert torch.equal(ex.matmul(a, b), a @ b) and ex.emulated_gemms == 0
+    assert not torch.equal(ex.matmul(a, b), a @ b) and ex.emulated_gemms == 1
+    model = nn.Sequential()
+    model.block, model.head = nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2)
+    route_linears(model, ex)
+    assert "forward" not in vars(model.block[0]) and "forward" in vars(model.head)  # only head is routed

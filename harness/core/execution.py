@@ -52,6 +52,7 @@ class Execution:
         #: they keep (:meth:`keeping`; :mod:`harness.core.keep` applies it). Empty: the strategy as it is.
         self.keep_high: frozenset[str] = frozenset()
         self.keep_format: str = "fp32"
+        self._native_depth = 0  # > 0 inside a kept module's forward: its GEMMs run natively (:meth:`native`)
 
     # -- what the strategy is --------------------------------------------------------------
     @property
@@ -93,6 +94,16 @@ class Execution:
             self.keep_high, self.keep_format = frozenset(modules), fmt
         return self
 
+    @contextlib.contextmanager
+    def native(self) -> Iterator[None]:
+        """Inside: :meth:`matmul` hands every GEMM to torch (the autocast in force picks its precision),
+        however it was routed: the forward of a module a plan keeps (:mod:`harness.core.keep`)."""
+        self._native_depth += 1
+        try:
+            yield
+        finally:
+            self._native_depth -= 1
+
     # -- what scenarios call ---------------------------------------------------------------
     def act(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as a low-precision layer would hand it over: rounded to the activation format."""
@@ -132,7 +143,7 @@ class Execution:
     def matmul(self, a: torch.Tensor, b: torch.Tensor, key: str = "mm") -> torch.Tensor:
         """a @ b as the strategy computes it (``key`` names the call site for FP8 amax histories)."""
         s = self.strategy
-        if not self.routes_gemms:
+        if not self.routes_gemms or self._native_depth:
             return a @ b
         self.emulated_gemms += 1
         self.routed_keys.add(key)

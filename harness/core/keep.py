@@ -8,8 +8,9 @@ training step takes the model (:class:`harness.run.training.Trainer`), after it 
 in its BF16 activation format):
 
 * autocast strategies: the kept module's forward runs under ``torch.autocast(enabled=False)`` (FP32) or
-  an autocast to BF16, its FP16/BF16 floating inputs cast to FP32 first; its outputs are left as they
-  come out (autocast casts them again where the next op asks for the low precision), which is what
+  an autocast to BF16, its FP16/BF16 floating inputs cast to FP32 first, and every GEMM inside it that the
+  strategy routes (FP8, emulated TF32) runs natively (:meth:`Execution.native`); its outputs are left as
+  they come out (autocast casts them again where the next op asks for the low precision), which is what
   users write by hand;
 * cast ("pure") strategies: the kept module's parameters are stored in the kept format, its inputs cast
   to it, and its floating outputs cast back to the strategy's format so that the next layer gets the
@@ -52,15 +53,18 @@ def _cast(x: Any, dtype: torch.dtype, src: tuple[torch.dtype, ...]) -> Any:
     return x
 
 
-def _autocast_forward(fwd: Callable, device: str, keep: torch.dtype) -> Callable:
+def _autocast_forward(fwd: Callable, ex: Execution, keep: torch.dtype) -> Callable:
+    device = ex.device.type
+
     @functools.wraps(fwd)
     def run(*args: Any, **kwargs: Any) -> Any:
         args, kwargs = _cast(args, torch.float32, _LOW), _cast(kwargs, torch.float32, _LOW)
-        if keep == torch.float32:
-            with torch.autocast(device, enabled=False):
+        with ex.native():  # a GEMM routed by call rather than by layer (attention's products) runs natively too
+            if keep == torch.float32:
+                with torch.autocast(device, enabled=False):
+                    return fwd(*args, **kwargs)
+            with torch.autocast(device, dtype=keep):
                 return fwd(*args, **kwargs)
-        with torch.autocast(device, dtype=keep):
-            return fwd(*args, **kwargs)
     return run
 
 
@@ -89,5 +93,5 @@ def to_storage(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
             mod.load_state_dict(saved[name])  # copies the original values into the kept-format tensors
             mod.forward = _cast_forward(fwd, keep, ex.dtype)  # type: ignore[method-assign]
         elif ex.strategy.apply != "cast":
-            mod.forward = _autocast_forward(fwd, ex.device.type, keep)  # type: ignore[method-assign]
+            mod.forward = _autocast_forward(fwd, ex, keep)  # type: ignore[method-assign]
     return model
