@@ -395,3 +395,28 @@ def test_kept_modules_run_their_gemms_natively_under_fp8() -> None:
     model.block, model.head = nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2)
     route_linears(model, ex)
     assert "forward" not in vars(model.block[0]) and "forward" in vars(model.head)  # only head is routed
+
+
+@pytest.mark.parametrize("preset", ["fp16", "fp16-pure"])
+def test_the_snippet_fixes_the_users_own_model(preset: str) -> None:
+    """The snippet, run on the user's model in a plain autocast (or cast) forward, keeps the attention's
+    logits out of FP16: finite where the same forward without it overflows."""
+    x = attention()["batch"](0)[0]
+    plan = Plan(str(PRESETS[preset]), ("attn",), "fp32", fixes=preset)
+    code = snippet(plan, "cpu")
+    outputs = []
+    for apply_plan in (False, True):
+        ns = {"model": attention()["model"]}
+        if apply_plan:
+            exec(code, ns)
+        model = ns["model"]
+        if preset == "fp16-pure":
+            if not apply_plan:
+                model.to(torch.float16)
+            outputs.append(model(x.to(torch.float16)))
+        else:
+            with torch.autocast("cpu", dtype=torch.float16):
+                outputs.append(model(x))
+    assert not torch.isfinite(outputs[0]).all() and torch.isfinite(outputs[1]).all()
+    if preset == "fp16-pure":  # the kept block hands the next layer its own dtype back
+        assert outputs[1].dtype == torch.float16

@@ -171,6 +171,14 @@ def _scalers(strategy: Strategy, window: Window) -> tuple[list[Strategy], str]:
     return list(dict.fromkeys(cands)), why
 
 
+def _window_scalers(strategy: Strategy, window: Window) -> tuple[list[Strategy], str]:
+    """:func:`_scalers`, or none where the window's scales are past what a scaler holds (FP32's range)."""
+    try:
+        return _scalers(strategy, window)
+    except ValueError as exc:  # a window reaching past 2^127: no scaler spec can hold its scales
+        return [], f"{window_sentence(window)}; no scaler holds those scales ({exc})"
+
+
 def _updates(strategy: Strategy) -> list[Strategy]:
     s = replace(strategy, name="")
     if s.params not in ("fp16", "bf16") or s.master:
@@ -266,7 +274,7 @@ def _search(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, d
         res.tried.append(f"loss scaler: not tried: the forward pass overflows at `{forward.module}`, which no loss "
                          "scale changes")
     elif strategy.compute == "fp16":
-        cands, why = _scalers(strategy, window)
+        cands, why = _window_scalers(strategy, window)
         if not cands:
             res.tried.append(f"loss scaler: none to try ({why})")
         for s in cands:
