@@ -207,6 +207,9 @@ def test_fp8_outlier_layer_stays_in_bf16(tmp_path: Path) -> None:
     assert fix.verified and fix.plan is not None
     assert (fix.plan.keep_high_precision, fix.plan.keep_format) == (("mid",), "bf16")
     assert fix.record["metrics"]["gemm_coverage"]["covered"] == 2  # first and last still ran in FP8
+    # the search started from the layer whose per-tensor scaling flushes its weight: one run, no shrinking
+    assert [t for t in fix.tried if t.startswith("keep ")] == ["keep `mid` in BF16 (the rest as fp8-tensorwise) -> pass"]
+    assert fix.plan.notes[1].startswith("per-tensor E4M3 scaling (amax -> 448) flushes 99.6% of `mid`'s weight")
     code = snippet(fix.plan)
     assert "convert_to_float8_training(model, module_filter_fn=module_filter_fn)" in code
     ns: dict = {}
@@ -238,6 +241,13 @@ def test_absorbed_updates_get_a_weight_update_plan(tmp_path: Path) -> None:
     assert fix.record["metrics"]["updates_lost"] < 0.01
     assert any(t.startswith("only keeping every layer in FP32 passes") for t in fix.tried)
     assert fix.tried.index(next(t for t in fix.tried if t.startswith("optimizer:"))) > 0  # keep was tried first
+
+
+def test_flushed_share_is_exact_at_half_the_smallest_subnormal() -> None:
+    from harness.models.fp8_saturation import flushed_share
+    # amax 448: no scaling; 2^-10 is exactly half of E4M3's smallest subnormal 2^-9 (ties to zero), 2^-9 stays
+    t = torch.tensor([448.0, 2.0**-10, 2.0**-9, -2.0**-10, 0.0, float("inf")])
+    assert flushed_share(t) == 2 / 4
 
 
 # -- nothing to fix, nothing that works ---------------------------------------------------------------

@@ -10,7 +10,8 @@ Order (:data:`harness.models.plan.CHANGES`):
    a dynamic scaler held inside it (floor and cap at its ends). An empty window rules them out, and says so.
 2. ``keep``: modules kept in FP32 (BF16 for FP8 recipes), starting from the diagnosis (the first module
    whose output or gradient went non-finite, the modules of the tensors that pull the window apart or
-   lost gradients or updates) or, where keeping those does not pass, from every layer that holds
+   lost gradients or updates; for FP8 recipes the layers whose per-tensor scaling flushes an operand,
+   :mod:`harness.models.fp8_saturation`) or, where keeping those does not pass, from every layer that holds
    parameters; the passing set is shrunk by ``ddmin`` (Zeller and Hildebrandt 2002) to one from which no
    module can be dropped. Keeping every layer is the higher precision itself, never a plan.
 3. ``optimizer`` (FP16/BF16 parameters without master weights): stochastically rounded updates,
@@ -33,6 +34,7 @@ from ..judge.window import Window
 from ..run.engine import case_inputs, run_case
 from ..run.reference import ReferenceCache
 from .diagnose import ROOT, Diagnosis
+from .fp8_saturation import saturated_layers
 from .plan import Plan
 from .recommend import window_sentence
 from .user_model import load_spec, model_scenario
@@ -199,7 +201,7 @@ class _Runner:
     """Runs plans through the engine against one shared reference; counts runs against a budget."""
 
     def __init__(self, target: Any, steps: int, device: torch.device, timeout: float | None, budget: int) -> None:
-        spec = load_spec(target)
+        self.spec = spec = load_spec(target)
         self.model = spec.model
         self.base = model_scenario(spec, steps)
         self.case = Case(self.base, {"steps": steps}, 0)  # check-model's one case (one seed)
@@ -310,7 +312,8 @@ def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, dia
             memo[keep] = rec["outcome"] == "pass", _step_seconds(rec, inner)
         return memo[keep][0]
 
-    suspects = _suspects(diag, window, strategy, r.model, layers)
+    saturated = saturated_layers(r.spec, r.device) if fp8 else {}
+    suspects = [n for n in layers if n in saturated] or _suspects(diag, window, strategy, r.model, layers)
     start = None
     if suspects and not _covers_all(r.model, tuple(suspects), fp8) and passes(tuple(suspects)):
         start = suspects
@@ -327,10 +330,11 @@ def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, dia
         res.tried.append(f"only keeping every {'GEMM ' if fp8 else ''}layer in {fmt.upper()} passes: that is the "
                          "higher precision itself, no plan")
         return False
-    runs = len(memo)
-    notes.insert(0, f"delta debugging ({runs} run{'s' if runs > 1 else ''}): keeping {'these' if len(keep) > 1 else 'this'} passes; "
-                    f"{'dropping any one of them' if len(keep) > 1 else 'keeping nothing (the strategy as it is)'} "
-                    "fails")
+    runs, many = len(memo), len(keep) > 1
+    notes.insert(0, f"delta debugging ({runs} run{'s' if runs > 1 else ''}): keeping {'these' if many else 'this'} "
+                    f"passes; {'dropping any one of them' if many else 'keeping nothing (the strategy as it is)'} fails")
+    notes[1:1] = [f"per-tensor E4M3 scaling (amax -> 448) flushes {100 * saturated[k][0]:.3g}% of `{k}`'s "
+                  f"{saturated[k][1]} entries to zero" for k in keep if k in saturated]
     res.plan, res.seconds["plan"] = mk(strategy, "keep", notes, keep, fmt), memo[keep][1]
     return True
 
