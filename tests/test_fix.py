@@ -16,7 +16,7 @@ from harness.core.execution import Execution
 from harness.core.keep import to_storage
 from harness.core.strategy import PRESETS, parse
 from harness.models.fix import fix_model
-from harness.models.fix_search import ddmin
+from harness.models.fix_keep import callable_children, ddmin, param_share
 from harness.models.model_check import check_model
 from harness.models.plan import Plan, snippet
 from harness.results import read_run
@@ -96,15 +96,15 @@ def test_overflowing_attention_is_kept_in_fp32_and_nothing_else(attention_check)
 
 
 def test_without_a_diagnosis_delta_debugging_shrinks_to_the_attention(attention_check) -> None:
-    """No diagnosis to start from: every module is kept (that passes), then ddmin drops all but ``attn``."""
+    """No diagnosis to start from: the top of the module tree is kept (that passes), ddmin drops ``inp`` and
+    ``out``, and keeping only ``attn``'s children (without its own q k^T) overflows: ``attn`` stays."""
     result = copy.copy(attention_check)
     result.diagnoses = {}
     (fix,) = fix_model(attention, result, "cpu").fixes
     assert fix.verified and fix.plan is not None and fix.plan.keep_high_precision == ("attn",)
     keeps = [t for t in fix.tried if t.startswith("keep ")]
-    assert keeps[0].startswith("keep `attn`, `attn.k`, `attn.q`, `attn.v`, `inp`, `out` in FP32") and \
-        keeps[0].endswith("-> pass")
-    assert len(keeps) >= 3 and any("overflow" in t for t in keeps)  # smaller sets were tried and failed
+    assert keeps[0] == "keep `attn`, `inp`, `out` in FP32 (the rest as fp16) -> pass"
+    assert any(t.startswith("keep `attn.k`, `attn.q`, `attn.v` in FP32") and "-> overflow" in t for t in keeps)
 
 
 # -- (b) gradients that span more than FP16's range --------------------------------------------------
@@ -239,7 +239,7 @@ def test_absorbed_updates_get_a_weight_update_plan(tmp_path: Path) -> None:
     s = parse(fix.plan.strategy_spec)
     assert s.master or s.update in ("sr", "kahan")
     assert fix.record["metrics"]["updates_lost"] < 0.01
-    assert any(t.startswith("only keeping every layer in FP32 passes") for t in fix.tried)
+    assert any(t.startswith("only keeping every parameter in FP32 passes") for t in fix.tried)
     assert fix.tried.index(next(t for t in fix.tried if t.startswith("optimizer:"))) > 0  # keep was tried first
 
 
@@ -316,6 +316,15 @@ def test_plan_round_trips_and_refuses_bad_values() -> None:
         Plan(str(PRESETS["fp16"]), ("a",), "fp8")
     with pytest.raises(ValueError, match="compute='fp17' is not allowed"):
         Plan("compute=fp17", ())
+
+
+def test_the_module_tree_skips_containers_and_param_share_counts_entries() -> None:
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2, enable_nested_tensor=False)
+    model = nn.Sequential(enc, nn.LayerNorm(8))
+    assert callable_children(model) == ["0", "1"]
+    assert callable_children(model, "0") == ["0.layers.0", "0.layers.1"]  # the ModuleList is never called itself
+    total = sum(p.numel() for p in model.parameters())
+    assert param_share(model, ("1",)) == 16 / total and param_share(model, ("0", "1")) == 1.0
 
 
 @pytest.mark.parametrize("preset", ["fp16-pure", "bf16-pure"])

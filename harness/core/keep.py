@@ -32,14 +32,23 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def kept_modules(model: torch.nn.Module, names: frozenset[str]) -> list[tuple[str, torch.nn.Module]]:
-    """The outermost modules of ``model`` named in ``names`` (a kept module's children are kept with it).
-    ValueError names the ones the model does not have."""
+    """The outermost modules of ``model`` named in ``names`` (a kept module's children are kept with it; a
+    container such as ``nn.ModuleList``, which nobody calls, stands for its children). ValueError names
+    the ones the model does not have."""
     have = dict(model.named_modules())
     missing = sorted(n for n in names if n not in have)
     if missing:
         raise ValueError(f"the model has no module {', '.join(missing)}; a plan names modules as "
                          "model.named_modules() does")
-    return [(n, have[n]) for n in sorted(names) if not is_kept(n, names - {n})]
+    out = []
+    for n in sorted(names):
+        if is_kept(n, names - {n}):
+            continue  # inside another kept module
+        if type(have[n]).forward is torch.nn.Module.forward:  # a container (ModuleList): nobody calls it
+            out += kept_modules(model, frozenset(f"{n}.{c}" for c, _ in have[n].named_children()))
+        else:
+            out.append((n, have[n]))
+    return out
 
 
 def _cast(x: Any, dtype: torch.dtype, src: tuple[torch.dtype, ...]) -> Any:

@@ -36,6 +36,9 @@ from .user_model import _sanitize, load_spec, model_scenario
 
 __all__ = ["Fix", "FixReport", "fix_model", "DEFAULT_BUDGET"]
 
+#: Attempts the report lists for a verified plan (fix.json lists all).
+TRIED_SHOWN = 8
+
 #: Training runs one strategy's search may spend (the verification re-run not counted).
 DEFAULT_BUDGET = 40
 
@@ -70,7 +73,9 @@ class Fix:
                + (f" (margin {float(margin):.2g})" if margin is not None else "") + f" [{self.run_dir}]"]
         out += [f"  because: {n}" for n in self.plan.notes]
         out.append(f"  step time here (training only, {self.device}): " + _speed(self.seconds, self.strategy))
-        out.append(f"  tried ({len(self.tried)}): " + "; ".join(self.tried))
+        shown = self.tried[:TRIED_SHOWN] + ([f"... {len(self.tried) - TRIED_SHOWN} more in fix.json"]
+                                            if len(self.tried) > TRIED_SHOWN else [])
+        out.append(f"  tried ({len(self.tried)}): " + "; ".join(shown))
         out.append("  apply it:")
         out += [f"    {line}" for line in snippet(self.plan, "cuda" if self.device == "cuda" else "cpu").splitlines()]
         return out

@@ -11,9 +11,11 @@ Order (:data:`harness.models.plan.CHANGES`):
 2. ``keep``: modules kept in FP32 (BF16 for FP8 recipes), starting from the diagnosis (the first module
    whose output or gradient went non-finite, the modules of the tensors that pull the window apart or
    lost gradients or updates; for FP8 recipes the layers whose per-tensor scaling flushes an operand,
-   :mod:`harness.models.fp8_saturation`) or, where keeping those does not pass, from every layer that holds
-   parameters; the passing set is shrunk by ``ddmin`` (Zeller and Hildebrandt 2002) to one from which no
-   module can be dropped. Keeping every layer is the higher precision itself, never a plan.
+   :mod:`harness.models.fp8_saturation`) or, where keeping those does not pass, from the top of the module
+   tree (for FP8 recipes, every routed layer); ``ddmin`` and a walk down the tree
+   (:mod:`harness.models.fix_keep`) shrink it to a set from which no module can be dropped. Keeping every
+   parameter (every FP8 layer) is the higher precision itself, never a plan; under a casting strategy a set
+   holding more than half the parameters is taken only where no weight-update or format change passes.
 3. ``optimizer`` (FP16/BF16 parameters without master weights): stochastically rounded updates,
    Kahan-compensated updates, FP32 master weights; those the harness cannot run here are listed, not run.
 4. ``format`` (FP16 only): BF16 instead of FP16 for the whole model, without a loss scaler.
@@ -26,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.execution import Execution, is_conv1d, is_kept
+from ..core.execution import Execution, is_kept
 from ..core.scaling import SCALER_PRESETS, ScalerSpec
 from ..core.scenario import Case, Scenario
 from ..core.strategy import PRESETS, Strategy
@@ -34,44 +36,17 @@ from ..judge.window import Window
 from ..run.engine import case_inputs, run_case
 from ..run.reference import ReferenceCache
 from .diagnose import ROOT, Diagnosis
+from .fix_keep import callable_children, covers_all, ddmin, gemm_layers, param_share, refine
 from .fp8_saturation import saturated_layers
 from .plan import Plan
 from .recommend import window_sentence
 from .user_model import load_spec, model_scenario
 
-__all__ = ["ddmin", "plan_scenario", "search", "SearchResult", "OutOfRuns"]
+__all__ = ["plan_scenario", "search", "SearchResult", "OutOfRuns"]
 
 
 class OutOfRuns(Exception):
     """The search spent its budget of training runs."""
-
-
-def ddmin(items: list[str], passes: Callable[[tuple[str, ...]], bool]) -> tuple[str, ...]:
-    """A subset of ``items`` for which ``passes`` holds and from which no single item can be dropped
-    (1-minimal), by delta debugging; ``passes(tuple(items))`` must hold. Subsets keep ``items``' order.
-
-    >>> ddmin(list("abcdefgh"), lambda s: {"c", "f"} <= set(s))
-    ('c', 'f')
-    """
-    cur, n = list(items), 2
-    while len(cur) >= 2:
-        size = math.ceil(len(cur) / n)
-        chunks = [cur[i:i + size] for i in range(0, len(cur), size)]
-        for c in chunks:  # one chunk alone
-            if passes(tuple(c)):
-                cur, n = c, 2
-                break
-        else:
-            for c in chunks:  # everything but one chunk
-                rest = [x for x in cur if x not in c]
-                if len(chunks) > 2 and passes(tuple(rest)):
-                    cur, n = rest, max(n - 1, 2)
-                    break
-            else:
-                if n >= len(cur):
-                    break
-                n = min(len(cur), 2 * n)
-    return tuple(cur)
 
 
 def plan_scenario(base: Scenario, plan: Plan) -> Scenario:
@@ -103,32 +78,7 @@ def _owner(param: str) -> str:
     return param.rsplit(".", 1)[0] if "." in param else ""
 
 
-#: Above this many modules the search without a diagnosis starts from the modules that hold parameters
-#: themselves only (each containing module is one more delta-debugging item).
-MAX_ITEMS = 64
-
-
-def _layers(model: torch.nn.Module, fp8: bool) -> list[str]:
-    """The modules a plan may keep, in the model's order: for FP8 recipes the GEMM layers the recipe routes
-    (Linear, Conv1D); otherwise every module (a block keeps the ops between its children too), or, in a
-    model of more than :data:`MAX_ITEMS`, those that hold parameters themselves."""
-    named = [(n, m) for n, m in model.named_modules() if n]
-    if fp8:
-        return [n for n, m in named if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
-    if len(named) <= MAX_ITEMS:
-        return [n for n, _ in named]
-    return [n for n, m in named if any(True for _ in m.parameters(recurse=False))]
-
-
-def _covers_all(model: torch.nn.Module, keep: tuple[str, ...], fp8: bool) -> bool:
-    """Whether ``keep`` keeps every GEMM layer (FP8) or every module holding parameters: the higher
-    precision itself, not a plan."""
-    return all(is_kept(n, keep) for n in _layers(model, fp8) if fp8 or any(
-        True for _ in model.get_submodule(n).parameters(recurse=False)))
-
-
-def _suspects(diag: Diagnosis | None, window: Window, strategy: Strategy, model: torch.nn.Module,
-              layers: list[str]) -> list[str]:
+def _suspects(diag: Diagnosis | None, window: Window, strategy: Strategy, model: torch.nn.Module) -> list[str]:
     """Modules the diagnosis and the window point at, in the model's order: the first module whose output
     or gradient went non-finite (its parent where its inputs already were: the code between modules that
     made them runs in the parent's forward), the owners of the tensors that lost gradients or updates,
@@ -145,10 +95,9 @@ def _suspects(diag: Diagnosis | None, window: Window, strategy: Strategy, model:
     if strategy.compute == "fp16" and window.empty:
         names.update(_owner(t) for t in (window.lo_tensor, window.hi_tensor) if t)
     names.discard("")
-    order = [n for n, _ in model.named_modules() if n]
     if strategy.compute in ("fp8", "fp4"):  # only routed layers can be kept out of FP8
-        return [n for n in layers if any(n == m or n.startswith(m + ".") for m in names)]
-    return [n for n in order if n in names]
+        return [n for n in gemm_layers(model) if is_kept(n, tuple(names))]
+    return [n for n, _ in model.named_modules() if n in names]
 
 
 def _scalers(strategy: Strategy, window: Window) -> tuple[list[Strategy], str]:
@@ -282,8 +231,14 @@ def _search(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, d
         for s in cands:
             if _attempt(r, res, mk(s, "scaler", [why])):
                 return
-    if _keep(r, res, strategy, window, diag, mk):
-        return
+    deferred = _keep(r, res, strategy, window, diag, mk)
+    if deferred is not None:
+        share = param_share(r.model, deferred[0].keep_high_precision)
+        if strategy.apply != "cast" or share <= MAX_KEPT_SHARE:
+            res.plan, res.seconds["plan"] = deferred
+            return
+        res.tried.append(f"that plan keeps {100 * share:.3g}% of the parameters in FP32: a weight update or format "
+                         "change is tried first, and it stands only if neither passes")
     for s in _updates(strategy):
         if _attempt(r, res, mk(s, "optimizer")):
             return
@@ -291,20 +246,40 @@ def _search(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, d
         why = f"FP16 loss-scale window of the FP32 gradients: {window_sentence(window)}"
         if _attempt(r, res, mk(s, "format", [why])):
             return
+    if deferred is not None:
+        res.plan, res.seconds["plan"] = deferred
+
+
+#: Under a casting strategy, a plan keeping more than this share of the parameters in FP32 costs about
+#: what FP32 master weights cost: the weight-update and format changes are tried before it is taken. (Under
+#: autocast the weights are FP32 anyway, and a kept module only changes where its own ops run.)
+MAX_KEPT_SHARE = 0.5
+
+
+def _one_minimal(keep: tuple[str, ...], passes: Callable[[tuple[str, ...]], bool]) -> tuple[str, ...]:
+    """``keep`` less every module whose dropping still passes, until none can be dropped (refining down the
+    tree can make an earlier module unnecessary)."""
+    for m in keep:
+        rest = tuple(k for k in keep if k != m)
+        if rest and passes(rest):
+            return _one_minimal(rest, passes)
+    return keep
 
 
 def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, diag: Diagnosis | None,
-          mk: Callable[..., Plan]) -> bool:
-    """Modules kept in higher precision, shrunk by ddmin; True when a plan passed."""
+          mk: Callable[..., Plan]) -> tuple[Plan, float | None] | None:
+    """Modules kept in higher precision: ddmin from the suspects (or the top of the module tree; for FP8
+    recipes the GEMM layers), then refined down the tree; (plan, its step time) or None."""
     fp8 = strategy.compute in ("fp8", "fp4")
     fmt = "bf16" if fp8 else "fp32"
-    layers = _layers(r.model, fp8)
+    universe = gemm_layers(r.model) if fp8 else callable_children(r.model)
     notes = [d for d in (diag.lines() if diag else [])[:2] if not d.startswith(("no inf/NaN", "underflow: no "))]
     if strategy.compute == "fp16" and window.empty:
         notes.append(f"FP16 loss-scale window of the FP32 gradients: {window_sentence(window)}")
     memo: dict[tuple[str, ...], tuple[bool, float | None]] = {}  # kept set -> (passed, step time)
 
     def passes(keep: tuple[str, ...]) -> bool:
+        keep = tuple(sorted(keep))
         if keep not in memo:
             plan = mk(strategy, "keep", notes, keep, fmt)
             rec, inner = r.run(plan.strategy, plan)
@@ -313,28 +288,25 @@ def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, dia
         return memo[keep][0]
 
     saturated = saturated_layers(r.spec, r.device) if fp8 else {}
-    suspects = [n for n in layers if n in saturated] or _suspects(diag, window, strategy, r.model, layers)
-    start = None
-    if suspects and not _covers_all(r.model, tuple(suspects), fp8) and passes(tuple(suspects)):
+    suspects = [n for n in universe if n in saturated] or _suspects(diag, window, strategy, r.model)
+    if suspects and not covers_all(r.model, tuple(suspects), fp8) and passes(tuple(suspects)):
         start = suspects
-    elif len(layers) > 1 and passes(tuple(layers)):
-        start = layers
-    if start is None:
-        if len(layers) <= 1:
-            res.tried.append(f"modules kept in {fmt.upper()}: none to choose ({len(layers)} "
-                             f"{'GEMM layer' if fp8 else 'module'} below the model; keeping all is the higher "
-                             "precision itself)")
-        return False
+    elif universe and passes(tuple(universe)):
+        start = universe
+    else:
+        res.tried.append(f"modules kept in {fmt.upper()}: none passes" + (" (the model has no module to keep)"
+                                                                          if not universe else ""))
+        return None
     keep = ddmin(start, passes)
-    if _covers_all(r.model, keep, fp8):
-        res.tried.append(f"only keeping every {'GEMM ' if fp8 else ''}layer in {fmt.upper()} passes: that is the "
-                         "higher precision itself, no plan")
-        return False
+    if not fp8:
+        keep = _one_minimal(refine(keep, r.model, passes), passes)
+    if covers_all(r.model, keep, fp8):
+        res.tried.append(f"only keeping every {'GEMM layer' if fp8 else 'parameter'} in {fmt.upper()} passes: that "
+                         "is the higher precision itself, no plan")
+        return None
     runs, many = len(memo), len(keep) > 1
     notes.insert(0, f"delta debugging ({runs} run{'s' if runs > 1 else ''}): keeping {'these' if many else 'this'} "
                     f"passes; {'dropping any one of them' if many else 'keeping nothing (the strategy as it is)'} fails")
     notes[1:1] = [f"per-tensor E4M3 scaling (amax -> 448) flushes {100 * saturated[k][0]:.3g}% of `{k}`'s "
                   f"{saturated[k][1]} entries to zero" for k in keep if k in saturated]
-    res.plan, res.seconds["plan"] = mk(strategy, "keep", notes, keep, fmt), memo[keep][1]
-    return True
-
+    return mk(strategy, "keep", notes, keep, fmt), memo[tuple(sorted(keep))][1]

@@ -21,6 +21,9 @@ from ..core.strategy import Strategy, parse
 
 __all__ = ["Plan", "CHANGES", "snippet"]
 
+#: Modules a plan's one-line description names (the JSON holds them all).
+SHOWN = 6
+
 #: The kinds of change a plan makes, cheapest first (the order the search tries them in).
 CHANGES = ("scaler", "keep", "optimizer", "format")
 
@@ -56,7 +59,8 @@ class Plan:
         """One line: what the plan changes."""
         fmt = self.keep_format.upper()
         if self.change == "keep":
-            mods = ", ".join(f"`{m}`" for m in self.keep_high_precision)
+            k = self.keep_high_precision
+            mods = ", ".join(f"`{m}`" for m in k[:SHOWN]) + (f" and {len(k) - SHOWN} more" if len(k) > SHOWN else "")
             return f"keep {mods} in {fmt} (the rest as {self.fixes or self.strategy_spec})"
         return f"{self.change}: {self.changed()}"
 
