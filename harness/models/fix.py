@@ -65,7 +65,7 @@ class Fix:
         """What ``--fix`` prints for this strategy."""
         head = f"fix for {self.strategy} ({self.outcome}): "
         if not self.verified:
-            tried = "; ".join(self.tried) or "nothing"
+            tried = "; ".join(_shown(self.tried)) or "nothing"
             return [head + f"no verified fix found{f' ({self.why_none})' if self.why_none else ''}; tried: {tried}"]
         assert self.plan is not None and self.record is not None
         margin = self.record.get("margin")
@@ -73,9 +73,7 @@ class Fix:
                + (f" (margin {float(margin):.2g})" if margin is not None else "") + f" [{self.run_dir}]"]
         out += [f"  because: {n}" for n in self.plan.notes]
         out.append(f"  step time here (training only, {self.device}): " + _speed(self.seconds, self.strategy))
-        shown = self.tried[:TRIED_SHOWN] + ([f"... {len(self.tried) - TRIED_SHOWN} more in fix.json"]
-                                            if len(self.tried) > TRIED_SHOWN else [])
-        out.append(f"  tried ({len(self.tried)}): " + "; ".join(shown))
+        out.append(f"  tried ({len(self.tried)}): " + "; ".join(_shown(self.tried)))
         out.append("  apply it:")
         out += [f"    {line}" for line in snippet(self.plan, "cuda" if self.device == "cuda" else "cpu").splitlines()]
         return out
@@ -88,6 +86,13 @@ class Fix:
                 "run_dir": self.run_dir, "seconds_per_step": self.seconds, "tried": self.tried,
                 "why_none": self.why_none,
                 "snippet": snippet(self.plan, "cuda" if self.device == "cuda" else "cpu") if self.verified else None}
+
+
+def _shown(tried: list[str]) -> list[str]:
+    """The first :data:`TRIED_SHOWN` attempts and the last (what ended the search), the count of the rest."""
+    if len(tried) <= TRIED_SHOWN + 1:
+        return tried
+    return tried[:TRIED_SHOWN] + [f"... {len(tried) - TRIED_SHOWN - 1} more in fix.json ...", tried[-1]]
 
 
 def _ms(s: float | None) -> str:

@@ -58,8 +58,11 @@ def _is_container(mod: torch.nn.Module) -> bool:
 
 def callable_children(model: torch.nn.Module, name: str = "") -> list[str]:
     """The dotted names of the modules ``name``'s forward calls directly: its children, with containers
-    replaced by their own children."""
+    replaced by their own children (none for ``nn.MultiheadAttention``, which reads its ``out_proj``'s
+    weight instead of calling it)."""
     mod = model.get_submodule(name)
+    if isinstance(mod, torch.nn.MultiheadAttention):  # it uses its out_proj's weight functionally, never calls it
+        return []
     out: list[str] = []
     for child, sub in mod.named_children():
         full = f"{name}.{child}" if name else child

@@ -67,6 +67,7 @@ class SearchResult:
         self.tried: list[str] = []
         self.seconds: dict[str, float | None] = {"plan": None, "failing": None, "bf16": None}
         self.failing_outcome = ""
+        self.failing_reason = ""
 
 
 def _step_seconds(rec: dict[str, Any], inner: float) -> float | None:
@@ -158,9 +159,12 @@ class _Runner:
         self.inputs, _ = case_inputs(self.case, device)
         self.refs = ReferenceCache()
 
-    def run(self, strategy: Strategy, plan: Plan | None = None) -> tuple[dict[str, Any], float]:
-        if self.runs >= self.budget:
-            raise OutOfRuns(f"the search budget of {self.budget} training runs is spent")
+    def run(self, strategy: Strategy, plan: Plan | None = None, reserve: int = 0) -> tuple[dict[str, Any], float]:
+        """One run of ``strategy`` (with ``plan``'s modules kept) judged by the engine; OutOfRuns where the
+        budget, less ``reserve`` runs kept for later candidates, is spent."""
+        if self.runs >= self.budget - reserve:
+            raise OutOfRuns(f"the search budget of {self.budget} training runs is spent"
+                            + (f" (less {reserve} kept for the changes after this one)" if reserve else ""))
         self.runs += 1
         sc = plan_scenario(self.base, plan) if plan is not None else self.base
         return run_case(Case(sc, self.case.params, self.case.seed), strategy, self.device, self.inputs, self.refs,
@@ -183,6 +187,7 @@ def search(target: Any, strategy: Strategy, device: torch.device, steps: int, wi
     r, res = _Runner(target, steps, device, timeout, budget), SearchResult()
     rec, inner = r.run(strategy)
     res.failing_outcome, res.seconds["failing"] = rec["outcome"], _step_seconds(rec, inner)
+    res.failing_reason = f"{strategy.label}: {rec['outcome']}: {rec['reason']}"
     want = ((original or {}).get("metrics") or {}).get("final_loss_ref")
     got = (rec.get("metrics") or {}).get("final_loss_ref")
     if want is not None and got != want:
@@ -231,7 +236,8 @@ def _search(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, d
         for s in cands:
             if _attempt(r, res, mk(s, "scaler", [why])):
                 return
-    deferred = _keep(r, res, strategy, window, diag, mk)
+    later = [s for s in _updates(strategy) + _formats(strategy) if Execution(s, r.device).supported]
+    deferred = _keep(r, res, strategy, window, diag, mk, len(later))
     if deferred is not None:
         share = param_share(r.model, deferred[0].keep_high_precision)
         if strategy.apply != "cast" or share <= MAX_KEPT_SHARE:
@@ -240,11 +246,11 @@ def _search(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, d
         res.tried.append(f"that plan keeps {100 * share:.3g}% of the parameters in FP32: a weight update or format "
                          "change is tried first, and it stands only if neither passes")
     for s in _updates(strategy):
-        if _attempt(r, res, mk(s, "optimizer")):
+        if _attempt(r, res, mk(s, "optimizer", [res.failing_reason])):
             return
     for s in _formats(strategy):
         why = f"FP16 loss-scale window of the FP32 gradients: {window_sentence(window)}"
-        if _attempt(r, res, mk(s, "format", [why])):
+        if _attempt(r, res, mk(s, "format", [res.failing_reason, why])):
             return
     if deferred is not None:
         res.plan, res.seconds["plan"] = deferred
@@ -254,6 +260,20 @@ def _search(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, d
 #: what FP32 master weights cost: the weight-update and format changes are tried before it is taken. (Under
 #: autocast the weights are FP32 anyway, and a kept module only changes where its own ops run.)
 MAX_KEPT_SHARE = 0.5
+
+
+def _shrink(model: torch.nn.Module, universe: list[str], suspects: list[str], fp8: bool,
+            passes: Callable[[tuple[str, ...]], bool]) -> tuple[str, ...] | None:
+    """The kept set: ddmin from the suspects where keeping them passes, else from ``universe``; then down
+    the module tree (not for FP8 recipes: their layers are leaves); None where neither start passes."""
+    if suspects and not covers_all(model, tuple(suspects), fp8) and passes(tuple(suspects)):
+        start = suspects
+    elif universe and passes(tuple(universe)):
+        start = universe
+    else:
+        return None
+    keep = ddmin(start, passes)
+    return keep if fp8 else _one_minimal(refine(keep, model, passes), passes)
 
 
 def _one_minimal(keep: tuple[str, ...], passes: Callable[[tuple[str, ...]], bool]) -> tuple[str, ...]:
@@ -267,9 +287,11 @@ def _one_minimal(keep: tuple[str, ...], passes: Callable[[tuple[str, ...]], bool
 
 
 def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, diag: Diagnosis | None,
-          mk: Callable[..., Plan]) -> tuple[Plan, float | None] | None:
+          mk: Callable[..., Plan], reserve: int = 0) -> tuple[Plan, float | None] | None:
     """Modules kept in higher precision: ddmin from the suspects (or the top of the module tree; for FP8
-    recipes the GEMM layers), then refined down the tree; (plan, its step time) or None."""
+    recipes the GEMM layers), then refined down the tree; (plan, its step time) or None. Where the budget
+    (less ``reserve`` runs for the later changes) runs out first, the passing set with the fewest
+    parameters found so far stands (it passed: it is a plan, if not a minimal one)."""
     fp8 = strategy.compute in ("fp8", "fp4")
     fmt = "bf16" if fp8 else "fp32"
     universe = gemm_layers(r.model) if fp8 else callable_children(r.model)
@@ -282,24 +304,23 @@ def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, dia
         keep = tuple(sorted(keep))
         if keep not in memo:
             plan = mk(strategy, "keep", notes, keep, fmt)
-            rec, inner = r.run(plan.strategy, plan)
+            rec, inner = r.run(plan.strategy, plan, reserve)
             res.tried.append(_line(plan, rec))
             memo[keep] = rec["outcome"] == "pass", _step_seconds(rec, inner)
         return memo[keep][0]
 
     saturated = saturated_layers(r.spec, r.device) if fp8 else {}
     suspects = [n for n in universe if n in saturated] or _suspects(diag, window, strategy, r.model)
-    if suspects and not covers_all(r.model, tuple(suspects), fp8) and passes(tuple(suspects)):
-        start = suspects
-    elif universe and passes(tuple(universe)):
-        start = universe
-    else:
+    try:
+        keep = _shrink(r.model, universe, suspects, fp8, passes)
+    except OutOfRuns as exc:
+        found = [k for k, (ok, _) in memo.items() if ok and not covers_all(r.model, k, fp8)]
+        res.tried.append(str(exc) + ("; the smallest passing set found stands" if found else ""))
+        keep = min(found, key=lambda k: param_share(r.model, k)) if found else None
+    if keep is None:
         res.tried.append(f"modules kept in {fmt.upper()}: none passes" + (" (the model has no module to keep)"
                                                                           if not universe else ""))
         return None
-    keep = ddmin(start, passes)
-    if not fp8:
-        keep = _one_minimal(refine(keep, r.model, passes), passes)
     if covers_all(r.model, keep, fp8):
         res.tried.append(f"only keeping every {'GEMM layer' if fp8 else 'parameter'} in {fmt.upper()} passes: that "
                          "is the higher precision itself, no plan")
