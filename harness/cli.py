@@ -197,7 +197,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 #: Modules that add a subcommand: each defines ``add_command(subparsers)`` and sets ``func`` on its
 #: parser (``func(args) -> exit code``; raise ``results.InputError``, or ValueError/TypeError from a ``raise``
 #: in harness code, for bad input: :mod:`harness.exits`).
-COMMAND_MODULES: tuple[str, ...] = ("harness.report.cli", "harness.gate", "harness.models.model_check")
+COMMAND_MODULES: tuple[str, ...] = ("harness.report.cli", "harness.gate", "harness.models.model_check",
+                                     "harness.models.zoo_run")
 #: The command each view module adds: ``report`` and ``gate`` are pure functions of run files and must run
 #: where torch is absent (a laptop with runs copied from a GPU box), so only their own module is imported.
 VIEW_COMMANDS = {"report": "harness.report.cli", "gate": "harness.gate"}

@@ -218,6 +218,7 @@ def _make_run(fn: Callable, positional: bool, loss: Callable | None, steps: int)
 
     import torch
 
+    from .core.batches import map_tensors
     from .core.execution import route_linears
     from .core.scenario import Output
     from .run.training import Trainer
@@ -225,14 +226,19 @@ def _make_run(fn: Callable, positional: bool, loss: Callable | None, steps: int)
     def call(f: Callable, args: dict) -> Any:
         return f(*args.values()) if positional else f(**args)
 
+    def prepare(ex: Any, v: Any) -> Any:
+        """An argument as the strategy hands it over: a Module copied, stored and routed as ``fn`` is; tensors,
+        however deep in tuples, lists and dicts, in the activation format (FP64 in the reference)."""
+        if isinstance(v, torch.nn.Module):
+            return route_linears(copy.deepcopy(v).to(ex.device, ex.param_dtype), ex)
+        return map_tensors(ex.act, v)
+
     def run(ex: Any, inp: dict, params: dict) -> Any:
-        args = {k: ex.act(v) if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
-        model = fn
-        if isinstance(fn, torch.nn.Module):
-            model = route_linears(copy.deepcopy(fn).to(ex.device, ex.param_dtype), ex)
+        args = {k: prepare(ex, v) for k, v in inp.items()}
+        model = prepare(ex, fn) if isinstance(fn, torch.nn.Module) else fn
         with torch.no_grad(), ex.autocast():
             value = call(model, args)
-        out = Output(value=value.float())
+        out = Output(value=_primary(value).float())
         if loss is not None:
             trainer = Trainer(ex, model)
             res = trainer.train(lambda m, batch: loss(call(m, dict(zip(args, batch)))), lambda i: tuple(inp.values()),
@@ -243,13 +249,33 @@ def _make_run(fn: Callable, positional: bool, loss: Callable | None, steps: int)
     return run
 
 
+def _primary(value: Any) -> Any:
+    """The tensor of ``fn``'s output that is judged: the output itself, a model output's ``logits``
+    (Hugging Face's ``ModelOutput``, or any object with that field), else the first floating tensor of a
+    dict, tuple or list (timm and torchvision models return tensors)."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return value
+    logits = getattr(value, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    items = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, (tuple, list)) else []
+    found = next((v for v in items if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+    if found is None:
+        raise TypeError(f"fn returned a {type(value).__name__} with no floating tensor to judge; return a tensor, "
+                        "an object with .logits, or a dict/tuple holding one")
+    return found
+
+
 def assert_robust(fn: Callable, inputs: Any, strategy: Any, *, device: str = "cpu", n: int = 1,
                   factor: float = 1.0, loss: Callable | None = None, steps: int = 1) -> dict[str, Any]:
     """Assert that ``fn(inputs)`` under ``strategy`` matches its FP32 reference within the harness's bound.
 
     ``fn`` is a function of the inputs or a ``torch.nn.Module`` (copied, stored and routed as the
-    strategy says); ``inputs`` a tensor, a tuple (positional) or a dict (keyword) of FP32 tensors,
-    handed to ``fn`` in the strategy's activation format; ``n`` is the reduction length the bound uses,
+    strategy says); ``inputs`` a tensor, a tuple (positional) or a dict (keyword) of FP32 tensors (nested
+    in lists and dicts too; Module arguments are copied and stored like ``fn``), handed to ``fn`` in the
+    strategy's activation format (FP64 in the reference). Of ``fn``'s output the tensor itself is judged,
+    or a model output's ``.logits`` (Hugging Face), or the first floating tensor of a dict or tuple; ``n`` is the reduction length the bound uses,
     ``factor`` a declared loosening of it. With ``loss`` (a function of ``fn``'s output returning a
     scalar), ``fn`` must be a Module and ``steps`` training steps run under the strategy, loss scaler
     included; gradients, losses and the scale trajectory are judged too.

@@ -439,3 +439,19 @@ def test_the_snippet_fixes_the_users_own_model(preset: str) -> None:
     assert not torch.isfinite(outputs[0]).all() and torch.isfinite(outputs[1]).all()
     if preset == "fp16-pure":  # the kept block hands the next layer its own dtype back
         assert outputs[1].dtype == torch.float16
+
+
+def unseeded() -> dict:
+    """Weights from the global RNG, which check-model's --seed sets before calling the factory."""
+    x = torch.ones(2, 4)
+    return {"model": nn.Sequential(nn.Linear(4, 4)), "batch": lambda i: (x,),
+            "loss": lambda m, b: m(b[0]).float().pow(2).sum() * 2.0**-36}
+
+
+@pytest.mark.slow  # a check-model run and a search
+def test_the_search_trains_the_model_of_check_models_seed(tmp_path: Path) -> None:
+    result = check_model(unseeded, ["fp16-static"], steps=2, device="cpu", out=tmp_path / "run", seed=3)
+    assert result.records[0]["outcome"] == "underflow" and result.records[0]["params"] == {"steps": 2, "seed": 3}
+    (fix,) = fix_model(unseeded, result, "cpu").fixes
+    assert not fix.tried[0].startswith("not searched")  # the search built the same model (seed 3)
+    assert fix.verified and fix.record["params"] == {"steps": 2, "seed": 3}

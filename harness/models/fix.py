@@ -32,7 +32,7 @@ from .fix_search import SearchResult, plan_scenario, search
 from .model_check import CheckResult
 from .model_isolation import stand_in
 from .plan import Plan, snippet
-from .user_model import _sanitize, load_spec, model_scenario
+from .user_model import _sanitize, load_spec, model_scenario, target_module
 
 __all__ = ["Fix", "FixReport", "fix_model", "DEFAULT_BUDGET"]
 
@@ -143,8 +143,8 @@ def _new_dir(base: Path) -> Path:
     return out
 
 
-def _plan_scenarios(target: Any, steps: int, plan: Plan) -> dict[str, Any]:
-    s = plan_scenario(model_scenario(load_spec(target), steps), plan)
+def _plan_scenarios(target: Any, steps: int, plan: Plan, seed: int) -> dict[str, Any]:
+    s = plan_scenario(model_scenario(load_spec(target, seed=seed), steps), plan)
     return {s.name: s}
 
 
@@ -153,10 +153,11 @@ def _verify(target: Any, plan: Plan, result: CheckResult, device: torch.device, 
     """The plan run as ``check-model`` runs a strategy, in a run directory of its own: (record, directory,
     seconds per training attempt in it)."""
     out = _new_dir(result.out / "fix" / _sanitize(plan.fixes))
-    imports = [target.split(":")[0]] if isinstance(target, str) else []
-    cfg = RunConfig([stand_in(result.name, result.steps)], [plan.strategy], device, out=out, imports=imports,
-                    timeout=timeout, workers=1)
-    out_dir, summary, _ = run_matrix(cfg, None, init=partial(_plan_scenarios, target, result.steps, plan))
+    imports = [target_module(target)] if isinstance(target, str) else []
+    cfg = RunConfig([stand_in(result.name, result.steps, result.seed)], [plan.strategy], device, out=out,
+                    imports=imports, timeout=timeout, workers=1)
+    out_dir, summary, _ = run_matrix(cfg, None, init=partial(_plan_scenarios, target, result.steps, plan,
+                                                             result.seed))
     _, records = read_run(out_dir)
     attempts = (records[0].get("metrics") or {}).get("attempts")
     return records[0], str(out_dir), summary.seconds_in_scenarios / attempts if attempts else None
@@ -168,7 +169,8 @@ def _fix_one(target: Any, strategy: Strategy, original: dict[str, Any], result: 
     limit = None if not timeout else timeout * (budget + 2)  # each run has the --timeout a step has
     try:
         found: SearchResult = _run(search, (target, strategy, device, result.steps, result.window,
-                                            result.diagnoses.get(strategy.label), budget, timeout, original), device, limit)
+                                            result.diagnoses.get(strategy.label), budget, timeout, original,
+                                            result.seed), device, limit)
     except IsolatedFailure as exc:
         fix.why_none = f"the search failed: {exc}"
         return fix

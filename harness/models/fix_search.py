@@ -150,11 +150,13 @@ def _formats(strategy: Strategy) -> list[Strategy]:
 class _Runner:
     """Runs plans through the engine against one shared reference; counts runs against a budget."""
 
-    def __init__(self, target: Any, steps: int, device: torch.device, timeout: float | None, budget: int) -> None:
-        self.spec = spec = load_spec(target)
+    def __init__(self, target: Any, steps: int, device: torch.device, timeout: float | None, budget: int,
+                 seed: int = 0) -> None:
+        self.spec = spec = load_spec(target, seed=seed)
         self.model = spec.model
         self.base = model_scenario(spec, steps)
-        self.case = Case(self.base, {"steps": steps}, 0)  # check-model's one case (one seed)
+        # check-model's one case: the one value of each grid key, run seed 0 (one --seeds)
+        self.case = Case(self.base, {k: v[0] for k, v in self.base.grid.items()}, 0)
         self.device, self.timeout, self.budget, self.runs = device, timeout, budget, 0
         self.inputs, _ = case_inputs(self.case, device)
         self.refs = ReferenceCache()
@@ -177,14 +179,14 @@ def _line(plan: Plan, rec: dict[str, Any]) -> str:
 
 def search(target: Any, strategy: Strategy, device: torch.device, steps: int, window: Window,
            diag: Diagnosis | None, budget: int = 40, timeout: float | None = None,
-           original: dict[str, Any] | None = None) -> SearchResult:
+           original: dict[str, Any] | None = None, seed: int = 0) -> SearchResult:
     """The cheapest plan that passes for ``strategy`` (see module doc); every attempt is listed.
 
     ``original`` is check-model's record of ``strategy``: the search first runs the strategy again and
     stops where its reference (the FP32 loss curve's last value) is not that record's, since then the
     factory built another model here (weights drawn from an unseeded global RNG) and no plan would be
-    for the model that was checked."""
-    r, res = _Runner(target, steps, device, timeout, budget), SearchResult()
+    for the model that was checked. ``seed`` is check-model's ``--seed``."""
+    r, res = _Runner(target, steps, device, timeout, budget, seed), SearchResult()
     rec, inner = r.run(strategy)
     res.failing_outcome, res.seconds["failing"] = rec["outcome"], _step_seconds(rec, inner)
     res.failing_reason = f"{strategy.label}: {rec['outcome']}: {rec['reason']}"
@@ -192,8 +194,8 @@ def search(target: Any, strategy: Strategy, device: torch.device, steps: int, wi
     got = (rec.get("metrics") or {}).get("final_loss_ref")
     if want is not None and got != want:
         res.tried.append(f"not searched: the factory built another model here (FP32's final loss {got!r}, "
-                         f"check-model's {want!r}); seed the weights' initialisation in the factory "
-                         "(torch.manual_seed) so that every call builds the same model")
+                         f"check-model's {want!r}): the factory draws from a random source check-model's "
+                         "--seed does not set; make every call build the same model")
         return res
     if rec["outcome"] == "pass":
         res.tried.append(f"{strategy.label} passed when run again here: its failure did not reproduce")

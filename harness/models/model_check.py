@@ -23,7 +23,7 @@ from ..results import check_new_out, read_run, write_json_atomic
 from ..core.scaling import format_number
 from ..core.strategy import resolve
 from ..run.supervisor import fork_safe_cuda_check, fork_usable
-from .user_model import DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, load_spec, model_scenario
+from .user_model import DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, load_spec, model_scenario, target_module
 from ..judge.verdict import FAILURES
 from ..judge.window import Window
 
@@ -42,6 +42,7 @@ class CheckResult:
     diagnoses: dict[str, Diagnosis] = field(default_factory=dict)
     recommendation: str = ""
     diagnosis_failures: dict[str, str] = field(default_factory=dict)  # strategy -> how its diagnosis failed
+    seed: int = 0
 
     @property
     def failed(self) -> list[str]:
@@ -132,7 +133,7 @@ def _reference_lines(records: list[dict[str, Any]]) -> list[str]:
 def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] | None = None,
                 steps: int = DEFAULT_STEPS, device: str = "auto", out: Path | str | None = None,
                 diagnose: bool = True, progress: Callable[[int, int, str], None] | None = None,
-                timeout: float | None = 600.0) -> CheckResult:
+                timeout: float | None = 600.0, seed: int = 0) -> CheckResult:
     """Train ``target``'s model under each strategy against FP32, diagnose failures, recommend one.
 
     ``target`` is ``"MODULE:FACTORY"``, a factory, or its dict (see the module doc). Strategies are
@@ -140,7 +141,8 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
     ``records.jsonl`` in the ``run`` schema, family ``training``, plus ``diagnosis.json``) to ``out``
     or ``results/runs/<UTC time>-<device>/``. The factory, the training and the diagnosis run in
     worker processes (:mod:`harness.models.model_isolation`), each step under ``timeout`` seconds (None: no
-    deadline). Bad input raises ValueError saying what was expected.
+    deadline). ``seed`` seeds the factory, the batches it draws from the global RNG and the training's
+    randomness. Bad input raises ValueError saying what was expected.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -151,31 +153,32 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
     dev = resolve_device(device)
     strats = resolve(list(strategies or DEFAULT_STRATEGIES))
     if not fork_usable(dev)[0]:  # the factory runs here: no deadline, no protection (see supervisor)
-        return _check_in_process(target, strats, steps, dev, out, diagnose, progress)
-    name, window = preflight(target, dev, timeout)
-    imports = [target.split(":")[0]] if isinstance(target, str) else []
-    cfg = RunConfig([stand_in(name, steps)], strats, dev, out=Path(out) if out else None, imports=imports,
+        return _check_in_process(target, strats, steps, dev, out, diagnose, progress, seed)
+    name, window = preflight(target, dev, timeout, seed)
+    imports = [target_module(target)] if isinstance(target, str) else []
+    cfg = RunConfig([stand_in(name, steps, seed)], strats, dev, out=Path(out) if out else None, imports=imports,
                     timeout=timeout)
-    out_dir, _, _ = run_matrix(cfg, progress, init=worker_scenarios(target, steps))
+    out_dir, _, _ = run_matrix(cfg, progress, init=worker_scenarios(target, steps, seed))
     _, records = read_run(out_dir)
     by_label = {s.label: s for s in strats}
-    result = CheckResult(name, steps, Path(out_dir), records, window)
+    result = CheckResult(name, steps, Path(out_dir), records, window, seed=seed)
     if diagnose:  # an ``error`` record already carries its traceback: re-running it would raise again
         for r in records:
             if r["outcome"] in FAILURES and r["outcome"] != "error":
-                d = diagnosis(target, by_label[r["strategy"]], dev, steps, timeout)
+                d = diagnosis(target, by_label[r["strategy"]], dev, steps, timeout, seed)
                 if isinstance(d, str):
                     result.diagnosis_failures[r["strategy"]] = d
                 else:
+                    d.verdict = r["reason"]  # the lines that explain this verdict (diagnose.Diagnosis.lines)
                     result.diagnoses[r["strategy"]] = d
     return _finish(result, records)
 
 
 def _check_in_process(target: Any, strats: list, steps: int, dev: torch.device, out: Path | str | None,
-                      diagnose: bool, progress: Callable[[int, int, str], None] | None) -> CheckResult:
+                      diagnose: bool, progress: Callable[[int, int, str], None] | None, seed: int = 0) -> CheckResult:
     """:func:`check_model` where no worker can be forked: everything in this process."""
     try:
-        spec = load_spec(target)
+        spec = load_spec(target, seed=seed)
         ref_grads = fp32_gradients(spec, dev)
     except ValueError:
         raise
@@ -186,17 +189,19 @@ def _check_in_process(target: Any, strats: list, steps: int, dev: torch.device, 
         raise ValueError(f"{spec.name}: one FP32 training step failed ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); expected {EXPECTED}") from None
     ref_grads = window_gradients(spec, dev, ref_grads)
-    imports = [target.split(":")[0]] if isinstance(target, str) else []
+    imports = [target_module(target)] if isinstance(target, str) else []
     cfg = RunConfig([model_scenario(spec, steps)], strats, dev, out=Path(out) if out else None, imports=imports,
                     workers=0)
     out_dir, _, _ = run_matrix(cfg, progress)
     _, records = read_run(out_dir)
     by_label = {s.label: s for s in strats}
-    result = CheckResult(spec.name, steps, Path(out_dir), records, fp16_window(ref_grads))
+    result = CheckResult(spec.name, steps, Path(out_dir), records, fp16_window(ref_grads), seed=seed)
     if diagnose:
         for r in records:
             if r["outcome"] in FAILURES and r["outcome"] != "error":
-                result.diagnoses[r["strategy"]] = run_diagnosis(spec, by_label[r["strategy"]], dev, steps, ref_grads)
+                d = run_diagnosis(spec, by_label[r["strategy"]], dev, steps, ref_grads)
+                d.verdict = r["reason"]
+                result.diagnoses[r["strategy"]] = d
     return _finish(result, records)
 
 
@@ -204,7 +209,7 @@ def _finish(result: CheckResult, records: list[dict[str, Any]]) -> CheckResult:
     """The recommendation, and ``diagnosis.json`` next to the run's records."""
     result.recommendation = recommend(records, result.window, result.diagnoses)
     write_json_atomic(result.out / "diagnosis.json", {
-        "model": result.name, "steps": result.steps, "window": _small_window(result.window.as_dict()),
+        "model": result.name, "steps": result.steps, "seed": result.seed, "window": _small_window(result.window.as_dict()),
         "diagnoses": {k: d.as_dict() for k, d in result.diagnoses.items()},
         "diagnosis_failures": result.diagnosis_failures, "recommendation": result.recommendation})
     return result
@@ -220,15 +225,18 @@ def _small_window(w: dict[str, Any], keep: int = 64) -> dict[str, Any]:
 
 def add_command(subparsers: Any) -> None:
     """``python -m harness check-model MODULE:FACTORY [--strategy ...]... [--steps N] [--device ...] [--out DIR]``."""
-    from ..cli import out_dir, positive_int, seconds
+    from ..cli import non_negative_int, out_dir, positive_int, seconds
     p = subparsers.add_parser("check-model", help="train your own model under each strategy against FP32; "
                               "diagnose failures layer by layer; recommend a strategy")
-    p.add_argument("target", metavar="MODULE:FACTORY", help="FACTORY() returns {model, batch, loss[, optimizer]}")
+    p.add_argument("target", metavar="MODULE:FACTORY", help="FACTORY() returns {model, batch, loss[, optimizer]}; "
+                   "or zoo:NAME[@SIZE], a model of the zoo (python -m harness zoo)")
     p.add_argument("--strategy", action="append", default=[], metavar="NAME-or-SPEC",
                    help=f"repeatable; default: {', '.join(DEFAULT_STRATEGIES)}")
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, metavar="N", help="updates per strategy")
     p.add_argument("--device", default="auto", metavar="cpu|cuda|auto")
     p.add_argument("--out", type=out_dir, default=None, metavar="DIR")
+    p.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+                   help="seeds the factory's RNG, batches drawn from the global RNG and dropout (default 0)")
     p.add_argument("--no-diagnose", action="store_true", help="skip the per-layer diagnosis of failures")
     p.add_argument("--timeout", type=seconds, default=600.0, metavar="SECONDS",
                    help="deadline of each step in seconds, 0 to 604800: the factory and one FP32 step, each "
@@ -245,7 +253,7 @@ def _cmd(args: Any) -> int:
     from .fix import check_arguments, run_fix
     check_arguments(args)
     result = check_model(args.target, args.strategy, args.steps, args.device, args.out, not args.no_diagnose,
-                         progress if sys.stderr.isatty() else None, args.timeout or None)
+                         progress if sys.stderr.isatty() else None, args.timeout or None, args.seed)
     print(result.report())
     if args.fix:  # the exit code stays check-model's: the strategies as given still fail
         run_fix(args, result)

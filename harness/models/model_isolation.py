@@ -21,10 +21,10 @@ from ..run.worker import IsolatedFailure, isolated
 __all__ = ["preflight", "stand_in", "worker_scenarios", "diagnosis", "refused"]
 
 
-def _preflight(target: Any, device: torch.device) -> tuple[str, Any]:
+def _preflight(target: Any, device: torch.device, seed: int = 0) -> tuple[str, Any]:
     from .diagnose import fp16_window, fp32_gradients, window_gradients
     from .user_model import EXPECTED, load_spec
-    spec = load_spec(target)
+    spec = load_spec(target, seed=seed)
     try:
         grads = fp32_gradients(spec, device)
     except ValueError:
@@ -49,11 +49,11 @@ def refused(target: Any, what: str, exc: IsolatedFailure, timeout: float | None)
     return ValueError(f"{name}: {what} failed: {exc}")
 
 
-def preflight(target: Any, device: torch.device, timeout: float | None) -> tuple[str, Any]:
+def preflight(target: Any, device: torch.device, timeout: float | None, seed: int = 0) -> tuple[str, Any]:
     """(model name, FP16 loss-scale window of the FP32 gradients of update 0), computed in a forked
     process under ``timeout``; ValueError (one line) where the factory fails, exits, dies or hangs."""
     try:
-        return isolated(_preflight, (target, device), timeout)
+        return isolated(_preflight, (target, device, seed), timeout)
     except IsolatedFailure as exc:
         raise refused(target, "building the model and one FP32 training step", exc, timeout) from None
 
@@ -62,35 +62,36 @@ def _never(*args: Any) -> Output:
     raise RuntimeError("the stand-in of a user model ran in the supervisor; its workers build the real one")
 
 
-def stand_in(name: str, steps: int) -> Scenario:
+def stand_in(name: str, steps: int, seed: int = 0) -> Scenario:
     """What the supervisor knows of the model's scenario: its name and grid (no user code)."""
-    from .user_model import CHAIN_REASON
+    from .user_model import CHAIN_REASON, model_grid
     from ..core.scenario import Tolerance
-    return Scenario(name=name, family="training", description=f"user model {name}", grid={"steps": [steps]},
+    return Scenario(name=name, family="training", description=f"user model {name}", grid=model_grid(steps, seed),
                     inputs=lambda p, g: {}, run=_never, tolerance=Tolerance(reason=CHAIN_REASON))
 
 
-def _build(target: Any, steps: int) -> dict[str, Scenario]:
+def _build(target: Any, steps: int, seed: int = 0) -> dict[str, Scenario]:
     from .user_model import load_spec, model_scenario
-    s = model_scenario(load_spec(target), steps)
+    s = model_scenario(load_spec(target, seed=seed), steps)
     return {s.name: s}
 
 
-def worker_scenarios(target: Any, steps: int) -> Callable[[], dict[str, Scenario]]:
+def worker_scenarios(target: Any, steps: int, seed: int = 0) -> Callable[[], dict[str, Scenario]]:
     """The ``init`` of the workers: the real scenario, the factory called in the worker."""
-    return partial(_build, target, steps)
+    return partial(_build, target, steps, seed)
 
 
-def _diagnose(target: Any, strategy: Strategy, device: torch.device, steps: int) -> Any:
+def _diagnose(target: Any, strategy: Strategy, device: torch.device, steps: int, seed: int = 0) -> Any:
     from .diagnose import diagnose
     from .user_model import load_spec
-    return diagnose(load_spec(target), strategy, device, steps)
+    return diagnose(load_spec(target, seed=seed), strategy, device, steps)
 
 
-def diagnosis(target: Any, strategy: Strategy, device: torch.device, steps: int, timeout: float | None) -> Any:
+def diagnosis(target: Any, strategy: Strategy, device: torch.device, steps: int, timeout: float | None,
+              seed: int = 0) -> Any:
     """The diagnosis of ``strategy`` (a :class:`~harness.models.diagnose.Diagnosis`) or, where it failed, a
     one-line string saying how."""
     try:
-        return isolated(_diagnose, (target, strategy, device, steps), timeout)
+        return isolated(_diagnose, (target, strategy, device, steps, seed), timeout)
     except IsolatedFailure as exc:
         return f"the diagnosis failed: {exc}" + (f" (--timeout {timeout:g} s)" if exc.kind == "deadline" else "")

@@ -118,11 +118,13 @@ def _recommend(records: list[dict[str, Any]], window: Window, diagnoses: dict[st
         return ", ".join(f"{s}: {o}" for s, o in failed.items() if keep(compute[s]))
 
     if window.empty or overflow is not None:  # no FP16 strategy can work: BF16 (or another) must
-        if window.empty:
-            why = f"{span_txt}, wider than {range16}: {window_sentence(window)}"
-        else:
+        # a forward overflow is the first cause: once the activations are inf, no gradient the window was
+        # measured on is what the run computes, and no loss scale changes the forward pass
+        if overflow is not None:
             why = (f"activations of `{overflow.module}` pass FP16's max {FP16.max:g} in the forward pass, which "
                    "no loss scale fixes; BF16 keeps FP32's range")
+        else:
+            why = f"{span_txt}, wider than {range16}: {window_sentence(window)}"
         others = bf16 + [s for s in reduced if compute[s] not in ("fp16", "bf16")]
         if others:
             return f"{others[0]}: {why}"

@@ -5,7 +5,14 @@
     {"model": torch.nn.Module,                    # any module, left unchanged
      "batch": lambda step: (x, y),                # the inputs of step `step`, a tuple
      "loss": lambda model, batch: scalar_tensor,  # runs the forward pass
-     "optimizer": lambda params: torch.optim...}  # optional; default AdamW(lr=1e-3)
+     "optimizer": lambda params: torch.optim...,  # optional; default AdamW(lr=1e-3)
+     "observe": lambda model: {"name": float}}     # optional; what to record after each step
+
+The batch's tuple may nest tensors in dicts and lists (``({"input_ids": ids, "labels": ids},)``): they are
+moved to the device and, for pure strategies, cast, wherever they sit. ``observe`` makes a failure's
+mechanism visible in the record: its numbers after every training step (attempt) land in the record's
+``metrics["observed"]`` as ``{name: [value per step]}`` (the attention-logit maximum of a regime of
+:mod:`harness.models.zoo_regimes`). ``zoo:NAME[@SIZE]`` names a model of :mod:`harness.models.zoo`.
 
 :func:`train_trajectory` trains a deep copy of the model (the same initial weights every time) for a
 number of updates on the same batches under one strategy, and returns what the verdict judges
@@ -26,20 +33,25 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..core.batches import clone
 from ..core.execution import Execution, gemm_coverage, route_linears
 from ..core.scaling import LossScaleFloorError
 from ..core.scenario import Output, Scenario, Tolerance
 from ..run.training import Trainer
 
 __all__ = ["ModelSpec", "load_spec", "depth", "train_trajectory", "chain_length", "model_scenario", "Probe",
-           "DEFAULT_STRATEGIES", "DEFAULT_STEPS", "EXPECTED", "CHAIN_REASON", "RNG_NOTE"]
+           "DEFAULT_STRATEGIES", "DEFAULT_STEPS", "EXPECTED", "CHAIN_REASON", "RNG_NOTE", "target_module", "ZOO_PREFIX", "model_grid"]
 
 #: Autocast strategies: they apply to any model unchanged (casting strategies such as ``bf16-pure``
 #: need a model whose code accepts FP16/BF16 inputs; pass them with ``--strategy``).
 DEFAULT_STRATEGIES = ("fp32", "fp16", "fp16-dynamic", "fp16-gradscaler", "bf16")
 DEFAULT_STEPS = 32
 EXPECTED = ("a dict with keys model (torch.nn.Module), batch (callable step -> tuple), loss (callable "
-            "(model, batch) -> scalar tensor) and optionally optimizer (callable params -> torch.optim.Optimizer)")
+            "(model, batch) -> scalar tensor) and optionally optimizer (callable params -> torch.optim.Optimizer) and "
+            "observe (callable model -> dict of numbers)")
+#: ``check-model zoo:NAME`` names a model of the zoo: this prefix stands for its module.
+ZOO_PREFIX = "zoo:"
+ZOO_MODULE = "harness.models.zoo"
 CHAIN_REASON = ("a training run chains steps*(2*depth+1) roundings (each step's forward and backward through "
                 "`depth` parameterised layers, and the next step starts from this one's result): the error "
                 "bound grows like a random walk over the steps")
@@ -58,6 +70,9 @@ class ModelSpec:
     batch: Callable[[int], tuple]
     loss: Callable[[torch.nn.Module, tuple], torch.Tensor]
     optimizer: Callable[[list], torch.optim.Optimizer] = _default_optimizer
+    observe: Callable[[torch.nn.Module], dict] | None = None
+    #: the seed of the factory's RNG, the batches drawn from the global RNG and the training's randomness
+    seed: int = 0
     #: ``batch(step)`` as first drawn, in the factory's own default dtype, so every run (the FP64 one
     #: too) trains on bit-identical inputs; and the RNG state batches are drawn from (see :meth:`batch_at`)
     drawn: dict[int, tuple] = field(default_factory=dict, compare=False, repr=False)
@@ -87,14 +102,14 @@ class ModelSpec:
         cannot change the next run's)."""
         if step not in self.drawn:
             self.drawn[step] = self._draw(step)
-        return tuple(b.clone() if isinstance(b, torch.Tensor) else b for b in self.drawn[step])
+        return clone(self.drawn[step])
 
     def _draw(self, step: int) -> tuple:
         with torch.random.fork_rng(devices=[]), _dtype(self.dtype):
             if self._rng:
                 torch.set_rng_state(self._rng[0])
             else:
-                torch.manual_seed(0)  # a batch drawn from the global RNG gets the same numbers in every process
+                torch.manual_seed(self.seed)  # a batch drawn from the global RNG: the same numbers in every process
             b = self.batch(step)
             self._rng[:] = [torch.get_rng_state()]
         if isinstance(b, list):
@@ -114,10 +129,19 @@ def _sanitize(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "model"
 
 
+def target_module(target: str) -> str:
+    """The module a ``MODULE:FACTORY`` target imports (``zoo:NAME`` is :mod:`harness.models.zoo`'s)."""
+    return ZOO_MODULE if target.startswith(ZOO_PREFIX) else target.split(":")[0]
+
+
 def _resolve(target: str) -> tuple[Callable, str]:
     if target.count(":") != 1 or not all(target.split(":")):
-        raise ValueError(f"{target!r}: expected MODULE:FACTORY, e.g. examples.third_party_model:factory")
-    mod_name, attr = target.split(":")
+        raise ValueError(f"{target!r}: expected MODULE:FACTORY, e.g. examples.third_party_model:factory, or "
+                         "zoo:NAME for a model of the zoo (python -m harness zoo --help)")
+    mod_name, attr = target_module(target), target.split(":")[1]
+    if mod_name == ZOO_MODULE:
+        from . import zoo
+        zoo.get(zoo.parse_target(attr)[0])  # an unknown name: one line naming the close ones
     try:
         mod = importlib.import_module(mod_name)
     except Exception as exc:
@@ -134,8 +158,17 @@ def _resolve(target: str) -> tuple[Callable, str]:
     return fac, _sanitize(f"{mod_name.rsplit('.', 1)[-1]}-{attr}")
 
 
-def load_spec(target: str | Callable[[], dict] | dict, name: str | None = None) -> ModelSpec:
-    """A :class:`ModelSpec` from ``"MODULE:FACTORY"``, a factory, or the factory's dict.
+def _call(fac: Callable[[], Any], seed: int) -> Any:
+    """``fac()`` with the global RNG seeded with ``seed`` (a factory that draws its weights without seeding
+    builds the same model in every process) and restored after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fac()
+
+
+def load_spec(target: str | Callable[[], dict] | dict, name: str | None = None, seed: int = 0) -> ModelSpec:
+    """A :class:`ModelSpec` from ``"MODULE:FACTORY"`` (or ``"zoo:NAME[@SIZE]"``), a factory, or the factory's
+    dict; the factory is called with the global RNG seeded with ``seed``.
 
     Raises ValueError naming what was expected when the factory is missing or returns the wrong shape."""
     if isinstance(target, str):
@@ -146,13 +179,13 @@ def load_spec(target: str | Callable[[], dict] | dict, name: str | None = None) 
         fac, default = (lambda: target), "model"
     name = name or default
     try:
-        d = fac()
+        d = _call(fac, seed)
     except Exception as exc:
         raise ValueError(f"{name}: the factory raised {type(exc).__name__}: {exc}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{name}: the factory returned {type(d).__name__}; expected {EXPECTED}")
     missing = [k for k in ("model", "batch", "loss") if k not in d]
-    unknown = sorted(set(d) - {"model", "batch", "loss", "optimizer"})
+    unknown = sorted(set(d) - {"model", "batch", "loss", "optimizer", "observe"})
     if missing or unknown:
         what = (f"lacks {', '.join(missing)}" if missing else "") + ("; " if missing and unknown else "") + \
                (f"has unknown keys {', '.join(unknown)}" if unknown else "")
@@ -161,10 +194,11 @@ def load_spec(target: str | Callable[[], dict] | dict, name: str | None = None) 
         raise ValueError(f"{name}: model is a {type(d['model']).__name__}; expected a torch.nn.Module")
     if not any(p.requires_grad for p in d["model"].parameters()):
         raise ValueError(f"{name}: the model has no trainable parameters; nothing to train")
-    for k in ("batch", "loss", "optimizer"):
+    for k in ("batch", "loss", "optimizer", "observe"):
         if k in d and not callable(d[k]):
             raise ValueError(f"{name}: {k} is a {type(d[k]).__name__}, not callable; expected {EXPECTED}")
-    return ModelSpec(name, d["model"], d["batch"], d["loss"], d.get("optimizer") or _default_optimizer)
+    return ModelSpec(name, d["model"], d["batch"], d["loss"], d.get("optimizer") or _default_optimizer,
+                     d.get("observe"), seed)
 
 
 def chain_length(depth: int, steps: int) -> int:
@@ -181,13 +215,17 @@ class Probe:
     def begin(self, attempt: int, update: int, scale: float) -> None: ...
     def detach(self) -> None: ...
 
+    def applied(self, names: list[str], live: torch.Tensor, kept: torch.Tensor) -> None:
+        """After an applied update: flat masks (in the order of ``names``' parameters) of the entries with a
+        non-zero gradient (``live``) and of those the update left unchanged (``kept``)."""
+
 
 def _flat(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([tensors[n].reshape(-1) for n in names])
 
 
 def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | None = None,
-                     seed: int = 0, perturb: int | None = None) -> Output:
+                     seed: int | None = None, perturb: int | None = None) -> Output:
     """Train a deep copy of ``spec.model`` for ``steps`` updates under ``ex``; what the verdict judges.
 
     Batches are indexed by applied update: a step the scaler skips is retried on the same batch, so a
@@ -201,13 +239,14 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
     (``w + dw == w``); ``gemm_coverage``, the GEMM layers that ran in the strategy's format
     (:func:`harness.core.execution.gemm_coverage`); ``inputs_identical``, False with ``inputs_note`` when
     the model or loss draws random numbers (dropout), which runs in other dtypes may draw differently.
-    Dropout and other randomness are seeded with ``seed``. ``perturb=k`` first moves every weight one
+    Dropout and other randomness are seeded with ``seed`` (None: ``spec.seed``). With ``spec.observe``,
+    ``observed`` holds its numbers after every attempt. ``perturb=k`` first moves every weight one
     ulp of its storage format up or down (signs drawn from seed ``k``): the run
     :mod:`harness.judge.sensitivity` measures FP32's own sensitivity with.
     """
     dev = [ex.device.index or 0] if ex.device.type == "cuda" else []
     with torch.random.fork_rng(devices=dev), _default_dtype(ex.dtype), _reproducible(ex.device):
-        torch.manual_seed(seed)
+        torch.manual_seed(spec.seed if seed is None else seed)
         trainer = Trainer(ex, route_linears(copy.deepcopy(spec.model), ex), spec.optimizer)
         if perturb is not None:
             _perturb(trainer, perturb)
@@ -216,6 +255,7 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
         losses: list[float] = []
         grads: dict[str, torch.Tensor] | None = None
         stopped, update, attempts, lost, nonzero, rng_used = None, 0, 0, 0, 0, False
+        observed: dict[str, list[float]] = {}
         if probe is not None:
             probe.attach(trainer.model)
         try:
@@ -235,6 +275,7 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                     if rng is not None:
                         rng_used = not all(torch.equal(a, b) for a, b in zip(rng, _rng_states(ex.device)))
                 trainer.trace.add(decision)
+                _observe(spec, trainer.model, observed)
                 losses[update:] = [loss]  # the loss of update `update`'s latest attempt
                 if update == 0:  # the first update's gradients: FP32's first step has the same params and batch
                     grads = g
@@ -242,6 +283,8 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                     live = _flat(g, names) != 0
                     kept = _flat(trainer.parameters_fp32(), names) == before
                     lost, nonzero = lost + int((live & kept).sum()), nonzero + int(live.sum())
+                    if probe is not None:
+                        probe.applied(names, live, kept)
                     update += 1
                 elif not ex.strategy.scaler.dynamic:
                     grads, stopped = g, f"update {update}: non-finite gradients under a fixed loss scale"
@@ -255,10 +298,23 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                              "gemm_coverage": gemm_coverage(trainer.model, ex), "inputs_identical": not rng_used}
     if rng_used:
         extra["inputs_note"] = RNG_NOTE
+    if observed:
+        extra["observed"] = observed
     if stopped:
         extra["stopped"] = stopped
     trace = trainer.trace if ex.strategy.scaler.kind != "none" else None
     return Output(value=delta, grads=grads, losses=losses, trace=trace, extra=extra)
+
+
+def _observe(spec: ModelSpec, model: torch.nn.Module, into: dict[str, list[float]]) -> None:
+    """Append ``spec.observe(model)``'s numbers (after one attempt) to ``into``."""
+    if spec.observe is None:
+        return
+    got = spec.observe(model)
+    if not isinstance(got, dict):
+        raise ValueError(f"{spec.name}: observe(model) returned {type(got).__name__}; expected a dict name -> number")
+    for k, v in got.items():
+        into.setdefault(str(k), []).append(float(v))
 
 
 #: Why a run whose model or loss draws random numbers cannot be made to see its reference's inputs.
@@ -322,13 +378,19 @@ def _dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(saved)
 
 
+def model_grid(steps: int, seed: int = 0) -> dict[str, list[int]]:
+    """A user model's one case: ``{"steps": [steps]}``, and ``"seed"`` where ``--seed`` is not 0 (a run with
+    the default seed keeps the parameters it always had)."""
+    return {"steps": [steps], **({"seed": [seed]} if seed else {})}
+
+
 def model_scenario(spec: ModelSpec, steps: int) -> Scenario:
     """The user's model as a ``training`` scenario of one case (params ``{"steps": steps}``)."""
     return Scenario(
         name=spec.name, family="training",
         description=f"user model {spec.name} ({type(spec.model).__name__}, {spec.depth} parameterised layers) "
                     f"trained {steps} updates under each strategy against FP32",
-        grid={"steps": [steps]}, inputs=lambda p, g: {},
+        grid=model_grid(steps, spec.seed), inputs=lambda p, g: {},
         run=lambda ex, inputs, p: train_trajectory(ex, spec, p["steps"]),
         perturbed=lambda ex, inputs, p, k: train_trajectory(ex, spec, p["steps"], perturb=k),
         n=lambda p: chain_length(spec.depth, p["steps"]),

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..core.batches import to_device
 from ..core.execution import Execution
 from ..core.keep import to_storage
 from ..core.scaling import Decision, LossScaleFloorError, ScaleTrace, Scaler
@@ -72,11 +73,10 @@ class Trainer:
             self.scaler = Scaler(s.scaler)
 
     def _batch(self, batch: tuple) -> tuple:
+        """The batch on the device, floating tensors cast for a pure (``apply=cast``) strategy, however deep
+        they sit in tuples, lists and dicts."""
         ex = self.ex
-        cast = ex.strategy.apply == "cast"
-        return tuple((b.to(ex.device, ex.dtype) if cast else b.to(ex.device))
-                     if isinstance(b, torch.Tensor) and b.is_floating_point()
-                     else (b.to(ex.device) if isinstance(b, torch.Tensor) else b) for b in batch)
+        return tuple(to_device(batch, ex.device, ex.dtype if ex.strategy.apply == "cast" else None))
 
     def step(self, loss_fn: LossFn, batch: tuple) -> tuple[float, dict[str, torch.Tensor], Decision]:
         """One step; returns (loss, unscaled FP32 gradients by parameter name, the scaler's decision).

@@ -1,0 +1,112 @@
+"""Failure regimes as zoo variants: the published small-scale proxies of large-model instabilities and the
+precision failures the harness exists for, each on a real architecture, each with its mechanism in its
+record (``metrics["observed"]``: a number per training step).
+
+* ``llama-highlr`` / ``llama-highlr-qknorm``: attention-logit growth at a high learning rate (Wortsman et
+  al. 2023, "Small-scale proxies for large-scale Transformer training instabilities"; Dehghani et al.
+  2023): the largest attention logit ``max |q.k|/sqrt(d)`` climbs step after step until the softmax
+  saturates. It happens in FP32 as well: the instability is the optimisation's, not precision's, and
+  the verdicts must not blame precision for it. The fix, QK-layernorm, normalises q and k per head
+  (Qwen3's architecture is LLaMA's with exactly that added): the logits stay bounded.
+* Output-logit divergence (Wortsman et al. sec. 3.2, fixed by a z-loss) is not a variant: at the tiny
+  size and a CPU horizon (48 updates at learning rates 0.03 to 0.3) the mean log-normaliser stays near
+  ``log(vocab)`` with and without the z-loss, so neither the divergence nor its fix shows. The regimes
+  still record ``output_log_z`` and ``output_logit_max`` per step.
+* ``gpt2-qk1000``: activations past FP16's 65504: one attention block's query and key weights scaled
+  x1000 make its attention logits overflow FP16 in the forward pass (BF16 keeps FP32's range).
+
+Attention logits are read through an attention implementation of Hugging Face's interface that computes
+``q k^T * scale`` once more, without gradient, before handing over to the model's own eager attention.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from .zoo import LM, ZooModel, causal_lm, gpt2_config, llama_config, register
+
+__all__ = ["PROBE", "observe_logits", "HIGH_LR", "QK_GAIN"]
+
+#: The attention implementation name the regimes register with Hugging Face.
+PROBE = "harness_logit_probe"
+#: The learning rate of the high-LR regimes: 100x the tiny LMs' 3e-3 (Wortsman et al. sweep to 3e-1).
+HIGH_LR = 3e-1
+#: Query/key gain of ``gpt2-qk1000``.
+QK_GAIN = 1000.0
+
+
+def _probe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any) -> Any:
+    """The model's own eager attention, after noting its largest |logit| on ``module``."""
+    s = scaling if scaling is not None else query.shape[-1] ** -0.5
+    with torch.no_grad():
+        big = float((torch.matmul(query, key.transpose(-1, -2)) * s).abs().max().float())
+    prev = getattr(module, "harness_logit_max", 0.0)
+    module.harness_logit_max = big if big != big or big > prev else prev  # NaN sticks: it is the news
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def _register_probe() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(PROBE, _probe_attention)
+
+
+def observe_logits(model: torch.nn.Module) -> dict[str, float]:
+    """The largest attention logit (over layers and heads) and the largest |output logit| of the latest
+    forward pass; resets the attention modules' maxima for the next one."""
+    att = []
+    for m in model.modules():
+        if hasattr(m, "harness_logit_max"):
+            att.append(m.harness_logit_max)
+            m.harness_logit_max = 0.0
+    out = {"attn_logit_max": max(att, key=lambda v: (v != v, v)) if att else float("nan")}
+    if hasattr(model, "harness_output_logit_max"):
+        out["output_logit_max"] = model.harness_output_logit_max
+        out["output_log_z"] = model.harness_log_z
+    return out
+
+
+def _observed(d: dict) -> dict:
+    d["model"].harness_output_logit_max = d["model"].harness_log_z = 0.0  # written by zoo.note_logits
+    d["observe"] = observe_logits
+    return d
+
+
+def _llama_highlr(size: str, seed: int, qknorm: bool = False) -> dict:
+    import transformers
+    _register_probe()
+    c = LM[size]
+    cls = ("Qwen3Config", "Qwen3ForCausalLM") if qknorm else ("LlamaConfig", "LlamaForCausalLM")
+    cfg = llama_config(size, cls[0], attn_implementation=PROBE, **({"head_dim": c["width"] // c["heads"],
+                                                                   "use_sliding_window": False} if qknorm else {}))
+    model = getattr(transformers, cls[1])(cfg)
+    return _observed(causal_lm(model, cfg.vocab_size, c["seq"], c["batch"], seed, HIGH_LR))
+
+
+def _gpt2_qk1000(size: str, seed: int) -> dict:
+    import transformers
+    _register_probe()
+    c = LM[size]
+    cfg = gpt2_config(size, attn_implementation=PROBE)
+    model = transformers.GPT2LMHeadModel(cfg)
+    w = c["width"]
+    with torch.no_grad():  # c_attn holds [q | k | v] along its output dimension (Conv1D: weight is (in, out))
+        model.transformer.h[0].attn.c_attn.weight[:, : 2 * w] *= QK_GAIN
+    return _observed(causal_lm(model, c["vocab"], c["seq"], c["batch"], seed, c["lr"]))
+
+
+TINY = ("tiny",)
+for _m in (
+    ZooModel("llama-highlr", "transformers", "causal LM", f"tiny LLaMA at lr {HIGH_LR:g}: attention-logit growth "
+             "(in FP32 too)", _llama_highlr, TINY, regime="attention-logit growth"),
+    ZooModel("llama-highlr-qknorm", "transformers", "causal LM", f"tiny LLaMA with QK-RMSNorm (Qwen3) at lr "
+             f"{HIGH_LR:g}: the logits stay bounded", lambda size, seed: _llama_highlr(size, seed, qknorm=True), TINY,
+             regime="attention-logit growth, fixed by QK-layernorm"),
+    ZooModel("gpt2-qk1000", "transformers", "causal LM", f"tiny GPT-2 whose first block's q/k weights are scaled "
+             f"x{QK_GAIN:g}: attention logits past FP16's 65504", _gpt2_qk1000, TINY,
+             regime="activations past FP16's max"),
+):
+    register(_m)

@@ -1,0 +1,201 @@
+"""The zoo: registry, data, models that learn, libraries missing here, the command and its table, regimes."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.core.execution import Execution
+from harness.core.strategy import PRESETS
+from harness.models import zoo, zoo_data
+from harness.models.user_model import load_spec, train_trajectory
+from harness.results import read_run
+
+transformers = pytest.importorskip("transformers")
+CPU = torch.device("cpu")
+
+
+# -- registry and libraries ----------------------------------------------------------------------------------
+def test_registry_names_and_unknown_names() -> None:
+    names = zoo.names()
+    assert names[:7] == ["gpt2", "llama", "bert", "t5", "vit", "convnext", "resnet50"]
+    assert {"llama-highlr", "llama-highlr-qknorm", "gpt2-qk1000"} <= set(names)
+    with pytest.raises(ValueError, match="unknown zoo model 'gtp2'; did you mean gpt2"):
+        zoo.get("gtp2")
+    with pytest.raises(ValueError, match="registered twice"):
+        zoo.register(zoo.ZOO["gpt2"])
+    with pytest.raises(ValueError, match="unknown size 'huge'; sizes: tiny, base"):
+        zoo.parse_target("gpt2@huge")
+    assert zoo.parse_target("llama") == ("llama", "tiny") and zoo.parse_target("llama@base") == ("llama", "base")
+
+
+@pytest.mark.parametrize("name, lib", [("vit", "timm"), ("convnext", "timm"), ("resnet50", "torchvision")])
+def test_missing_library_is_unsupported_with_the_install_line(name: str, lib: str) -> None:
+    try:
+        __import__(lib)
+        pytest.skip(f"{lib} imports here; this checks a machine without it")
+    except Exception:  # noqa: BLE001  (not installed, or a CUDA build that fails to import)
+        pass
+    why = zoo.unsupported(name, "tiny", CPU)
+    assert why is not None and lib in why and "pip install 'mp-harness[zoo]'" in why
+    with pytest.raises(ValueError, match=f"zoo model {name}: unsupported here: {lib}"):
+        zoo.factory(name)
+
+
+def test_broken_import_is_a_reason_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package that is installed but fails to import (torchvision built for CUDA on a CPU machine)."""
+    real = zoo.importlib.import_module
+
+    def fake(name: str):
+        if name == "torchvision":
+            raise OSError("libcudart.so.13: cannot open shared object file")
+        return real(name)
+    zoo.library_missing.cache_clear()
+    monkeypatch.setattr(zoo.importlib, "import_module", fake)
+    try:
+        why = zoo.library_missing("torchvision")
+    finally:
+        zoo.library_missing.cache_clear()
+    assert why == ("torchvision is installed but its import fails (OSError: libcudart.so.13: cannot open shared "
+                   "object file): reinstall it for this torch, pip install 'mp-harness[zoo]'")
+
+
+def test_base_convolutional_models_do_not_run_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zoo, "library_missing", lambda lib: None)
+    assert zoo.unsupported("resnet50", "base", CPU) == zoo.CPU_CONV
+    assert zoo.unsupported("convnext", "tiny", CPU) is None
+    assert zoo.unsupported("resnet50", "base", torch.device("cuda")) is None
+    assert zoo.unsupported("gpt2", "base", CPU) is None
+    assert zoo.unsupported("gpt2-qk1000", "base", CPU) == "gpt2-qk1000 has no 'base' size (sizes: tiny)"
+
+
+# -- data ----------------------------------------------------------------------------------------------------
+def test_markov_tokens_follow_the_table_and_are_seeded() -> None:
+    chain = zoo_data.MarkovChain(vocab=32, seed=3, successors=4)
+    a, b = chain.tokens(4, 16, seed=3, step=5), chain.tokens(4, 16, seed=3, step=5)
+    assert torch.equal(a, b) and not torch.equal(a, chain.tokens(4, 16, seed=3, step=6))
+    for row in a:
+        for x, y in zip(row[:-1].tolist(), row[1:].tolist()):
+            assert y in chain.next[x].tolist()
+    assert chain.floor == math.log(4)
+
+
+def test_masked_and_seq2seq_batches() -> None:
+    chain = zoo_data.MarkovChain(vocab=64, seed=0, reserved=16)
+    ids, labels = zoo_data.masked(chain, 8, 32, seed=0, step=0, mask_id=63)
+    masked = ids == 63
+    assert masked.any() and torch.equal(masked, labels != zoo_data.IGNORE)
+    assert int(labels[masked].max()) < 16 and int(ids[~masked].max()) < 16  # the chain never emits [MASK]
+    src, tgt = zoo_data.seq2seq(chain, 2, 8, seed=0, step=1)
+    assert src.shape == tgt.shape == (2, 8) and int(tgt[0, 0]) in chain.next[int(src[0, -1])].tolist()
+
+
+def test_images_carry_class_dependent_means() -> None:
+    x, y = zoo_data.images(classes=2, batch=256, size=8, seed=0, step=0)
+    assert x.shape == (256, 3, 8, 8) and x.dtype == torch.float32
+    means = torch.stack([x[y == c].mean(0) for c in (0, 1)])
+    # the two class patterns have unit RMS each; noise averages out over ~128 images per class
+    assert float((means[0] - means[1]).pow(2).mean().sqrt()) > 0.5
+
+
+# -- the models learn ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "t5"])
+def test_fp32_loss_falls(name: str) -> None:
+    spec = load_spec(f"zoo:{name}")
+    losses = train_trajectory(Execution(PRESETS["fp32"], CPU), spec, 16).losses
+    assert len(losses) == 16 and sum(losses[-3:]) / 3 < losses[0] - 0.2, losses
+
+
+def test_seed_changes_the_weights_and_reproduces_them() -> None:
+    a, b, c = (dict(load_spec("zoo:gpt2", seed=s).model.named_parameters()) for s in (0, 0, 1))
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+def test_check_model_zoo_target(capsys, tmp_path: Path) -> None:
+    code = main(["check-model", "zoo:gpt2", "--strategy", "fp32", "--strategy", "bf16", "--steps", "3",
+                 "--seed", "2", "--device", "cpu", "--out", str(tmp_path / "run")])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    header, records = read_run(tmp_path / "run")
+    assert [(r["scenario"], r["params"], r["outcome"]) for r in records] == \
+        [("zoo-gpt2", {"steps": 3, "seed": 2}, "pass")] * 2
+    assert header["config"]["imports"] == ["harness.models.zoo"]
+    assert json.loads((tmp_path / "run" / "diagnosis.json").read_text())["seed"] == 2
+    assert main(["check-model", "zoo:gtp2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown zoo model 'gtp2'; did you mean gpt2" in err and err.count("\n") == 1
+
+
+def test_zoo_command_table_and_report(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "zoo"
+    code = main(["zoo", "--model", "llama", "--model", "resnet50", "--strategy", "fp32", "--strategy", "bf16",
+                 "--steps", "2", "--device", "cpu", "--out", str(out), "--markdown", str(tmp_path / "t.md")])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    summary = json.loads((out / "zoo.json").read_text())
+    llama, resnet = summary["models"]
+    assert (llama["model"], llama["size"], llama["outcome"]) == ("llama", "tiny", "pass")
+    assert [r["strategy"] for r in llama["records"]] == ["fp32", "bf16"]
+    assert (out / "llama" / "records.jsonl").is_file()
+    if zoo.library_missing("torchvision"):
+        assert resnet["outcome"] == "unsupported" and "mp-harness[zoo]" in resnet["reason"]
+        assert not (out / "resnet50").exists()
+    table = (tmp_path / "t.md").read_text()
+    assert "| model | size | fp32 | bf16 |" in table and "| llama | tiny | pass " in table
+    assert main(["zoo", "--report", str(out), "--markdown", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == table  # a pure function of zoo.json
+    assert main(["zoo", "--report", str(tmp_path)]) == 2
+    assert "no zoo.json" in capsys.readouterr().err
+
+
+# -- on the GPU (the lead runs these: timm and torchvision import there) ---------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "t5", "vit", "convnext", "resnet50"])
+def test_every_model_builds_and_learns_on_cuda(name: str) -> None:
+    why = zoo.unsupported(name, "tiny", "cuda")
+    assert why is None, why  # the GPU machine has the [zoo] extra
+    spec = load_spec(f"zoo:{name}")
+    losses = train_trajectory(Execution(PRESETS["fp32"], torch.device("cuda")), spec, 16).losses
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
+
+
+@pytest.mark.cuda
+@cuda
+def test_zoo_command_on_cuda_tiny(tmp_path: Path, capsys) -> None:
+    code = main(["zoo", "--size", "tiny", "--model", "gpt2", "--model", "vit", "--model", "resnet50",
+                 "--model", "gpt2-qk1000", "--strategy", "fp32", "--strategy", "fp16-dynamic", "--strategy", "bf16",
+                 "--steps", "4", "--device", "cuda", "--out", str(tmp_path / "zoo")])
+    capsys.readouterr()
+    summary = json.loads((tmp_path / "zoo" / "zoo.json").read_text())
+    by = {e["model"]: e for e in summary["models"]}
+    assert all(e["outcome"] != "unsupported" for e in by.values()), by
+    for name in ("gpt2", "vit", "resnet50"):
+        assert {r["strategy"]: r["outcome"] for r in by[name]["records"]}["fp32"] == "pass"
+    qk = {r["strategy"]: r["outcome"] for r in by["gpt2-qk1000"]["records"]}
+    assert qk["fp32"] == "pass" and qk["fp16-dynamic"] in ("stalled", "overflow") and code == 1
+
+
+def test_a_model_check_model_refuses_is_a_row_and_the_zoo_goes_on(tmp_path: Path, monkeypatch) -> None:
+    from harness.models import zoo_run
+    real = zoo.factory
+
+    def broken(name: str, size: str = "tiny", seed=None) -> dict:
+        if name == "llama":
+            raise RuntimeError("CUDA out of memory")
+        return real(name, size, seed)
+    monkeypatch.setattr(zoo, "factory", broken)
+    summary = zoo_run.run_zoo(["llama", "t5"], ["fp32"], steps=1, device="cpu", out=tmp_path / "z")
+    llama, t5 = summary["models"]
+    assert llama["outcome"] == "error" and "RuntimeError: CUDA out of memory" in llama["reason"]
+    assert t5["outcome"] == "pass"
+    assert "| llama | tiny | error: " in zoo_run.zoo_table(summary)
