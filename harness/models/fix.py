@@ -103,7 +103,7 @@ def _speed(sec: dict[str, float | None], label: str) -> str:
     plan, failing, bf16 = sec.get("plan"), sec.get("failing"), sec.get("bf16")
     parts = [f"plan {_ms(plan)}", f"{label} {_ms(failing)}" + (f" (plan x{plan / failing:.2f})" if plan and failing
                                                                    else "")]
-    if bf16 is not None:
+    if bf16 is not None and label != "bf16":
         parts.append(f"bf16 {_ms(bf16)}" + (f" (plan x{plan / bf16:.2f})" if plan else ""))
     return ", ".join(parts) + " per step"
 
