@@ -84,7 +84,9 @@ def render(scenarios: Iterable[Scenario], strategies: Sequence[Strategy] | None 
              f"What each scenario declares for every strategy preset: the {tier} tier's cases on the {device.upper()}. "
              "A case no `Expect` entry matches is expected to pass. Generated from the scenario registry by "
              "`python -m harness.expectations > docs/expected.md`; do not edit by hand (tests compare this file "
-             "with the registry, and the declarations with actual outcomes).", "",
+             "with the registry, and the declarations with actual outcomes). An optimizer recipe (`update=`, "
+             "`states=`) that never acts in a run (no optimizer step, or no state of 4096 entries) is recorded "
+             "`unsupported` (not applicable) whatever is declared here: only running tells.", "",
              f"Cells: {legend}.", "", "## Expected failures per family", "",
              *_summary(rows, strategies), ""]
     for fam in FAMILIES:

@@ -86,6 +86,18 @@ register(Scenario(
         Expect(("bf16-pure",), "diverged", "update swamped: |dw| < 2^-8 is below half a BF16 ulp (2^-7) of w",
                when=lambda p: p["log2_ratio"] <= -9),
         Expect(("bf16-pure",), "diverged", "every step rounds w + dw to BF16's grid (ulp 2^-7): up to 2^-8 per step"),
+        Expect(("bf16-sr",), "diverged", "8 stochastically rounded steps: each weight's error is a random walk of "
+                                         "standard deviation sqrt(8*|dw|*ulp), above the bound of 8 roundings "
+                                         "(bf16_update_swamping shows SR over hundreds of steps)"),
+        Expect(("bf16-kahan", "optimi-bf16-kahan"), "diverged",
+               "8 updates of |dw| <= 2^-11 add up to at most half a BF16 ulp (2^-8): the Kahan compensation holds "
+               "the drift, the stored weight has not moved yet", when=lambda p: p["log2_ratio"] <= -11),
+        Expect(("bf16-kahan", "optimi-bf16-kahan"), "diverged",
+               "the stored weight is within half a BF16 ulp (2^-8) of FP32's, but 8 updates drift only 8|dw|: "
+               "that half ulp is a relative error above the bound", when=lambda p: p["log2_ratio"] <= -9),
+        Expect(("bf16-8bit-states",), "unsupported", "not applicable: SGD without momentum keeps no optimizer state"),
+        Expect(("torchao-bf16-*", "bnb-bf16-8bit-states"), "unsupported",
+               "the library has no SGD recipe (torchao: AdamW/Adam; bitsandbytes mapped for Adam/AdamW)"),
     ),
 ))
 
@@ -109,6 +121,8 @@ def _adam_run(ex, inp: dict, p: dict) -> Output:
                       optimizer=lambda ps: torch.optim.Adam(ps, lr=ADAM_LR, eps=ADAM_EPS))
     trainer.train(lambda mod, batch: mod(batch[0]), lambda i: (inp["c"],), steps=ADAM_STEPS)
     (state,) = [trainer.opt.state[q] for q in trainer.opt.param_groups[0]["params"]]
+    if "exp_avg_sq" not in state:  # a library's optimizer (lib=bnb) names its states otherwise
+        return _drift_output(trainer, inp["w0"])
     v = state["exp_avg_sq"]
     eps_stored = float(torch.tensor(ADAM_EPS, dtype=v.dtype))
     return _drift_output(trainer, inp["w0"], v_zero_frac=float((v == 0).float().mean()),
@@ -135,5 +149,69 @@ register(Scenario(
         Expect(("fp16-pure",), "diverged", "(1-beta2)*g^2 ~ 2^-22 is subnormal in FP16 and keeps a few bits: "
                                            "sqrt(v), and so every step, is off by percents",
                when=lambda p: -8 < p["log2_grad"] <= -6),
+        Expect(("*8bit-states",), "unsupported", "not applicable: 1024 weights, and states under 4096 entries stay "
+                                                 "in full precision (as in torchao and bitsandbytes)"),
+    ),
+))
+
+
+# -- BF16 update swamping over hundreds of steps: stochastic rounding and Kahan sums ----------------------
+BF16_SWAMP_STEPS = 256
+BF16_SWAMP_ROWS, BF16_SWAMP_COLS = 16, 256  # 4096 weights: large enough for 8-bit states (harness.core.optim_states)
+
+
+def _bf16_swamp_inputs(p: dict, g: torch.Generator) -> dict:
+    n = BF16_SWAMP_ROWS * BF16_SWAMP_COLS
+    # weights and gradients in [1, 2), positive: every weight moves the same way, so row means do not cancel
+    return {"w0": _grid(n, 1.0, 7, g).abs(), "c": _grid(n, 1.0, 7, g).abs()}
+
+
+def _bf16_swamp_run(ex, inp: dict, p: dict) -> Output:
+    """Adam (lr 2^log2_lr, no weight decay) on a fixed gradient: every step moves each weight by lr (Adam
+    normalises the step; eps is negligible here), far below half a BF16 ulp of weights in [1, 2) (2^-8).
+    Output: the mean drift of each row of 256 weights (what a layer's output on a constant input sees, and
+    where stochastic rounding's independent errors average out). Extra: the share of (step, weight) pairs
+    that left the stored weight unchanged, the mean drift against the intended one, and the per-weight
+    distance from the intended final weights."""
+    lr = 2.0 ** p["log2_lr"]
+    trainer = Trainer(ex, LinearLoss(inp["w0"]), optimizer=lambda ps: torch.optim.Adam(ps, lr=lr))
+    unmoved, skipped = 0, 0
+    for _ in range(BF16_SWAMP_STEPS):
+        before = trainer.parameters_fp32()["w"].clone()
+        _, _, decision = trainer.step(lambda mod, batch: mod(batch[0]), (inp["c"],))
+        skipped += int(decision.skipped)
+        if not decision.skipped:
+            unmoved += int((trainer.parameters_fp32()["w"] == before).sum())
+    drift = (trainer.parameters_fp32()["w"] - inp["w0"]).double()
+    intended = -BF16_SWAMP_STEPS * lr  # Adam's step on a constant gradient is lr: FP32 follows it to ~1e-7
+    applied = max(1, BF16_SWAMP_STEPS - skipped) * drift.numel()
+    return Output(value=drift.view(BF16_SWAMP_ROWS, BF16_SWAMP_COLS).mean(-1).float(), extra={
+        "absorbed_frac": unmoved / applied, "drift_ratio": float(drift.mean() / intended),
+        "weight_rel_dist": float((drift - intended).norm() / (abs(intended) * drift.numel() ** 0.5)),
+        "skipped": skipped})
+
+
+_STALL = ("every update (lr <= 2^-9) is below half a BF16 ulp (2^-8) of weights in [1, 2): w + dw == w at every "
+          "step, the weights never move")
+register(Scenario(
+    name="bf16_update_swamping",
+    family="weight_update",
+    description=(f"Adam for {BF16_SWAMP_STEPS} steps with lr 2^log2_lr on weights in [1, 2) and a fixed gradient: "
+                 "each update is below half a BF16 ulp of its weight. Pure BF16 weights stall (w + dw == w every "
+                 "step); stochastic rounding (update=sr) moves each weight by the update in expectation and a Kahan "
+                 "compensation (update=kahan) carries what the weight cannot take to the next step, so both follow "
+                 "FP32. Output: the mean drift of each row of 256 weights against FP32's."),
+    grid={"log2_lr": [-9, -10, -11, -12, -13, -14]},
+    quick={"log2_lr": [-13]},  # one case keeps the quick tier short; it shows every mechanism
+    inputs=_bf16_swamp_inputs,
+    run=_bf16_swamp_run,
+    n=lambda p: BF16_SWAMP_STEPS + 1,  # the weight is rounded to its storage format once per step
+    tolerance=Tolerance(reason="a stalled weight leaves its drift exactly zero: an absorbed update, not a value below "
+                               "the format's range; judged by the drift's relative error", underflow_budget=1.0),
+    expect=(
+        Expect(("bf16-pure",), "diverged", _STALL),
+        Expect(("fp16-pure",), "diverged", "the update (<= 2^-11) is at most half an FP16 ulp (2^-10) of weights in "
+                                           "[1, 2): rounded to nearest, w + dw == w every step",
+               when=lambda p: p["log2_lr"] <= -11),
     ),
 ))

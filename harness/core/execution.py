@@ -53,6 +53,7 @@ class Execution:
         self.keep_high: frozenset[str] = frozenset()
         self.keep_format: str = "fp32"
         self._native_depth = 0  # > 0 inside a kept module's forward: its GEMMs run natively (:meth:`native`)
+        self.optimizer_recipe_steps = 0  # optimizer steps an update=/states= recipe acted in (run.training)
 
     # -- what the strategy is --------------------------------------------------------------
     @property

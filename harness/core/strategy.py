@@ -314,8 +314,40 @@ def _not_built(strategy: Strategy) -> str | None:
     if strategy.recipe not in ("none", "tensorwise", "delayed"):
         return f"fp8={strategy.fp8} has no implementation yet"
     for key in ("lib", "update", "states", "compile"):
+        if key in ("lib", "update", "states") and _optimizer_recipe_built(strategy):
+            continue
         if getattr(strategy, key) != OPTIONAL[key]:
             return f"{key}={strategy._value_str(key)} has no implementation yet"
+    return None
+
+
+#: The libraries that drive optimizer recipes, and the recipes each has (harness.recipes.optimizers).
+OPTIMIZER_LIBS = {"none": ("sr", "kahan", "8bit"), "torchao": ("sr", "8bit"), "optimi": ("kahan",), "bnb": ("8bit",)}
+
+
+def _optimizer_recipe_built(strategy: Strategy) -> bool:
+    """Whether the strategy is an optimizer recipe (``update=sr|kahan``, ``states=8bit``, with ``lib=`` one
+    of :data:`OPTIMIZER_LIBS`) with a code path: then its lib/update/states keys are built."""
+    asked = [v for v in (strategy.update, strategy.states) if v not in ("nearest", "param")]
+    # a library named together with an FP8 recipe would drive that too: not this condition's to lift
+    return bool(asked) and strategy.lib in OPTIMIZER_LIBS and (strategy.lib == "none" or strategy.fp8 == "none")
+
+
+def optimizer_support(strategy: Strategy) -> str | None:
+    """Why an optimizer recipe cannot run anywhere here (a library without that recipe, a missing library,
+    stochastic rounding to FP16), or None. Optimizers a library has no equivalent for are refused per run."""
+    asked = [v for v in (strategy.update, strategy.states) if v not in ("nearest", "param")]
+    if not asked:
+        return None
+    lacking = [v for v in asked if v not in OPTIMIZER_LIBS[strategy.lib]]
+    if lacking:
+        has = ", ".join(lib for lib, r in OPTIMIZER_LIBS.items() if all(v in r for v in asked))
+        return f"lib={strategy.lib} has no {'/'.join(lacking)} recipe (libraries that have it: {has})"
+    if strategy.update == "sr" and strategy.params != "bf16":
+        return "update=sr is stochastic rounding to BF16 (torchao's recipe); FP16 parameters: use update=kahan"
+    if strategy.lib != "none":
+        from .libraries import missing_reason
+        return missing_reason(strategy.lib)
     return None
 
 
@@ -326,7 +358,7 @@ def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[s
     and a path the device lacks is unsupported with a reason.
     """
     notes: list[str] = []
-    missing = _not_built(strategy)
+    missing = _not_built(strategy) or optimizer_support(strategy)
     if missing:
         return False, missing, notes
     if device.type == "cpu":

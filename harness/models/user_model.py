@@ -294,7 +294,7 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
                 probe.detach()
         delta = _flat(trainer.parameters_fp32(), names) - start
     extra: dict[str, Any] = {"updates": update, "attempts": attempts, "update_norm": float(delta.double().norm()),
-                             "updates_lost": lost / nonzero if nonzero else 0.0, "updates_lost_of": [lost, nonzero],
+                             **_lost_metrics(ex, lost, nonzero),
                              "gemm_coverage": gemm_coverage(trainer.model, ex), "inputs_identical": not rng_used}
     if rng_used:
         extra["inputs_note"] = RNG_NOTE
@@ -315,6 +315,17 @@ def _observe(spec: ModelSpec, model: torch.nn.Module, into: dict[str, list[float
         raise ValueError(f"{spec.name}: observe(model) returned {type(got).__name__}; expected a dict name -> number")
     for k, v in got.items():
         into.setdefault(str(k), []).append(float(v))
+
+
+def _lost_metrics(ex: Execution, lost: int, nonzero: int) -> dict[str, Any]:
+    """The share of (update, weight) pairs that left the weight unchanged. Under round to nearest such an
+    update is lost (``updates_lost``, judged against a budget). Under ``update=sr`` or ``kahan`` it is not:
+    the Kahan compensation keeps it and stochastic rounding moves the weight by it in expectation, so the
+    same count is ``updates_unmoved``, reported, and the run is judged by its drift and loss instead."""
+    share = lost / nonzero if nonzero else 0.0
+    if ex.strategy.update in ("sr", "kahan"):
+        return {"updates_unmoved": share, "updates_unmoved_of": [lost, nonzero]}
+    return {"updates_lost": share, "updates_lost_of": [lost, nonzero]}
 
 
 #: Why a run whose model or loss draws random numbers cannot be made to see its reference's inputs.

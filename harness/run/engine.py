@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..core.execution import Execution
+from ..core.optim_precision import RecipeUnsupported, optimizer_recipe
 from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
 from ..core.isolation import CaseInputs, isolated
 from ..judge.metrics import compare, measures_only
@@ -174,6 +175,19 @@ def _not_judged(s: Scenario, out: Any) -> Verdict:
                                   "or loss curve to compare")
 
 
+def _not_applicable(s: Scenario, ex: Execution) -> Verdict | None:
+    """``unsupported`` for an optimizer recipe (``update=``, ``states=``) that never acted in the run: the
+    scenario takes no optimizer step (or none that moves a weight, or keeps no state large enough for 8
+    bits), so the run repeats the strategy without the recipe and would count that one's outcome twice."""
+    recipe = optimizer_recipe(ex.strategy)
+    if recipe is None or ex.optimizer_recipe_steps:
+        return None
+    what = ("takes no optimizer step that moves a weight" if ex.strategy.states == "param" else
+            "keeps no optimizer state of >= 4096 entries (smaller ones stay in full precision) or takes no step")
+    return Verdict("unsupported", f"not applicable: scenario {s.name} {what}, so {recipe} has nothing to act on "
+                                  "(the run would repeat the strategy without it)")
+
+
 def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache,
              timeout: float | None = None) -> tuple[dict[str, Any], float]:
     """Run and judge one (case, strategy); returns (record, seconds spent inside the scenario).
@@ -215,12 +229,14 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
         metrics = compare(out, ref.output, fmt)
         metrics.update(out.extra)
         tol = s.tolerance
-        verdict = _not_judged(s, out) if measures_only(ref.output) else judge(
+        verdict = _not_applicable(s, ex) or (_not_judged(s, out) if measures_only(ref.output) else judge(
             metrics, fmt, s.n(case.params), kappa=ref.output.kappa, factor=tol.factor if tol else 1.0,
             underflow_budget=(tol.underflow_budget if tol and tol.underflow_budget is not None
                               else UNDERFLOW_BUDGET),
             truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
-            nonfinite_reference=s.nonfinite_reference, **_floor(ref))
+            nonfinite_reference=s.nonfinite_reference, **_floor(ref)))
+    except RecipeUnsupported as exc:  # the strategy's optimizer recipe has no equivalent for this optimizer
+        metrics, verdict = {}, Verdict("unsupported", str(exc))
     except (Exception, SystemExit) as exc:  # a failing scenario is data: an error record, and the run goes on
         # (SystemExit too: a scenario calling exit() must not end the run and leave it marked complete)
         metrics = {}

@@ -21,9 +21,10 @@ import torch
 from ..core.batches import to_device
 from ..core.execution import Execution
 from ..core.keep import to_storage
+from ..core.optim_precision import PrecisionOptimizer, optimizer_recipe
 from ..core.scaling import Decision, LossScaleFloorError, ScaleTrace, Scaler
 
-__all__ = ["Trainer", "TrainResult"]
+__all__ = ["Trainer", "TrainResult", "make_optimizer"]
 
 LossFn = Callable[[torch.nn.Module, tuple], torch.Tensor]
 
@@ -49,6 +50,36 @@ class _GradScalerAdapter:
         return float(self.gs.get_scale())
 
 
+#: Mixed into the case's seed for the stochastic rounding of ``update=sr`` (a stream of its own: the
+#: scenario's global RNG, which dropout draws from, is left as every other strategy sees it).
+SR_SEED = 0x5D5EED
+
+
+def make_optimizer(ex: Execution, make_opt: Callable[[list], torch.optim.Optimizer],
+                   params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The optimizer a run steps with: the scenario's or user's own (``make_opt(params)``), or under an
+    optimizer recipe (``update=sr|kahan``, ``states=8bit``) the harness's emulation around it (``lib=none``,
+    :class:`~harness.core.optim_precision.PrecisionOptimizer`) or the library's equivalent in its place
+    (:func:`harness.recipes.optimizers.library_optimizer`). Every step in which the recipe acted counts in
+    ``ex.optimizer_recipe_steps``; a library that has no equivalent raises ``RecipeUnsupported``."""
+    s = ex.strategy
+    if optimizer_recipe(s) is None:
+        return make_opt(params)
+
+    def count() -> None:
+        ex.optimizer_recipe_steps += 1
+
+    if s.lib == "none":
+        gen = None
+        if s.update == "sr":  # seeded from the case (the engine seeds torch with it): runs reproduce
+            gen = torch.Generator(device=ex.device).manual_seed(torch.initial_seed() ^ SR_SEED)
+        return PrecisionOptimizer(make_opt, params, s.update, s.states, gen, count)  # type: ignore[return-value]
+    from ..recipes.optimizers import library_optimizer  # imports the library: only runs that name it
+    opt, notes = library_optimizer(s, make_opt(params), params, count)
+    ex.notes.extend(n for n in notes if n not in ex.notes)
+    return opt  # type: ignore[return-value]
+
+
 class Trainer:
     """Runs training steps of ``model`` under an execution's strategy.
 
@@ -65,7 +96,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.master = [p.detach().float().clone().requires_grad_(True) for p in self.params] if s.master else None
         make_opt = optimizer or (lambda ps: torch.optim.SGD(ps, lr=1e-2))
-        self.opt = make_opt(self.master if self.master is not None else self.params)
+        self.opt = make_optimizer(ex, make_opt, self.master if self.master is not None else self.params)
         self.trace = ScaleTrace(str(s.scaler))
         if s.scaler.kind == "gradscaler":
             self.scaler: Scaler | _GradScalerAdapter = _GradScalerAdapter(ex)
