@@ -456,3 +456,25 @@ def test_the_search_trains_the_model_of_check_models_seed(tmp_path: Path) -> Non
     (fix,) = fix_model(unseeded, result, "cpu").fixes
     assert not fix.tried[0].startswith("not searched")  # the search built the same model (seed 3)
     assert fix.verified and fix.record["params"] == {"steps": 2, "seed": 3}
+
+
+class Tied(nn.Module):
+    """An embedding and an output head that share one weight (GPT-2's wte and lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte, self.norm, self.head = nn.Embedding(8, 4), nn.LayerNorm(4), nn.Linear(4, 8, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.wte(ids)))
+
+
+def test_a_kept_weight_keeps_the_modules_it_is_tied_to() -> None:
+    from harness.core.keep import with_tied
+    model = Tied()
+    assert with_tied(model, ("wte",)) == {"wte", "head"} and with_tied(model, ("norm",)) == {"norm"}
+    ex = Execution(PRESETS["bf16-pure"], CPU).keeping(("wte",))
+    m = to_storage(model, ex)
+    assert m.head.weight.dtype == torch.float32 and m.norm.weight.dtype == torch.bfloat16
+    assert m(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16  # the head ran in FP32 on its tied weight

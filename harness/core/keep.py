@@ -25,7 +25,7 @@ import torch
 
 from .execution import Execution, is_kept
 
-__all__ = ["to_storage", "kept_modules"]
+__all__ = ["to_storage", "kept_modules", "with_tied"]
 
 _LOW = (torch.float16, torch.bfloat16)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -49,6 +49,16 @@ def kept_modules(model: torch.nn.Module, names: frozenset[str]) -> list[tuple[st
         else:
             out.append((n, have[n]))
     return out
+
+
+def with_tied(model: torch.nn.Module, names: frozenset[str] | tuple[str, ...]) -> frozenset[str]:
+    """``names`` and every module outside them that holds one of their parameters (tied weights: GPT-2's
+    ``lm_head`` shares ``wte``'s): stored in the kept format, such a module must run in it too."""
+    names = frozenset(names)
+    kept = {id(p) for n, m in model.named_modules() if is_kept(n, names) for p in m.parameters(recurse=False)}
+    tied = {n for n, m in model.named_modules() if n and not is_kept(n, names)
+            and any(id(p) in kept for p in m.parameters(recurse=False))}
+    return names | tied
 
 
 def _cast(x: Any, dtype: torch.dtype, src: tuple[torch.dtype, ...]) -> Any:
@@ -90,9 +100,9 @@ def to_storage(model: torch.nn.Module, ex: Execution) -> torch.nn.Module:
     (:meth:`Execution.keeping`) stored in their own format and their forwards wrapped (see module doc).
     Without kept modules it is ``model.to(device, param_dtype)``. A kept module's weights are its
     original values in the kept format, never the low-precision ones cast back."""
-    kept = kept_modules(model, ex.keep_high) if ex.keep_high else []
     keep = _DTYPES[ex.keep_format]
     cast = ex.strategy.apply == "cast" and ex.dtype != keep
+    kept = kept_modules(model, with_tied(model, ex.keep_high) if cast else ex.keep_high) if ex.keep_high else []
     saved = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in kept} if cast else {}
     model = model.to(ex.device, ex.param_dtype)
     for name, mod in kept:

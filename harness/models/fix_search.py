@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.execution import Execution, is_kept
+from ..core.keep import with_tied
 from ..core.scaling import SCALER_PRESETS, ScalerSpec
 from ..core.scenario import Case, Scenario
 from ..core.strategy import PRESETS, Strategy
@@ -305,7 +306,7 @@ def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, dia
     memo: dict[tuple[str, ...], tuple[bool, float | None]] = {}  # kept set -> (passed, step time)
 
     def passes(keep: tuple[str, ...]) -> bool:
-        keep = tuple(sorted(keep))
+        keep = tuple(sorted(with_tied(r.model, keep) if strategy.apply == "cast" else keep))
         if keep not in memo:
             plan = mk(strategy, "keep", notes, keep, fmt)
             rec, inner = r.run(plan.strategy, plan, reserve)
@@ -334,4 +335,5 @@ def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, dia
                     f"passes; {'dropping any one of them' if many else 'keeping nothing (the strategy as it is)'} fails")
     notes[1:1] = [f"per-tensor E4M3 scaling (amax -> 448) flushes {100 * saturated[k][0]:.3g}% of `{k}`'s "
                   f"{saturated[k][1]} entries to zero" for k in keep if k in saturated]
-    return mk(strategy, "keep", notes, keep, fmt), memo[tuple(sorted(keep))][1]
+    keep = tuple(sorted(with_tied(r.model, keep) if strategy.apply == "cast" else keep))
+    return mk(strategy, "keep", notes, keep, fmt), memo[keep][1]
