@@ -331,8 +331,9 @@ def _keep(r: _Runner, res: SearchResult, strategy: Strategy, window: Window, dia
                          "is the higher precision itself, no plan")
         return None
     runs, many = len(memo), len(keep) > 1
+    smaller = "dropping any one of them" if many else "keeping nothing (the strategy as it is)"
     notes.insert(0, f"delta debugging ({runs} run{'s' if runs > 1 else ''}): keeping {'these' if many else 'this'} "
-                    f"passes; {'dropping any one of them' if many else 'keeping nothing (the strategy as it is)'} fails")
+                    f"passes; {smaller} fails")
     notes[1:1] = [f"per-tensor E4M3 scaling (amax -> 448) flushes {100 * saturated[k][0]:.3g}% of `{k}`'s "
                   f"{saturated[k][1]} entries to zero" for k in keep if k in saturated]
     keep = tuple(sorted(with_tied(r.model, keep) if strategy.apply == "cast" else keep))

@@ -44,7 +44,8 @@ class Plan:
 
     def __post_init__(self) -> None:
         if self.keep_format not in KEEP_FORMATS:
-            raise ValueError(f"keep_format {self.keep_format!r} is not allowed; choose one of {', '.join(KEEP_FORMATS)}")
+            raise ValueError(f"keep_format {self.keep_format!r} is not allowed; choose one of "
+                             f"{', '.join(KEEP_FORMATS)}")
         if self.change not in CHANGES:
             raise ValueError(f"change {self.change!r} is not allowed; choose one of {', '.join(CHANGES)}")
         object.__setattr__(self, "keep_high_precision", tuple(sorted(self.keep_high_precision)))
@@ -202,5 +203,6 @@ def _update(s: Strategy) -> list[str]:
     if s.update == "kahan":
         return ["# BF16 weights with Kahan-compensated updates (e.g. torch-optimi: AdamW(..., kahan_sum=True))"]
     if s.update == "sr":
-        return ["# BF16 weights with stochastically rounded updates (e.g. torchao's _AdamW(bf16_stochastic_round=True))"]
+        return ["# BF16 weights with stochastically rounded updates",
+                "# (e.g. torchao's _AdamW(bf16_stochastic_round=True))"]
     return []
