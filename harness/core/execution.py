@@ -22,10 +22,14 @@ from .emulation import tf32_matmul
 from .formats import Format, get_format
 from .fp8 import AmaxHistory, fp8_matmul
 from .fp8_rowwise import RECIPES as TORCHAO_STYLE, gemm_fits, recipe_matmul, rowwise_native
-from .gemm_routing import Site, gemm_coverage, is_conv1d, route_gemms, routing_notes
+from .gemm_routing import Site, gemm_coverage, is_conv1d, is_kept, route_gemms, routing_notes
 from .strategy import Strategy, support
 
-__all__ = ["Execution", "FP64", "route_gemms", "route_linears", "gemm_coverage", "is_conv1d"]
+__all__ = ["Execution", "FP64", "route_gemms", "route_linears", "gemm_coverage", "is_conv1d", "is_kept",
+           "KEEP_FORMATS"]
+
+#: The formats a precision plan may keep modules in (:meth:`Execution.keeping`).
+KEEP_FORMATS = ("fp32", "bf16")
 
 
 class Execution:
@@ -45,6 +49,11 @@ class Execution:
         self.compile_stats = None  # compile=yes: the CompileStats of the models compiled (harness.recipes)
         self._native_fp8 = self.device.type == "cuda" and strategy.compute == "fp8"
         self.block_notes: set[str] = set()  # how the blockwise and MX recipes' GEMMs ran (native or emulated)
+        #: Modules (dotted names) a precision plan keeps out of the strategy's low precision, and the format
+        #: they keep (:meth:`keeping`; :mod:`harness.core.keep` applies it). Empty: the strategy as it is.
+        self.keep_high: frozenset[str] = frozenset()
+        self.keep_format: str = "fp32"
+        self._native_depth = 0  # > 0 inside a kept module's forward: its GEMMs run natively (:meth:`native`)
         self.optimizer_recipe_steps = 0  # optimizer steps an update=/states= recipe acted in (run.training)
         if self._native_fp8 and self.torchao_style and strategy.recipe != "tensorwise":
             # the own path falls back to the emulation where _scaled_mm takes no row-wise scales (the
@@ -86,6 +95,27 @@ class Execution:
         n = self.fp8_history.fallbacks
         return self.notes + ([f"{n} FP8 GEMMs emulated: dimensions not multiples of 16, which torch._scaled_mm "
                               "requires"] if n else []) + sorted(self.block_notes - set(self.notes)) + routing_notes(self)
+
+    def keeping(self, modules: tuple[str, ...] | frozenset[str], fmt: str = "fp32") -> "Execution":
+        """This execution with ``modules`` (dotted names, each with everything inside it) kept in ``fmt``
+        (``fp32`` or ``bf16``): not routed to FP8/TF32 (:func:`route_linears`), run outside the strategy's
+        autocast or with their parameters stored in ``fmt`` (:func:`harness.core.keep.apply_keep`). Only a
+        reduced-precision strategy keeps anything: FP32 and FP64 runs (references) stay as they are."""
+        if fmt not in KEEP_FORMATS:
+            raise ValueError(f"keep format {fmt!r} is not allowed; choose one of {', '.join(KEEP_FORMATS)}")
+        if self.strategy.reduced:
+            self.keep_high, self.keep_format = frozenset(modules), fmt
+        return self
+
+    @contextlib.contextmanager
+    def native(self) -> Iterator[None]:
+        """Inside: :meth:`matmul` hands every GEMM to torch (the autocast in force picks its precision),
+        however it was routed: the forward of a module a plan keeps (:mod:`harness.core.keep`)."""
+        self._native_depth += 1
+        try:
+            yield
+        finally:
+            self._native_depth -= 1
 
     # -- what scenarios call ---------------------------------------------------------------
     def act(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +159,7 @@ class Execution:
         ``out_dtype`` (default: the activation format) asks for the GEMM's output in another dtype, e.g.
         FP32 to see a GEMM's accumulation without its output's rounding."""
         s = self.strategy
-        if not self.routes_gemms:
+        if not self.routes_gemms or self._native_depth:
             return a @ b if out_dtype is None else _mm_out(a, b, out_dtype)
         self.emulated_gemms += 1
         self.routed_keys.add(key)

@@ -174,7 +174,11 @@ class GemmRouter(TorchFunctionMode):
     def _gemm(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """One GEMM call: its site recorded, and routed where the recipe covers it. Kept out of
         ``torch.compile``'s graphs (a graph break per GEMM), so that a compiled routed model neither guards on
-        the bookkeeping nor fuses into the emulation; every other op of the forward compiles as usual."""
+        the bookkeeping nor fuses into the emulation; every other op of the forward compiles as usual.
+        Inside a module a precision plan keeps (:meth:`Execution.native`) torch runs it, unrecorded: the
+        coverage counts that layer as not in the recipe's format."""
+        if self.ex._native_depth:
+            return func(*args, **kwargs)
         if func is F.linear:
             return self._linear(func, args, kwargs)
         if func in _PRODUCTS:
@@ -327,16 +331,23 @@ def route_gemms(model: torch.nn.Module, ex: Any) -> torch.nn.Module:
     return model
 
 
+def is_kept(name: str, kept: frozenset[str] | tuple[str, ...]) -> bool:
+    """Whether module ``name`` is one of ``kept`` or inside one (``a.b`` is inside ``a``)."""
+    return any(name == k or name.startswith(k + ".") for k in kept)
+
+
 def _torchao_convert(model: torch.nn.Module, ex: Any) -> torch.nn.Module:
-    """torchao converts the ``nn.Linear`` layers itself (nothing else: no router runs); each converted layer
-    that runs is a routed site, so :func:`gemm_coverage` reports what the library covered."""
+    """torchao converts the ``nn.Linear`` layers itself (nothing else: no router runs), less those a
+    precision plan keeps; each converted layer that runs is a routed site, so :func:`gemm_coverage` reports
+    what the library covered."""
     from ..recipes import torchao_float8
 
     def ran(key: str) -> None:
         ex.emulated_gemms += 1
         ex.routed_keys.add(key)
         ex.gemm_sites[key] = Site("Linear", key, True, True)
-    return torchao_float8.convert(model, ex.strategy.recipe, ran, gpu=ex.device.type == "cuda")
+    return torchao_float8.convert(model, ex.strategy.recipe, ran, gpu=ex.device.type == "cuda",
+                                  skip=lambda fqn: is_kept(fqn, ex.keep_high))
 
 
 def _enter_on_call(mod: torch.nn.Module, router: GemmRouter) -> None:

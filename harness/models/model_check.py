@@ -261,6 +261,8 @@ def add_command(subparsers: Any) -> None:
                    help="deadline of each step in seconds, 0 to 604800: the factory and one FP32 step, each "
                         "strategy's training, each diagnosis; 0 disables it (default 600)")
     refcache.add_options(p)
+    from .fix import add_arguments
+    add_arguments(p)
     p.set_defaults(func=_cmd)
 
 
@@ -268,8 +270,12 @@ def _cmd(args: Any) -> int:
     def progress(done: int, total: int, what: str) -> None:
         print(f"[{done}/{total}] {what}", file=sys.stderr)
 
+    from .fix import check_arguments, run_fix
+    check_arguments(args)
     result = check_model(args.target, args.strategy, args.steps, args.device, args.out, not args.no_diagnose,
                          progress if sys.stderr.isatty() else None, args.timeout or None,
                          refcache.from_options(args), args.seed)
     print(result.report())
+    if args.fix:  # the exit code stays check-model's: the strategies as given still fail
+        run_fix(args, result)
     return result.exit_code

@@ -61,10 +61,12 @@ def _autocast_input(mod: torch.nn.Module, args: tuple) -> tuple | None:
     return (x.to(torch.get_autocast_dtype(x.device.type)), *args[1:])
 
 
-def convert(model: torch.nn.Module, recipe: str, on_run: Callable[[str], None], gpu: bool = False) -> torch.nn.Module:
+def convert(model: torch.nn.Module, recipe: str, on_run: Callable[[str], None], gpu: bool = False,
+            skip: Callable[[str], bool] = lambda fqn: False) -> torch.nn.Module:
     """``model`` with every ``nn.Linear`` converted by torchao for ``recipe`` (the root module too; for a
-    ``gpu`` run only those whose widths are multiples of 16); ``on_run(name)`` is called each time a
-    converted layer runs its forward, for coverage."""
+    ``gpu`` run only those whose widths are multiples of 16; none that ``skip(fqn)`` names, as a precision
+    plan's ``module_filter_fn`` would); ``on_run(name)`` is called each time a converted layer runs its
+    forward, for coverage."""
     from torchao.float8 import convert_to_float8_training
     from torchao.float8.float8_linear import Float8Linear
 
@@ -73,7 +75,7 @@ def convert(model: torch.nn.Module, recipe: str, on_run: Callable[[str], None], 
     def fits(mod: torch.nn.Module, _fqn: str) -> bool:
         # torchao's documented filter: on a GPU, torch._scaled_mm takes only multiples of 16, so layers
         # with other widths stay nn.Linear (high precision; gemm_coverage counts them out)
-        return not gpu or fits_scaled_mm(16, mod.in_features, mod.out_features)
+        return not skip(_fqn) and (not gpu or fits_scaled_mm(16, mod.in_features, mod.out_features))
     model = convert_to_float8_training(model, config=config(recipe), module_filter_fn=fits)
     for name, mod in model.named_modules():
         if isinstance(mod, Float8Linear):

@@ -20,6 +20,7 @@ import torch
 
 from ..core.batches import to_device
 from ..core.execution import Execution
+from ..core.keep import to_storage
 from ..core.optim_precision import PrecisionOptimizer, optimizer_recipe
 from ..core.scaling import Decision, LossScaleFloorError, ScaleTrace, Scaler
 from . import fused
@@ -118,7 +119,7 @@ class Trainer:
                  optimizer: Callable[[list], torch.optim.Optimizer] | None = None) -> None:
         self.ex = ex
         s = ex.strategy
-        self.model = model.to(ex.device, ex.param_dtype)
+        self.model = to_storage(model, ex)  # model.to(device, param_dtype), less the modules a plan keeps
         _compile(self.model, ex)
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
