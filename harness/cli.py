@@ -101,7 +101,7 @@ def _parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="per (case, strategy) deadline, 0 to 604800; 0 disables it (default 600)")
     r.add_argument("--workers", type=non_negative_int, default=None, metavar="N",
-                   help="worker processes that run the cases (default 1; 0: in this process, unprotected)")
+                   help="worker processes that run the cases (default: 1 on a GPU, one per CPU core up to 4 on the CPU; 0: in this process, unprotected)")
     r.add_argument("--max-records", type=positive_int, default=None, metavar="N",
                    help="refuse a matrix of more records (default 1,000,000)")
     r.add_argument("--resume", type=out_dir, default=None, metavar="DIR",
