@@ -77,8 +77,9 @@ def fork_usable(device: torch.device) -> tuple[bool, str, dict[str, Any] | None]
 def default_workers(device: torch.device) -> int:
     """One worker for the GPU a run uses; on the CPU one per core, up to 4, sharing torch's threads
     (:meth:`Supervisor._threads`). Most of the quick tier is Python-bound (the FP8, MX and optimizer
-    emulations call many small kernels), so a second process on a 2-core machine took it from 86.5 s to
-    23.7 s wall (measured with ``python -m harness run --tier quick --device cpu --workers 1|2``)."""
+    emulations call many small kernels), so a second process on a 2-core machine took it from 32.9 s to
+    21.8 s wall (``python -m harness run --tier quick --device cpu --workers 1|2``; same outcomes, and
+    FP32 sums in another order where torch's threads split them differently)."""
     if device.type != "cpu":
         return 1
     return max(1, min(4, os.cpu_count() or 1))
