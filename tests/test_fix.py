@@ -412,10 +412,16 @@ def test_kept_modules_run_their_gemms_natively_under_fp8() -> None:
     with ex.native():
         assert torch.equal(ex.matmul(a, b), a @ b) and ex.emulated_gemms == 0
     assert not torch.equal(ex.matmul(a, b), a @ b) and ex.emulated_gemms == 1
+    from harness.core.execution import gemm_coverage
+    from harness.core.keep import to_storage
+    ex = Execution(PRESETS["fp8-tensorwise"], CPU).keeping(("block",), "bf16")
     model = nn.Sequential()
     model.block, model.head = nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2)
-    route_linears(model, ex)
-    assert "forward" not in vars(model.block[0]) and "forward" in vars(model.head)  # only head is routed
+    model = to_storage(route_linears(model, ex), ex)
+    with ex.autocast():
+        model(torch.tensor([[1.0 + 2.0**-6, 3.0]]))
+    assert ex.routed_keys == {"head"}  # only head ran in FP8; the kept block's Linear ran natively
+    assert gemm_coverage(model, ex)["by_type"]["Linear"] == [1, 2]
 
 
 @pytest.mark.parametrize("preset", ["fp16", "fp16-pure"])

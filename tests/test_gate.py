@@ -235,7 +235,8 @@ def test_the_gate_and_report_commands_run_without_torch(tmp_path):
     mods = set(doc["mods"])
     assert mods <= {"harness.cli", "harness.exits", "harness.results", "harness.results_schema", "harness.baseline",
                     "harness.gate", "harness.report", "harness.report.cli", "harness.report.compare",
-                    "harness.report.markdown", "harness.report.summary", "harness.report.tables"}, mods
+                    "harness.report.markdown", "harness.report.separation", "harness.report.summary",
+                    "harness.report.tables"}, mods
 
 
 def test_committed_cpu_baseline_covers_the_quick_tier():

@@ -97,6 +97,13 @@ class Site:
     routed: bool
 
 
+@functools.lru_cache(maxsize=None)
+def _outside_graphs(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, made on first use: decorating at import would import ``torch._dynamo``
+    (about a second) into every process that imports the harness."""
+    return torch.compiler.disable(fn)
+
+
 def _undispatched(fn: Callable) -> Callable:
     """``fn`` (a Python function of torch.nn.functional) without its ``__torch_function__`` check, so that
     the GEMMs inside it reach the router: a mode sees a Python-level function as one call and runs its
@@ -167,10 +174,9 @@ class GemmRouter(TorchFunctionMode):
     # -- the mode -----------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         if func in _GEMMS:
-            return self._gemm(func, args, kwargs or {})
+            return _outside_graphs(GemmRouter._gemm)(self, func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
 
-    @torch.compiler.disable
     def _gemm(self, func: Callable, args: tuple, kwargs: dict) -> Any:
         """One GEMM call: its site recorded, and routed where the recipe covers it. Kept out of
         ``torch.compile``'s graphs (a graph break per GEMM), so that a compiled routed model neither guards on

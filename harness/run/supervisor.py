@@ -75,14 +75,15 @@ def fork_usable(device: torch.device) -> tuple[bool, str, dict[str, Any] | None]
 
 
 def default_workers(device: torch.device) -> int:
-    """One worker for the GPU a run uses; on the CPU one per core, up to 4, sharing torch's threads
+    """One worker for the GPU a run uses; on the CPU one per core (of this rank's share), up to 4, one thread each
     (:meth:`Supervisor._threads`). Most of the quick tier is Python-bound (the FP8, MX and optimizer
     emulations call many small kernels), so a second process on a 2-core machine took it from 32.9 s to
     21.8 s wall (``python -m harness run --tier quick --device cpu --workers 1|2``; same outcomes, and
     FP32 sums in another order where torch's threads split them differently)."""
     if device.type != "cpu":
         return 1
-    return max(1, min(4, os.cpu_count() or 1))
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun's ranks on this host share its cores
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks)))
 
 
 def grace(timeout: float) -> float:
@@ -188,11 +189,11 @@ class Supervisor:
         return w
 
     def _threads(self) -> int | None:
-        """torch threads per CPU worker: the supervisor's, shared out (two workers of two threads each
-        on two cores ran the quick tier 2.3 times slower than one; of one thread each, 1.4 times faster)."""
-        if self.device.type != "cpu" or self.size == 1:
-            return None
-        return max(1, torch.get_num_threads() // self.size)
+        """torch threads per CPU worker: one, whatever the number of workers (two workers of two threads
+        each on two cores ran the quick tier 2.3 times slower than one; of one thread each, 1.4 times
+        faster). One thread also makes a record's bits independent of ``--workers``: torch splits an FP32
+        reduction by its thread count, so FP32 sums in another order with another count."""
+        return 1 if self.device.type == "cpu" else None
 
     def _deadline(self) -> float | None:
         return None if not self.timeout else self.timeout + grace(self.timeout)
