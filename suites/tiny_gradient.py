@@ -154,7 +154,11 @@ register(Scenario(
             Expect(("torchao-fp8-tensorwise",), "pass", "torch._scaled_mm on the CPU multiplies the FP8 operands by "
                    "their inverse scales before the GEMM: the rounding of those products leaves a residue where "
                    "the exact FP8 sum is 0 (see the next entry)", when=lambda p: p["depth"] >= 24, device="cpu"),
-            Expect(("fp8-tensorwise", "fp8-delayed", "fp8-rowwise"), "underflow", "the sigmoid stack reaches its "
+            Expect(("mxfp4",), "underflow", "E2M1 weight-gradient operands keep 3 binades per block: the inner layers' "
+                   "smallest gradients flush (measured 3.1% of `layers.13` at depth 16)",
+                   when=lambda p: p["depth"] >= 16),
+            Expect(("fp8-tensorwise", "fp8-delayed", "fp8-rowwise", "fp8-blockwise", "mxfp8"), "underflow",
+                   "the sigmoid stack reaches its "
                    "fixed point: the E4M3 inputs of an inner layer are the same for all 8 samples, so a unit's "
                    "weight-gradient row is h * sum_b dy[b, j], and that sum of 8 FP8 gradients cancels exactly "
                    "(measured: `layers.13`, unit 30, sum of -16384 ... 6144 = 0); the recipe that keeps the "

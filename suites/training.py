@@ -155,6 +155,10 @@ register(Scenario(
     tolerance=TOLERANCE,
     expect=(Expect(("bf16-pure",), "diverged", "BF16 weights absorb most updates lr*g: they are below half an ulp "
                    "(|w|*2^-9)"),
+            Expect(("bf16-sr",), "diverged", "stochastic rounding keeps updates below half an ulp in expectation, "
+                   "but each one rounds to 0 or a whole ulp of |w| (2^-8 |w|): over 16 steps the net update of one "
+                   "run is that noise (measured rel_err 0.38; Kahan, which keeps the remainder, passes)",
+                   when=lambda p: p["steps"] <= 16),
             Expect(("fp16-pure",), "underflow", "in the first updates many weights' net change is below FP16's "
                    "smallest normal, and the absorbed ones carry more than 1% of FP32's update",
                    when=lambda p: p["steps"] <= 16),
@@ -223,6 +227,8 @@ register(Scenario(
     tolerance=TOLERANCE,
     expect=(
         Expect(("bf16-pure",), "diverged", "BF16 weights absorb AdamW steps (~lr) below half an ulp (|w|*2^-9)"),
+        Expect(("mxfp4",), "diverged", "E2M1's u = 2^-2 caps the bound at 1/2, and 16 AdamW steps through E2M1 GEMMs "
+               "reach it (measured rel_err 0.508)", when=lambda p: p["steps"] <= 16),
         # AdamW's state in FP16: eps = 1e-8 rounds to 0, so rows of the embedding whose gradient is 0
         # get 0/0 = NaN in the first update; every later attempt overflows and the scaler halves S:
         # after 2*steps - 1 skips S = 2^(17 - 2*steps), below FP32's normal range past 71 steps.

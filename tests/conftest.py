@@ -82,3 +82,13 @@ def add_scenario(bucket: list[Scenario], scenario: Scenario) -> Scenario:
     REGISTRY.add(scenario)
     bucket.append(scenario)
     return scenario
+
+
+def declared_outcome(record: dict) -> str:
+    """What a record's declaration says it should be. A recipe that only running can find inapplicable (no
+    optimizer step for an ``update=``/``states=`` recipe, no library equivalent of the scenario's optimizer,
+    nothing for ``compile=yes`` to compile) is ``unsupported`` with a reason starting ``not applicable:``;
+    that outcome matches any declaration (the declaration says what happens where the recipe applies)."""
+    if record["outcome"] == "unsupported" and record["reason"].startswith("not applicable:"):
+        return "unsupported"
+    return (record["expected"] or {}).get("outcome", "pass")

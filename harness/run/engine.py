@@ -195,7 +195,7 @@ def _compiled(s: Scenario, ex: Execution, extra: dict[str, Any]) -> Verdict | No
     if not ex.strategy.compile:
         return None
     if ex.compile_stats is None:
-        return Verdict("unsupported", f"compile=yes: scenario {s.name} trains no model through the harness's "
+        return Verdict("unsupported", f"not applicable: compile=yes, and scenario {s.name} trains no model through the harness's "
                                       "Trainer, the part torch.compile compiles; it ran eagerly, not judged")
     extra["compile"] = ex.compile_stats.as_dict()
     return None
@@ -250,7 +250,7 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
             truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
             nonfinite_reference=s.nonfinite_reference, **_floor(ref)))
     except RecipeUnsupported as exc:  # the strategy's optimizer recipe has no equivalent for this optimizer
-        metrics, verdict = {}, Verdict("unsupported", str(exc))
+        metrics, verdict = {}, Verdict("unsupported", f"not applicable: {exc}")
     except (Exception, SystemExit) as exc:  # a failing scenario is data: an error record, and the run goes on
         # (SystemExit too: a scenario calling exit() must not end the run and leave it marked complete)
         metrics = {}
