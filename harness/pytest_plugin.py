@@ -48,7 +48,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--harness-strategy", action="append", default=[], metavar="NAME-or-SPEC",
                 help="strategy preset or spec (default: all presets)")
     g.addoption("--harness-device", default="auto", metavar="cpu|cuda|auto", help="default: auto")
-    g.addoption("--harness-tier", default="quick", metavar="quick|full", help="default: quick")
+    g.addoption("--harness-tier", default="quick", metavar="TIER", help="quick, full, recipes or all (default: quick)")
     g.addoption("--harness-seeds", default="1", metavar="N", help="seeds per case (default 1)")
     g.addoption("--harness-import", action="append", default=[], metavar="MODULE",
                 help="import a module that registers more scenarios")
