@@ -167,8 +167,10 @@ def _check_model(target: str | Callable[[], dict] | dict, strategies: list[str] 
         return _check_in_process(target, strats, steps, dev, out, diagnose, progress, seed)
     name, window = preflight(target, dev, timeout, seed)
     imports = [target_module(target)] if isinstance(target, str) else []
+    # one worker: a check is one case (its strategies run in turn in the worker that built the model), and
+    # a lone worker keeps the process's torch threads, so FP32 sums as it always did
     cfg = RunConfig([stand_in(name, steps, seed)], strats, dev, out=Path(out) if out else None, imports=imports,
-                    timeout=timeout)
+                    timeout=timeout, workers=1)
     out_dir, _, _ = run_matrix(cfg, progress, init=worker_scenarios(target, steps, seed))
     _, records = read_run(out_dir)
     by_label = {s.label: s for s in strats}

@@ -387,6 +387,8 @@ def _runner(cfg: RunConfig, fds: list[int], init: Callable[[], dict] | None) -> 
     see :func:`harness.run.supervisor.fork_usable`) the cases run in-process and the stats say so."""
     from .supervisor import Supervisor, default_workers, fork_usable
     n = cfg.workers if cfg.workers is not None else default_workers(cfg.device)
+    if cfg.workers is None:  # no more workers than cases (a case is the unit a worker takes)
+        n = min(n, max(1, count_cases(cfg.scenarios, cfg.tier, cfg.seeds)))
     ok, why, env = fork_usable(cfg.device) if n else (False, "--workers 0", None)
     if env is None:
         env = environment(cfg.device.type)

@@ -189,11 +189,14 @@ class Supervisor:
         return w
 
     def _threads(self) -> int | None:
-        """torch threads per CPU worker: one, whatever the number of workers (two workers of two threads
-        each on two cores ran the quick tier 2.3 times slower than one; of one thread each, 1.4 times
-        faster). One thread also makes a record's bits independent of ``--workers``: torch splits an FP32
-        reduction by its thread count, so FP32 sums in another order with another count."""
-        return 1 if self.device.type == "cpu" else None
+        """torch threads per CPU worker: the supervisor's, shared out (two workers of two threads each
+        on two cores ran the quick tier 2.3 times slower than one; of one thread each, 1.4 times faster).
+        A lone worker keeps the supervisor's threads, so check-model's single worker computes what it
+        always did; torch splits an FP32 reduction by its thread count, so ``--workers 1`` and the CPU
+        default sum FP32 in another order (the outcomes are the same)."""
+        if self.device.type != "cpu" or self.size == 1:
+            return None
+        return max(1, torch.get_num_threads() // self.size)
 
     def _deadline(self) -> float | None:
         return None if not self.timeout else self.timeout + grace(self.timeout)
