@@ -12,8 +12,8 @@
    seconds go (start-up of a fresh process, pre-flight, the reference, each
    strategy, the diagnosis, the rest).
 
-Models (``examples/hf_models.py``, ``examples/third_party_model.py``; transformers/timm imported only for
-the model selected): ``--model example|gpt2|llama|vit --size tiny|full``::
+Models (the zoo's GPT-2, LLaMA and ViT, :mod:`harness.models.zoo`, and ``examples/third_party_model.py``;
+transformers/timm imported only for the model selected): ``--model example|gpt2|llama|vit --size tiny|full``::
 
     python bench/check_model.py --model example --steps 8 --device cpu           # seconds, as the test runs it
     python bench/check_model.py --model gpt2 --size full --steps 1000 --device cuda
@@ -42,10 +42,11 @@ from harness.models.user_model import DEFAULT_STRATEGIES, ModelSpec, load_spec, 
 from harness.core.batches import to_device  # noqa: E402
 from harness.run.timing import sync  # noqa: E402
 
-TARGETS = {"example": "examples.third_party_model:factory", "gpt2": "examples.hf_models:gpt2",
-           "llama": "examples.hf_models:llama", "vit": "examples.hf_models:vit"}
-SIZE_ENV = {"example": ("MP_HARNESS_EXAMPLE_SIZE", {"tiny": "small", "full": "large"}),
-            "gpt2": ("MP_HARNESS_HF_SIZE", {}), "llama": ("MP_HARNESS_HF_SIZE", {}), "vit": ("MP_HARNESS_HF_SIZE", {})}
+TARGETS = {"example": "examples.third_party_model:factory", "gpt2": "zoo:gpt2", "llama": "zoo:llama",
+           "vit": "zoo:vit"}
+#: The example's size comes from its environment variable; a zoo model's is part of its target (``@tiny``,
+#: ``@base``: GPT-2 124M, a LLaMA of about 134M, ViT-B/16; harness.models.zoo).
+EXAMPLE_SIZE = ("MP_HARNESS_EXAMPLE_SIZE", {"tiny": "small", "full": "large"})
 
 
 def bare_loop(spec: ModelSpec, ex: Execution, steps: int) -> float:
@@ -163,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 2:
         ap.error("--steps must be >= 2")
-    env, names = SIZE_ENV[a.model]
-    os.environ[env] = names.get(a.size, a.size)
     target = TARGETS[a.model]
+    if a.model == "example":
+        os.environ[EXAMPLE_SIZE[0]] = EXAMPLE_SIZE[1][a.size]
+    else:
+        target += "@" + ("base" if a.size == "full" else "tiny")
     dev = torch.device(a.device)
     labels = a.strategy or list(DEFAULT_STRATEGIES)
     try:
