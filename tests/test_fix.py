@@ -20,6 +20,7 @@ from harness.models.fix_keep import callable_children, ddmin, param_share
 from harness.models.model_check import check_model
 from harness.models.plan import Plan, snippet
 from harness.results import read_run
+from test_diagnose import TwoScales  # the model whose gradients span 2^50, built for the diagnosis tests
 
 CPU = torch.device("cpu")
 
@@ -108,16 +109,6 @@ def test_without_a_diagnosis_delta_debugging_shrinks_to_the_attention(attention_
 
 
 # -- (b) gradients that span more than FP16's range --------------------------------------------------
-class TwoScales(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(64, 1, bias=False)
-        self.b = nn.Linear(1, 1, bias=False)
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.a(x1), self.b(x2)
-
-
 def two_scales() -> dict:
     """dL/d(a.weight) = 2^-40 in all 64 entries, dL/d(b.weight) = 2^10: a span of 2^50 (FP16 has 2^40)."""
     torch.manual_seed(0)  # the same weights in every process that calls the factory
