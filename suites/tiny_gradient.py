@@ -163,8 +163,10 @@ register(Scenario(
                    "weight-gradient row is h * sum_b dy[b, j], and that sum of 8 FP8 gradients cancels exactly "
                    "(measured: `layers.13`, unit 30, sum of -16384 ... 6144 = 0); the recipe that keeps the "
                    "weight-gradient GEMM in BF16 (rowwise_gw_hp) keeps the row", when=lambda p: p["depth"] >= 24),
-            Expect(("fp8-*",), "underflow", "on the GPU's FP8 GEMMs (torch._scaled_mm) one inner layer loses a "
-                   "unit's weight gradients to E5M2 at depths 8 and 16 too (measured on an H100: 2.3% of "
-                   "`layers.4`, 2.8% of `layers.12`); the CPU emulation keeps them",
+            # measured for the two per-tensor presets only: the row-wise, blockwise and MX recipes were added
+            # after that measurement and have not run on a GPU
+            Expect(("fp8-tensorwise", "fp8-delayed"), "underflow", "on the GPU's FP8 GEMMs (torch._scaled_mm) "
+                   "one inner layer loses a unit's weight gradients to E5M2 at depths 8 and 16 too (measured on an "
+                   "H100: 2.3% of `layers.4`, 2.8% of `layers.12`); the CPU emulation keeps them",
                    when=lambda p: p["depth"] < 24, device="cuda")),
 ))
