@@ -132,6 +132,20 @@ def test_recommendation_for_an_empty_window() -> None:
     assert line.startswith("bf16: gradients span 2^50, wider than FP16's 2^40: no single FP16 loss scale works")
 
 
+def test_recommendation_names_every_other_strategy_that_passed() -> None:
+    """Where only FP8 recipes passed, the line names the first and says the others passed too (it said
+    'the only reduced-precision strategy that passed' whatever their number)."""
+    w = fp16_window(fp32_gradients(load_spec(overflow_factory), CPU))
+    assert not w.empty  # (an empty window names a strategy for that reason first)
+    outcomes = (("fp16-dynamic", "underflow"), ("bf16", "diverged"), ("fp8-rowwise", "pass"), ("fp8-blockwise", "pass"))
+    records = [{"strategy": s, "strategy_spec": str(PRESETS[s]), "outcome": o, "metrics": {}, "bound": 0.1}
+               for s, o in outcomes]
+    line = recommend(records, w, {})
+    assert line.startswith("fp8-rowwise: ") and "as did fp8-blockwise" in line and "the only" not in line
+    alone = recommend(records[:3], w, {})
+    assert alone.startswith("fp8-rowwise: the only reduced-precision strategy that passed")
+
+
 def test_param_gradient_overflow() -> None:
     """dW = sum over 2^10 rows of x * dy = 2^10 * 2^7 = 2^17 overflows FP16; dy = 1 and dx stay finite."""
     x = torch.full((2**10, 1), 2.0**7)

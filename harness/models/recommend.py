@@ -140,7 +140,10 @@ def _recommend(records: list[dict[str, Any]], window: Window, diagnoses: dict[st
         return (f"{fp16[0]}: {span_txt}, within {range16} ({window_sentence(window)}); "
                 + (f"BF16 failed ({bf})" if bf else "BF16 not tried"))
     if reduced:
-        return f"{reduced[0]}: the only reduced-precision strategy that passed ({_divergence(by[reduced[0]])})"
+        if len(reduced) == 1:
+            return f"{reduced[0]}: the only reduced-precision strategy that passed ({_divergence(by[reduced[0]])})"
+        return (f"{reduced[0]}: passed ({_divergence(by[reduced[0]])}), as did {', '.join(reduced[1:])}; "
+                "no FP16 or BF16 strategy did")
     chaos = _chaos(records)
     judged = {s: o for s, o in failed.items() if o != "diverged"}  # a trajectory error is chaos's as much
     if chaos and not judged:
