@@ -92,9 +92,9 @@ def test_size_from_the_environment_is_another_key(user_module, tmp_path: Path) -
     target = user_module(width=4)
     mod = importlib.import_module(target.split(":")[0])
     mod.WIDTH = 6  # the same file, another model
-    from harness.models.user_model import load_spec
-    a = refcache.model_identity(target, load_spec(lambda: spec_a))
-    b = refcache.model_identity(target, load_spec(target))
+    from harness.models.user_model import factory_of, load_spec
+    a = refcache.model_identity(factory_of(target), load_spec(lambda: spec_a))
+    b = refcache.model_identity(factory_of(target), load_spec(target))
     assert a["factory_source"] == b["factory_source"] and a["weights"] != b["weights"]
 
 
@@ -190,3 +190,31 @@ def test_import_before_forking_leaves_cuda_to_the_workers() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
+
+
+def _probe_model(size: str, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    return {"model": model, "batch": lambda i: (x * (1 + i),), "loss": lambda m, b: m(b[0]).pow(2).mean()}
+
+
+def test_zoo_targets_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``zoo:NAME[@SIZE]`` has no module named ``zoo``: its factory is the zoo's. With the cache on, the
+    key was read off the target as ``MODULE:FACTORY`` and every record of a zoo model was an error (no
+    module named 'zoo'), in check-model's own process and in the zoo command's workers alike."""
+    from harness.models import zoo
+    from harness.models.user_model import factory_of
+    m = zoo.ZooModel("cache-probe", "torch", "regression", "a test model", _probe_model, ("tiny",))
+    monkeypatch.setitem(zoo.ZOO, m.name, m)
+    assert factory_of("zoo:cache-probe@tiny") == ("harness.models.zoo", "cache-probe@tiny")
+    cache = tmp_path / "cache"
+    res, computed = _check("zoo:cache-probe", tmp_path / "a", cache)
+    assert computed == 1 and [r["outcome"] for r in res.records] == ["pass"]
+    res, computed = _check("zoo:cache-probe", tmp_path / "b", cache)
+    assert computed == 0 and [r["outcome"] for r in res.records] == ["pass"]
+    monkeypatch.setenv("MP_HARNESS_CACHE", str(cache))
+    assert main(["zoo", "--model", "cache-probe", "--strategy", "bf16", "--steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "zoo")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "zoo" / "cache-probe" / "records.jsonl").read_text().splitlines()]
+    assert [r["outcome"] for r in records] == ["pass"]

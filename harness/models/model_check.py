@@ -24,7 +24,7 @@ from ..results import check_new_out, read_run, write_json_atomic
 from ..core.scaling import format_number
 from ..core.strategy import resolve
 from ..run.supervisor import fork_safe_cuda_check, fork_usable
-from .user_model import DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, load_spec, model_scenario, target_module
+from .user_model import DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, factory_of, load_spec, model_scenario, target_module
 from ..judge.verdict import FAILURES
 from ..judge.window import Window
 
@@ -211,7 +211,7 @@ def _check_in_process(target: Any, strats: list, steps: int, dev: torch.device, 
     ref_grads = window_gradients(spec, dev, ref_grads)
     imports = [target_module(target)] if isinstance(target, str) else []
     scenario = model_scenario(spec, steps)
-    refcache.register(scenario.name, target, spec)
+    refcache.register(scenario.name, factory_of(target), spec)
     cfg = RunConfig([scenario], strats, dev, out=Path(out) if out else None, imports=imports, workers=0)
     out_dir, _, _ = run_matrix(cfg, progress)
     _, records = read_run(out_dir)

@@ -71,11 +71,11 @@ def stand_in(name: str, steps: int, seed: int = 0) -> Scenario:
 
 
 def _build(target: Any, steps: int, seed: int = 0) -> dict[str, Scenario]:
-    from .user_model import load_spec, model_scenario
+    from .user_model import factory_of, load_spec, model_scenario
     from ..run import refcache
     spec = load_spec(target, seed=seed)
     s = model_scenario(spec, steps)
-    refcache.register(s.name, target, spec)
+    refcache.register(s.name, factory_of(target), spec)
     return {s.name: s}
 
 

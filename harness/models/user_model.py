@@ -134,6 +134,16 @@ def target_module(target: str) -> str:
     return ZOO_MODULE if target.startswith(ZOO_PREFIX) else target.split(":")[0]
 
 
+def factory_of(target: str | Callable[[], dict] | dict) -> tuple[str, str] | None:
+    """Where a target's factory lives, ``(module, name)``: ``MODULE:FACTORY`` as written, ``zoo:NAME[@SIZE]``
+    in :mod:`harness.models.zoo`, a function at its own module and qualified name; None for a dict."""
+    if isinstance(target, str):
+        return target_module(target), target.split(":", 1)[1]
+    if callable(target) and hasattr(target, "__qualname__") and hasattr(target, "__module__"):
+        return target.__module__, target.__qualname__
+    return None
+
+
 def _resolve(target: str) -> tuple[Callable, str]:
     if target.count(":") != 1 or not all(target.split(":")):
         raise ValueError(f"{target!r}: expected MODULE:FACTORY, e.g. examples.third_party_model:factory, or "

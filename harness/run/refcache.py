@@ -143,16 +143,14 @@ def _package_version(module: str) -> str | None:
         return None
 
 
-def model_identity(target: Any, spec: Any) -> dict[str, Any] | None:
-    """What determines the reference of ``spec`` (loaded from ``target``) besides the case and the device,
-    or None where the factory has no source file to hash (a dict, a factory typed into the interpreter)."""
-    if isinstance(target, str):
-        module, qualname = target.split(":")
-        importlib.import_module(module)
-    elif callable(target) and hasattr(target, "__qualname__"):
-        module, qualname = target.__module__, target.__qualname__
-    else:
+def model_identity(factory: tuple[str, str] | None, spec: Any) -> dict[str, Any] | None:
+    """What determines the reference of ``spec`` besides the case and the device, or None where the factory
+    has no source file to hash (a dict, a factory typed into the interpreter). ``factory`` is where the
+    factory lives, ``(module, name)`` (:func:`harness.models.user_model.factory_of` reads it off a target)."""
+    if factory is None:
         return None
+    module, qualname = factory
+    importlib.import_module(module)
     path = _module_file(module)
     if path is None or _changed_since_import(path):
         return None
@@ -165,10 +163,10 @@ def model_identity(target: Any, spec: Any) -> dict[str, Any] | None:
             "first_batch": _tensors_sha(enumerate(spec.batch_at(0))), "dtype": str(spec.dtype)}
 
 
-def register(scenario: str, target: Any, spec: Any) -> None:
-    """Make the reference of ``scenario``'s cases (the model ``spec`` loaded from ``target``) cacheable; the
-    identity is hashed only where the cache is on."""
-    identity = model_identity(target, spec) if cache_dir() is not None else None
+def register(scenario: str, factory: tuple[str, str] | None, spec: Any) -> None:
+    """Make the reference of ``scenario``'s cases (the model ``spec``, made by ``factory``: ``(module, name)``)
+    cacheable; the identity is hashed only where the cache is on."""
+    identity = model_identity(factory, spec) if cache_dir() is not None else None
     if identity is None:
         _identities.pop(scenario, None)
     else:
