@@ -221,3 +221,34 @@ def test_workers_run_cases_on_the_gpu(hostile_run, tmp_path: Path) -> None:
     recs = {(x["case"], x["strategy"]): x for x in read_jsonl(out / "records.jsonl")}
     assert recs[("w_segv[k=1]", "fp16")]["worker"]["exitcode"] == -11
     assert recs[("w_segv[k=2]", "fp16")]["outcome"] == "pass"
+
+
+def _parallel_sum() -> float:
+    return float(torch.ones(1 << 23).clone().sum())  # large enough for torch to run it on its thread pool
+
+
+@pytest.fixture
+def two_threads():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)  # the tests run on one (conftest); OpenMP's pool needs two
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_a_fork_after_openmp_ran_in_this_process_does_not_hang(tmp_path: Path, two_threads) -> None:
+    """GNU OpenMP's pool does not survive fork: after one parallel region here, a forked child's first parallel
+    region waited forever (check-model's preflight, called from Python after the user's own CPU work, ran
+    into its 600 s deadline). Both ways this process forks: ``isolated`` and the supervisor's workers."""
+    from harness.core.strategy import resolve
+    from harness.run.engine import RunConfig, run_matrix
+    from harness.run.worker import isolated
+    _parallel_sum()
+    assert isolated(_parallel_sum, (), timeout=60) == float(1 << 23)
+    s = Scenario(name="w_openmp", family="reduction", description="a sum on torch's thread pool", grid={"k": [0]},
+                 inputs=lambda p, g: {"x": torch.rand(1 << 23, generator=g) + 0.5},
+                 run=lambda ex, inp, p: Output(value=inp["x"].clone().sum().reshape(1)))
+    _parallel_sum()
+    out, _, _ = run_matrix(RunConfig([s], resolve(["fp32"]), torch.device("cpu"), out=tmp_path / "r", timeout=60,
+                                     workers=1))
+    assert [r["outcome"] for r in read_jsonl(out / "records.jsonl")] == ["pass"]
+    assert _parallel_sum() == float(1 << 23)  # and this process still computes

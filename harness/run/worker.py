@@ -21,7 +21,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Sequence
 
-__all__ = ["worker_main", "isolated", "IsolatedFailure", "death_reason", "fork_context"]
+__all__ = ["worker_main", "isolated", "IsolatedFailure", "death_reason", "fork_context", "child_threads"]
 
 #: Linux prctl option: the signal the kernel sends this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
@@ -30,6 +30,49 @@ _PR_SET_PDEATHSIG = 1
 def fork_context() -> mp.context.BaseContext:
     """The ``fork`` start method: the child inherits the registry, the suites and the user's modules."""
     return mp.get_context("fork")
+
+
+_GOMP: list[Any] = []  # this process's GNU OpenMP runtime (ctypes handle), once looked up; [None]: none loaded
+
+
+def _gomp() -> Any:
+    if not _GOMP:
+        path = None
+        try:
+            with open("/proc/self/maps") as maps:
+                path = next((line.split()[-1] for line in maps if "/libgomp" in line), None)
+        except OSError:  # not Linux: torch's OpenMP there is not GNU's
+            pass
+        try:
+            _GOMP.append(ctypes.CDLL(path) if path else None)
+        except OSError:
+            _GOMP.append(None)
+    return _GOMP[0]
+
+
+def child_threads(wanted: int | None) -> int | None:
+    """Call just before forking: torch's intra-op threads for the child (None: as inherited). GNU OpenMP's
+    thread pool does not survive ``fork``: a child that enters a parallel region with more than one thread
+    waits forever for pool threads that exist only in its parent (check-model's Python API called after the
+    user's own CPU work: one large ``clone`` is enough). So the pool is freed here first (OpenMP 5's
+    ``omp_pause_resource_all``; the parent makes a new one at its next parallel region, the child its own),
+    and the child gets ``wanted``. Where that cannot be done (an OpenMP runtime without the call), the child
+    computes with one thread. No GNU OpenMP in this process: nothing to do."""
+    lib = _gomp()
+    if lib is None:
+        return wanted
+    try:
+        if lib.omp_pause_resource_all(ctypes.c_int(2)) == 0:  # omp_pause_hard
+            return wanted
+    except AttributeError:
+        pass
+    return 1
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
 
 
 def _detach(close_fds: Sequence[int]) -> None:
@@ -67,8 +110,7 @@ def worker_main(conn: Connection, scenarios: Sequence[Any], strategies: Sequence
     ``threads``: torch's intra-op threads here (None: as inherited)."""
     _detach(close_fds)
     import torch
-    if threads is not None:  # several CPU workers share the cores instead of each taking all of them
-        torch.set_num_threads(threads)
+    _set_threads(threads)  # several CPU workers share the cores; one after OpenMP ran in the parent (child_threads)
     from .engine import Summary, run_case_records
     from .reference import ReferenceCache
     from ..results import clean
@@ -137,8 +179,9 @@ class IsolatedFailure(Exception):
         self.kind, self.detail = kind, detail  # kind: "raised", "exit" (SystemExit), "died", "deadline"
 
 
-def _call_child(conn: Connection, fn: Callable, args: tuple) -> None:
+def _call_child(conn: Connection, fn: Callable, args: tuple, threads: int | None = None) -> None:
     _detach(())
+    _set_threads(threads)
     try:
         conn.send(("ok", fn(*args)))
     except SystemExit as exc:
@@ -154,7 +197,7 @@ def isolated(fn: Callable, args: tuple, timeout: float | None, grace: float = 2.
     ``SystemExit``), when its process died (``died``) or ran past the deadline (``deadline``: killed)."""
     ctx = fork_context()
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_call_child, args=(child, fn, args), daemon=True)
+    proc = ctx.Process(target=_call_child, args=(child, fn, args, child_threads(None)), daemon=True)
     proc.start()
     child.close()
     try:
