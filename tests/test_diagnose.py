@@ -196,3 +196,34 @@ def test_clean_run_reports_nothing(strategy: str) -> None:
     d = diagnose(load_spec(two_scales_factory), PRESETS[strategy], CPU, steps=1)
     assert (d.forward, d.backward, d.underflow) == (None, None, {})
     assert d.lines()[0] == "no inf/NaN in any module's output or gradient"
+
+
+def test_a_tied_weight_is_named_after_its_first_owner_and_says_it_is_shared() -> None:
+    """GPT-2 ties its embedding to its output head: ``named_parameters`` names the weight once, after the
+    embedding; the probe named the module after the last holder (the head), beside the embedding's name."""
+    from harness.models.diagnose import parameter_owners
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = torch.nn.Embedding(8, 4)
+            self.mid = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 8, bias=False)
+            self.head.weight = self.wte.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.mid(self.wte(ids)))
+
+    m = Tied()
+    owners = parameter_owners(m)
+    assert owners[id(m.wte.weight)] == ["wte", "head"] and owners[id(m.mid.weight)] == ["mid"]
+    assert [n for n, _ in m.named_parameters()][0] == "wte.weight"
+    m.wte.weight.register_hook(lambda g: g * float("inf"))  # registered first, so it runs before the probe's
+    probe = LayerProbe()
+    probe.attach(m)
+    try:
+        m(torch.tensor([[1, 2, 3]])).sum().backward()
+    finally:
+        probe.detach()
+    assert probe.backward is not None and probe.backward.module == "wte"
+    assert probe.backward.what == "gradient of parameter wte.weight (tied: also `head`'s)"

@@ -43,7 +43,7 @@ from ..core.strategy import PRESETS, Strategy
 from .user_model import ModelSpec, Probe, train_trajectory
 from ..judge.window import Window, scale_window
 
-__all__ = ["NonFinite", "Diagnosis", "LayerProbe", "fp32_gradients", "significant_gradients", "window_gradients",
+__all__ = ["NonFinite", "Diagnosis", "LayerProbe", "parameter_owners", "fp32_gradients", "significant_gradients", "window_gradients",
            "underflow_by_tensor", "diagnose", "fp16_window", "lost_updates", "about_updates", "negligible_floor"]
 
 ROOT = "(model)"
@@ -98,6 +98,19 @@ def _largest(ts: list[torch.Tensor]) -> float:
     return max(vals, default=0.0)
 
 
+def parameter_owners(model: torch.nn.Module) -> dict[int, list[str]]:
+    """Every module that holds each parameter (by ``id``), in ``named_modules`` order: the first is the one
+    whose name prefixes the parameter's in ``named_parameters`` (a tied weight, such as GPT-2's embedding
+    and output head, is named once, after its first owner); the others share it."""
+    owners: dict[int, list[str]] = {}
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            names = owners.setdefault(id(p), [])
+            if (mname or ROOT) not in names:
+                names.append(mname or ROOT)
+    return owners
+
+
 class LayerProbe(Probe):
     """Hooks that find the first non-finite activation and gradient (see module doc)."""
 
@@ -117,10 +130,12 @@ class LayerProbe(Probe):
         self._sizes = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
         for name, mod in model.named_modules():
             self.handles.append(mod.register_forward_hook(functools.partial(self._on_forward, name or ROOT)))
-        owner = {id(p): (mname or ROOT) for mname, m in model.named_modules() for p in m.parameters(recurse=False)}
+        owners = parameter_owners(model)
         for pname, p in model.named_parameters():
             if p.requires_grad:
-                self.handles.append(p.register_hook(functools.partial(self._on_param_grad, owner[id(p)], pname)))
+                first, *also = owners[id(p)]
+                shown = pname + (f" (tied: also {', '.join(f'`{o}`' for o in also)}'s)" if also else "")
+                self.handles.append(p.register_hook(functools.partial(self._on_param_grad, first, shown)))
 
     def detach(self) -> None:
         for h in self.handles:
