@@ -27,8 +27,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .formats import Format, get_format
-from .fp8_rowwise import cpu_scaled_mm_is_emulation, rowwise_native
+from ..values.formats import Format, get_format
+from ..values.fp8_rowwise import cpu_scaled_mm_is_emulation, rowwise_native
 from .scaling import SCALER_PRESETS, ScalerSpec, parse_scaler
 
 __all__ = ["Strategy", "PRESETS", "parse", "resolve", "support", "tensor_core_support", "MIN_CAPABILITY"]
@@ -327,7 +327,7 @@ def tensor_core_support(compute: str, device: torch.device | str) -> str | None:
             f"(needs sm_{need[0]}{need[1]}+)")
 
 
-#: Recipes that scale per block, each with its own emulation (harness.core.blockwise, harness.core.mx).
+#: Recipes that scale per block, each with its own emulation (harness.values.blockwise, harness.values.mx).
 BLOCK_RECIPES = ("blockwise", "mxfp8", "mxfp4", "nvfp4")
 
 
