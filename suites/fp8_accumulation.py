@@ -10,7 +10,7 @@ of A and every 128-row block of B holds 3.5 (= 448 / 2^7), so every recipe's sca
 per block, E8M0) is a power of two and FP8 quantization loses nothing (except E2M1's, which keeps 1
 fraction bit). The GEMM's output is taken in FP32 (``out_dtype``), so the only error left is the
 accumulator's. Under ``blockwise(N)`` on the CPU that is the model of the H200's FP8 accumulator
-(harness.core.blockwise); on a GPU each interval runs on the FP8 Tensor Cores. On a GPU every FP8
+(harness.values.blockwise); on a GPU each interval runs on the FP8 Tensor Cores. On a GPU every FP8
 strategy's record also carries what ``torch._scaled_mm`` itself does on these inputs: one GEMM over all
 of K (no promotion) and one GEMM per 128 products summed in FP32 (promotion), as ``scaled_mm_max_rel_err``.
 """

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from harness.core.formats import FORMATS, quantize
+from harness.values.formats import FORMATS, quantize
 from harness.core.scenario import Expect, Output, Scenario, register
 
 from ._models import blocked_sum, ema, one_pass_layernorm, rms_norm, wide

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from harness.core.formats import FORMATS
+from harness.values.formats import FORMATS
 from harness.core.scenario import Expect, Output, Scenario, register
 
 #: The Tensor-Core input format of each strategy's GEMMs (FP32 GEMMs do not use Tensor Cores).
@@ -70,7 +70,7 @@ def _tensor_core_gemm(ex, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     fmt = TC_FORMAT.get(ex.strategy.compute)
     if fmt is None:  # FP32 and FP64 (the reference and its check): a plain GEMM, TF32 off
         return a @ b
-    from harness.core import _triton_dot
+    from harness.values import _triton_dot
     dtype = FORMATS[fmt].dtype  # TF32 operands live in FP32 registers
     d = _triton_dot.gemm(a.float().to(dtype), b.float().to(dtype), tf32=fmt == "tf32")
     return d.to(ex.dtype)

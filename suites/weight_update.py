@@ -157,7 +157,7 @@ register(Scenario(
 
 # -- BF16 update swamping over hundreds of steps: stochastic rounding and Kahan sums ----------------------
 BF16_SWAMP_STEPS = 256
-BF16_SWAMP_ROWS, BF16_SWAMP_COLS = 16, 256  # 4096 weights: large enough for 8-bit states (harness.core.optim_states)
+BF16_SWAMP_ROWS, BF16_SWAMP_COLS = 16, 256  # 4096 weights: large enough for 8-bit states (harness.values.optim_states)
 
 
 def _bf16_swamp_inputs(p: dict, g: torch.Generator) -> dict:

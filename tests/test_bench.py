@@ -19,7 +19,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from harness.core.formats import FORMATS
+from harness.values.formats import FORMATS
 from harness.judge.metrics import compare
 from harness.run.reference import ReferenceCache
 from harness.results import RunWriter, read_records

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.core import blockwise as bw
+from harness.values import blockwise as bw
 from harness.core.execution import Execution
 from harness.core.strategy import PRESETS, parse, support
-from harness.core.tensor_core_model import TensorCoreModel
+from harness.values.tensor_core_model import TensorCoreModel
 
 CPU = torch.device("cpu")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -219,7 +219,7 @@ def _layouts(x: torch.Tensor, w: torch.Tensor, up: torch.Tensor):
 
 
 def test_native_paths_apply_each_tiles_factor(monkeypatch: pytest.MonkeyPatch) -> None:
-    from harness.core import blockwise_native as bn
+    from harness.values import blockwise_native as bn
     monkeypatch.setattr(bn, "_BROKEN", {})
     monkeypatch.setattr(bn, "_CHECKED", set())
     x, w, up = _exact_operands(256, 256, 256, torch.Generator().manual_seed(5))
@@ -232,7 +232,7 @@ def test_native_paths_apply_each_tiles_factor(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_native_result_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    from harness.core import blockwise_native as bn
+    from harness.values import blockwise_native as bn
     monkeypatch.setattr(bn, "_BROKEN", {})
     monkeypatch.setattr(bn, "_CHECKED", set())
     monkeypatch.setattr(bn.torch.nn.functional, "ScalingType", bn.torch.nn.functional.ScalingType, raising=False)
@@ -249,7 +249,7 @@ def test_a_native_result_that_disagrees_is_not_used(monkeypatch: pytest.MonkeyPa
 def test_blockwise_scale_layouts_pass_torchs_own_checks(b_cols: int) -> None:
     """torch's shape and stride checks of the blockwise GEMM (its meta kernel) accept the layouts the GPU
     path passes, K/128 = 3 included (128x128 scales padded to a multiple of 4 rows)."""
-    from harness.core.blockwise_native import blockwise_scaled_mm
+    from harness.values.blockwise_native import blockwise_scaled_mm
     if not hasattr(getattr(torch.nn.functional, "ScalingType", None), "BlockWise1x128"):
         pytest.skip(f"torch {torch.__version__} has no blockwise-scaled GEMM")
     meta = torch.device("meta")

@@ -12,7 +12,7 @@ import torch
 
 from harness.device import device_profile as dp
 from harness.device import tc_probes as tp
-from harness.core.formats import get_format
+from harness.values.formats import get_format
 from harness.device.tensor_core_model import ROUNDINGS, TensorCoreModel, round_integer, round_significand
 
 # (format, model parameters): the settings the probes must recover, far apart on every axis

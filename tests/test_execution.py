@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.core.execution import FP64, Execution, route_linears
-from harness.core.formats import quantize
+from harness.values.formats import quantize
 from harness.core.strategy import parse
 
 CPU = torch.device("cpu")
@@ -100,7 +100,7 @@ def test_fp8_delayed_scaling_uses_the_amax_history() -> None:
 
 
 def test_delayed_scaling_forgets_amaxes_older_than_its_history() -> None:
-    from harness.core.fp8 import E4M3, AmaxHistory
+    from harness.values.fp8 import E4M3, AmaxHistory
     hist = AmaxHistory(length=4)
     eight, one = torch.tensor(8.0), torch.tensor(1.0)
     first = float(hist.scale("k", eight, E4M3.max, delayed=True))
@@ -135,7 +135,7 @@ def test_route_linears_sends_nn_linear_through_the_strategy_gemm() -> None:
 
 
 def test_a_native_fp8_gemm_of_unsupported_shape_is_counted_as_emulated() -> None:
-    from harness.core.fp8 import AmaxHistory, fp8_matmul
+    from harness.values.fp8 import AmaxHistory, fp8_matmul
     hist = AmaxHistory()
     a = torch.linspace(-1.0, 1.0, 24).reshape(4, 6)  # 4 x 6 @ 6 x 8: no dimension of 16
     b = torch.linspace(0.5, 2.0, 48).reshape(6, 8)
@@ -164,7 +164,7 @@ def test_gemm_flag_restore_returns_each_of_the_four_flags() -> None:
 
 
 def test_the_record_names_fp8_gemms_that_fell_back() -> None:
-    from harness.core.fp8 import fp8_matmul
+    from harness.values.fp8 import fp8_matmul
     ex = ex_of("fp8-tensorwise")
     before = list(ex.emulation_notes())  # on the CPU: the strategy's own emulation note
     a = torch.linspace(-1.0, 1.0, 24).reshape(4, 6)

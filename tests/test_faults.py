@@ -25,7 +25,7 @@ from conftest import ROOT, cli_env, read_jsonl, run_cli
 from harness.run import reference
 from harness.cli import main
 from harness.run.engine import RunConfig, run_matrix
-from harness.core.formats import FORMATS
+from harness.values.formats import FORMATS
 from harness.gate import compare, make_baseline
 from harness.results import read_run
 from harness.core.scenario import REGISTRY, Output, Scenario

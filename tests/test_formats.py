@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from harness.core.formats import FORMATS, get_format, quantize, representable_range_log2
+from harness.values.formats import FORMATS, get_format, quantize, representable_range_log2
 
 INF, NAN = math.inf, math.nan
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.core.fp8 import AmaxHistory, E4M3, E5M2, quantize_fp8
+from harness.values.fp8 import AmaxHistory, E4M3, E5M2, quantize_fp8
 from harness.core.scenario import Case, discover, seed_generator
 from harness.core.strategy import PRESETS, parse
 from harness.results import read_run

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.core.execution import Execution, gemm_coverage, route_gemms
-from harness.core.formats import quantize
-from harness.core.fp8 import E4M3, E5M2, quantize_fp8
+from harness.values.formats import quantize
+from harness.values.fp8 import E4M3, E5M2, quantize_fp8
 from harness.core.strategy import parse
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.core.formats import FORMATS
-from harness.core.fp8 import AmaxHistory, E4M3, E5M2, fp8_matmul, quantize_fp8
+from harness.values.formats import FORMATS
+from harness.values.fp8 import AmaxHistory, E4M3, E5M2, fp8_matmul, quantize_fp8
 
 ROOT = Path(__file__).resolve().parent.parent
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -78,7 +78,7 @@ def test_cublas_profile_sees_the_same_tensor_cores() -> None:
 @cuda
 @triton_ok
 def test_triton_tile_computes_c_plus_ab() -> None:
-    from harness.core._triton_dot import dot_acc
+    from harness.values._triton_dot import dot_acc
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(64, 128, device="cuda", generator=g).half()
     b = torch.randn(128, 64, device="cuda", generator=g).half()
@@ -95,7 +95,7 @@ def test_triton_tile_computes_c_plus_ab() -> None:
 def test_sequential_tensor_core_gemm_is_the_measured_model(fmt: str) -> None:
     """The K-loop Triton GEMM (the tc_long_dot 'tensor_core' path) over K=1024, 16 to 128 fused steps,
     is reproduced bit for bit by the model built from the probes' measurements."""
-    from harness.core import _triton_dot
+    from harness.values import _triton_dot
     from harness.device.device_profile import _DTYPES, device_profile, model_from_profile
     from harness.device.tc_probes import random_operands
     if fmt == "fp8_e4m3" and torch.cuda.get_device_capability() < (8, 9):
@@ -188,7 +188,7 @@ def _fp8_inputs(dtype: torch.dtype, fmax: float) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_quantize_equals_the_pytorch_expression_bit_for_bit(fmt: str, dtype: torch.dtype,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import harness.core.fp8 as fp8
+    import harness.values.fp8 as fp8
     f = FORMATS[fmt]
     x = _fp8_inputs(dtype, f.max).cuda()
     n = x.numel() - x.numel() % 16
@@ -214,7 +214,7 @@ def test_fused_quantize_equals_the_pytorch_expression_bit_for_bit(fmt: str, dtyp
 @pytest.mark.cuda
 @cuda
 def test_amax_is_one_pass_and_propagates_nan() -> None:
-    from harness.core.fp8 import _amax
+    from harness.values.fp8 import _amax
     x = torch.randn(1000, device="cuda", dtype=torch.bfloat16) * 7
     assert _amax(x).item() == x.abs().amax().item()
     x[17] = float("nan")

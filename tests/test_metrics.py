@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from harness.core.formats import FORMATS
+from harness.values.formats import FORMATS
 from harness.judge.metrics import compare, nonfinite_parts, output_problems, tensor_metrics, ulp, underflow_by_tensor
 from harness.core.scaling import Scaler, ScaleTrace, parse_scaler
 from harness.core.scenario import Output

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from harness.core import mx
+from harness.values import mx
 from harness.core.execution import Execution
 from harness.core.strategy import PRESETS, support
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from harness.core.emulation import tf32_matmul
+from harness.values.emulation import tf32_matmul
 from harness.core.execution import Execution, FP64, gemm_coverage, route_linears
-from harness.core.formats import FORMATS
+from harness.values.formats import FORMATS
 from harness.judge.metrics import compare
 from harness.models.model_check import check_model
 from harness.models.recommend import recommend

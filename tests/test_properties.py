@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.core.formats import FORMATS, quantize
+from harness.values.formats import FORMATS, quantize
 from harness.judge.metrics import tensor_metrics
 from harness.core.scaling import ScalerSpec, Scaler
 

@@ -2,7 +2,7 @@
 
 The same model, data and gradient run twice: once converted by torchao (``convert_to_float8_training``,
 or its ``matmul_with_hp_or_float8_args`` for a functional GEMM), once through
-:mod:`harness.core.fp8_rowwise`. Every output and gradient must agree in every bit, and the comparison
+:mod:`harness.values.fp8_rowwise`. Every output and gradient must agree in every bit, and the comparison
 must fail when the oracle is wrong in one detail (scale rounding, gradient format, the high-precision
 weight-gradient GEMM).
 """
@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from harness.core import fp8_rowwise, libraries
+from harness.core import libraries
+from harness.values import fp8_rowwise
 from harness.core.execution import Execution, gemm_coverage, route_linears
-from harness.core.formats import FORMATS
-from harness.core.fp8_rowwise import RECIPES, recipe_matmul, scale_of
+from harness.values.formats import FORMATS
+from harness.values.fp8_rowwise import RECIPES, recipe_matmul, scale_of
 from harness.core.strategy import PRESETS, parse, support
 
 pytest.importorskip("torchao.float8")

@@ -10,7 +10,7 @@ import torch
 from conftest import declared_outcome
 from harness.run.engine import RunConfig, run_case, run_matrix
 from harness.core.execution import Execution
-from harness.core.formats import FORMATS, quantize
+from harness.values.formats import FORMATS, quantize
 from harness.run.reference import ReferenceCache
 from harness.results import read_run
 from harness.core.scenario import Case, discover, seed_generator

@@ -24,7 +24,7 @@ import torch
 
 if __name__ == "__main__":  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness.core.formats import FORMATS, Format, quantize  # noqa: E402
+from harness.values.formats import FORMATS, Format, quantize  # noqa: E402
 from harness.judge.tolerance import (CAP, DELTA, bound, confidence_lambda, describe, gamma_probabilistic,  # noqa: E402
                                gamma_worst_case)
 

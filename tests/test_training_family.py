@@ -119,7 +119,7 @@ def test_quick_tier_outcomes(registry, name: str) -> None:
 # -- lost updates in the verdict ---------------------------------------------------------------------
 def test_lost_updates_beyond_the_reference_diverge() -> None:
     """compare() subtracts the reference's absorbed share; judge() fails the excess over the budget."""
-    from harness.core.formats import FORMATS
+    from harness.values.formats import FORMATS
     from harness.judge.metrics import compare
     from harness.core.scenario import Output
     from harness.judge.verdict import judge

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.core.formats import FORMATS
+from harness.values.formats import FORMATS
 from harness.core.scaling import ScaleTrace, Scaler, parse_scaler
 from harness.judge.tolerance import bound, describe
 from harness.judge.verdict import FAILURES, OUTCOMES, SEVERITY, STALL_RATE, UNDERFLOW_BUDGET, Verdict, judge

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.run.engine import run_case
-from harness.core.formats import FORMATS
+from harness.values.formats import FORMATS
 from harness.run.reference import ReferenceCache
 from harness.core.scenario import Case, discover, seed_generator
 from harness.core.strategy import PRESETS

@@ -1,1 +1,1 @@
-"""Values: number formats, strategies and their grammar, loss scalers, FP8 and emulated GEMMs, a strategy executed on a device, the scenario type and registry, and the isolation of one run."""
+"""Core: strategies and their grammar, loss scalers, which optional library is installed, a strategy executed on a device (and every GEMM a model runs routed to its arithmetic in :mod:`harness.values`), the scenario type and registry, and the isolation of one run."""

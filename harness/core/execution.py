@@ -18,10 +18,10 @@ from typing import Iterator
 
 import torch
 
-from .emulation import tf32_matmul
-from .formats import Format, get_format
-from .fp8 import AmaxHistory, fp8_matmul
-from .fp8_rowwise import RECIPES as TORCHAO_STYLE, gemm_fits, recipe_matmul, rowwise_native
+from ..values.emulation import tf32_matmul
+from ..values.formats import Format, get_format
+from ..values.fp8 import AmaxHistory, fp8_matmul
+from ..values.fp8_rowwise import RECIPES as TORCHAO_STYLE, gemm_fits, recipe_matmul, rowwise_native
 from .gemm_routing import Site, gemm_coverage, is_conv1d, is_kept, route_gemms, routing_notes
 from .strategy import Strategy, support
 
@@ -74,7 +74,7 @@ class Execution:
 
     @property
     def torchao_style(self) -> bool:
-        """Whether GEMMs follow torchao's float8 recipes (:mod:`harness.core.fp8_rowwise`): the row-wise
+        """Whether GEMMs follow torchao's float8 recipes (:mod:`harness.values.fp8_rowwise`): the row-wise
         recipes, and every recipe torchao drives; ``fp8=tensorwise|delayed`` of the own path keep theirs."""
         s = self.strategy
         return s.compute == "fp8" and (s.lib == "torchao" or (s.recipe in TORCHAO_STYLE and s.recipe != "tensorwise"))
@@ -178,9 +178,9 @@ class Execution:
         """The block-scaled recipes: DeepSeek's blockwise FP8 (:mod:`.blockwise`), MX and NVFP4 (:mod:`.mx`)."""
         s = self.strategy
         if s.recipe == "blockwise":
-            from .blockwise import blockwise_matmul
+            from ..values.blockwise import blockwise_matmul
             return blockwise_matmul(a, b, s.promote, out_dtype, self.device.type == "cuda", self.block_notes)
-        from .mx import mx_matmul
+        from ..values.mx import mx_matmul
         return mx_matmul(a, b, s.recipe, out_dtype)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,

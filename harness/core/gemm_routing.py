@@ -5,7 +5,7 @@ pass runs under a :class:`GemmRouter`, a ``torch.overrides.TorchFunctionMode`` t
 ``F.linear`` (``nn.Linear``, ``nn.MultiheadAttention``'s projections, any functional call), ``torch.matmul``
 and ``@``, ``mm``, ``bmm``, ``addmm`` (Hugging Face ``Conv1D``), ``baddbmm``, ``einsum``, the convolutions
 and transposed convolutions, and ``F.scaled_dot_product_attention``, and sends those in the recipe's
-scope through :meth:`~harness.core.execution.Execution.matmul` or :func:`harness.core.bilinear.bilinear`.
+scope through :meth:`~harness.core.execution.Execution.matmul` or :func:`harness.values.bilinear.bilinear`.
 
 What each recipe covers (:func:`scope`):
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .bilinear import TF32, bilinear, fp8_rounding
+from ..values.bilinear import TF32, bilinear, fp8_rounding
 
 __all__ = ["GemmRouter", "route_gemms", "gemm_coverage", "routing_notes", "scope", "is_conv1d", "Site"]
 

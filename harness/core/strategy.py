@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .formats import Format, get_format
+from ..values.formats import Format, get_format
+from ..values.fp8_rowwise import cpu_scaled_mm_is_emulation, rowwise_native
 from .scaling import SCALER_PRESETS, ScalerSpec, parse_scaler
 
 __all__ = ["Strategy", "PRESETS", "parse", "resolve", "support", "tensor_core_support", "MIN_CAPABILITY"]
@@ -326,7 +327,7 @@ def tensor_core_support(compute: str, device: torch.device | str) -> str | None:
             f"(needs sm_{need[0]}{need[1]}+)")
 
 
-#: Recipes that scale per block, each with its own emulation (harness.core.blockwise, harness.core.mx).
+#: Recipes that scale per block, each with its own emulation (harness.values.blockwise, harness.values.mx).
 BLOCK_RECIPES = ("blockwise", "mxfp8", "mxfp4", "nvfp4")
 
 
@@ -409,6 +410,27 @@ def _compile_missing(strategy: Strategy, device: torch.device) -> str | None:
     return missing_reason(device)
 
 
+def _recipe_support(recipe: str, torchao: bool, device: torch.device) -> tuple[str | None, list[str]]:
+    """For a torchao-style recipe, own or driven through torchao: (why ``device`` cannot run it, or None;
+    the notes every record carries: the library and its version, and how the GEMMs ran)."""
+    from .libraries import missing_reason, version
+    if torchao and missing_reason("torchao"):
+        return missing_reason("torchao"), []
+    what = f"torchao {version('torchao')} float8 {recipe}" if torchao else f"own float8 {recipe} (torchao's recipe)"
+    if device.type == "cpu":
+        if torchao and not cpu_scaled_mm_is_emulation():
+            return None, [f"{what}; torch._scaled_mm on the CPU (oneDNN FP8 kernels: not the emulation's arithmetic)"]
+        how = "torch._scaled_mm on the CPU" if torchao else "emulated on the CPU"
+        return None, [f"{what}; {how}: FP8 inputs dequantized, FP32 GEMM"]
+    if device.type == "cuda" and recipe != "tensorwise" and not tensor_core_support("fp8", device):
+        why = rowwise_native(str(device))
+        if why and torchao:
+            return why, []
+        if why:
+            return None, [what, f"fp8={recipe} emulated: {why}"]
+    return None, [what]
+
+
 def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[str]]:
     """Whether ``strategy`` runs on ``device``: (supported, reason if not, emulation notes).
 
@@ -420,8 +442,7 @@ def support(strategy: Strategy, device: torch.device) -> tuple[bool, str, list[s
     if missing:
         return False, missing, notes
     if strategy.compute == "fp8" and (_torchao_fp8(strategy) or strategy.recipe in ("rowwise", "rowwise_gw_hp")):
-        from .fp8_rowwise import recipe_support
-        why, notes = recipe_support(strategy.recipe, strategy.lib == "torchao", device)
+        why, notes = _recipe_support(strategy.recipe, strategy.lib == "torchao", device)
         if why:
             return False, why, notes
     if device.type == "cpu":

@@ -50,7 +50,7 @@ def device_matmul(fmt: str, backend: str = "triton", device: str = "cuda") -> Ma
     dev = torch.device(device)
     if backend == "triton":
         try:
-            from ..core import _triton_dot
+            from ..values import _triton_dot
         except ImportError as exc:
             raise ValueError(f"backend triton needs the triton package ({exc}); use --backend cublas") from None
 

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..core.formats import Format, get_format
+from ..values.formats import Format, get_format
 from .tensor_core_model import ROUNDINGS, MatMul, TensorCoreModel, round_integer
 
 __all__ = ["PROBED_FORMATS", "FIELDS", "K", "Dot", "run_dots", "product_range", "factors", "classify_rounding",

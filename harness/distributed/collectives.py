@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..core.formats import FORMATS
+from ..values.formats import FORMATS
 from ..judge.metrics import ulp
 from ..judge.tolerance import bound
 from .group import Group

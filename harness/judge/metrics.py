@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..core.formats import Format
+from ..values.formats import Format
 from ..core.scenario import Output
 
 __all__ = ["tensor_metrics", "compare", "ulp", "underflow_by_tensor", "output_problems", "nonfinite_parts",

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.formats import FORMATS
+from ..values.formats import FORMATS
 from .metrics import compare
 from ..results import ERROR_METRICS
 from ..core.scenario import Output

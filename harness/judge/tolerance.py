@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from ..core.formats import Format
+from ..values.formats import Format
 
 __all__ = ["DELTA", "CAP", "confidence_lambda", "gamma_probabilistic", "gamma_worst_case", "bound", "describe"]
 

@@ -33,7 +33,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..core.formats import FORMATS, Format
+from ..values.formats import FORMATS, Format
 from ..results import ERROR_METRICS, FAILURES, OUTCOMES, SEVERITY
 from . import sensitivity as _sens
 from ..core.scaling import ScalerSpec, format_number, parse_scaler

@@ -34,7 +34,7 @@ from fractions import Fraction
 
 import torch
 
-from ..core.formats import FORMATS, Format
+from ..values.formats import FORMATS, Format
 from ..core.scaling import format_number
 
 __all__ = ["TensorWindow", "Window", "tensor_window", "scale_window", "pow2_inside", "pow2_above", "pow2_below",

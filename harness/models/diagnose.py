@@ -35,7 +35,7 @@ import torch
 
 from ..judge import sensitivity
 from ..core.execution import FP64, Execution
-from ..core.formats import FORMATS
+from ..values.formats import FORMATS
 from ..judge import metrics
 from ..core.scaling import format_number
 from ..core.scenario import Output

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..core.execution import Execution, is_conv1d
-from ..core.formats import FORMATS, Format
+from ..values.formats import FORMATS, Format
 from ..core.strategy import PRESETS
 from .user_model import ModelSpec, Probe, train_trajectory
 

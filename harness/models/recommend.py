@@ -12,7 +12,7 @@ import math
 from typing import Any, Callable, Iterable
 
 from .diagnose import Diagnosis
-from ..core.formats import FORMATS
+from ..values.formats import FORMATS
 from ..report.tables import compute_format
 from ..judge.sensitivity import chaotic_note
 from ..results import FAILURES

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ..core.libraries import missing_reason
-from ..core.optim_precision import CountingOptimizer, RecipeUnsupported
+from ..values.optim_precision import CountingOptimizer, RecipeUnsupported
 
 __all__ = ["library_optimizer", "EAGER_NOTE"]
 

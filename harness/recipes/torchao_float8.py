@@ -6,7 +6,7 @@ A model is converted with ``torchao.float8.convert_to_float8_training`` and the 
 (Hugging Face ``Conv1D``, convolutions, functional projections) stays in high precision, and
 :func:`harness.core.execution.gemm_coverage` says so. A scenario's functional GEMM (``Execution.matmul``)
 runs through torchao's own autograd function, ``matmul_with_hp_or_float8_args``, so the library computes
-it. :mod:`harness.core.fp8_rowwise` is the emulation both are checked against, bit for bit.
+it. :mod:`harness.values.fp8_rowwise` is the emulation both are checked against, bit for bit.
 
 Imported only by a run whose strategy names ``lib=torchao`` (torchao is an optional dependency).
 """
@@ -70,7 +70,7 @@ def convert(model: torch.nn.Module, recipe: str, on_run: Callable[[str], None], 
     from torchao.float8 import convert_to_float8_training
     from torchao.float8.float8_linear import Float8Linear
 
-    from ..core.fp8_rowwise import fits_scaled_mm
+    from ..values.fp8_rowwise import fits_scaled_mm
 
     def fits(mod: torch.nn.Module, _fqn: str) -> bool:
         # torchao's documented filter: on a GPU, torch._scaled_mm takes only multiples of 16, so layers

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..core.execution import Execution
-from ..core.optim_precision import RecipeUnsupported, optimizer_recipe
+from ..values.optim_precision import RecipeUnsupported, optimizer_recipe
 from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
 from ..core.isolation import CaseInputs, isolated
 from ..judge.metrics import compare, measures_only

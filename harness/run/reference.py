@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from ..core.execution import FP64, Execution
-from ..core.formats import FORMATS
+from ..values.formats import FORMATS
 from ..judge import sensitivity
 from . import refcache
 from ..judge.metrics import compare, nonfinite_parts, output_problems

@@ -21,7 +21,7 @@ import torch
 from ..core.batches import to_device
 from ..core.execution import Execution
 from ..core.keep import to_storage
-from ..core.optim_precision import PrecisionOptimizer, optimizer_recipe
+from ..values.optim_precision import PrecisionOptimizer, optimizer_recipe
 from ..core.scaling import Decision, LossScaleFloorError, ScaleTrace, Scaler
 from . import fused
 
@@ -79,7 +79,7 @@ def make_optimizer(ex: Execution, make_opt: Callable[[list], torch.optim.Optimiz
                    params: list[torch.Tensor]) -> torch.optim.Optimizer:
     """The optimizer a run steps with: the scenario's or user's own (``make_opt(params)``), or under an
     optimizer recipe (``update=sr|kahan``, ``states=8bit``) the harness's emulation around it (``lib=none``,
-    :class:`~harness.core.optim_precision.PrecisionOptimizer`) or the library's equivalent in its place
+    :class:`~harness.values.optim_precision.PrecisionOptimizer`) or the library's equivalent in its place
     (:func:`harness.recipes.optimizers.library_optimizer`). Every step in which the recipe acted counts in
     ``ex.optimizer_recipe_steps``; a library that has no equivalent raises ``RecipeUnsupported``."""
     s = ex.strategy

@@ -6,7 +6,7 @@ operands), so the emulation is the same for all: round both operands as the reci
 FP32 (the products of two FP8 or two TF32 values are exact in FP32, the sums accumulate in FP32, as on
 Tensor Cores), undo the scales; in the backward pass round the incoming gradient (E5M2 for FP8) and take
 ``f``'s two adjoints on the rounded operands, again in FP32. That is exactly what
-:func:`harness.core.fp8.fp8_matmul` and :func:`harness.core.emulation.tf32_matmul` do for a matmul.
+:func:`harness.values.fp8.fp8_matmul` and :func:`harness.values.emulation.tf32_matmul` do for a matmul.
 
 >>> import torch, torch.nn.functional as F
 >>> x, w = torch.randn(1, 1, 4, 4), torch.randn(2, 1, 3, 3)

@@ -15,7 +15,7 @@ oracle the library recipes (torchao, torch-optimi, bitsandbytes) are checked aga
 
 States stay in the parameter's format (``states=param``: the FP32 values the step computed are stored
 rounded to BF16, as both libraries keep them), or in 8-bit blocks (``states=8bit``,
-:mod:`harness.core.optim_states`: each state is quantized and read back after the step, so the next
+:mod:`harness.values.optim_states`: each state is quantized and read back after the step, so the next
 step reads what an 8-bit state holds). The arithmetic of the step itself is the wrapped optimizer's,
 in FP32.
 """

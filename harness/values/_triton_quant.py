@@ -1,6 +1,6 @@
 """FP8 quantization in one pass on the GPU: ``x * scale``, saturated to the format's max, cast to FP8.
 
-The same function as :func:`harness.core.fp8.quantize_fp8`'s PyTorch expression, which reads and writes the
+The same function as :func:`harness.values.fp8.quantize_fp8`'s PyTorch expression, which reads and writes the
 tensor five times (scale, finiteness, clamp, select, cast); this kernel reads it once and writes the FP8
 bytes once. Semantics, bit for bit (``tests/test_gpu.py`` compares the two on random and special values):
 the product is FP32 (``x`` upcast, times the FP32 scale read from the device: no host synchronization),
@@ -8,7 +8,7 @@ finite values saturate to +-max and round to nearest even, NaN stays NaN, and an
 non-finite: +-inf in E5M2, NaN in E4M3 (which has no inf). The kernel selects NaN and writes E5M2's
 infinity bits itself rather than rely on how the conversion instruction treats non-finite inputs.
 
-Imported only where Triton and a CUDA device are present (:func:`harness.core.fp8.quantize_fp8` decides).
+Imported only where Triton and a CUDA device are present (:func:`harness.values.fp8.quantize_fp8` decides).
 """
 from __future__ import annotations
 

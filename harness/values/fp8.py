@@ -40,7 +40,7 @@ class AmaxHistory:
         return torch.where(ref > 0, fmax / ref, torch.ones_like(ref))
 
 
-#: Use the one-pass Triton kernel (:mod:`harness.core._triton_quant`) where it applies; tests switch it off to
+#: Use the one-pass Triton kernel (:mod:`harness.values._triton_quant`) where it applies; tests switch it off to
 #: compare it with the PyTorch expression below, which defines the function.
 FUSED_QUANTIZE = True
 _FUSED_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,7 +48,7 @@ _FUSED_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 
 @functools.lru_cache(maxsize=1)
 def _triton_quant():
-    """:mod:`harness.core._triton_quant`, or None without Triton."""
+    """:mod:`harness.values._triton_quant`, or None without Triton."""
     try:
         from . import _triton_quant
     except ImportError:
@@ -77,7 +77,7 @@ def quantize_fp8(x: torch.Tensor, fmt, scale: float | torch.Tensor) -> torch.Ten
     """Scale then cast to FP8. Finite values past the format's max saturate to it; inf and NaN stay
     non-finite (NaN in E4M3, which has no inf), so an overflow upstream is never hidden: torch's cast
     alone saturates inf to 448 in E4M3 (seen on the CPU). On a GPU with Triton one fused pass
-    computes the same bits (:mod:`harness.core._triton_quant`)."""
+    computes the same bits (:mod:`harness.values._triton_quant`)."""
     fused = _fused(x, fmt, scale)
     if fused is not None:
         return fused

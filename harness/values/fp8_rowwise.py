@@ -32,8 +32,8 @@ import torch
 from .formats import FORMATS, Format
 from .fp8 import quantize_fp8
 
-__all__ = ["Cast", "Recipe", "RECIPES", "EPS", "scale_of", "recipe_matmul", "rowwise_native", "recipe_support",
-           "fits_scaled_mm", "gemm_fits", "cpu_scaled_mm_is_emulation"]
+__all__ = ["Cast", "Recipe", "RECIPES", "EPS", "scale_of", "recipe_matmul", "rowwise_native", "fits_scaled_mm",
+           "gemm_fits", "cpu_scaled_mm_is_emulation"]
 
 E4M3, E5M2 = FORMATS["fp8_e4m3"], FORMATS["fp8_e5m2"]
 #: torchao's guard against a zero amax (``torchao.float8.float8_utils.EPS``).
@@ -125,28 +125,6 @@ def cpu_scaled_mm_is_emulation() -> bool:
         if not torch.equal(got, _dequantized_mm(a, sa.reciprocal(), b, sb.reciprocal())):
             return False
     return True
-
-
-def recipe_support(recipe: str, torchao: bool, device: torch.device) -> tuple[str | None, list[str]]:
-    """For a torchao-style recipe, own or driven through torchao: (why ``device`` cannot run it, or None;
-    the notes every record carries: the library and its version, and how the GEMMs ran)."""
-    from .libraries import missing_reason, version
-    from .strategy import tensor_core_support
-    if torchao and missing_reason("torchao"):
-        return missing_reason("torchao"), []
-    what = f"torchao {version('torchao')} float8 {recipe}" if torchao else f"own float8 {recipe} (torchao's recipe)"
-    if device.type == "cpu":
-        if torchao and not cpu_scaled_mm_is_emulation():
-            return None, [f"{what}; torch._scaled_mm on the CPU (oneDNN FP8 kernels: not the emulation's arithmetic)"]
-        how = "torch._scaled_mm on the CPU" if torchao else "emulated on the CPU"
-        return None, [f"{what}; {how}: FP8 inputs dequantized, FP32 GEMM"]
-    if device.type == "cuda" and recipe != "tensorwise" and not tensor_core_support("fp8", device):
-        why = rowwise_native(str(device))
-        if why and torchao:
-            return why, []
-        if why:
-            return None, [what, f"fp8={recipe} emulated: {why}"]
-    return None, [what]
 
 
 def fits_scaled_mm(m: int, k: int, n: int) -> bool:

@@ -1,4 +1,4 @@
-"""The GPU paths of :mod:`harness.core.blockwise`: blockwise FP8 GEMMs on the FP8 Tensor Cores.
+"""The GPU paths of :mod:`harness.values.blockwise`: blockwise FP8 GEMMs on the FP8 Tensor Cores.
 
 Two, tried in order, each feature-detected at run time (an unusable one falls back, with a note):
 

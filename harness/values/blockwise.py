@@ -7,7 +7,7 @@ keep only about 14 bits of their running sum (``docs/tensor_cores.md``: measured
 ``N`` products (N=128 by default) the partial sum is taken out, multiplied by its tiles' dequantization
 factors and added into an FP32 accumulator on the CUDA cores: the *promotion*. ``N=0`` never promotes.
 
-The emulation runs the calibrated Tensor-Core model (:class:`~harness.core.tensor_core_model.TensorCoreModel`,
+The emulation runs the calibrated Tensor-Core model (:class:`~harness.values.tensor_core_model.TensorCoreModel`,
 :data:`HOPPER_FP8`) over each interval of ``N`` products and adds the promoted partial sums in FP32. When
 an interval lies in one 128-tile (N divides 128) its products are the FP8 values' own and the tiles'
 factors multiply the partial sum at promotion, as DeepSeek's kernels do; an interval that spans tiles (N=0,
@@ -132,7 +132,7 @@ class _BlockwiseMatMul(torch.autograd.Function):
 
 def _gemm(qa, ga, a_rows, qb, gb, b_cols, promote, native: bool, notes: set[str] | None) -> torch.Tensor:
     """The GEMM of quantized operands (block grids of factors ``ga``, ``gb``): natively where the GPU path
-    applies (:mod:`harness.core.blockwise_native`), else on the accumulator model; ``notes`` collects which."""
+    applies (:mod:`harness.values.blockwise_native`), else on the accumulator model; ``notes`` collects which."""
     if native and qa.is_cuda:
         from .blockwise_native import native_gemm
         out = native_gemm(qa, ga, a_rows, qb, gb, b_cols, promote, notes)

@@ -1,0 +1,1 @@
+"""Values: number formats (the format table, rounding to any of them) and the exact arithmetic of every recipe (per-tensor and row-wise FP8, blockwise, MX and NVFP4 blocks, TF32, FP8/TF32 convolutions, the Tensor-Core accumulator model, low-precision optimizer updates and 8-bit states). Imports nothing else of the harness."""
