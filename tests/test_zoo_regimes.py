@@ -10,6 +10,7 @@ import torch
 
 from harness.core.execution import Execution
 from harness.core.strategy import PRESETS
+from harness.models.fix import fix_model
 from harness.models.model_check import check_model
 from harness.models.user_model import load_spec, train_trajectory
 from harness.results import num
@@ -63,3 +64,26 @@ def test_logit_growth_is_not_blamed_on_precision(tmp_path: Path) -> None:
     assert by["fp16-dynamic"]["outcome"] in ("pass", "stalled", "overflow")
     assert "every reduced-precision strategy tried failed" not in res.recommendation
     assert res.recommendation.startswith("bf16") and "chaotic" in res.recommendation
+
+
+def test_small_init_needs_more_range_than_fp16_and_bf16_has_it(tmp_path: Path) -> None:
+    """``llama-smallinit``: the key/query projections' gradients fall so far below the embedding's that no
+    FP16 loss scale keeps both; the dynamic scaler sits at its start and flushes them; BF16 passes, and the
+    recommendation gives the window as the reason. The same model at LLaMA's own init has a window."""
+    from harness.models.diagnose import fp16_window, fp32_gradients, window_gradients
+    from harness.models.zoo_regimes import SMALL_INIT
+    res = check_model("zoo:llama-smallinit", ["fp16-dynamic", "bf16"], steps=4, device="cpu", out=tmp_path / "r",
+                      diagnose=False)
+    outcomes = {r["strategy"]: r["outcome"] for r in res.records}
+    assert outcomes == {"fp16-dynamic": "underflow", "bf16": "pass"}
+    w = res.window
+    assert w.lo > w.hi and ("k_proj" in w.lo_tensor or "q_proj" in w.lo_tensor)
+    assert math.log2(w.lo / w.hi) >= 1  # empty by at least one octave
+    assert res.recommendation.startswith("bf16: gradients span 2^") and "wider than FP16's 2^40" in res.recommendation
+    healthy = load_spec("zoo:llama")  # the same architecture at its own init
+    h = fp16_window(window_gradients(healthy, CPU, fp32_gradients(healthy, CPU)))
+    assert h.lo < h.hi / 2 ** 10 and SMALL_INIT == 2.0 ** -9
+    (fix,) = fix_model("zoo:llama-smallinit", res, "cpu", budget=12).fixes
+    assert fix.verified and fix.record["outcome"] == "pass"  # re-run and judged as check-model judges
+    assert any("no single FP16 loss scale works" in n for n in fix.plan.notes)  # the window is its reason
+    assert fix.tried[0].startswith("loss scaler: none to try")

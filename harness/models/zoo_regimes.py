@@ -12,6 +12,10 @@ record (``metrics["observed"]``: a number per training step).
   size and a CPU horizon (48 updates at learning rates 0.03 to 0.3) the mean log-normaliser stays near
   ``log(vocab)`` with and without the z-loss, so neither the divergence nor its fix shows. The regimes
   still record ``output_log_z`` and ``output_logit_max`` per step.
+* ``llama-smallinit``: gradients that need more range than FP16 has: every projection weight starts at
+  LLaMA's init x 2^-9 (std 0.02 -> 3.9e-5, as schemes that shrink the init of deep or residual layers do).
+  The attention logits start near 0 and the key/query projections' gradients come out about 2^40 below
+  the embedding's, so no FP16 loss scale keeps both (the window is empty); BF16 has the range.
 * ``gpt2-qk1000``: activations past FP16's 65504: one attention block's query and key weights scaled
   x1000 make its attention logits overflow FP16 in the forward pass (BF16 keeps FP32's range).
 
@@ -27,7 +31,7 @@ import torch
 
 from .zoo import LM, ZooModel, causal_lm, gpt2_config, llama_config, register
 
-__all__ = ["PROBE", "observe_logits", "HIGH_LR", "QK_GAIN"]
+__all__ = ["PROBE", "observe_logits", "HIGH_LR", "QK_GAIN", "SMALL_INIT"]
 
 #: The attention implementation name the regimes register with Hugging Face.
 PROBE = "harness_logit_probe"
@@ -35,6 +39,8 @@ PROBE = "harness_logit_probe"
 HIGH_LR = 3e-1
 #: Query/key gain of ``gpt2-qk1000``.
 QK_GAIN = 1000.0
+#: Gain on the initial projection weights of ``llama-smallinit``.
+SMALL_INIT = 2.0 ** -9
 
 
 def _probe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -86,6 +92,18 @@ def _llama_highlr(size: str, seed: int, qknorm: bool = False) -> dict:
     return _observed(causal_lm(model, cfg.vocab_size, c["seq"], c["batch"], seed, HIGH_LR))
 
 
+def _llama_smallinit(size: str, seed: int) -> dict:
+    import transformers
+    c = LM[size]
+    cfg = llama_config(size)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # attention and MLP projections; the embedding and the output head keep their init
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith(("model.embed_tokens", "lm_head")):
+                p.mul_(SMALL_INIT)
+    return causal_lm(model, cfg.vocab_size, c["seq"], c["batch"], seed, c["lr"])
+
+
 def _gpt2_qk1000(size: str, seed: int) -> dict:
     import transformers
     _register_probe()
@@ -105,6 +123,8 @@ for _m in (
     ZooModel("llama-highlr-qknorm", "transformers", "causal LM", f"tiny LLaMA with QK-RMSNorm (Qwen3) at lr "
              f"{HIGH_LR:g}: the logits stay bounded", lambda size, seed: _llama_highlr(size, seed, qknorm=True), TINY,
              regime="attention-logit growth, fixed by QK-layernorm"),
+    ZooModel("llama-smallinit", "transformers", "causal LM", "tiny LLaMA whose projection weights start x2^-9: "
+             "gradients wider than FP16's range", _llama_smallinit, TINY, regime="gradients wider than FP16's range"),
     ZooModel("gpt2-qk1000", "transformers", "causal LM", f"tiny GPT-2 whose first block's q/k weights are scaled "
              f"x{QK_GAIN:g}: attention logits past FP16's 65504", _gpt2_qk1000, TINY,
              regime="activations past FP16's max"),
