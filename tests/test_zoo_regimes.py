@@ -2,6 +2,7 @@
 precision only where precision is the cause."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -87,3 +88,23 @@ def test_small_init_needs_more_range_than_fp16_and_bf16_has_it(tmp_path: Path) -
     assert fix.verified and fix.record["outcome"] == "pass"  # re-run and judged as check-model judges
     assert any("no single FP16 loss scale works" in n for n in fix.plan.notes)  # the window is its reason
     assert fix.tried[0].startswith("loss scaler: none to try")
+
+
+def test_outlier_features_fail_per_tensor_fp8_and_the_fix_keeps_that_layer_in_bf16(tmp_path: Path) -> None:
+    """``llama-outliers``: two channels entering layer 0's MLP are 2^20 times the rest (the record shows it
+    per step). Per-tensor FP8 scales the whole input by them and flushes the others; BF16 trains as FP32;
+    FP16 cannot hold 2^20. ``--fix`` keeps exactly that MLP's gate and up projections in BF16."""
+    from harness.models.zoo_regimes import OUTLIER_GAIN
+    res = check_model("zoo:llama-outliers", ["fp32", "fp16-dynamic", "bf16", "fp8-tensorwise"], steps=4,
+                      device="cpu", out=tmp_path / "r", diagnose=False)
+    by = {r["strategy"]: r for r in res.records}
+    assert by["fp32"]["outcome"] == by["bf16"]["outcome"] == "pass"
+    assert by["fp16-dynamic"]["outcome"] in ("stalled", "overflow")
+    assert by["fp8-tensorwise"]["outcome"] in ("underflow", "diverged")
+    obs = by["fp32"]["metrics"]["observed"]
+    assert min(a / m for a, m in zip(obs["mlp_in_amax"], obs["mlp_in_median"])) > OUTLIER_GAIN / 16
+    only_fp8 = dataclasses.replace(res, records=[by["fp32"], by["fp8-tensorwise"]])
+    (fix,) = fix_model("zoo:llama-outliers", only_fp8, "cpu", budget=12).fixes
+    assert fix.strategy == "fp8-tensorwise" and fix.verified
+    assert sorted(fix.plan.keep_high_precision) == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    assert fix.plan.keep_format == "bf16"

@@ -16,6 +16,12 @@ record (``metrics["observed"]``: a number per training step).
   LLaMA's init x 2^-9 (std 0.02 -> 3.9e-5, as schemes that shrink the init of deep or residual layers do).
   The attention logits start near 0 and the key/query projections' gradients come out about 2^40 below
   the embedding's, so no FP16 loss scale keeps both (the window is empty); BF16 has the range.
+* ``llama-outliers``: outlier features (Dettmers et al. 2022, LLM.int8()): two channels of the activations
+  entering layer 0's MLP are 2^20 times the others, as the few huge hidden dimensions of large LMs are.
+  The model computes what LLaMA computes (the RMSNorm gain of those channels is multiplied by 2^20 and the
+  gate/up projections' weights on them divided by it), so FP32 and BF16 train as before; per-tensor FP8
+  scales the whole input by its outlier and flushes the other channels; FP16 overflows (2^20 > 65504).
+  The record shows ``mlp_in_amax`` and ``mlp_in_median`` (of |x| entering that MLP) per step.
 * ``gpt2-qk1000``: activations past FP16's 65504: one attention block's query and key weights scaled
   x1000 make its attention logits overflow FP16 in the forward pass (BF16 keeps FP32's range).
 
@@ -31,7 +37,8 @@ import torch
 
 from .zoo import LM, ZooModel, causal_lm, gpt2_config, llama_config, register
 
-__all__ = ["PROBE", "observe_logits", "HIGH_LR", "QK_GAIN", "SMALL_INIT"]
+__all__ = ["PROBE", "observe_logits", "observe_mlp_input", "HIGH_LR", "QK_GAIN", "SMALL_INIT", "OUTLIER_CHANNELS",
+           "OUTLIER_GAIN"]
 
 #: The attention implementation name the regimes register with Hugging Face.
 PROBE = "harness_logit_probe"
@@ -41,6 +48,9 @@ HIGH_LR = 3e-1
 QK_GAIN = 1000.0
 #: Gain on the initial projection weights of ``llama-smallinit``.
 SMALL_INIT = 2.0 ** -9
+#: ``llama-outliers``: the outlier channels of layer 0's MLP input and their size against the others.
+OUTLIER_CHANNELS = (3, 17)
+OUTLIER_GAIN = 2.0 ** 20
 
 
 def _probe_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -104,6 +114,36 @@ def _llama_smallinit(size: str, seed: int) -> dict:
     return causal_lm(model, cfg.vocab_size, c["seq"], c["batch"], seed, c["lr"])
 
 
+def _note_mlp_input(module: torch.nn.Module, args: tuple) -> None:
+    with torch.no_grad():
+        x = args[0].detach().abs().float()
+        module.harness_in_amax, module.harness_in_median = float(x.max()), float(x.median())
+
+
+def observe_mlp_input(model: torch.nn.Module) -> dict[str, float]:
+    """The largest and the median |x| entering layer 0's MLP in the latest forward pass."""
+    mlp = model.model.layers[0].mlp
+    return {"mlp_in_amax": mlp.harness_in_amax, "mlp_in_median": mlp.harness_in_median}
+
+
+def _llama_outliers(size: str, seed: int) -> dict:
+    import transformers
+    c = LM[size]
+    cfg = llama_config(size)
+    model = transformers.LlamaForCausalLM(cfg)
+    layer = model.model.layers[0]
+    with torch.no_grad():  # the same function: gain x G on the channels, their weights in the next GEMMs / G
+        for ch in OUTLIER_CHANNELS:
+            layer.post_attention_layernorm.weight[ch] *= OUTLIER_GAIN
+            layer.mlp.gate_proj.weight[:, ch] /= OUTLIER_GAIN
+            layer.mlp.up_proj.weight[:, ch] /= OUTLIER_GAIN
+    layer.mlp.harness_in_amax = layer.mlp.harness_in_median = 0.0
+    layer.mlp.register_forward_pre_hook(_note_mlp_input)  # a module-level function: survives the deep copies
+    d = causal_lm(model, cfg.vocab_size, c["seq"], c["batch"], seed, c["lr"])
+    d["observe"] = observe_mlp_input
+    return d
+
+
 def _gpt2_qk1000(size: str, seed: int) -> dict:
     import transformers
     _register_probe()
@@ -125,6 +165,9 @@ for _m in (
              regime="attention-logit growth, fixed by QK-layernorm"),
     ZooModel("llama-smallinit", "transformers", "causal LM", "tiny LLaMA whose projection weights start x2^-9: "
              "gradients wider than FP16's range", _llama_smallinit, TINY, regime="gradients wider than FP16's range"),
+    ZooModel("llama-outliers", "transformers", "causal LM", "tiny LLaMA with two outlier feature channels "
+             "(x2^20) entering layer 0's MLP: per-tensor FP8 flushes the rest", _llama_outliers, TINY,
+             regime="outlier features (FP8 per-tensor scaling)"),
     ZooModel("gpt2-qk1000", "transformers", "causal LM", f"tiny GPT-2 whose first block's q/k weights are scaled "
              f"x{QK_GAIN:g}: attention logits past FP16's 65504", _gpt2_qk1000, TINY,
              regime="activations past FP16's max"),
