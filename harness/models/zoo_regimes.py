@@ -9,9 +9,8 @@ record (``metrics["observed"]``: a number per training step).
   the verdicts must not blame precision for it. The fix, QK-layernorm, normalises q and k per head
   (Qwen3's architecture is LLaMA's with exactly that added): the logits stay bounded.
 * Output-logit divergence (Wortsman et al. sec. 3.2, fixed by a z-loss) is not a variant: at the tiny
-  size and a CPU horizon (48 updates at learning rates 0.03 to 0.3) the mean log-normaliser stays near
-  ``log(vocab)`` with and without the z-loss, so neither the divergence nor its fix shows. The regimes
-  still record ``output_log_z`` and ``output_logit_max`` per step.
+  size and a CPU horizon (up to 400 updates, learning rates up to 1.0) neither the divergence nor its fix
+  shows (docs/zoo.md). The logit regimes still record ``output_log_z`` and ``output_logit_max`` per step.
 * ``llama-smallinit``: gradients that need more range than FP16 has: every projection weight starts at
   LLaMA's init x 2^-9 (std 0.02 -> 3.9e-5, as schemes that shrink the init of deep or residual layers do).
   The attention logits start near 0 and the key/query projections' gradients come out about 2^40 below
