@@ -13,8 +13,9 @@ record (``metrics["observed"]``: a number per training step).
   shows (docs/zoo.md). The logit regimes still record ``output_log_z`` and ``output_logit_max`` per step.
 * ``llama-smallinit``: gradients that need more range than FP16 has: every projection weight starts at
   LLaMA's init x 2^-9 (std 0.02 -> 3.9e-5, as schemes that shrink the init of deep or residual layers do).
-  The attention logits start near 0 and the key/query projections' gradients come out about 2^40 below
-  the embedding's, so no FP16 loss scale keeps both (the window is empty); BF16 has the range.
+  The attention logits start near 0 and the key/query projections' gradients fall so far below the
+  embedding's (at the tiny size the gradients span 2^43, FP16 has 2^40) that no FP16 loss scale keeps
+  both: the window is empty; BF16 has the range.
 * ``llama-outliers``: outlier features (Dettmers et al. 2022, LLM.int8()): two channels of the activations
   entering layer 0's MLP are 2^20 times the others, as the few huge hidden dimensions of large LMs are.
   The model computes what LLaMA computes (the RMSNorm gain of those channels is multiplied by 2^20 and the
