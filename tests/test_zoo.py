@@ -124,7 +124,7 @@ def test_check_model_zoo_target(capsys, tmp_path: Path) -> None:
     assert code == 0, text
     header, records = read_run(tmp_path / "run")
     assert [(r["scenario"], r["params"], r["outcome"]) for r in records] == \
-        [("zoo-gpt2", {"steps": 3, "seed": 2}, "pass")] * 2
+        [("zoo-gpt2_tiny", {"steps": 3, "seed": 2}, "pass")] * 2  # zoo:gpt2 is zoo:gpt2@tiny, as the zoo names it
     assert header["config"]["imports"] == ["harness.models.zoo"]
     assert json.loads((tmp_path / "run" / "diagnosis.json").read_text())["seed"] == 2
     assert main(["check-model", "zoo:gtp2", "--device", "cpu"]) == 2
@@ -199,3 +199,27 @@ def test_a_model_check_model_refuses_is_a_row_and_the_zoo_goes_on(tmp_path: Path
     assert llama["outcome"] == "error" and "RuntimeError: CUDA out of memory" in llama["reason"]
     assert t5["outcome"] == "pass"
     assert "| llama | tiny | error: " in zoo_run.zoo_table(summary)
+
+
+def test_zoo_and_check_model_with_the_reference_cache_on_as_users_run_them(tmp_path: Path) -> None:
+    """The tests keep the disk cache off (conftest); users have it on by default. With it on, every record of
+    a zoo model was an error once (the cache key read ``zoo:gpt2`` as a module named ``zoo``). Here: the real
+    commands in fresh processes with the cache on: the zoo fills it, check-model of the same model reuses it."""
+    from conftest import cli_env
+    import subprocess
+    import sys
+    env = dict(cli_env(), MP_HARNESS_CACHE=str(tmp_path / "cache"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "harness", *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+    zoo_run = cli("zoo", "--model", "gpt2", "--strategy", "bf16", "--steps", "2", "--device", "cpu", "--out",
+                  str(tmp_path / "zoo"))
+    assert zoo_run.returncode == 0, zoo_run.stderr
+    check = cli("check-model", "zoo:gpt2", "--strategy", "bf16", "--strategy", "fp16-dynamic", "--steps", "2",
+                "--device", "cpu", "--out", str(tmp_path / "cm"))
+    assert check.returncode == 0, check.stderr
+    for run, computed in ((tmp_path / "zoo" / "gpt2", 1), (tmp_path / "cm", 0)):
+        records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+        assert records and all(r["outcome"] == "pass" for r in records), [r["reason"] for r in records]
+        assert json.loads((run / "run.json").read_text())["summary"]["references_computed"] == computed

@@ -138,10 +138,20 @@ def factory_of(target: str | Callable[[], dict] | dict) -> tuple[str, str] | Non
     """Where a target's factory lives, ``(module, name)``: ``MODULE:FACTORY`` as written, ``zoo:NAME[@SIZE]``
     in :mod:`harness.models.zoo`, a function at its own module and qualified name; None for a dict."""
     if isinstance(target, str):
-        return target_module(target), target.split(":", 1)[1]
+        module, name = target_module(target), target.split(":", 1)[1]
+        return module, _zoo_name(name) if module == ZOO_MODULE else name
     if callable(target) and hasattr(target, "__qualname__") and hasattr(target, "__module__"):
         return target.__module__, target.__qualname__
     return None
+
+
+def _zoo_name(text: str) -> str:
+    """``NAME[@SIZE]`` of a zoo target as ``NAME@SIZE`` (``gpt2`` is ``gpt2@tiny``: one model, one name, one
+    cached reference, however it is written); an unknown name or size raises one line naming the close ones."""
+    from . import zoo
+    name, size = zoo.parse_target(text)
+    zoo.get(name)
+    return f"{name}@{size}"
 
 
 def _resolve(target: str) -> tuple[Callable, str]:
@@ -150,8 +160,7 @@ def _resolve(target: str) -> tuple[Callable, str]:
                          "zoo:NAME for a model of the zoo (python -m harness zoo --help)")
     mod_name, attr = target_module(target), target.split(":")[1]
     if mod_name == ZOO_MODULE:
-        from . import zoo
-        zoo.get(zoo.parse_target(attr)[0])  # an unknown name: one line naming the close ones
+        attr = _zoo_name(attr)
     try:
         mod = importlib.import_module(mod_name)
     except Exception as exc:
