@@ -19,7 +19,8 @@ record (``metrics["observed"]``: a number per training step).
 * ``llama-outliers``: outlier features (Dettmers et al. 2022, LLM.int8()): two channels of the activations
   entering layer 0's MLP are 2^20 times the others, as the few huge hidden dimensions of large LMs are.
   The model computes what LLaMA computes (the RMSNorm gain of those channels is multiplied by 2^20 and the
-  gate/up projections' weights on them divided by it), so FP32 and BF16 train as before; per-tensor FP8
+  gate/up projections' weights on them divided by it, and kept where they are: see
+  :func:`_freeze_outlier_columns`), so FP32 and BF16 train as before; per-tensor FP8
   scales the whole input by its outlier and flushes the other channels; FP16 overflows (2^20 > 65504).
   The record shows ``mlp_in_amax`` and ``mlp_in_median`` (of |x| entering that MLP) per step.
 * ``gpt2-qk1000``: activations past FP16's 65504: one attention block's query and key weights scaled
@@ -140,8 +141,34 @@ def _llama_outliers(size: str, seed: int) -> dict:
     layer.mlp.harness_in_amax = layer.mlp.harness_in_median = 0.0
     layer.mlp.register_forward_pre_hook(_note_mlp_input)  # a module-level function: survives the deep copies
     d = causal_lm(model, cfg.vocab_size, c["seq"], c["batch"], seed, c["lr"])
+    layer.mlp.register_forward_pre_hook(_freeze_outlier_columns)
     d["observe"] = observe_mlp_input
     return d
+
+
+def _freeze_outlier_columns(module: torch.nn.Module, args: tuple) -> None:
+    """Zero the gradient of the outlier channels' weights (this forward's backward only): Adam moves each
+    weight by about the learning rate whatever its size, and weights 2^20 below their neighbours would
+    change by many times themselves at every step (FP32 itself turns chaotic within 32 updates). Frozen,
+    the outliers persist, as outlier features do in trained LMs. A forward pre-hook of the MLP, so that it
+    survives the deep copies of the model and a library that swaps the projections for its own modules
+    (torchao's float8 training keeps their weight parameters)."""
+    if not torch.is_grad_enabled():
+        return
+    for proj in (module.gate_proj, module.up_proj):
+        if proj.weight.requires_grad:
+            _mask_once(proj.weight)
+
+
+def _mask_once(w: torch.Tensor) -> None:
+    handle: list[Any] = []
+
+    def mask(grad: torch.Tensor) -> torch.Tensor:
+        handle.pop().remove()
+        grad = grad.clone()
+        grad[:, list(OUTLIER_CHANNELS)] = 0
+        return grad
+    handle.append(w.register_hook(mask))
 
 
 def _gpt2_qk1000(size: str, seed: int) -> dict:
