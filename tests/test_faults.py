@@ -411,3 +411,54 @@ def test_peak_memory_stays_flat_as_the_case_count_triples() -> None:
     assert (small["records"], large["records"]) == (2000, 6000)
     assert large["records_mib"] > 2.5 * small["records_mib"]  # the data grew threefold; the memory did not
     assert large["peak_rss_mib"] - small["peak_rss_mib"] < 4.0, res
+
+
+# -- the rerun of a training reference, cut short where its first updates reproduce ------------------------
+RUNS = {"noise": 0.0}
+
+
+def _counting_model(noise: bool):
+    def factory() -> dict:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        x = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
+
+        def loss(m, b):
+            out = m(b[0]).pow(2).mean()
+            if out.dtype == torch.float32 and noise:  # every FP32 run adds in another order, as atomics do
+                RUNS["noise"] += 1e-6
+                out = out * (1 + RUNS["noise"])
+            return out
+        return {"model": model, "batch": lambda i: (x * (1 + 0.1 * i),), "loss": loss,
+                "optimizer": lambda ps: torch.optim.SGD(ps, lr=0.05)}
+    return factory
+
+
+def _rerun_records(tmp: Path, monkeypatch: pytest.MonkeyPatch, noise: bool, probe: int) -> list[dict]:
+    from harness.models.user_model import load_spec, model_scenario
+    monkeypatch.setattr(reference, "RERUN_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(reference, "RERUN_PROBE_STEPS", probe)
+    s = model_scenario(load_spec(_counting_model(noise), name="rerun_probe"), 12)
+    out, _, _ = run_matrix(RunConfig([s], [PRESETS["fp32"], PRESETS["bf16"]], torch.device("cpu"),
+                                     out=tmp / f"r{noise}{probe}", workers=0))
+    return read_run(out)[1]
+
+
+def test_a_training_reference_that_reproduces_its_first_updates_skips_the_rest_of_its_rerun(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    short = _rerun_records(tmp_path, monkeypatch, noise=False, probe=4)
+    full = _rerun_records(tmp_path, monkeypatch, noise=False, probe=10 ** 9)  # the rerun in full, as before
+    for a, b in zip(short, full):
+        ref_a, ref_b = dict(a.pop("reference")), dict(b.pop("reference"))
+        assert ref_a.pop("fp32_rerun").startswith("the first 4 of 12 updates ran again and came out bit for bit")
+        assert "fp32_rerun" not in ref_b and ref_a == ref_b  # nondeterministic False, spread 0 either way
+        a.pop("seconds"), b.pop("seconds")
+        assert a == b  # the same verdict, metrics and bound
+
+
+def test_a_training_reference_whose_first_updates_differ_reruns_in_full(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    recs = _rerun_records(tmp_path, monkeypatch, noise=True, probe=4)
+    for r in recs:
+        assert r["reference"]["nondeterministic"] is True and "fp32_rerun" not in r["reference"]
+        assert r["reference"]["fp32_rerun_diff"] > 0  # measured by the full rerun, at the horizon judged

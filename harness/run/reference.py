@@ -5,7 +5,8 @@ also run in FP64; where FP32's own error against FP64 exceeds its bound (FP32 is
 trustworthy for this case), FP64 becomes the reference and the record says so.
 
 On devices in :data:`RERUN_DEVICES` (CUDA: atomics, split-K and autotuned kernels may add in another
-order on every run) FP32 runs twice from the same seed. Where the two differ the reference is marked
+order on every run) FP32 runs twice from the same seed (a training case first reruns its first few updates
+only, and the rest where they differ: :func:`_probe_rerun`). Where the two differ the reference is marked
 ``nondeterministic`` with the spread (``fp32_rerun_diff``, the worst relative error between the two):
 the spread becomes a floor of every strategy's bound, and the gate does not compare error growth of
 such cases, so run-to-run noise is reported as what it is rather than flapping the gate.
@@ -93,10 +94,10 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
     """FP32 reference (TF32 off), checked against FP64, and on :data:`RERUN_DEVICES` against itself."""
     s, p = case.scenario, case.params
 
-    def run(ex: Execution, perturb: int | None = None) -> Output:
+    def run(ex: Execution, perturb: int | None = None, params: dict | None = None) -> Output:
         seed_global(case.seed, device)  # as before each strategy's run: global randomness is the same
-        with _deterministic():
-            return s.execute(ex, inputs, p, perturb)  # FP32 flags (TF32 off) for the whole run, as a strategy's own
+        with _deterministic():  # FP32 flags (TF32 off) for the whole run, as a strategy's own
+            return s.execute(ex, inputs, params or p, perturb)
 
     out32 = run(Execution(PRESETS["fp32"], device))
     problems = output_problems(out32)
@@ -114,10 +115,14 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
     worst = _worst(m)
     check: dict[str, Any] = {"fp32_vs_fp64": worst, "bound": b}
     if device.type in RERUN_DEVICES:
-        again = compare(run(Execution(PRESETS["fp32"], device)), out32, fp32)
-        spread = _worst(again)
-        check["nondeterministic"] = bool(spread != 0 or any(again.get(k) for k in _FP32_UNTRUSTED))
-        check["fp32_rerun_diff"] = spread
+        probe = _probe_rerun(s, p, out32, lambda q: run(Execution(PRESETS["fp32"], device), params=q))
+        if probe is not None:
+            check.update(nondeterministic=False, fp32_rerun_diff=0.0, fp32_rerun=probe)
+        else:
+            again = compare(run(Execution(PRESETS["fp32"], device)), out32, fp32)
+            spread = _worst(again)
+            check["nondeterministic"] = bool(spread != 0 or any(again.get(k) for k in _FP32_UNTRUSTED))
+            check["fp32_rerun_diff"] = spread
     if sens is not None:
         check["fp32_sensitivity"] = sens
     window = _window(out32)
@@ -129,6 +134,33 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
         ref = Reference(out32, "fp32", check, window)
     ref.unjudged = _unjudged_nonfinite(ref.output, ref.format, s.nonfinite_reference, check)
     return ref
+
+
+#: Updates of a training reference that run again first (see :func:`_probe_rerun`).
+RERUN_PROBE_STEPS = 4
+
+
+def _probe_rerun(s: Any, p: dict, out32: Output, run_with: Any) -> str | None:
+    """The rerun of a training reference, cut short where it can be: its first :data:`RERUN_PROBE_STEPS`
+    updates run again, and if their losses and the first update's gradients come out bit for bit as the
+    reference's, the rest would too (each later update starts from the same weights and runs the same
+    kernels on the same batch: kernels that add in another order do so at every call, and show in the first
+    updates already), so the full rerun is not run; the check says so (the returned note). None where it must
+    run in full: not a training case (no ``steps``, no perturbed runs), too few steps to save any, or any
+    difference (the full rerun then measures the spread at the horizon judged)."""
+    steps = p.get("steps")
+    if s.perturbed is None or not isinstance(steps, int) or steps <= RERUN_PROBE_STEPS or not out32.losses:
+        return None
+    k = RERUN_PROBE_STEPS
+    short = run_with({**p, "steps": k})
+    same = (short.losses == out32.losses[:k] and short.extra.get("updates") == k
+            and set(short.grads or {}) == set(out32.grads or {})
+            and all(torch.equal(short.grads[n], g) for n, g in (out32.grads or {}).items()))  # type: ignore[index]
+    if not same:
+        return None
+    return (f"the first {k} of {steps} updates ran again and came out bit for bit the same (losses and the first "
+            "update's gradients): every later update starts from the same weights and runs the same kernels, so "
+            "the rest was not rerun")
 
 
 MAX_WINDOW_TENSORS = 64
