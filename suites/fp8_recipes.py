@@ -113,10 +113,10 @@ def _outlier_run(ex: Execution, inp: dict, p: dict) -> Output:
     regular[list(OUTLIERS)] = False
     # what the regular channels carry through the GEMM: the same x (its scale set by the outliers) times a
     # weight that reads only them, against the exact product (recorded, not judged: the judged output is dw)
-    w_reg = inp["w"] * regular[:, None]
+    w_reg = inp["w"] * regular.to(inp["w"].device)[:, None]  # the inputs are on the run's device
     with ex.autocast():
         y = ex.matmul(ex.act(x), ex.param(w_reg), key="regular").double().cpu()
-    exact = x.double() @ w_reg.double()
+    exact = (x.double() @ w_reg.double()).cpu()
     out = gemm_grads(ex, x, inp["w"], inp["t"], steps=OUTLIER_STEPS,
                      regular_channel_rel_err=float((y - exact).norm() / exact.norm()))
     dw = out.grads["w"].cpu()
