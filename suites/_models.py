@@ -20,6 +20,8 @@ __all__ = ["DYNAMIC", "wide", "Probe", "Bias", "DeepNarrow", "magnitudes", "trai
 #: The presets whose loss scale starts at 2^16 and halves on every overflow (the torch policy: our dynamic
 #: scaler or torch.amp.GradScaler).
 DYNAMIC = ("fp16-dynamic", "fp16-gradscaler", "fp16-pure", "fp16-master")
+#: The block-scaled E2M1 presets: elements keep 3 binades below their block's scale.
+FP4 = ("mxfp4", "nvfp4")
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:

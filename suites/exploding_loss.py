@@ -7,10 +7,9 @@ import torch
 from harness.core.scenario import Expect, Output, Scenario, register
 from harness.run.training import Trainer
 
-from ._models import DYNAMIC, Probe, dot_loss, frozen, training_output, wide
+from ._models import DYNAMIC, FP4, Probe, dot_loss, frozen, training_output, wide
 
 FP16 = ("fp16*",)
-FP4 = ("mxfp4", "nvfp4")
 
 
 # -- a loss past 65504 --------------------------------------------------------------------------------

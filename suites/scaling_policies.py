@@ -28,9 +28,7 @@ from harness.core.scaling import SCALER_PRESETS, ScalerSpec
 from harness.core.scenario import Expect, Output, Scenario, register
 from harness.run.training import Trainer
 
-from ._models import DYNAMIC, frozen, magnitudes
-
-FP4 = ("mxfp4", "nvfp4")  # block-scaled E2M1: 3 binades below each block's scale
+from ._models import DYNAMIC, FP4, frozen, magnitudes
 
 POLICIES = ["torch", "apex", "deepspeed", "megatron", "gradscaler"]
 #: Steps for strategies whose scaler does not adapt, and for the reference.

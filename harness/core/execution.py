@@ -23,7 +23,7 @@ from ..values.formats import Format, get_format
 from ..values.fp8 import AmaxHistory, fp8_matmul
 from ..values.fp8_rowwise import RECIPES as TORCHAO_STYLE, gemm_fits, recipe_matmul, rowwise_native
 from .gemm_routing import Site, gemm_coverage, is_conv1d, is_kept, route_gemms, routing_notes
-from .strategy import Strategy, support
+from .strategy import BLOCK_RECIPES, Strategy, support
 
 __all__ = ["Execution", "FP64", "route_gemms", "route_linears", "gemm_coverage", "is_conv1d", "is_kept",
            "KEEP_FORMATS"]
@@ -163,7 +163,7 @@ class Execution:
             return a @ b if out_dtype is None else _mm_out(a, b, out_dtype)
         self.emulated_gemms += 1
         self.routed_keys.add(key)
-        if s.recipe in _BLOCK_RECIPES:
+        if s.recipe in BLOCK_RECIPES:  # scaled per block (_block_matmul)
             return self._block_matmul(a, b, out_dtype or self.dtype)
         if self.torchao_style:
             y = self._recipe_matmul(a, b)
@@ -210,10 +210,6 @@ class Execution:
                 from ..recipes import torchao_float8
                 return torchao_float8.matmul(a, b, s.recipe)
             return recipe_matmul(a, b, s.recipe, self._native_fp8 and fits)
-
-
-#: Recipes whose GEMMs scale per block (:meth:`Execution._block_matmul`).
-_BLOCK_RECIPES = ("blockwise", "mxfp8", "mxfp4", "nvfp4")
 
 
 def _mm_out(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
