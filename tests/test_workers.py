@@ -252,3 +252,20 @@ def test_a_fork_after_openmp_ran_in_this_process_does_not_hang(tmp_path: Path, t
                                      workers=1))
     assert [r["outcome"] for r in read_jsonl(out / "records.jsonl")] == ["pass"]
     assert _parallel_sum() == float(1 << 23)  # and this process still computes
+
+
+def test_where_the_pool_cannot_be_freed_the_child_computes_on_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.run import worker
+
+    class NoPause:  # an OpenMP runtime older than OpenMP 5: no omp_pause_resource_all
+        pass
+
+    class Refuses:
+        def omp_pause_resource_all(self, kind) -> int:
+            return -1
+    for lib in (NoPause(), Refuses()):
+        monkeypatch.setattr(worker, "_GOMP", [lib])
+        assert worker.prepare_fork(4) == 1 and worker.prepare_fork(None) == 1
+    monkeypatch.setattr(worker, "_GOMP", [])
+    monkeypatch.setattr(worker, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")), raising=False)
+    assert worker.prepare_fork(4) == 4  # no GNU OpenMP found: nothing to free, the child gets what was asked

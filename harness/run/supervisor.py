@@ -28,7 +28,7 @@ import torch
 from ..results import SCHEMA_VERSION
 from ..core.scenario import Case
 from ..core.strategy import Strategy
-from .worker import child_threads, death_reason, fork_context, worker_main
+from .worker import prepare_fork, death_reason, fork_context, worker_main
 
 __all__ = ["Supervisor", "can_fork", "fork_usable", "default_workers", "grace", "failure_record", "fork_safe_cuda_check",
            "SUMMED_COUNTERS"]
@@ -193,11 +193,11 @@ class Supervisor:
         on two cores ran the quick tier 2.3 times slower than one; of one thread each, 1.4 times faster).
         A lone worker keeps the supervisor's threads, so check-model's single worker computes what it
         always did; torch splits an FP32 reduction by its thread count, so ``--workers 1`` and the CPU
-        default sum FP32 in another order (the outcomes are the same). One thread where this process has run
-        OpenMP (:func:`harness.run.worker.child_threads`)."""
+        default sum FP32 in another order (the outcomes are the same). Before each fork the OpenMP pool is
+        freed, or the worker gets one thread where that cannot be done (:func:`harness.run.worker.prepare_fork`)."""
         if self.device.type != "cpu" or self.size == 1:
-            return child_threads(None)
-        return child_threads(max(1, torch.get_num_threads() // self.size))
+            return prepare_fork(None)
+        return prepare_fork(max(1, torch.get_num_threads() // self.size))
 
     def _deadline(self) -> float | None:
         return None if not self.timeout else self.timeout + grace(self.timeout)

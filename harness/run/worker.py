@@ -21,7 +21,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Sequence
 
-__all__ = ["worker_main", "isolated", "IsolatedFailure", "death_reason", "fork_context", "child_threads"]
+__all__ = ["worker_main", "isolated", "IsolatedFailure", "death_reason", "fork_context", "prepare_fork"]
 
 #: Linux prctl option: the signal the kernel sends this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
@@ -32,27 +32,26 @@ def fork_context() -> mp.context.BaseContext:
     return mp.get_context("fork")
 
 
-_GOMP: list[Any] = []  # this process's GNU OpenMP runtime (ctypes handle), once looked up; [None]: none loaded
+_GOMP: list[Any] = []  # this process's GNU OpenMP runtime (ctypes handle), once found
 
 
 def _gomp() -> Any:
+    """The GNU OpenMP runtime loaded in this process, or None (not loaded yet, or not Linux: torch's OpenMP
+    there is not GNU's). A miss is not kept: torch may load it later."""
     if not _GOMP:
-        path = None
         try:
             with open("/proc/self/maps") as maps:
                 path = next((line.split()[-1] for line in maps if "/libgomp" in line), None)
-        except OSError:  # not Linux: torch's OpenMP there is not GNU's
-            pass
-        try:
-            _GOMP.append(ctypes.CDLL(path) if path else None)
+            if path:
+                _GOMP.append(ctypes.CDLL(path))
         except OSError:
-            _GOMP.append(None)
-    return _GOMP[0]
+            return None
+    return _GOMP[0] if _GOMP else None
 
 
-def child_threads(wanted: int | None) -> int | None:
-    """Call just before forking: torch's intra-op threads for the child (None: as inherited). GNU OpenMP's
-    thread pool does not survive ``fork``: a child that enters a parallel region with more than one thread
+def prepare_fork(wanted: int | None) -> int | None:
+    """Call just before forking; returns torch's intra-op threads for the child (None: as inherited). GNU
+    OpenMP's thread pool does not survive ``fork``: a child that enters a parallel region with more than one thread
     waits forever for pool threads that exist only in its parent (check-model's Python API called after the
     user's own CPU work: one large ``clone`` is enough). So the pool is freed here first (OpenMP 5's
     ``omp_pause_resource_all``; the parent makes a new one at its next parallel region, the child its own),
@@ -110,7 +109,7 @@ def worker_main(conn: Connection, scenarios: Sequence[Any], strategies: Sequence
     ``threads``: torch's intra-op threads here (None: as inherited)."""
     _detach(close_fds)
     import torch
-    _set_threads(threads)  # several CPU workers share the cores; one after OpenMP ran in the parent (child_threads)
+    _set_threads(threads)  # several CPU workers share the cores (and see prepare_fork)
     from .engine import Summary, run_case_records
     from .reference import ReferenceCache
     from ..results import clean
@@ -197,7 +196,7 @@ def isolated(fn: Callable, args: tuple, timeout: float | None, grace: float = 2.
     ``SystemExit``), when its process died (``died``) or ran past the deadline (``deadline``: killed)."""
     ctx = fork_context()
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_call_child, args=(child, fn, args, child_threads(None)), daemon=True)
+    proc = ctx.Process(target=_call_child, args=(child, fn, args, prepare_fork(None)), daemon=True)
     proc.start()
     child.close()
     try:
