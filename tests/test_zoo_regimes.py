@@ -72,7 +72,6 @@ def test_small_init_needs_more_range_than_fp16_and_bf16_has_it(tmp_path: Path) -
     FP16 loss scale keeps both; the dynamic scaler sits at its start and flushes them; BF16 passes, and the
     recommendation gives the window as the reason. The same model at LLaMA's own init has a window."""
     from harness.models.diagnose import fp16_window, fp32_gradients, window_gradients
-    from harness.models.zoo_regimes import SMALL_INIT
     res = check_model("zoo:llama-smallinit", ["fp16-dynamic", "bf16"], steps=4, device="cpu", out=tmp_path / "r",
                       diagnose=False)
     outcomes = {r["strategy"]: r["outcome"] for r in res.records}
@@ -83,7 +82,7 @@ def test_small_init_needs_more_range_than_fp16_and_bf16_has_it(tmp_path: Path) -
     assert res.recommendation.startswith("bf16: gradients span 2^") and "wider than FP16's 2^40" in res.recommendation
     healthy = load_spec("zoo:llama")  # the same architecture at its own init
     h = fp16_window(window_gradients(healthy, CPU, fp32_gradients(healthy, CPU)))
-    assert h.lo < h.hi / 2 ** 10 and SMALL_INIT == 2.0 ** -9
+    assert h.lo < h.hi / 2 ** 10
     (fix,) = fix_model("zoo:llama-smallinit", res, "cpu", budget=12).fixes
     assert fix.verified and fix.record["outcome"] == "pass"  # re-run and judged as check-model judges
     assert any("no single FP16 loss scale works" in n for n in fix.plan.notes)  # the window is its reason

@@ -43,7 +43,8 @@ from ..core.strategy import PRESETS, Strategy
 from .user_model import ModelSpec, Probe, train_trajectory
 from ..judge.window import Window, scale_window
 
-__all__ = ["NonFinite", "Diagnosis", "LayerProbe", "parameter_owners", "fp32_gradients", "significant_gradients", "window_gradients",
+__all__ = ["NonFinite", "Diagnosis", "LayerProbe", "parameter_owners", "fp32_gradients", "significant_gradients",
+           "window_gradients",
            "underflow_by_tensor", "diagnose", "fp16_window", "lost_updates", "about_updates", "negligible_floor"]
 
 ROOT = "(model)"

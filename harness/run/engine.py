@@ -195,8 +195,8 @@ def _compiled(s: Scenario, ex: Execution, extra: dict[str, Any]) -> Verdict | No
     if not ex.strategy.compile:
         return None
     if ex.compile_stats is None:
-        return Verdict("unsupported", f"not applicable: compile=yes, and scenario {s.name} trains no model through the harness's "
-                                      "Trainer, the part torch.compile compiles; it ran eagerly, not judged")
+        return Verdict("unsupported", f"not applicable: compile=yes, and scenario {s.name} trains no model through "
+                                      "the harness's Trainer, the part torch.compile compiles; it ran eagerly, not judged")
     extra["compile"] = ex.compile_stats.as_dict()
     return None
 
