@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -140,7 +140,7 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
 RERUN_PROBE_STEPS = 4
 
 
-def _probe_rerun(s: Any, p: dict, out32: Output, run_with: Any) -> str | None:
+def _probe_rerun(s: Any, p: dict, out32: Output, run_with: Callable[[dict], Output]) -> str | None:
     """The rerun of a training reference, cut short where it can be: its first :data:`RERUN_PROBE_STEPS`
     updates run again, and if their losses and the first update's gradients come out bit for bit as the
     reference's, the rest would too (each later update starts from the same weights and runs the same
