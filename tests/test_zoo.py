@@ -201,24 +201,19 @@ def test_a_model_check_model_refuses_is_a_row_and_the_zoo_goes_on(tmp_path: Path
     assert "| llama | tiny | error: " in zoo_run.zoo_table(summary)
 
 
-def test_zoo_and_check_model_with_the_reference_cache_on_as_users_run_them(tmp_path: Path) -> None:
+def test_zoo_and_check_model_with_the_reference_cache_on_as_users_run_them(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The tests keep the disk cache off (conftest); users have it on by default. With it on, every record of
     a zoo model was an error once (the cache key read ``zoo:gpt2`` as a module named ``zoo``). Here: the real
     commands in fresh processes with the cache on: the zoo fills it, check-model of the same model reuses it."""
-    from conftest import cli_env
-    import subprocess
-    import sys
-    env = dict(cli_env(), MP_HARNESS_CACHE=str(tmp_path / "cache"))
-
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "harness", *args], env=env, capture_output=True, text=True,
-                              timeout=300)
-    zoo_run = cli("zoo", "--model", "gpt2", "--strategy", "bf16", "--steps", "2", "--device", "cpu", "--out",
-                  str(tmp_path / "zoo"))
-    assert zoo_run.returncode == 0, zoo_run.stderr
-    check = cli("check-model", "zoo:gpt2", "--strategy", "bf16", "--strategy", "fp16-dynamic", "--steps", "2",
-                "--device", "cpu", "--out", str(tmp_path / "cm"))
-    assert check.returncode == 0, check.stderr
+    from conftest import run_cli
+    monkeypatch.setenv("MP_HARNESS_CACHE", str(tmp_path / "cache"))  # the child processes inherit it
+    zoo_run = run_cli("zoo", "--model", "gpt2", "--strategy", "bf16", "--steps", "2", "--device", "cpu", "--out",
+                      str(tmp_path / "zoo"))
+    assert zoo_run.rc == 0, zoo_run.stderr
+    check = run_cli("check-model", "zoo:gpt2", "--strategy", "bf16", "--strategy", "fp16-dynamic", "--steps", "2",
+                    "--device", "cpu", "--out", str(tmp_path / "cm"))
+    assert check.rc == 0, check.stderr
     for run, computed in ((tmp_path / "zoo" / "gpt2", 1), (tmp_path / "cm", 0)):
         records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
         assert records and all(r["outcome"] == "pass" for r in records), [r["reason"] for r in records]
