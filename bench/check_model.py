@@ -21,6 +21,7 @@ transformers/timm imported only for the model selected): ``--model example|gpt2|
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -38,7 +39,7 @@ import torch  # noqa: E402
 
 from harness.core.execution import Execution, route_linears  # noqa: E402
 from harness.core.strategy import resolve  # noqa: E402
-from harness.models.user_model import DEFAULT_STRATEGIES, ModelSpec, load_spec, train_trajectory  # noqa: E402
+from harness.models.user_model import DEFAULT_STRATEGIES, ModelSpec, deterministic_cublas, load_spec, reproducible, train_trajectory  # noqa: E402
 from harness.core.batches import to_device  # noqa: E402
 from harness.run.timing import sync  # noqa: E402
 
@@ -49,8 +50,14 @@ TARGETS = {"example": "examples.third_party_model:factory", "gpt2": "zoo:gpt2", 
 EXAMPLE_SIZE = ("MP_HARNESS_EXAMPLE_SIZE", {"tiny": "small", "full": "large"})
 
 
-def bare_loop(spec: ModelSpec, ex: Execution, steps: int) -> float:
-    """Seconds of ``steps`` updates of the textbook loop under ``ex``'s strategy (synchronised at the end)."""
+def bare_loop(spec: ModelSpec, ex: Execution, steps: int, deterministic: bool = False) -> float:
+    """Seconds of ``steps`` updates of the textbook loop under ``ex``'s strategy (synchronised at the end);
+    ``deterministic``: under the deterministic kernels check-model trains with (:func:`reproducible`)."""
+    with reproducible(ex.device) if deterministic else contextlib.nullcontext():
+        return _bare_loop(spec, ex, steps)
+
+
+def _bare_loop(spec: ModelSpec, ex: Execution, steps: int) -> float:
     import copy
     dev = ex.device
     model = route_linears(copy.deepcopy(spec.model), ex).to(dev, ex.param_dtype)
@@ -74,11 +81,12 @@ def bare_loop(spec: ModelSpec, ex: Execution, steps: int) -> float:
     return time.perf_counter() - t
 
 
-def harness_loop(spec: ModelSpec, ex: Execution, steps: int) -> float:
-    """Seconds of :func:`train_trajectory` over ``steps`` updates (what check-model runs per strategy)."""
+def harness_loop(spec: ModelSpec, ex: Execution, steps: int, deterministic: bool = True) -> float:
+    """Seconds of :func:`train_trajectory` over ``steps`` updates (what check-model runs per strategy;
+    ``deterministic=False``: with torch's default kernels instead)."""
     sync(ex.device)
     t = time.perf_counter()
-    train_trajectory(ex, spec, steps)
+    train_trajectory(ex, spec, steps, deterministic=deterministic)
     sync(ex.device)
     return time.perf_counter() - t
 
@@ -99,8 +107,23 @@ def step_ratios(spec: ModelSpec, strategies: list, device: torch.device, steps: 
             continue
         bare = per_update(lambda n: bare_loop(spec, Execution(s, device), n), steps, repeats)
         ours = per_update(lambda n: harness_loop(spec, Execution(s, device), n), steps, repeats)
-        rows.append({"strategy": s.label, "bare_ms": bare * 1e3, "harness_ms": ours * 1e3, "ratio": ours / bare})
+        row = {"strategy": s.label, "bare_ms": bare * 1e3, "harness_ms": ours * 1e3, "ratio": ours / bare}
+        if device.type == "cuda":  # where the deterministic kernels differ from torch's defaults: their share
+            det = per_update(lambda n: bare_loop(spec, Execution(s, device), n, True), steps, repeats)
+            free = per_update(lambda n: harness_loop(spec, Execution(s, device), n, False), steps, repeats)
+            row.update(bare_det_ms=det * 1e3, harness_default_kernels_ms=free * 1e3, ratio_same_kernels=ours / det,
+                       ratio_default_kernels=free / bare)
+        rows.append(row)
     return rows
+
+
+def _kernels(r: dict) -> str:
+    """The deterministic kernels' share of a row (CUDA only)."""
+    if "bare_det_ms" not in r:
+        return ""
+    return (f"\n  {'':18s} bare, deterministic kernels {r['bare_det_ms']:8.2f} ms (ratio to it "
+            f"{r['ratio_same_kernels']:.3f}); harness, default kernels {r['harness_default_kernels_ms']:8.2f} ms "
+            f"(ratio {r['ratio_default_kernels']:.3f})")
 
 
 def start_up_seconds() -> float:
@@ -169,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[EXAMPLE_SIZE[0]] = EXAMPLE_SIZE[1][a.size]
     else:
         target += "@" + ("base" if a.size == "full" else "tiny")
+    deterministic_cublas()  # as check-model does, before any CUDA work
     dev = torch.device(a.device)
     labels = a.strategy or list(DEFAULT_STRATEGIES)
     try:
@@ -186,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in res["steps_ratio"]:
         print(f"  {r['strategy']:18s} " + (f"unsupported: {r['unsupported']}" if "unsupported" in r else
                                            f"bare {r['bare_ms']:8.2f} ms  harness {r['harness_ms']:8.2f} ms  "
-                                           f"ratio {r['ratio']:.3f}"))
+                                           f"ratio {r['ratio']:.3f}" + _kernels(r)))
     if not a.no_check:
         res["start_up"] = start_up_seconds()
         with tempfile.TemporaryDirectory() as tmp:

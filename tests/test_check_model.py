@@ -6,6 +6,7 @@ so ``test_check_model:overflow`` imports this module.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,30 @@ def test_python_entry_point(tmp_path: Path) -> None:
     assert d.forward is not None and (d.forward.module, d.forward.cause) == ("blocks.1", "overflow")
     assert result.recommendation.startswith("bf16 (not tried here: add --strategy bf16): activations of `blocks.1`")
     assert result.out == tmp_path / "run" and (result.out / "records.jsonl").is_file()
+
+
+def test_the_deterministic_kernels_are_asked_for_on_cuda_only_and_restored(monkeypatch) -> None:
+    """check-model trains CUDA runs under torch's deterministic algorithms (FP32 must reproduce itself) and
+    leaves the user's setting as it found it; the CPU's kernels are deterministic already, nothing is set."""
+    from harness.models.user_model import deterministic_cublas, reproducible
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        with reproducible(torch.device("cpu")):
+            assert not torch.are_deterministic_algorithms_enabled()
+        with reproducible(torch.device("cuda")):
+            assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)  # a user's own strict setting survives the run
+        with reproducible(torch.device("cuda")):
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    deterministic_cublas()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own choice is kept
+    deterministic_cublas()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

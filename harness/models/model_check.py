@@ -7,7 +7,6 @@ each strategy against FP32 (:mod:`harness.models.user_model`), failures diagnose
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..results import check_new_out, read_run, write_json_atomic
 from ..core.scaling import format_number
 from ..core.strategy import resolve
 from ..run.supervisor import fork_safe_cuda_check, fork_usable
-from .user_model import (DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, factory_of, load_spec, model_scenario,
+from .user_model import (DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, deterministic_cublas, factory_of, load_spec, model_scenario,
                          target_module)
 from ..judge.verdict import FAILURES
 from ..judge.window import Window
@@ -158,8 +157,7 @@ def _check_model(target: str | Callable[[], dict] | dict, strategies: list[str] 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     check_new_out(out)
-    if not torch.cuda.is_initialized():  # deterministic cuBLAS (see user_model._reproducible); read at CUDA start
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    deterministic_cublas()
     fork_safe_cuda_check()
     _import_before_forking()
     dev = resolve_device(device)

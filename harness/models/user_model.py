@@ -27,6 +27,7 @@ import contextlib
 import copy
 import importlib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -244,7 +245,7 @@ def _flat(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 
 
 def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | None = None,
-                     seed: int | None = None, perturb: int | None = None) -> Output:
+                     seed: int | None = None, perturb: int | None = None, deterministic: bool = True) -> Output:
     """Train a deep copy of ``spec.model`` for ``steps`` updates under ``ex``; what the verdict judges.
 
     Batches are indexed by applied update: a step the scaler skips is retried on the same batch, so a
@@ -261,10 +262,13 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
     Dropout and other randomness are seeded with ``seed`` (None: ``spec.seed``). With ``spec.observe``,
     ``observed`` holds its numbers after every attempt. ``perturb=k`` first moves every weight one
     ulp of its storage format up or down (signs drawn from seed ``k``): the run
-    :mod:`harness.judge.sensitivity` measures FP32's own sensitivity with.
+    :mod:`harness.judge.sensitivity` measures FP32's own sensitivity with. ``deterministic=False`` runs
+    torch's default CUDA kernels instead of its deterministic ones (:func:`reproducible`; what
+    ``bench/check_model.py`` measures the deterministic kernels' cost with).
     """
     dev = [ex.device.index or 0] if ex.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=dev), _default_dtype(ex.dtype), _reproducible(ex.device):
+    kernels = reproducible(ex.device) if deterministic else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=dev), _default_dtype(ex.dtype), kernels:
         torch.manual_seed(spec.seed if seed is None else seed)
         trainer = Trainer(ex, route_linears(copy.deepcopy(spec.model), ex), spec.optimizer)
         if perturb is not None:
@@ -376,8 +380,15 @@ def _perturb(trainer: Trainer, k: int) -> None:
                 trainer.master[i].copy_(p)
 
 
+def deterministic_cublas() -> None:
+    """Ask cuBLAS for its deterministic workspace configuration, which it reads when CUDA starts: call before
+    any CUDA work. Without it every cuBLAS call under :func:`reproducible` warns (a Python warning per GEMM)."""
+    if not torch.cuda.is_initialized():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 @contextlib.contextmanager
-def _reproducible(device: torch.device) -> Iterator[None]:
+def reproducible(device: torch.device) -> Iterator[None]:
     """Deterministic CUDA kernels for the run: kernels that add with atomics (embedding backward, some
     attention backward passes) give a different FP32 result on every run, and FP32 must reproduce
     itself for the differences between strategies to be precision's. Where no deterministic kernel
