@@ -117,6 +117,25 @@ def step_ratios(spec: ModelSpec, strategies: list, device: torch.device, steps: 
     return rows
 
 
+def profile_steps(spec: ModelSpec, strategy: Any, device: torch.device, steps: int = 3, top: int = 12) -> dict:
+    """The kernels (by self device time) of ``steps`` updates of the bare loop, the bare loop under the
+    deterministic kernels, and check-model's step: which kernels the harness's step adds or replaces."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    runs = {"bare": lambda: bare_loop(spec, Execution(strategy, device), steps),
+            "bare, deterministic kernels": lambda: bare_loop(spec, Execution(strategy, device), steps, True),
+            "harness": lambda: harness_loop(spec, Execution(strategy, device), steps)}
+    out: dict[str, list[dict]] = {}
+    for name, run in runs.items():
+        run()  # warm-up
+        with profile(activities=acts) as prof:
+            run()
+        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr, 0.0))[:top]
+        out[name] = [{"kernel": e.key[:90], "ms": getattr(e, attr, 0.0) / 1e3, "calls": e.count} for e in events]
+    return out
+
+
 def _kernels(r: dict) -> str:
     """The deterministic kernels' share of a row (CUDA only)."""
     if "bare_det_ms" not in r:
@@ -180,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-check", action="store_true", help="only the step ratios, not check-model itself")
     ap.add_argument("--no-ratios", action="store_true", help="only check-model, not the step ratios")
+    ap.add_argument("--profile", action="store_true",
+                    help="also the top kernels of 3 updates of the bare loop and the harness's step (first strategy)")
     ap.add_argument("--cache", type=Path, default=None, metavar="DIR",
                     help="run check-model once with this reference cache (cold if empty, warm if filled); "
                          "default: a fresh one, cold then warm")
@@ -211,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['strategy']:18s} " + (f"unsupported: {r['unsupported']}" if "unsupported" in r else
                                            f"bare {r['bare_ms']:8.2f} ms  harness {r['harness_ms']:8.2f} ms  "
                                            f"ratio {r['ratio']:.3f}" + _kernels(r)))
+    if a.profile:
+        res["profile"] = profile_steps(spec, resolve(labels)[0], dev)
+        for name, rows in res["profile"].items():
+            print(f"top kernels, {name} (3 updates, {labels[0]}):")
+            for k in rows:
+                print(f"  {k['ms']:9.2f} ms {k['calls']:6d}x  {k['kernel']}")
     if not a.no_check:
         res["start_up"] = start_up_seconds()
         with tempfile.TemporaryDirectory() as tmp:

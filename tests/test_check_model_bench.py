@@ -26,3 +26,14 @@ def test_bench_prints_ratios_and_where_the_seconds_go(tmp_path: Path, capsys) ->
     assert res["start_up"] > 0 and cold["reference"] > 0
     text = capsys.readouterr().out
     assert "ratio" in text and "check-model, warm cache" in text
+
+
+def test_bench_profiles_the_bare_loop_and_the_harness_step(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    assert bench.main(["--model", "example", "--steps", "2", "--device", "cpu", "--strategy", "bf16", "--no-check",
+                       "--no-ratios", "--profile", "--json", str(out)]) == 0
+    prof = json.loads(out.read_text())["profile"]
+    assert list(prof) == ["bare", "bare, deterministic kernels", "harness"]
+    for rows in prof.values():  # the model's own matmuls are among the top kernels of every loop
+        assert rows and all(r["ms"] >= 0 and r["calls"] >= 1 for r in rows)
+        assert any(r["kernel"] in ("aten::mm", "aten::addmm") for r in rows)
