@@ -185,6 +185,21 @@ def test_zoo_command_on_cuda_tiny(tmp_path: Path, capsys) -> None:
     assert qk["fp32"] == "pass" and qk["fp16-dynamic"] in ("stalled", "overflow") and code == 1
 
 
+@pytest.mark.cuda
+@cuda
+def test_the_zoo_on_cuda_keeps_check_models_workers(tmp_path: Path) -> None:
+    """The zoo once asked torch for the GPU's name before its first model: that starts CUDA in the parent,
+    and every check-model after it ran in-process, unprotected. A fresh process, as users run it."""
+    from conftest import run_cli
+    res = run_cli("zoo", "--size", "tiny", "--model", "gpt2", "--strategy", "fp32", "--steps", "2", "--device", "cuda",
+                  "--out", str(tmp_path / "zoo"))
+    assert res.rc == 0, res.stderr
+    summary = json.loads((tmp_path / "zoo" / "zoo.json").read_text())
+    run = json.loads((tmp_path / "zoo" / "gpt2" / "run.json").read_text())
+    assert "worker process" in run["summary"]["isolation"], run["summary"]["isolation"]
+    assert summary["gpu"] == run["environment"]["gpu"] == torch.cuda.get_device_name(0)
+
+
 def test_a_model_check_model_refuses_is_a_row_and_the_zoo_goes_on(tmp_path: Path, monkeypatch) -> None:
     from harness.models import zoo_run
     real = zoo.factory
@@ -217,4 +232,5 @@ def test_zoo_and_check_model_with_the_reference_cache_on_as_users_run_them(tmp_p
     for run, computed in ((tmp_path / "zoo" / "gpt2", 1), (tmp_path / "cm", 0)):
         records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
         assert records and all(r["outcome"] == "pass" for r in records), [r["reason"] for r in records]
-        assert json.loads((run / "run.json").read_text())["summary"]["references_computed"] == computed
+        summary = json.loads((run / "run.json").read_text())["summary"]
+        assert summary["references_computed"] == computed and "worker process" in summary["isolation"]

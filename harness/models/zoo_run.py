@@ -54,7 +54,9 @@ def run_zoo(models: list[str] | None = None, strategies: list[str] | None = None
     check_new_out(out)
     root = Path(out) if out else Path("results/runs") / f"zoo-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{dev.type}"
     root.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"schema": ZOO_SCHEMA, "device": str(dev), "gpu": _gpu(dev), "torch": torch.__version__,
+    # the GPU's name comes from the first run's header: asking torch for it here would start CUDA in this
+    # process, and check-model could then no longer fork its workers (every model would run unprotected)
+    summary: dict[str, Any] = {"schema": ZOO_SCHEMA, "device": str(dev), "gpu": "", "torch": torch.__version__,
                                "size": size, "seed": seed, "steps": steps or DEFAULT_STEPS,
                                "strategies": list(strategies or DEFAULT_STRATEGIES), "models": []}
     for name in names:
@@ -77,6 +79,7 @@ def run_zoo(models: list[str] | None = None, strategies: list[str] | None = None
                 summary["models"].append(entry)
                 write_json_atomic(root / ZOO_FILE, summary)
                 continue
+            summary["gpu"] = summary["gpu"] or _gpu(res.out)
             entry.update(outcome="fail" if res.failed else "pass", run=name, seconds=time.perf_counter() - t0,
                          recommendation=res.recommendation, records=[_brief(r) for r in res.records],
                          diagnoses={k: d.lines() for k, d in res.diagnoses.items()})
@@ -86,8 +89,9 @@ def run_zoo(models: list[str] | None = None, strategies: list[str] | None = None
     return summary
 
 
-def _gpu(dev: torch.device) -> str:
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+def _gpu(run_dir: Path) -> str:
+    """The GPU a check-model run ran on, from its header ("" on the CPU)."""
+    return (json.loads((Path(run_dir) / "run.json").read_text()).get("environment") or {}).get("gpu") or ""
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
