@@ -183,9 +183,25 @@ def check_model_seconds(target: str, strategies: list[str], steps: int, device: 
     per = {r["strategy"]: r["seconds"] for r in res.records}
     ref = float(stats.get("seconds_in_references", 0.0))
     out = {"total": total, **spent, "reference": ref, "references_computed": stats.get("references_computed"),
-           "strategies": per, "verdicts": {r["strategy"]: r["outcome"] for r in res.records}}
+           "strategies": per, "verdicts": {r["strategy"]: r["outcome"] for r in res.records},
+           "isolation": stats.get("isolation")}
     out["rest"] = total - spent["preflight"] - spent["diagnosis"] - sum(per.values())
     return out
+
+
+def check_part(a: argparse.Namespace, target: str, labels: list[str], res: dict[str, Any]) -> None:
+    """check-model itself, cold then warm (or once with ``--cache``): where its seconds go."""
+    res["start_up"] = start_up_seconds()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = a.cache or Path(tmp)
+        for run in (("given cache",) if a.cache else ("cold cache", "warm cache")):
+            c = check_model_seconds(target, labels, a.steps, a.device, cache)
+            res[run] = c
+            strat = ", ".join(f"{k} {v:.1f}" for k, v in c["strategies"].items())
+            print(f"check-model, {run}: {c['total']:.1f} s = pre-flight {c['preflight']:.1f} + strategies "
+                  f"({strat}; the first includes the reference {c['reference']:.1f}, "
+                  f"{c['references_computed']} computed) + diagnosis {c['diagnosis']:.1f} + rest "
+                  f"{c['rest']:.1f}; a fresh process's start-up {res['start_up']:.1f} s comes on top; {c['isolation']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,10 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n_params = sum(p.numel() for p in spec.model.parameters())
     res: dict[str, Any] = {"model": a.model, "size": a.size, "params": n_params, "steps": a.steps,
-                           "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-                           "torch": str(torch.__version__)}
-    print(f"{target} ({a.model} {a.size}, {n_params / 1e6:.1f}M parameters) on {res['gpu'] or a.device}, "
-          f"{a.steps} updates")
+                           "device": str(dev), "gpu": None, "torch": str(torch.__version__)}
+    print(f"{target} ({a.model} {a.size}, {n_params / 1e6:.1f}M parameters) on {a.device}, {a.steps} updates")
+    if not a.no_check:  # first: CUDA must not have started in this process, or check-model cannot fork workers
+        check_part(a, target, labels, res)
+    if dev.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(dev)
+        print(f"GPU: {res['gpu']}")
     res["steps_ratio"] = [] if a.no_ratios else step_ratios(spec, resolve(labels), dev, a.steps, a.repeats)
     for r in res["steps_ratio"]:
         print(f"  {r['strategy']:18s} " + (f"unsupported: {r['unsupported']}" if "unsupported" in r else
@@ -238,18 +257,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"top kernels, {name} (3 updates, {labels[0]}):")
             for k in rows:
                 print(f"  {k['ms']:9.2f} ms {k['calls']:6d}x  {k['kernel']}")
-    if not a.no_check:
-        res["start_up"] = start_up_seconds()
-        with tempfile.TemporaryDirectory() as tmp:
-            cache = a.cache or Path(tmp)
-            for run in (("given cache",) if a.cache else ("cold cache", "warm cache")):
-                c = check_model_seconds(target, labels, a.steps, a.device, cache)
-                res[run] = c
-                strat = ", ".join(f"{k} {v:.1f}" for k, v in c["strategies"].items())
-                print(f"check-model, {run}: {c['total']:.1f} s = pre-flight {c['preflight']:.1f} + strategies "
-                      f"({strat}; the first includes the reference {c['reference']:.1f}, "
-                      f"{c['references_computed']} computed) + diagnosis {c['diagnosis']:.1f} + rest "
-                      f"{c['rest']:.1f}; a fresh process's start-up {res['start_up']:.1f} s comes on top")
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")
     return 0

@@ -24,6 +24,7 @@ def test_bench_prints_ratios_and_where_the_seconds_go(tmp_path: Path, capsys) ->
     assert cold["references_computed"] == 1 and warm["references_computed"] == 0  # the reference, kept on disk
     assert cold["verdicts"] == warm["verdicts"] == {"fp32": "pass", "fp16-gradscaler": "pass"}
     assert res["start_up"] > 0 and cold["reference"] > 0
+    assert "worker process" in cold["isolation"]  # check-model runs before anything starts CUDA in the bench
     text = capsys.readouterr().out
     assert "ratio" in text and "check-model, warm cache" in text
 
