@@ -22,9 +22,9 @@ def _dry(*parts: str) -> subprocess.CompletedProcess:
 
 
 def test_every_command_is_one_the_harness_and_the_benches_accept() -> None:
-    res = _dry()
+    res = _dry("tiers", "zoo", "fixes", "speed", "long", "before")
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
+    lines = [re.sub(r"^in_dir \S+ ", "", line) for line in res.stdout.splitlines()]  # the older checkout's run
     harness_cmds = [shlex.split(line)[3:] for line in lines if line.startswith("python -m harness ")]
     assert {a[0] for a in harness_cmds} == {"run", "gate", "report", "zoo", "check-model"}
     for argv in harness_cmds:
@@ -50,3 +50,18 @@ def test_parts_select_the_steps_and_bad_input_is_one_line() -> None:
     assert "unknown part 'everything'" in bad.stderr
     none = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, cwd=ROOT)
     assert none.returncode == 2 and none.stderr.startswith("usage:")
+    before = subprocess.run(["bash", str(SCRIPT), str(ROOT / "never-made"), "before"], capture_output=True, text=True,
+                            cwd=ROOT, env={"PATH": "/usr/bin:/bin", "BEFORE": str(ROOT / "no-such-checkout")})
+    assert before.returncode == 2 and "needs BEFORE=DIR" in before.stderr and not (ROOT / "never-made").exists()
+
+
+def test_the_older_checkout_runs_its_own_harness(tmp_path: Path) -> None:
+    """``in_dir`` runs ``python -m harness`` from the older checkout, so that checkout's code runs, not
+    this one's (the current directory comes first on ``sys.path``)."""
+    old = tmp_path / "old" / "harness"
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text("")
+    (old / "__main__.py").write_text("print('older harness')\n")
+    cmd = f"source <(sed -n '/^in_dir()/,/^}}/p' {shlex.quote(str(SCRIPT))}); in_dir {tmp_path / 'old'} {sys.executable} -m harness"
+    res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=ROOT)
+    assert res.stdout.strip() == "older harness", res.stderr

@@ -2,7 +2,7 @@
 # Every GPU measurement that docs/ and results/ quote for the recipes, the zoo and check-model's speed, in
 # one command on one machine (so the numbers compare), each step alone (so its timing is its own).
 #
-#   bash tools/gpu_measure.sh OUT_DIR [PART]...      PART: tiers zoo fixes speed long (default: all five)
+#   bash tools/gpu_measure.sh OUT_DIR [PART]...      PART: tiers zoo fixes speed long (default) or before
 #   bash tools/gpu_measure.sh --dry-run [PART]...    print the commands, run nothing
 #
 # tiers  the full tier (timed), gated against the committed baseline of this GPU, and a new baseline made
@@ -14,6 +14,8 @@
 # speed  check-model's training step against the bare loop (bench/check_model.py) on GPT-2 124M, LLaMA
 #        ~134M and ViT-B/16, with the kernel profile of GPT-2's
 # long   check-model of GPT-2 124M, the five default strategies, 1000 updates: reference cache cold, then warm
+# before the full tier of an older checkout (BEFORE=DIR, e.g. made with `git worktree add DIR REV`), then of
+#        this one, back to back, and the gate of this one against the older: "not slower", on one machine
 #
 # Needs the recipes and zoo extras (pip install -e '.[recipes,zoo]'). Each step writes OUT_DIR/<step>.log;
 # OUT_DIR/steps.tsv gets a line per step: name, exit code, wall seconds. A failing step does not stop the
@@ -21,20 +23,23 @@
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-usage="usage: bash tools/gpu_measure.sh (OUT_DIR | --dry-run) [tiers|zoo|fixes|speed|long]..."
+usage="usage: bash tools/gpu_measure.sh (OUT_DIR | --dry-run) [tiers|zoo|fixes|speed|long|before]..."
 [ $# -ge 1 ] || { echo "$usage" >&2; exit 2; }
 dry=0; out="$1"; shift
 if [ "$out" = "--dry-run" ]; then dry=1; out="OUT_DIR"; fi
 parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(tiers zoo fixes speed long)
 for p in "${parts[@]}"; do
   case "$p" in tiers|zoo|fixes|speed|long) ;;
-    *) echo "unknown part '$p'; parts: tiers zoo fixes speed long (default: all)" >&2; exit 2;; esac
+    before) [ $dry = 1 ] || [ -f "${BEFORE:-}/harness/__main__.py" ] \
+              || { echo "part before needs BEFORE=DIR, a checkout of the older commit (git worktree add DIR REV)" >&2; exit 2; };;
+    *) echo "unknown part '$p'; parts: tiers zoo fixes speed long before (default: all but before)" >&2; exit 2;; esac
 done
 if [ $dry = 0 ]; then
   python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
     || { echo "no CUDA device here: these are GPU measurements (--dry-run prints them)" >&2; exit 2; }
   [ ! -e "$out" ] || { echo "$out exists; give a new directory (nothing is overwritten)" >&2; exit 2; }
   mkdir -p "$out" || { echo "cannot create $out" >&2; exit 2; }
+  out="$(cd "$out" && pwd)"  # absolute: the part before runs in another directory
   printf 'step\trc\twall_s\n' > "$out/steps.tsv"
   python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" > "$out/device.txt" 2>&1
 fi
@@ -46,6 +51,11 @@ step() {  # step NAME COMMAND...: run it alone, log it, record its exit code and
   "$@" > "$out/$name.log" 2>&1; rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(python -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" \
     "$t0" "$(date +%s.%N)")" >> "$out/steps.tsv"
+}
+
+in_dir() {  # in_dir DIR COMMAND...: the command run from DIR (python -m harness then runs DIR's harness)
+  local d="$1"; shift
+  (cd "$d" && "$@")
 }
 
 # the committed baseline of this GPU (results/baselines/cuda-<name>.json), or none yet
@@ -85,6 +95,13 @@ for p in "${parts[@]}"; do
         "${prof[@]}" --strategy fp16-gradscaler --strategy bf16 --strategy fp8-tensorwise \
         --strategy torchao-fp8-rowwise --json "$out/ratios_$m.json"
     done
+    ;;
+  before)
+    old="${BEFORE:-BEFORE_DIR}"
+    step before_full in_dir "$old" python -m harness run --quiet --device cuda --tier full --out "$out/before_full"
+    step after_full python -m harness run --quiet --device cuda --tier full --out "$out/after_full"
+    step before_baseline python -m harness gate "$out/before_full" --baseline "$out/before_baseline.json" --update
+    step gate_after_vs_before python -m harness gate "$out/after_full" --baseline "$out/before_baseline.json"
     ;;
   long)
     step long_cold python -m harness check-model zoo:gpt2@base --steps 1000 --device cuda --cache "$out/refcache" \
