@@ -23,8 +23,8 @@ from ..results import check_new_out, read_run, write_json_atomic
 from ..core.scaling import format_number
 from ..core.strategy import resolve
 from ..run.supervisor import fork_safe_cuda_check, fork_usable
-from .user_model import (DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, deterministic_cublas, factory_of, load_spec, model_scenario,
-                         target_module)
+from .user_model import (DEFAULT_STEPS, DEFAULT_STRATEGIES, EXPECTED, deterministic_cublas, factory_of, load_spec,
+                         model_scenario, target_module)
 from ..judge.verdict import FAILURES
 from ..judge.window import Window
 

@@ -381,8 +381,9 @@ def _perturb(trainer: Trainer, k: int) -> None:
 
 
 def deterministic_cublas() -> None:
-    """Ask cuBLAS for its deterministic workspace configuration, which it reads when CUDA starts: call before
-    any CUDA work. Without it every cuBLAS call under :func:`reproducible` warns (a Python warning per GEMM)."""
+    """Ask cuBLAS for its deterministic workspace configuration (``CUBLAS_WORKSPACE_CONFIG``, which torch reads
+    once, at its first cuBLAS call): call before any CUDA work. Without it every cuBLAS call under
+    :func:`reproducible` warns (torch's ``TORCH_WARN``, a Python warning per GEMM)."""
     if not torch.cuda.is_initialized():
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
