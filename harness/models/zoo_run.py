@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from . import zoo
-from ..results import check_new_out, write_json_atomic
+from ..results import check_new_out, read_header, write_json_atomic
 
 __all__ = ["run_zoo", "zoo_table", "add_command", "ZOO_FILE"]
 
@@ -91,7 +91,7 @@ def run_zoo(models: list[str] | None = None, strategies: list[str] | None = None
 
 def _gpu(run_dir: Path) -> str:
     """The GPU a check-model run ran on, from its header ("" on the CPU)."""
-    return (json.loads((Path(run_dir) / "run.json").read_text()).get("environment") or {}).get("gpu") or ""
+    return (read_header(run_dir).get("environment") or {}).get("gpu") or ""
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
