@@ -216,6 +216,21 @@ def test_a_model_check_model_refuses_is_a_row_and_the_zoo_goes_on(tmp_path: Path
     assert "| llama | tiny | error: " in zoo_run.zoo_table(summary)
 
 
+def test_a_model_whose_strategies_all_are_unsupported_is_not_a_pass(tmp_path: Path, monkeypatch) -> None:
+    """Nothing compared is nothing passed: with torchao missing, a model checked only under torchao's recipe
+    has no judged record, and its row says unsupported with the install line (it said pass)."""
+    from harness.core import libraries
+    from harness.models import zoo_run
+    monkeypatch.setattr(libraries, "version", lambda lib: None)
+    summary = zoo_run.run_zoo(["llama", "gpt2"], ["torchao-fp8-rowwise"], steps=1, device="cpu", out=tmp_path / "z")
+    for e in summary["models"]:
+        assert e["outcome"] == "unsupported" and [r["outcome"] for r in e["records"]] == ["unsupported"]
+        assert e["reason"].startswith("no strategy ran here: torchao is not installed: pip install")
+    assert "| llama | tiny | unsupported: no strategy ran here: torchao is not installed" in zoo_run.zoo_table(summary)
+    both = zoo_run.run_zoo(["llama"], ["torchao-fp8-rowwise", "bf16"], steps=1, device="cpu", out=tmp_path / "b")
+    assert both["models"][0]["outcome"] == "pass"  # one strategy judged and passing: the row passes
+
+
 def test_zoo_and_check_model_with_the_reference_cache_on_as_users_run_them(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The tests keep the disk cache off (conftest); users have it on by default. With it on, every record of

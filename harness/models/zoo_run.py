@@ -80,13 +80,23 @@ def run_zoo(models: list[str] | None = None, strategies: list[str] | None = None
                 write_json_atomic(root / ZOO_FILE, summary)
                 continue
             summary["gpu"] = summary["gpu"] or _gpu(res.out)
-            entry.update(outcome="fail" if res.failed else "pass", run=name, seconds=time.perf_counter() - t0,
+            entry.update(outcome=_outcome(res), run=name, seconds=time.perf_counter() - t0,
                          recommendation=res.recommendation, records=[_brief(r) for r in res.records],
                          diagnoses={k: d.lines() for k, d in res.diagnoses.items()})
+            if entry["outcome"] == "unsupported":
+                entry["reason"] = "no strategy ran here: " + "; ".join(sorted({r["reason"] for r in res.records}))
         summary["models"].append(entry)
         write_json_atomic(root / ZOO_FILE, summary)  # after every model: an interrupted zoo keeps what it did
     summary["out"] = str(root)
     return summary
+
+
+def _outcome(res: Any) -> str:
+    """A model's row: ``fail`` where a strategy failed, ``pass`` where none failed and at least one was judged,
+    ``unsupported`` where none ran (nothing was compared, so nothing passed)."""
+    if res.failed:
+        return "fail"
+    return "pass" if any(r["outcome"] == "pass" for r in res.records) else "unsupported"
 
 
 def _gpu(run_dir: Path) -> str:
