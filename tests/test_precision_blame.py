@@ -214,6 +214,10 @@ def test_a_chaotic_run_is_not_blamed_on_reduced_precision() -> None:
     calm = _sens(False, rel_err=1e-6, loss_divergence=1e-7)
     recs = [_record("fp32", "pass", calm), _record("fp16", "diverged", calm), _record("bf16", "diverged", calm)]
     assert recommend(recs, window, {}).startswith("fp32: every reduced-precision strategy tried failed")
+    # nothing reduced was judged (unsupported here): no strategy failed, so none is said to have
+    recs = [_record("fp32", "pass", calm), _record("torchao-fp8-rowwise", "unsupported", calm)]
+    assert recommend(recs, window, {}) == ("fp32: no reduced-precision strategy was judged here (torchao-fp8-rowwise: "
+                                           "unsupported); check again with one that runs on this device")
 
 
 def test_resnet18_with_sgd_is_chaotic_not_a_precision_failure(tmp_path: Path) -> None:

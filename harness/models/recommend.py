@@ -149,7 +149,12 @@ def _recommend(records: list[dict[str, Any]], window: Window, diagnoses: dict[st
     if chaos and not judged:
         return (f"{CHAOTIC_HEAD} at this horizon ({chaos}): that {listed(lambda c: True)} diverged is no "
                 "evidence against reduced precision; check with fewer --steps")
-    return f"{full[0]}: every reduced-precision strategy tried failed ({listed(lambda c: True) or 'none was tried'})"
+    if not failed:  # nothing reduced was judged: no failure to cite, and no evidence against reduced precision
+        unsupported = [s for s in by if by[s]["outcome"] == "unsupported"]
+        return (f"{full[0]}: no reduced-precision strategy was judged here"
+                + (f" ({', '.join(unsupported)}: unsupported)" if unsupported else "")
+                + "; check again with one that runs on this device")
+    return f"{full[0]}: every reduced-precision strategy tried failed ({listed(lambda c: True)})"
 
 
 def _divergence(rec: dict[str, Any]) -> str:
