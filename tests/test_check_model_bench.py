@@ -11,8 +11,16 @@ sys.path.insert(0, str(ROOT / "bench"))
 import check_model as bench  # noqa: E402
 
 
-def test_bench_prints_ratios_and_where_the_seconds_go(tmp_path: Path, capsys) -> None:
+def test_bench_prints_ratios_and_where_the_seconds_go(tmp_path: Path, capsys, monkeypatch) -> None:
     out = tmp_path / "b.json"
+    import torch
+    ratios = bench.step_ratios
+
+    def ratios_then_cuda_started(*a, **k):  # on a GPU the step ratios start CUDA in the bench's process,
+        rows = ratios(*a, **k)  # after which check-model can no longer fork its workers
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        return rows
+    monkeypatch.setattr(bench, "step_ratios", ratios_then_cuda_started)
     assert bench.main(["--model", "example", "--steps", "4", "--device", "cpu", "--strategy", "fp32",
                        "--strategy", "fp16-gradscaler", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
@@ -24,7 +32,7 @@ def test_bench_prints_ratios_and_where_the_seconds_go(tmp_path: Path, capsys) ->
     assert cold["references_computed"] == 1 and warm["references_computed"] == 0  # the reference, kept on disk
     assert cold["verdicts"] == warm["verdicts"] == {"fp32": "pass", "fp16-gradscaler": "pass"}
     assert res["start_up"] > 0 and cold["reference"] > 0
-    assert "worker process" in cold["isolation"]  # check-model runs before anything starts CUDA in the bench
+    assert "worker process" in cold["isolation"]  # check-model ran before the ratios started CUDA
     text = capsys.readouterr().out
     assert "ratio" in text and "check-model, warm cache" in text
 
