@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 from harness.core.execution import Execution, route_linears  # noqa: E402
 from harness.core.strategy import resolve  # noqa: E402
-from harness.models.user_model import DEFAULT_STRATEGIES, ModelSpec, deterministic_cublas, load_spec, reproducible, train_trajectory  # noqa: E402
+from harness.models.user_model import (DEFAULT_STRATEGIES, ModelSpec, deterministic_cublas, load_spec,  # noqa: E402
+                                       reproducible, train_trajectory)
 from harness.core.batches import to_device  # noqa: E402
 from harness.run.timing import sync  # noqa: E402
 
