@@ -186,6 +186,23 @@ def test_bookkeeping_excludes_the_scenarios_references_and_inputs(tmp_path: Path
     assert 0 <= st["bookkeeping_ms_per_record"] < 1000 * 0.02  # the sleeps are not counted as bookkeeping
 
 
+def test_bookkeeping_of_several_workers_counts_each_workers_time(tmp_path: Path, temp_scenarios: list) -> None:
+    """Two workers run cases side by side: the time inside scenarios, summed over them, exceeds the run's
+    wall time, and wall less it came out negative (the CPU default run printed -2.8 ms per record). The
+    harness's own time is each worker's wall less its time inside."""
+    def sleepy(ex, inp, p):
+        time.sleep(0.1)
+        return _echo(ex, inp, p)
+
+    s = add_scenario(temp_scenarios, _scn("a_engine_sleepy2", run=sleepy, grid={"e": [0, 1, 2, 3]}))
+    _, _, st = run_matrix(RunConfig([s], [PRESETS["fp32"]], CPU, out=tmp_path / "r", workers=2))
+    inside = st["seconds_in_scenarios"] + st["seconds_in_references"] + st["seconds_building_inputs"]
+    assert inside > st["wall_seconds"]  # the two workers overlapped
+    assert st["workers"] == 2
+    assert st["bookkeeping_ms_per_record"] == pytest.approx(1000 * (2 * st["wall_seconds"] - inside) / 4)
+    assert 0 <= st["bookkeeping_ms_per_record"]
+
+
 def test_device_resolution() -> None:
     assert resolve_device("cpu") == CPU
     with pytest.raises(ValueError, match="unknown device 'tpu'; use cpu, cuda or auto"):

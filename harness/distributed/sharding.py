@@ -254,7 +254,8 @@ def _run_sharded(cfg: RunConfig, g: Group, progress: Callable[[int, int, str], N
                                   f"{out}` collects them"}, status="interrupted")
         raise
     runner.close()
-    mine = run_stats(busy, runner.parts(), summary.records, summary.records, resume)  # this rank's busy time
+    mine = run_stats(busy, runner.parts(), summary.records, summary.records, resume,  # this rank's busy time
+                     workers=getattr(runner, "size", 1))
     mine.update(rank=g.rank, host=g.host, device=str(cfg.device), cases=claimed, isolation=isolation)
     gathered: list[Any] | None = [None] * g.world if g.rank == 0 else None
     dist.gather_object({"lines": lines, "stats": mine}, gathered, dst=0)

@@ -339,15 +339,17 @@ SUMMED_STATS = ("references_computed", "references_reused", "seconds_in_scenario
 
 
 def run_stats(wall: float, parts: dict[str, float], records: int, ran: int, resume: bool,
-              bookkeeping_ms: float | None = None) -> dict[str, Any]:
+              bookkeeping_ms: float | None = None, workers: int = 1) -> dict[str, Any]:
     """What a run measured about itself: wall time, references and where the time went (``parts``, keyed
-    by :data:`SUMMED_STATS`), and the harness's own time per record of this session (by default the wall
-    time left outside scenarios, references and inputs)."""
+    by :data:`SUMMED_STATS`), and the harness's own time per record of this session (by default the time
+    its ``workers`` processes spent outside scenarios, references and inputs: ``wall * workers`` less the
+    time inside, which ``parts`` sums over the workers; with one worker, the wall time left outside them)."""
     if bookkeeping_ms is None:
         inside = parts["seconds_in_scenarios"] + parts["seconds_in_references"] + parts["seconds_building_inputs"]
-        bookkeeping_ms = 1000 * (wall - inside) / max(ran, 1)
+        bookkeeping_ms = 1000 * (wall * max(workers, 1) - inside) / max(ran, 1)
     return {"wall_seconds": wall, **{k: parts[k] for k in SUMMED_STATS}, "records": records,
-            "records_this_session": ran, "resumed": resume, "bookkeeping_ms_per_record": bookkeeping_ms}
+            "records_this_session": ran, "resumed": resume, "workers": max(workers, 1),
+            "bookkeeping_ms_per_record": bookkeeping_ms}
 
 
 def _done_keys(out: Path, matrix: set[tuple[str, str]] | None = None) -> tuple[set[tuple[str, str]], list[dict]]:
@@ -446,7 +448,7 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
         summary.seconds_in_scenarios = parts["seconds_in_scenarios"]
         summary.seconds_building_inputs = parts["seconds_building_inputs"]
         stats = run_stats(time.perf_counter() - t_start, parts, summary.records, summary.records - len(previous),
-                          resume)
+                          resume, workers=getattr(runner, "size", 1))
         stats["isolation"] = isolation
         _close(writer, {**summary.as_dict(), **stats}, status)
     return out, summary, stats
