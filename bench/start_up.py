@@ -14,7 +14,7 @@ Each part runs in a new interpreter, as a rank starts:
    process: cold (the first work after the imports) and warm. Cold minus warm is what that case's first
    run pays for start-up.
 
-Usage: ``python bench/start_up.py [--device cuda] [--case NAME] [--tier full] [--json FILE]``
+Usage: ``python bench/start_up.py [--device cuda|cpu] [--case NAME] [--tier full] [--json FILE]``
 (default case: ``train_transformer`` on CUDA, ``update_swamping`` on the CPU).
 """
 from __future__ import annotations
@@ -123,12 +123,19 @@ def measure(device: str, case: str | None, tier: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda where there is one")
     ap.add_argument("--case", default=None, help="a scenario name (its first case is run)")
     ap.add_argument("--tier", default="full", choices=("quick", "full"))
     ap.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the numbers here")
     ap.add_argument("--child", choices=("phases", "case"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.device is None:  # asked here, not in the children whose start-up is measured
+        import torch
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif a.device == "cuda" and a.child is None:
+        import torch
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device here (leave --device out, or pass cpu)")
     if a.child == "phases":
         print(json.dumps({"rows": _phases(a.device)}))
         return 0
