@@ -161,6 +161,16 @@ def test_bound_scales_with_kappa_and_factor_and_is_capped() -> None:
     assert bound(bf16, 2**20) == CAP and bound(f16, 2048, truncating=True) == CAP
 
 
+def test_a_bound_past_the_largest_double_is_inf_and_capped() -> None:
+    """FP4 (u = 1/4) over 8192 terms: the exponent is 784, past exp's range (it raised OverflowError, an
+    error record for every FP4 strategy on grad_accumulation_buffer[micro=8192] on the GPU)."""
+    fp4 = FORMATS["fp4_e2m1"]
+    assert fp4.u == 0.25
+    assert gamma_probabilistic(8192, fp4.u) == math.inf and bound(fp4, 8192) == CAP
+    assert "capped at 1/2" in describe(fp4, 8192)
+    assert gamma_probabilistic(16, fp4.u) == pytest.approx(math.expm1(confidence_lambda(16) * 4 * 0.25 + 16 / 16 / 0.75))
+
+
 def test_describe_spells_the_bound_out() -> None:
     f16, bf16 = FORMATS["fp16"], FORMATS["bf16"]
     assert describe(f16, 4) == f"{confidence_lambda(4):.2f}*sqrt(4)*2^-11 (fp16)"

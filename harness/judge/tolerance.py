@@ -33,6 +33,8 @@ __all__ = ["DELTA", "CAP", "confidence_lambda", "gamma_probabilistic", "gamma_wo
 DELTA = 0.01
 #: No bound is looser than this: a relative error of 1/2 leaves no correct leading bit.
 CAP = 0.5
+#: The largest x whose exp(x) is a finite double.
+_EXP_MAX = math.log(1.7976931348623157e308)
 
 
 def confidence_lambda(n: int, delta: float = DELTA) -> float:
@@ -41,8 +43,11 @@ def confidence_lambda(n: int, delta: float = DELTA) -> float:
 
 
 def gamma_probabilistic(n: int, u: float, delta: float = DELTA) -> float:
+    """The probabilistic bound; inf where it passes the largest float (FP4's u = 1/4 with n in the
+    thousands: exp(784)), as :func:`gamma_worst_case` is inf past n*u = 1."""
     lam = confidence_lambda(n, delta)
-    return math.expm1(lam * math.sqrt(n) * u + n * u * u / (1.0 - u))
+    x = lam * math.sqrt(n) * u + n * u * u / (1.0 - u)
+    return math.inf if x > _EXP_MAX else math.expm1(x)
 
 
 def gamma_worst_case(n: int, u: float) -> float:
