@@ -14,8 +14,8 @@ import torch
 
 from harness.core import libraries
 from harness.core.execution import Execution
-from harness.values.optim_precision import (PrecisionOptimizer, RecipeUnsupported, fp32_to_bf16_sr, kahan_add_,
-                                            optimizer_recipe)
+from harness.core.libraries import RecipeUnsupported
+from harness.values.optim_precision import PrecisionOptimizer, fp32_to_bf16_sr, kahan_add_, optimizer_recipe
 from harness.values.optim_states import dynamic_map, quantize, quantize_8bit
 from harness.core.scenario import Case, discover, seed_generator
 from harness.core.strategy import PRESETS, parse, support

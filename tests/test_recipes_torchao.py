@@ -324,6 +324,47 @@ def test_on_a_gpu_torchao_converts_only_widths_that_scaled_mm_takes() -> None:
     assert kinds == [Float8Linear] * 3
 
 
+def test_on_a_gpu_a_row_count_scaled_mm_refuses_is_named_before_torchao_fails() -> None:
+    """The layer filter sees only widths; the rows (tokens of a batch) are the inner dimension of the
+    weight-gradient GEMM, and torchao fails in the backward pass on 120 of them (seen on an H100:
+    ``Expected trailing dimension of mat1 to be divisible by 16 but got mat1 shape: (16x120)``)."""
+    from harness.core.libraries import RecipeUnsupported
+    model = torchao_float8.convert(nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 32)), "tensorwise", print, gpu=True)
+    with pytest.raises(RecipeUnsupported, match=r"`0` gets 120 rows .* multiple of 16"):
+        model(torch.randn(8, 15, 32))
+    assert model(torch.randn(8, 16, 32)).shape == (8, 16, 32)  # 128 rows: the check lets it through
+    cpu = torchao_float8.convert(nn.Sequential(nn.Linear(32, 64)), "tensorwise", print, gpu=False)
+    assert cpu(torch.randn(120, 32)).shape == (120, 64)  # the CPU's torchao takes any rows
+
+
+def test_check_model_records_the_refused_rows_as_unsupported(monkeypatch, capsys, tmp_path: Path) -> None:
+    """Through check-model, with the GPU's check forced on the CPU: the record is ``unsupported`` with the
+    reason (it was an ``error`` with torchao's RuntimeError), and the other strategies still ran."""
+    (tmp_path / "rows120.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def factory():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))\n"
+        "    def batch(step):\n"
+        "        return (torch.randn(120, 32, generator=torch.Generator().manual_seed(step)),)\n"
+        "    return {'model': model, 'batch': batch, 'loss': lambda m, b: m(b[0]).square().mean(),\n"
+        "            'optimizer': lambda p: torch.optim.AdamW(p, lr=1e-3)}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = torchao_float8.convert
+    monkeypatch.setattr(torchao_float8, "convert",
+                        lambda model, recipe, on_run, gpu=False, skip=lambda f: False: real(model, recipe, on_run, True, skip))
+    from harness.cli import main
+    from harness.results import read_run
+    code = main(["check-model", "rows120:factory", "--strategy", "bf16", "--strategy", "torchao-fp8-tensorwise",
+                 "--steps", "2", "--device", "cpu", "--no-cache", "--out", str(tmp_path / "run")])
+    text = capsys.readouterr().out
+    assert code in (0, 1), text
+    rec = {r["strategy"]: r for r in read_run(tmp_path / "run")[1]}
+    assert rec["torchao-fp8-tensorwise"]["outcome"] == "unsupported", rec["torchao-fp8-tensorwise"]["reason"]
+    assert "120 rows" in rec["torchao-fp8-tensorwise"]["reason"]
+    assert rec["bf16"]["outcome"] == "pass"
+
+
 def test_gpt2_coverage_says_conv1d_stayed_in_high_precision() -> None:
     """GPT-2's attention and MLP are Hugging Face Conv1D, which torchao does not convert: only the LM head
     (an nn.Linear) runs in FP8, and the coverage and the verdict's note say so."""

@@ -15,7 +15,13 @@ import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 
-__all__ = ["Library", "LIBRARIES", "installed", "missing_reason", "version"]
+__all__ = ["Library", "LIBRARIES", "RecipeUnsupported", "installed", "missing_reason", "version"]
+
+
+class RecipeUnsupported(Exception):
+    """A library recipe cannot run what a scenario or model built (an optimizer it has no equivalent
+    for, a GEMM shape its kernels refuse; the reason says which and how to fix it): recorded as
+    ``unsupported``, never as an error of the scenario."""
 
 
 @dataclass(frozen=True)

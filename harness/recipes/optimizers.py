@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.libraries import missing_reason
-from ..values.optim_precision import CountingOptimizer, RecipeUnsupported
+from ..core.libraries import RecipeUnsupported, missing_reason
+from ..values.optim_precision import CountingOptimizer
 
 __all__ = ["library_optimizer", "EAGER_NOTE"]
 

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..core.execution import Execution
-from ..values.optim_precision import RecipeUnsupported, optimizer_recipe
+from ..core.libraries import RecipeUnsupported
+from ..values.optim_precision import optimizer_recipe
 from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
 from ..core.isolation import CaseInputs, isolated
 from ..judge.metrics import compare, measures_only
@@ -249,7 +250,7 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
                               else UNDERFLOW_BUDGET),
             truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
             nonfinite_reference=s.nonfinite_reference, **_floor(ref)))
-    except RecipeUnsupported as exc:  # the strategy's optimizer recipe has no equivalent for this optimizer
+    except RecipeUnsupported as exc:  # the strategy's library recipe cannot run what the scenario built
         metrics, verdict = {}, Verdict("unsupported", f"not applicable: {exc}")
     except (Exception, SystemExit) as exc:  # a failing scenario is data: an error record, and the run goes on
         # (SystemExit too: a scenario calling exit() must not end the run and leave it marked complete)

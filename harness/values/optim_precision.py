@@ -27,13 +27,8 @@ import torch
 
 from .optim_states import UNSIGNED_STATES, quantizable, quantize_8bit, state_tensors
 
-__all__ = ["RecipeUnsupported", "optimizer_recipe", "fp32_to_bf16_sr", "kahan_add_", "PrecisionOptimizer",
+__all__ = ["optimizer_recipe", "fp32_to_bf16_sr", "kahan_add_", "PrecisionOptimizer",
            "CountingOptimizer", "update_acts"]
-
-
-class RecipeUnsupported(Exception):
-    """A strategy's optimizer recipe cannot run the optimizer a scenario built (the reason says why);
-    recorded as ``unsupported``, never as an error of the scenario."""
 
 
 def optimizer_recipe(strategy) -> str | None:
