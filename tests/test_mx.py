@@ -187,9 +187,21 @@ def test_execution_routes_the_recipe_and_support_names_the_emulation(name: str) 
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("recipe", ["mxfp8", "mxfp4", "nvfp4"])
-def test_gpu_quantization_is_the_cpu_one_bit_for_bit(recipe: str) -> None:
+def test_gpu_quantization_is_torchaos_on_the_gpu_bit_for_bit(recipe: str, torchao_mx) -> None:
+    """On the GPU the emulation is torchao's there, bit for bit. MXFP8 and MXFP4 are also the CPU's (power-
+    of-two scales); NVFP4 is not: CUDA divides by a Python number as a multiply by its FP32 reciprocal
+    (``div_true_kernel_cuda``), and both torchao and this code divide the amaxes by 6 and by 448 * 6 so: on an
+    H100 values moved by one ulp against the CPU's. torchao and the emulation agree per device: that is the
+    oracle."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(64, 256, generator=g) * torch.exp2(torch.randint(-20, 20, (64, 1), generator=g).float())
-    assert torch.equal(_bits(mx.quantize(x.cuda(), recipe).cpu()), _bits(mx.quantize(x, recipe)))
+    gpu = mx.quantize(x.cuda(), recipe)
+    assert _same(gpu, torchao_mx(x.cuda(), recipe))
+    cpu = mx.quantize(x, recipe)
+    if recipe == "nvfp4":  # a scale one ulp off can move an element across an E2M1 rounding boundary: rare
+        close = (gpu.cpu() - cpu).abs() <= 2.0**-21 * cpu.abs()
+        assert close.float().mean() >= 0.99 and not torch.equal(gpu.cpu(), cpu)
+    else:
+        assert torch.equal(_bits(gpu.cpu()), _bits(cpu))
     notes = support(PRESETS[recipe], torch.device("cuda"))[2]
     assert any("Blackwell" in n for n in notes)
