@@ -92,28 +92,54 @@ def harness_loop(spec: ModelSpec, ex: Execution, steps: int, deterministic: bool
     return time.perf_counter() - t
 
 
-def per_update(run: Callable[[int], float], steps: int, repeats: int) -> float:
-    """Seconds per update: (time of ``steps`` - time of ``steps // 10``) / the difference, median of repeats."""
+def per_update(run: Callable[[int], float], steps: int) -> float:
+    """Seconds per update: (time of ``steps`` - time of ``steps // 10``) / the difference."""
     short = max(1, steps // 10)
-    run(short)  # warm-up: first kernels, allocator
-    return statistics.median((run(steps) - run(short)) / (steps - short) for _ in range(repeats))
+    return (run(steps) - run(short)) / (steps - short)
+
+
+def interleaved(loops: dict[str, Callable[[int], float]], steps: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per update of each loop, ``repeats`` times, the loops taking turns within each repeat (so a
+    drift of the machine, clocks or another process, falls on all of them alike); each warmed up first."""
+    short = max(1, steps // 10)
+    for run in loops.values():
+        run(short)  # first kernels, allocator
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    for _ in range(repeats):
+        for k, run in loops.items():
+            times[k].append(per_update(run, steps))
+    return times
+
+
+def _paired(num: list[float], den: list[float]) -> float:
+    """The median over repeats of the ratio within each repeat (the two loops timed side by side)."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 def step_ratios(spec: ModelSpec, strategies: list, device: torch.device, steps: int, repeats: int) -> list[dict]:
+    """Per strategy: the bare loop's and the harness's per-update times (medians over ``repeats``) and their
+    ratio (the median of the ratios within each repeat); on CUDA also both under the other kernels."""
     rows = []
     for s in strategies:
         ex = Execution(s, device)
         if not ex.supported:
             rows.append({"strategy": s.label, "unsupported": ex.unsupported_reason})
             continue
-        bare = per_update(lambda n: bare_loop(spec, Execution(s, device), n), steps, repeats)
-        ours = per_update(lambda n: harness_loop(spec, Execution(s, device), n), steps, repeats)
-        row = {"strategy": s.label, "bare_ms": bare * 1e3, "harness_ms": ours * 1e3, "ratio": ours / bare}
+        loops = {"bare": lambda n: bare_loop(spec, Execution(s, device), n),
+                 "harness": lambda n: harness_loop(spec, Execution(s, device), n)}
         if device.type == "cuda":  # where the deterministic kernels differ from torch's defaults: their share
-            det = per_update(lambda n: bare_loop(spec, Execution(s, device), n, True), steps, repeats)
-            free = per_update(lambda n: harness_loop(spec, Execution(s, device), n, False), steps, repeats)
-            row.update(bare_det_ms=det * 1e3, harness_default_kernels_ms=free * 1e3, ratio_same_kernels=ours / det,
-                       ratio_default_kernels=free / bare)
+            loops["det"] = lambda n: bare_loop(spec, Execution(s, device), n, True)
+            loops["free"] = lambda n: harness_loop(spec, Execution(s, device), n, False)
+        t = interleaved(loops, steps, repeats)
+        ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        row = {"strategy": s.label, "bare_ms": ms["bare"], "harness_ms": ms["harness"],
+               "ratio": _paired(t["harness"], t["bare"]), "repeats": repeats,
+               "ratio_spread": [min(a / b for a, b in zip(t["harness"], t["bare"])),
+                                max(a / b for a, b in zip(t["harness"], t["bare"]))]}
+        if "det" in t:
+            row.update(bare_det_ms=ms["det"], harness_default_kernels_ms=ms["free"],
+                       ratio_same_kernels=_paired(t["harness"], t["det"]),
+                       ratio_default_kernels=_paired(t["free"], t["bare"]))
         rows.append(row)
     return rows
 
@@ -135,6 +161,12 @@ def profile_steps(spec: ModelSpec, strategy: Any, device: torch.device, steps: i
         events = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr, 0.0))[:top]
         out[name] = [{"kernel": e.key[:90], "ms": getattr(e, attr, 0.0) / 1e3, "calls": e.count} for e in events]
     return out
+
+
+def _spread(r: dict) -> str:
+    """The lowest and highest ratio of the repeats, where there were several."""
+    lo, hi = r["ratio_spread"]
+    return f" [{lo:.2f}-{hi:.2f} over {r['repeats']} repeats]" if r["repeats"] > 1 else ""
 
 
 def _kernels(r: dict) -> str:
@@ -213,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", action="append", default=[],
                     help=f"repeatable; default {', '.join(DEFAULT_STRATEGIES)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed runs of each loop, taking turns (default 3 on CUDA, 1 on the CPU); the ratio is "
+                         "the median of the ratios within each")
     ap.add_argument("--no-check", action="store_true", help="only the step ratios, not check-model itself")
     ap.add_argument("--no-ratios", action="store_true", help="only check-model, not the step ratios")
     ap.add_argument("--profile", action="store_true",
@@ -225,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.steps < 2:
         ap.error("--steps must be >= 2")
+    if a.repeats is not None and a.repeats < 1:
+        ap.error("--repeats must be >= 1")
     target = TARGETS[a.model]
     if a.model == "example":
         os.environ[EXAMPLE_SIZE[0]] = EXAMPLE_SIZE[1][a.size]
@@ -247,11 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(dev)
         print(f"GPU: {res['gpu']}")
-    res["steps_ratio"] = [] if a.no_ratios else step_ratios(spec, resolve(labels), dev, a.steps, a.repeats)
+    res["steps_ratio"] = [] if a.no_ratios else step_ratios(spec, resolve(labels), dev, a.steps,
+                                                                      a.repeats or (3 if dev.type == "cuda" else 1))
     for r in res["steps_ratio"]:
         print(f"  {r['strategy']:18s} " + (f"unsupported: {r['unsupported']}" if "unsupported" in r else
                                            f"bare {r['bare_ms']:8.2f} ms  harness {r['harness_ms']:8.2f} ms  "
-                                           f"ratio {r['ratio']:.3f}" + _kernels(r)))
+                                           f"ratio {r['ratio']:.3f}" + _spread(r) + _kernels(r)))
     if a.profile:
         res["profile"] = profile_steps(spec, resolve(labels)[0], dev)
         for name, rows in res["profile"].items():

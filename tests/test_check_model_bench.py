@@ -46,3 +46,22 @@ def test_bench_profiles_the_bare_loop_and_the_harness_step(tmp_path: Path) -> No
     for rows in prof.values():  # the model's own matmuls are among the top kernels of every loop
         assert rows and all(r["ms"] >= 0 and r["calls"] >= 1 for r in rows)
         assert any(r["kernel"] in ("aten::mm", "aten::addmm") for r in rows)
+
+
+def test_loops_take_turns_and_the_ratio_is_the_median_of_paired_ratios() -> None:
+    """Fake loops whose time is exact (c + a*n seconds): per update is a, the fixed cost c cancels; the loops
+    alternate within each repeat; a drift that slows both loops alike in one repeat leaves the paired ratio."""
+    calls: list[str] = []
+    drift = iter([1.0] * 6 + [3.0] * 4 + [1.0] * 4)  # the second repeat runs 3x slower, for both loops
+
+    def loop(name: str, a: float, c: float):
+        def run(n: int) -> float:
+            calls.append(name)
+            return (c + a * n) * next(drift)
+        return run
+    t = bench.interleaved({"bare": loop("bare", 0.010, 0.5), "harness": loop("harness", 0.012, 2.0)}, 20, 3)
+    # warm-up once each (2 calls), then per repeat each loop twice (20 and 2 updates), turn by turn
+    assert calls == ["bare", "harness"] + ["bare", "bare", "harness", "harness"] * 3
+    assert [round(x, 12) for x in t["bare"]] == [0.010, 0.030, 0.010]
+    assert [round(x, 12) for x in t["harness"]] == [0.012, 0.036, 0.012]
+    assert abs(bench._paired(t["harness"], t["bare"]) - 1.2) < 1e-9
