@@ -175,18 +175,18 @@ def _bf16_swamp_run(ex, inp: dict, p: dict) -> Output:
     distance from the intended final weights."""
     lr = 2.0 ** p["log2_lr"]
     trainer = Trainer(ex, LinearLoss(inp["w0"]), optimizer=lambda ps: torch.optim.Adam(ps, lr=lr))
-    unmoved, skipped = 0, 0
+    unmoved, skipped = torch.zeros((), dtype=torch.int64, device=ex.device), 0  # counted on the device: no sync
     for _ in range(BF16_SWAMP_STEPS):
         before = trainer.parameters_fp32()["w"].clone()
         _, _, decision = trainer.step(lambda mod, batch: mod(batch[0]), (inp["c"],))
         skipped += int(decision.skipped)
         if not decision.skipped:
-            unmoved += int((trainer.parameters_fp32()["w"] == before).sum())
+            unmoved += (trainer.parameters_fp32()["w"] == before).sum()
     drift = (trainer.parameters_fp32()["w"] - inp["w0"]).double()
     intended = -BF16_SWAMP_STEPS * lr  # Adam's step on a constant gradient is lr: FP32 follows it to ~1e-7
     applied = max(1, BF16_SWAMP_STEPS - skipped) * drift.numel()
     return Output(value=drift.view(BF16_SWAMP_ROWS, BF16_SWAMP_COLS).mean(-1).float(), extra={
-        "absorbed_frac": unmoved / applied, "drift_ratio": float(drift.mean() / intended),
+        "absorbed_frac": int(unmoved) / applied, "drift_ratio": float(drift.mean() / intended),
         "weight_rel_dist": float((drift - intended).norm() / (abs(intended) * drift.numel() ** 0.5)),
         "skipped": skipped})
 
