@@ -8,7 +8,7 @@
 # tiers  the full tier (timed), gated against the committed baseline of this GPU, and a new baseline made
 #        from it (OUT_DIR/baseline.json: compare before replacing results/baselines/); the recipes tier,
 #        its report (which scenario separates which recipe), the per-recipe trade-off (bench/tradeoff.py
-#        --measure); the CUDA tests
+#        --measure), eager and compiled; the CUDA tests
 # zoo    python -m harness zoo at the GPU's sizes (docs/zoo.md)
 # fixes  check-model --fix on the three zoo regimes the fix search is for (docs/check_model.md)
 # speed  check-model's training step against the bare loop (bench/check_model.py) on GPT-2 124M, LLaMA
@@ -75,6 +75,12 @@ for p in "${parts[@]}"; do
     step recipes_report python -m harness report "$out/recipes"
     step tradeoff python bench/tradeoff.py --run "$out/recipes" --measure --markdown "$out/tradeoff.md" \
       --out "$out/tradeoff.json"
+    # the same steps compiled: torchao's float8 speed-ups are documented under torch.compile (eager, on an
+    # H100, every FP8 step was slower than BF16's)
+    step tradeoff_compiled python bench/tradeoff.py --run "$out/recipes" --measure --strategy bf16 \
+      --strategy "bf16,compile=yes" --strategy "torchao-fp8-tensorwise,compile=yes" \
+      --strategy "torchao-fp8-rowwise,compile=yes" --strategy "torchao-fp8-rowwise-gw-hp,compile=yes" \
+      --markdown "$out/tradeoff_compiled.md" --out "$out/tradeoff_compiled.json"
     step cuda_tests python -m pytest -m cuda -o addopts= -q -rs -p no:cacheprovider tests
     ;;
   zoo)
