@@ -127,14 +127,18 @@ def realistic_gradients(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 # -- kernels that compute in their input's dtype -----------------------------------------------------
-def blocked_sum(x: torch.Tensor, lanes: int) -> torch.Tensor:
+def blocked_sum(x: torch.Tensor, lanes: int, marks: tuple[int, ...] = ()) -> torch.Tensor | dict[int, torch.Tensor]:
     """``lanes`` running sums kept in x's dtype, as the threads of a reduction kernel with a
-    low-precision accumulator: lane j adds x[j], x[j+lanes], ... one rounding per addition."""
+    low-precision accumulator: lane j adds x[j], x[j+lanes], ... one rounding per addition. With ``marks``,
+    the running sums after the first m rows, for each m in ``marks`` (copies taken on the way: one pass)."""
     rows = x.reshape(-1, lanes)
     acc = rows[0].clone()
-    for r in rows[1:]:
+    snaps = {m: acc.clone() for m in marks if m == 1}
+    for i, r in enumerate(rows[1:], start=2):
         acc.add_(r)
-    return acc
+        if i in marks:
+            snaps[i] = acc.clone()
+    return {m: snaps[m] for m in marks} if marks else acc
 
 
 def one_pass_layernorm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -147,6 +147,18 @@ def test_low_precision_lanes_stagnate_at_a_power_of_two() -> None:
     assert x[: 1 << 17].to(H).sum().item() == math.inf  # 2^17 values of mean 0.5: 65536 > 65504
 
 
+def test_lane_sums_at_marks_are_the_prefix_sums_of_one_pass() -> None:
+    """The running sums at each mark, taken in one pass, are bit for bit the sums of each prefix alone (FP16,
+    where the order of additions shows in the bits), and the unmarked call is unchanged."""
+    x = (torch.rand(64 * 16, generator=torch.Generator().manual_seed(7)) * 3).to(H)
+    marks = (1, 4, 16, 64)
+    snaps = blocked_sum(x, 16, marks)
+    assert list(snaps) == list(marks)
+    for m in marks:
+        assert torch.equal(snaps[m], blocked_sum(x[: m * 16], 16)), m
+    assert torch.equal(snaps[64], blocked_sum(x, 16)) and not torch.equal(snaps[4], snaps[16])
+
+
 def test_same_sign_sums_fail_and_zero_mean_sums_pass(reg) -> None:
     p = {"n": 2**24, "op": "mean"}
     same = record(reg, "sum_long", "bf16", data="same_sign", **p)
