@@ -116,9 +116,11 @@ def _paired(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-def step_ratios(spec: ModelSpec, strategies: list, device: torch.device, steps: int, repeats: int) -> list[dict]:
+def step_ratios(spec: ModelSpec, strategies: list, device: torch.device, steps: int, repeats: int,
+                kernels: bool = False) -> list[dict]:
     """Per strategy: the bare loop's and the harness's per-update times (medians over ``repeats``) and their
-    ratio (the median of the ratios within each repeat); on CUDA also both under the other kernels."""
+    ratio (the median of the ratios within each repeat); with ``kernels``, on CUDA, also both under the
+    other kernels (the bare loop under the deterministic ones, the harness's under torch's defaults)."""
     rows = []
     for s in strategies:
         ex = Execution(s, device)
@@ -127,7 +129,7 @@ def step_ratios(spec: ModelSpec, strategies: list, device: torch.device, steps: 
             continue
         loops = {"bare": lambda n: bare_loop(spec, Execution(s, device), n),
                  "harness": lambda n: harness_loop(spec, Execution(s, device), n)}
-        if device.type == "cuda":  # where the deterministic kernels differ from torch's defaults: their share
+        if kernels and device.type == "cuda":  # where the deterministic kernels differ from torch's defaults
             loops["det"] = lambda n: bare_loop(spec, Execution(s, device), n, True)
             loops["free"] = lambda n: harness_loop(spec, Execution(s, device), n, False)
         t = interleaved(loops, steps, repeats)
@@ -249,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="timed runs of each loop, taking turns (default 3 on CUDA, 1 on the CPU); the ratio is "
                          "the median of the ratios within each")
     ap.add_argument("--no-check", action="store_true", help="only the step ratios, not check-model itself")
+    ap.add_argument("--kernels", action="store_true",
+                    help="on CUDA also time both loops under the other kernels: the deterministic kernels' share "
+                         "(on an H100 it was none: results/h100/round5)")
     ap.add_argument("--no-ratios", action="store_true", help="only check-model, not the step ratios")
     ap.add_argument("--profile", action="store_true",
                     help="also the top kernels of 3 updates of the bare loop and the harness's step (first strategy)")
@@ -284,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         res["gpu"] = torch.cuda.get_device_name(dev)
         print(f"GPU: {res['gpu']}")
     res["steps_ratio"] = [] if a.no_ratios else step_ratios(spec, resolve(labels), dev, a.steps,
-                                                                      a.repeats or (3 if dev.type == "cuda" else 1))
+                                                                      a.repeats or (3 if dev.type == "cuda" else 1),
+                                                                      a.kernels)
     for r in res["steps_ratio"]:
         print(f"  {r['strategy']:18s} " + (f"unsupported: {r['unsupported']}" if "unsupported" in r else
                                            f"bare {r['bare_ms']:8.2f} ms  harness {r['harness_ms']:8.2f} ms  "
