@@ -7,6 +7,9 @@ per model under ``--out``, a ``zoo.json`` that sums them up, and the table (text
     python -m harness zoo --report runs/zoo-h200 --markdown docs/zoo-table.md   # the table of a finished zoo run
 
 A model whose library is missing here is a row ``unsupported`` with the install line; it is not run.
+``zoo.json`` is written after every model, and an ``--out`` that holds an interrupted zoo of the same
+settings is completed: the models it judged are kept, the rest run (a model cut off midway runs again,
+its partial run directory moved aside, not deleted).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 
 from . import zoo
 from ..results import check_new_out, read_header, write_json_atomic
+from ..results_schema import InputError
 
 __all__ = ["run_zoo", "zoo_table", "add_command", "ZOO_FILE"]
 
@@ -59,8 +63,19 @@ def run_zoo(models: list[str] | None = None, strategies: list[str] | None = None
     summary: dict[str, Any] = {"schema": ZOO_SCHEMA, "device": str(dev), "gpu": "", "torch": torch.__version__,
                                "size": size, "seed": seed, "steps": steps or DEFAULT_STEPS,
                                "strategies": list(strategies or DEFAULT_STRATEGIES), "models": []}
+    earlier = _earlier(root, summary)
+    # kept: the models the earlier run judged; an `unsupported` (a library missing then) or `error` row runs again
+    done = {e["model"] for e in (earlier or {}).get("models", []) if e.get("outcome") in ("pass", "fail")}
+    if earlier is not None:
+        summary["gpu"] = earlier.get("gpu") or ""
+        summary["models"] = [e for e in earlier["models"] if e["model"] in done or e["model"] not in names]
     for name in names:
         s = _size_of(name, size)
+        if name in done:
+            if progress:
+                progress(f"{name}@{s}: done in the earlier run in {root}, kept")
+            continue
+        _move_aside(root / name, progress)
         entry: dict[str, Any] = {"model": name, "size": s, "library": zoo.get(name).library,
                                  "regime": zoo.get(name).regime, "description": zoo.get(name).description}
         why = zoo.unsupported(name, s, dev)
@@ -89,6 +104,37 @@ def run_zoo(models: list[str] | None = None, strategies: list[str] | None = None
         write_json_atomic(root / ZOO_FILE, summary)  # after every model: an interrupted zoo keeps what it did
     summary["out"] = str(root)
     return summary
+
+
+#: What a zoo run must share with the one it completes.
+SETTINGS = ("device", "size", "seed", "steps", "strategies")
+
+
+def _earlier(root: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``zoo.json`` an interrupted zoo left in ``root``, None where there is none; InputError (one line)
+    where it ran with other settings, whose models cannot be mixed with these."""
+    if not (root / ZOO_FILE).exists():
+        return None
+    old = read_summary(root)
+    other = [f"{k} {old.get(k)!r} there, {summary[k]!r} here" for k in SETTINGS if old.get(k) != summary[k]]
+    if other:
+        raise InputError(f"--out {root}: holds a zoo of other settings ({'; '.join(other)}); pass a new directory, "
+                         "or the same settings to complete it")
+    return old
+
+
+def _move_aside(run_dir: Path, progress: Callable[[str], None] | None) -> None:
+    """A model's run directory left by a zoo cut off during that model: renamed ``<name>.interrupted[-N]``
+    (kept, never deleted), so that the model runs again into a new one."""
+    if not (run_dir / "records.jsonl").exists() and not (run_dir / "run.json").exists():
+        return
+    n, dest = 0, run_dir.with_name(run_dir.name + ".interrupted")
+    while dest.exists():
+        n += 1
+        dest = run_dir.with_name(f"{run_dir.name}.interrupted-{n}")
+    run_dir.rename(dest)
+    if progress:
+        progress(f"{run_dir.name}: its run was cut off; moved to {dest.name}, running it again")
 
 
 def _outcome(res: Any) -> str:
@@ -190,7 +236,8 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--steps", type=positive_int, default=None, metavar="N", help="updates per strategy (default 32)")
     p.add_argument("--device", default="auto", metavar="cpu|cuda|auto")
     p.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="weights and data (default 0)")
-    p.add_argument("--out", type=out_dir, default=None, metavar="DIR", help="one run directory per model under it")
+    p.add_argument("--out", type=out_dir, default=None, metavar="DIR", help="one run directory per model under it; "
+                   "a DIR an interrupted zoo of the same settings left is completed")
     p.add_argument("--timeout", type=seconds, default=600.0, metavar="SECONDS", help="as check-model's")
     p.add_argument("--list", action="store_true", help="list the models and whether each runs here")
     p.add_argument("--report", type=out_dir, default=None, metavar="DIR", help="print the table of a finished zoo "
