@@ -23,8 +23,7 @@ from typing import Any, Callable
 import torch
 
 from . import zoo
-from ..results import check_new_out, read_header, write_json_atomic
-from ..results_schema import InputError
+from ..results import InputError, check_new_out, read_header, write_json_atomic
 
 __all__ = ["run_zoo", "zoo_table", "add_command", "ZOO_FILE"]
 
