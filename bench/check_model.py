@@ -148,21 +148,31 @@ def step_ratios(spec: ModelSpec, strategies: list, device: torch.device, steps: 
 
 def profile_steps(spec: ModelSpec, strategy: Any, device: torch.device, steps: int = 3, top: int = 12) -> dict:
     """The kernels (by self device time) of ``steps`` updates of the bare loop, the bare loop under the
-    deterministic kernels, and check-model's step: which kernels the harness's step adds or replaces."""
-    from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    runs = {"bare": lambda: bare_loop(spec, Execution(strategy, device), steps),
-            "bare, deterministic kernels": lambda: bare_loop(spec, Execution(strategy, device), steps, True),
-            "harness": lambda: harness_loop(spec, Execution(strategy, device), steps)}
+    deterministic kernels, and check-model's step: which kernels the harness's step adds or replaces. Each
+    loop is profiled at ``steps + 1`` updates and at 1, and the difference is kept, so that building the
+    model (its copy to the device, one transfer per parameter) cancels as it does in the timings."""
+    runs = {"bare": lambda n: bare_loop(spec, Execution(strategy, device), n),
+            "bare, deterministic kernels": lambda n: bare_loop(spec, Execution(strategy, device), n, True),
+            "harness": lambda n: harness_loop(spec, Execution(strategy, device), n)}
     out: dict[str, list[dict]] = {}
     for name, run in runs.items():
-        run()  # warm-up
-        with profile(activities=acts) as prof:
-            run()
-        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        events = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr, 0.0))[:top]
-        out[name] = [{"kernel": e.key[:90], "ms": getattr(e, attr, 0.0) / 1e3, "calls": e.count} for e in events]
+        run(1)  # warm-up
+        long, short = _kernel_times(run, steps + 1, device), _kernel_times(run, 1, device)
+        diff = {k: (ms - short.get(k, (0.0, 0))[0], calls - short.get(k, (0.0, 0))[1]) for k, (ms, calls) in long.items()}
+        per_update = {k: v for k, v in diff.items() if v[1] > 0}  # called in the updates, not only in the set-up
+        events = sorted(per_update.items(), key=lambda kv: -kv[1][0])[:top]
+        out[name] = [{"kernel": k[:90], "ms": ms, "calls": calls} for k, (ms, calls) in events]
     return out
+
+
+def _kernel_times(run: Callable[[int], float], n: int, device: torch.device) -> dict[str, tuple[float, int]]:
+    """Per kernel (or operator, on the CPU): self time in ms and calls, over one ``run(n)``."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with profile(activities=acts) as prof:
+        run(n)
+    return {e.key: (getattr(e, attr, 0.0) / 1e3, e.count) for e in prof.key_averages()}
 
 
 def _spread(r: dict) -> str:
