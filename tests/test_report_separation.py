@@ -14,19 +14,25 @@ SPECS = {
     "fp32": "compute=fp32,apply=autocast",
     "fp8-tensorwise": "compute=fp8,apply=autocast,params=fp32,fp8=tensorwise",
     "torchao-fp8-tensorwise": "compute=fp8,apply=autocast,params=fp32,fp8=tensorwise,lib=torchao",
+    "fp8-rowwise": "compute=fp8,apply=autocast,params=fp32,fp8=rowwise",
+    "torchao-fp8-rowwise": "compute=fp8,apply=autocast,params=fp32,fp8=rowwise,lib=torchao",
     "fp8-delayed": "compute=fp8,apply=autocast,params=fp32,fp8=delayed",
     "fp8-blockwise": "compute=fp8,apply=autocast,params=fp32,fp8=blockwise(128)",
     "nvfp4": "compute=fp4,apply=autocast,params=fp32,fp8=nvfp4",
 }
-#: (case, seed) -> outcome per strategy: spike separates delayed; grad separates blockwise; torchao disagrees
-#: with its own recipe on one seed; nvfp4 is unsupported everywhere.
+#: (case, seed) -> outcome per strategy: spike separates delayed; grad separates blockwise; torchao's rowwise
+#: disagrees with the own rowwise on one seed (and torchao's tensorwise, another recipe, with the own
+#: tensorwise); nvfp4 is unsupported everywhere.
 OUTCOMES = {
     ("spike[s=8]", 0): {"fp32": "pass", "fp8-tensorwise": "pass", "torchao-fp8-tensorwise": "pass",
-                        "fp8-delayed": "diverged", "fp8-blockwise": "pass"},
+                        "fp8-delayed": "diverged", "fp8-blockwise": "pass", "fp8-rowwise": "pass",
+                        "torchao-fp8-rowwise": "pass"},
     ("grad[layout=tokens]", 0): {"fp32": "pass", "fp8-tensorwise": "pass", "torchao-fp8-tensorwise": "pass",
-                                 "fp8-delayed": "pass", "fp8-blockwise": "underflow"},
+                                 "fp8-delayed": "pass", "fp8-blockwise": "underflow", "fp8-rowwise": "pass",
+                                 "torchao-fp8-rowwise": "pass"},
     ("grad[layout=tokens]", 1): {"fp32": "pass", "fp8-tensorwise": "pass", "torchao-fp8-tensorwise": "overflow",
-                                 "fp8-delayed": "pass", "fp8-blockwise": "underflow"},
+                                 "fp8-delayed": "pass", "fp8-blockwise": "underflow", "fp8-rowwise": "pass",
+                                 "torchao-fp8-rowwise": "overflow"},
 }
 
 
@@ -48,7 +54,9 @@ def test_spec_value_keeps_parenthesised_commas_and_recipes_group_implementations
     recs = {r["strategy"]: r for r in _records()}
     assert recipe_of(recs["fp32"]) is None
     assert recipe_of(recs["fp8-tensorwise"]) == ("fp8=tensorwise", "own")
-    assert recipe_of(recs["torchao-fp8-tensorwise"]) == ("fp8=tensorwise", "lib=torchao")
+    # torchao's tensorwise is not the own one (BF16 input cast, BF16 bias, fast accumulation on a GPU)
+    assert recipe_of(recs["torchao-fp8-tensorwise"]) == ("fp8=tensorwise (torchao's)", "lib=torchao")
+    assert recipe_of(recs["torchao-fp8-rowwise"]) == ("fp8=rowwise", "lib=torchao")
     assert recipe_of(recs["fp8-blockwise"]) == ("fp8=blockwise(128)", "own")
     assert recipe_of(recs["nvfp4"]) == ("fp4=nvfp4", "own")
 
@@ -67,14 +75,16 @@ def test_tables_flag_unseparated_recipes_and_disagreeing_implementations() -> No
     recs = _records()
     # drop the spike case: nothing separates delayed from tensorwise any more
     pairs, summary = separation_tables([r for r in recs if r["case"] != "spike[s=8]"])
-    assert len(pairs.rows) == 10  # 5 FP8/FP4 strategies, fp32 left out
+    assert len(pairs.rows) == 21  # 7 FP8/FP4 strategies, fp32 left out
     row = {(r[0], r[1]): r for r in pairs.rows}
     delayed = row[("fp8-delayed", "fp8-tensorwise")]
     assert delayed[2:] == ["different recipes", "0/2", "none: indistinguishable"]
-    assert row[("fp8-tensorwise", "torchao-fp8-tensorwise")][2] == "same recipe (fp8=tensorwise)"
+    assert row[("fp8-rowwise", "torchao-fp8-rowwise")][2] == "same recipe (fp8=rowwise)"
+    assert row[("fp8-tensorwise", "torchao-fp8-tensorwise")][2] == "different recipes"
     found = {(r[0], r[1]): r[2] for r in summary.rows}
     assert found[("fp8-delayed", "fp8-tensorwise")] == "no scenario separates them"
-    assert found[("fp8-tensorwise", "torchao-fp8-tensorwise")] == "implementations of one recipe disagree"
+    assert found[("fp8-rowwise", "torchao-fp8-rowwise")] == "implementations of one recipe disagree"
+    assert ("fp8-tensorwise", "torchao-fp8-tensorwise") not in found  # two recipes, told apart by seed 1
     assert found[("fp8-blockwise", "nvfp4")] == "never both judged"
     assert ("fp8-blockwise", "fp8-delayed") not in found  # separated by the grad case
     assert "1 same-recipe pairs that disagree" in summary.note

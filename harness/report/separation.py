@@ -26,6 +26,11 @@ __all__ = ["spec_value", "recipe_of", "Separation", "separate", "separation_tabl
 LOW_PRECISION = ("fp8", "fp4")
 #: Spec keys that say how a recipe runs, not which recipe it is (absent: the harness's own, eager).
 IMPLEMENTATION_KEYS = ("lib", "compile")
+#: The harness's own per-tensor recipes, older than the library presets and not torchao's of the same name:
+#: torchao's tensorwise quantizes the input after casting it to BF16, adds the bias in BF16 and, on a GPU,
+#: accumulates its forward GEMM with fast accumulation (harness.core.execution.Execution.torchao_style). A
+#: library's recipe of one of these names is another recipe, not an implementation of the own one.
+OWN_RECIPES = ("fp8=tensorwise", "fp8=delayed")
 #: Separating cases listed per pair in the table (the count says how many there are in all).
 SHOWN = 3
 
@@ -54,13 +59,17 @@ def spec_value(spec: str, key: str) -> str | None:
 
 
 def recipe_of(record: dict[str, Any]) -> tuple[str, str] | None:
-    """(recipe, implementation) of an FP8/FP4 record, e.g. ``("fp8=rowwise", "lib=torchao")`` or
-    ``("fp8=tensorwise", "own")``; None for any other strategy."""
+    """(recipe, implementation) of an FP8/FP4 record, e.g. ``("fp8=rowwise", "lib=torchao")``,
+    ``("fp8=tensorwise", "own")`` or ``("fp8=tensorwise (torchao's)", "lib=torchao")`` (:data:`OWN_RECIPES`);
+    None for any other strategy."""
     spec = str(record.get("strategy_spec", ""))
     if spec_value(spec, "compute") not in LOW_PRECISION:
         return None
     recipe = f"{spec_value(spec, 'compute')}={spec_value(spec, 'fp8') or '?'}"
     how = [f"{k}={v}" for k in IMPLEMENTATION_KEYS if (v := spec_value(spec, k)) is not None]
+    lib = spec_value(spec, "lib")
+    if lib not in (None, "none") and recipe in OWN_RECIPES:
+        recipe = f"{recipe} ({lib}'s)"
     return recipe, ",".join(how) or "own"
 
 
