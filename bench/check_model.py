@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from harness.core.execution import Execution, route_linears  # noqa: E402
 from harness.core.strategy import resolve  # noqa: E402
 from harness.models.user_model import (DEFAULT_STRATEGIES, ModelSpec, deterministic_cublas, load_spec,  # noqa: E402
-                                       reproducible, train_trajectory)
+                                       train_trajectory, training_kernels)
 from harness.core.batches import to_device  # noqa: E402
 from harness.run.timing import sync  # noqa: E402
 
@@ -54,7 +54,7 @@ EXAMPLE_SIZE = ("MP_HARNESS_EXAMPLE_SIZE", {"tiny": "small", "full": "large"})
 def bare_loop(spec: ModelSpec, ex: Execution, steps: int, deterministic: bool = False) -> float:
     """Seconds of ``steps`` updates of the textbook loop under ``ex``'s strategy (synchronised at the end);
     ``deterministic``: under the deterministic kernels check-model trains with (:func:`reproducible`)."""
-    with reproducible(ex.device) if deterministic else contextlib.nullcontext():
+    with training_kernels(ex) if deterministic else contextlib.nullcontext():
         return _bare_loop(spec, ex, steps)
 
 

@@ -5,6 +5,8 @@ so ``test_check_model:overflow`` imports this module.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from pathlib import Path
@@ -138,6 +140,32 @@ def test_python_entry_point(tmp_path: Path) -> None:
     assert d.forward is not None and (d.forward.module, d.forward.cause) == ("blocks.1", "overflow")
     assert result.recommendation.startswith("bf16 (not tried here: add --strategy bf16): activations of `blocks.1`")
     assert result.out == tmp_path / "run" and (result.out / "records.jsonl").is_file()
+
+
+def test_fp32_and_fp64_runs_on_cuda_take_the_math_attention_and_restore_it(monkeypatch) -> None:
+    """The fused attention backward has no deterministic kernel (GPT-2's FP32 reference differed between two
+    runs on an H100): the FP32 and FP64 runs take SDPA's math backend, reduced-precision runs keep the fused
+    ones they train with, and the user's backend flags are restored. The CPU's attention is deterministic."""
+    from harness.core.strategy import PRESETS
+    from harness.core.execution import FP64, Execution
+    from harness.models import user_model
+    cuda = torch.backends.cuda
+    fused = lambda: (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())  # noqa: E731
+    assert fused() == (True, True, True)
+    with user_model.reproducible(torch.device("cuda"), exact_attention=True):
+        assert fused() == (False, False, True)
+    assert fused() == (True, True, True)
+    with user_model.reproducible(torch.device("cuda")):
+        assert fused() == (True, True, True)
+    with user_model.reproducible(torch.device("cpu"), exact_attention=True):
+        assert fused() == (True, True, True)
+    seen = []
+    monkeypatch.setattr(user_model, "reproducible", lambda device, exact_attention=False: (
+        seen.append(exact_attention), contextlib.nullcontext())[1])
+    for ex in (Execution(PRESETS["fp32"], "cpu"), FP64("cpu"), Execution(PRESETS["bf16"], "cpu"),
+               Execution(PRESETS["tf32"], "cpu")):
+        user_model.training_kernels(ex)
+    assert seen == [True, True, False, False]
 
 
 def test_the_deterministic_kernels_are_asked_for_on_cuda_only_and_restored(monkeypatch) -> None:

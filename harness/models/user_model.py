@@ -40,7 +40,7 @@ from ..core.scaling import LossScaleFloorError
 from ..core.scenario import Output, Scenario, Tolerance
 from ..run.training import Trainer
 
-__all__ = ["ModelSpec", "load_spec", "depth", "train_trajectory", "chain_length", "model_scenario", "Probe",
+__all__ = ["ModelSpec", "load_spec", "depth", "train_trajectory", "training_kernels", "chain_length", "model_scenario", "Probe",
            "DEFAULT_STRATEGIES", "DEFAULT_STEPS", "EXPECTED", "CHAIN_REASON", "RNG_NOTE", "target_module", "ZOO_PREFIX", "model_grid"]
 
 #: Autocast strategies: they apply to any model unchanged (casting strategies such as ``bf16-pure``
@@ -267,7 +267,7 @@ def train_trajectory(ex: Execution, spec: ModelSpec, steps: int, probe: Probe | 
     ``bench/check_model.py`` measures the deterministic kernels' cost with).
     """
     dev = [ex.device.index or 0] if ex.device.type == "cuda" else []
-    kernels = reproducible(ex.device) if deterministic else contextlib.nullcontext()
+    kernels = training_kernels(ex) if deterministic else contextlib.nullcontext()
     with torch.random.fork_rng(devices=dev), _default_dtype(ex.dtype), kernels:
         torch.manual_seed(spec.seed if seed is None else seed)
         trainer = Trainer(ex, route_linears(copy.deepcopy(spec.model), ex), spec.optimizer)
@@ -389,20 +389,40 @@ def deterministic_cublas() -> None:
 
 
 @contextlib.contextmanager
-def reproducible(device: torch.device) -> Iterator[None]:
+def reproducible(device: torch.device, exact_attention: bool = False) -> Iterator[None]:
     """Deterministic CUDA kernels for the run: kernels that add with atomics (embedding backward, some
     attention backward passes) give a different FP32 result on every run, and FP32 must reproduce
     itself for the differences between strategies to be precision's. Where no deterministic kernel
-    exists torch warns and runs the usual one."""
+    exists torch warns and runs the usual one: the memory-efficient and cuDNN attention backward (on an
+    H100, GPT-2's and LLaMA's FP32 references differed between two runs by 2.5e-6 and 1.3e-4 through them).
+    ``exact_attention`` (the FP32 and FP64 runs) therefore also restricts ``scaled_dot_product_attention``
+    to its math backend, whose backward is plain matrix products: deterministic. Reduced-precision runs
+    keep the fused kernels they train with."""
     if device.type != "cuda":
         yield
         return
     saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        yield
+        with _math_attention() if exact_attention else contextlib.nullcontext():
+            yield
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+def training_kernels(ex: Execution) -> contextlib.AbstractContextManager:
+    """The kernels a training run of ``ex`` uses: :func:`reproducible`, with the math attention for the FP32
+    and FP64 runs (the reference's, and the ``fp32`` strategy judged against it)."""
+    return reproducible(ex.device, exact_attention=ex.strategy.compute in ("fp32", "fp64"))
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    """``scaled_dot_product_attention`` on its math backend only (torch >= 2.3), restored on exit."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # an older torch: the fused kernels stay, and the rerun check says so
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _default_dtype(dtype: torch.dtype) -> contextlib.AbstractContextManager:
