@@ -63,17 +63,19 @@ def _autocast_input(mod: torch.nn.Module, args: tuple) -> tuple | None:
     return (x.to(torch.get_autocast_dtype(x.device.type)), *args[1:])
 
 
-def _check_rows(name: str, args: tuple) -> None:
-    """On a GPU each GEMM of a converted layer is a ``torch._scaled_mm``, which takes only multiples of 16,
-    and its rows (the tokens of a batch) become the inner dimension of the weight-gradient GEMM. The layer
-    filter can see only the widths; a row count that is no multiple of 16 fails inside torchao with a
-    RuntimeError in the backward pass. Raised here instead, before the forward: the recipe cannot run
-    this batch, which is what the user of torchao would meet, with what to change."""
+def _check_rows(name: str, mod: torch.nn.Module, args: tuple) -> None:
+    """On a GPU each GEMM of a converted layer is a ``torch._scaled_mm``
+    (:func:`~harness.values.fp8_rowwise.fits_scaled_mm` says which shapes it takes), and its rows (the
+    tokens of a batch) become the inner dimension of the weight-gradient GEMM. The layer filter can see
+    only the widths; rows that do not fit fail inside torchao with a RuntimeError in the backward pass.
+    Raised here instead, before the forward: the recipe cannot run this batch, which is what the user of
+    torchao would meet, with what to change."""
+    from ..values.fp8_rowwise import fits_scaled_mm
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] == 0:
         return
     rows = x.numel() // x.shape[-1]
-    if rows % 16:
+    if not fits_scaled_mm(rows, mod.in_features, mod.out_features):
         raise RecipeUnsupported(
             f"torchao float8 on a GPU runs torch._scaled_mm, which takes only multiples of 16: `{name}` gets "
             f"{rows} rows (tokens of the batch); make batch x sequence a multiple of 16, or leave the layer "
@@ -99,7 +101,7 @@ def convert(model: torch.nn.Module, recipe: str, on_run: Callable[[str], None], 
     for name, mod in model.named_modules():
         if isinstance(mod, Float8Linear):
             if gpu:
-                mod.register_forward_pre_hook(lambda _m, a, _k=name or "linear": _check_rows(_k, a))
+                mod.register_forward_pre_hook(lambda m, a, _k=name or "linear": _check_rows(_k, m, a))
             mod.register_forward_pre_hook(_autocast_input)
             mod.register_forward_pre_hook(lambda _m, _a, _k=name or "linear": on_run(_k))
     return model
