@@ -14,6 +14,7 @@ from harness.run.training import TrainResult
 from harness.judge.window import budget_count
 
 __all__ = ["DYNAMIC", "wide", "Probe", "Bias", "DeepNarrow", "magnitudes", "training_output", "blocked_sum",
+           "blocked_prefix_sums",
            "one_pass_layernorm", "rms_norm", "ema", "realistic_gradients", "REALISTIC_SHARES"]
 
 
@@ -127,18 +128,25 @@ def realistic_gradients(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 # -- kernels that compute in their input's dtype -----------------------------------------------------
-def blocked_sum(x: torch.Tensor, lanes: int, marks: tuple[int, ...] = ()) -> torch.Tensor | dict[int, torch.Tensor]:
+def blocked_sum(x: torch.Tensor, lanes: int) -> torch.Tensor:
     """``lanes`` running sums kept in x's dtype, as the threads of a reduction kernel with a
-    low-precision accumulator: lane j adds x[j], x[j+lanes], ... one rounding per addition. With ``marks``,
-    the running sums after the first m rows, for each m in ``marks`` (copies taken on the way: one pass)."""
+    low-precision accumulator: lane j adds x[j], x[j+lanes], ... one rounding per addition."""
+    rows = x.reshape(-1, lanes)
+    return blocked_prefix_sums(x, lanes, (rows.shape[0],))[rows.shape[0]]
+
+
+def blocked_prefix_sums(x: torch.Tensor, lanes: int, marks: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """:func:`blocked_sum`'s running sums after the first m rows of ``lanes``, for each m in ``marks``
+    (1 <= m <= the number of rows), taken in one pass."""
     rows = x.reshape(-1, lanes)
     acc = rows[0].clone()
-    snaps = {m: acc.clone() for m in marks if m == 1}
-    for i, r in enumerate(rows[1:], start=2):
-        acc.add_(r)
+    snaps: dict[int, torch.Tensor] = {}
+    for i in range(1, rows.shape[0] + 1):
+        if i > 1:
+            acc.add_(rows[i - 1])
         if i in marks:
             snaps[i] = acc.clone()
-    return {m: snaps[m] for m in marks} if marks else acc
+    return {m: snaps[m] for m in marks}
 
 
 def one_pass_layernorm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -16,7 +16,7 @@ from harness.results import read_run
 from harness.core.scenario import Case, discover, seed_generator
 from harness.core.strategy import PRESETS, parse
 from harness.judge.window import scale_window
-from suites._models import REALISTIC_SHARES, blocked_sum, ema, one_pass_layernorm, realistic_gradients, rms_norm
+from suites._models import REALISTIC_SHARES, blocked_prefix_sums, blocked_sum, ema, one_pass_layernorm, realistic_gradients, rms_norm
 
 CPU = torch.device("cpu")
 H, B = torch.float16, torch.bfloat16
@@ -152,7 +152,7 @@ def test_lane_sums_at_marks_are_the_prefix_sums_of_one_pass() -> None:
     where the order of additions shows in the bits), and the unmarked call is unchanged."""
     x = (torch.rand(64 * 16, generator=torch.Generator().manual_seed(7)) * 3).to(H)
     marks = (1, 4, 16, 64)
-    snaps = blocked_sum(x, 16, marks)
+    snaps = blocked_prefix_sums(x, 16, marks)
     assert list(snaps) == list(marks)
     for m in marks:
         assert torch.equal(snaps[m], blocked_sum(x[: m * 16], 16)), m
