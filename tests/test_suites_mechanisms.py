@@ -148,15 +148,20 @@ def test_low_precision_lanes_stagnate_at_a_power_of_two() -> None:
 
 
 def test_lane_sums_at_marks_are_the_prefix_sums_of_one_pass() -> None:
-    """The running sums at each mark, taken in one pass, are bit for bit the sums of each prefix alone (FP16,
-    where the order of additions shows in the bits), and the unmarked call is unchanged."""
+    """The running sums at each mark, taken in one pass, are bit for bit the sums of each prefix added row
+    by row in FP16 (where the order of additions shows in the bits), and blocked_sum is the last of them."""
     x = (torch.rand(64 * 16, generator=torch.Generator().manual_seed(7)) * 3).to(H)
+    rows = x.reshape(64, 16)
     marks = (1, 4, 16, 64)
     snaps = blocked_prefix_sums(x, 16, marks)
     assert list(snaps) == list(marks)
     for m in marks:
-        assert torch.equal(snaps[m], blocked_sum(x[: m * 16], 16)), m
-    assert torch.equal(snaps[64], blocked_sum(x, 16)) and not torch.equal(snaps[4], snaps[16])
+        ref = rows[0]
+        for r in rows[1:m]:
+            ref = ref + r  # one FP16 rounding per addition
+        assert torch.equal(snaps[m], ref), m
+    assert torch.equal(blocked_sum(x, 16), snaps[64]) and not torch.equal(snaps[4], snaps[16])
+    assert not torch.equal(snaps[64], rows.float().sum(0).to(H))  # FP16 lanes lose what an FP32 sum keeps
 
 
 def test_same_sign_sums_fail_and_zero_mean_sums_pass(reg) -> None:
