@@ -111,9 +111,14 @@ def interleaved(loops: dict[str, Callable[[int], float]], steps: int, repeats: i
     return times
 
 
+def _ratios(num: list[float], den: list[float]) -> list[float]:
+    """The ratio within each repeat (the two loops timed side by side)."""
+    return [a / b for a, b in zip(num, den)]
+
+
 def _paired(num: list[float], den: list[float]) -> float:
-    """The median over repeats of the ratio within each repeat (the two loops timed side by side)."""
-    return statistics.median(a / b for a, b in zip(num, den))
+    """The median over repeats of the ratio within each repeat."""
+    return statistics.median(_ratios(num, den))
 
 
 def step_ratios(spec: ModelSpec, strategies: list, device: torch.device, steps: int, repeats: int,
@@ -134,10 +139,9 @@ def step_ratios(spec: ModelSpec, strategies: list, device: torch.device, steps: 
             loops["free"] = lambda n: harness_loop(spec, Execution(s, device), n, False)
         t = interleaved(loops, steps, repeats)
         ms = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        ratios = _ratios(t["harness"], t["bare"])
         row = {"strategy": s.label, "bare_ms": ms["bare"], "harness_ms": ms["harness"],
-               "ratio": _paired(t["harness"], t["bare"]), "repeats": repeats,
-               "ratio_spread": [min(a / b for a, b in zip(t["harness"], t["bare"])),
-                                max(a / b for a, b in zip(t["harness"], t["bare"]))]}
+               "ratio": statistics.median(ratios), "repeats": repeats, "ratio_spread": [min(ratios), max(ratios)]}
         if "det" in t:
             row.update(bare_det_ms=ms["det"], harness_default_kernels_ms=ms["free"],
                        ratio_same_kernels=_paired(t["harness"], t["det"]),
@@ -158,7 +162,8 @@ def profile_steps(spec: ModelSpec, strategy: Any, device: torch.device, steps: i
     for name, run in runs.items():
         run(1)  # warm-up
         long, short = _kernel_times(run, steps + 1, device), _kernel_times(run, 1, device)
-        diff = {k: (ms - short.get(k, (0.0, 0))[0], calls - short.get(k, (0.0, 0))[1]) for k, (ms, calls) in long.items()}
+        diff = {k: (ms - short.get(k, (0.0, 0))[0], calls - short.get(k, (0.0, 0))[1])
+                for k, (ms, calls) in long.items()}
         per_update = {k: v for k, v in diff.items() if v[1] > 0}  # called in the updates, not only in the set-up
         events = sorted(per_update.items(), key=lambda kv: -kv[1][0])[:top]
         out[name] = [{"kernel": k[:90], "ms": ms, "calls": calls} for k, (ms, calls) in events]

@@ -81,3 +81,17 @@ def test_the_profile_keeps_what_the_updates_add_not_the_set_up(monkeypatch) -> N
     from harness.core.strategy import PRESETS
     prof = bench.profile_steps(None, PRESETS["bf16"], torch.device("cpu"), steps=3)
     assert all(rows == [{"kernel": "aten::mm", "ms": 15.0, "calls": 300}] for rows in prof.values()), prof
+
+
+def test_a_row_gives_the_median_ratio_and_the_range_of_the_repeats(monkeypatch) -> None:
+    """step_ratios over fake loops: per update 10 ms bare; the harness 12, 15, 12 ms in the three repeats
+    (a slow repeat of the harness alone): ratio 1.2 (the median), spread 1.2 to 1.5, medians in ms."""
+    import torch
+    from harness.core.strategy import PRESETS
+    harness_a = iter([0.012] + [0.012] * 2 + [0.015] * 2 + [0.012] * 2)  # warm-up, then 2 runs a repeat
+    monkeypatch.setattr(bench, "bare_loop", lambda spec, ex, n, deterministic=False: 0.3 + 0.010 * n)
+    monkeypatch.setattr(bench, "harness_loop", lambda spec, ex, n, deterministic=True: 0.7 + next(harness_a) * n)
+    (row,) = bench.step_ratios(None, [PRESETS["bf16"]], torch.device("cpu"), 20, 3)
+    assert row["repeats"] == 3 and abs(row["ratio"] - 1.2) < 1e-9
+    assert [round(x, 9) for x in row["ratio_spread"]] == [1.2, 1.5]
+    assert abs(row["bare_ms"] - 10.0) < 1e-6 and abs(row["harness_ms"] - 12.0) < 1e-6 and "bare_det_ms" not in row
