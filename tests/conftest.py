@@ -37,6 +37,14 @@ class CLIResult:
     stderr: str
 
 
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bit for bit (FP32 tensors on any devices), NaN where NaN: NaN payloads and signs differ between
+    kernels (CUDA writes its canonical NaN, the CPU keeps the input's) and carry nothing."""
+    x, y = x.detach().cpu().contiguous(), y.detach().cpu().contiguous()
+    nan = x.isnan()
+    return torch.equal(nan, y.isnan()) and torch.equal(x.view(torch.int32)[~nan], y.view(torch.int32)[~nan])
+
+
 def cli_env(pythonpath: Path | None = None) -> dict[str, str]:
     """Environment of a child interpreter: one thread, the repository (and ``pythonpath``) importable."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import same_bits
 from harness.values import mx
 from harness.core.execution import Execution
 from harness.core.strategy import PRESETS, support
@@ -39,10 +40,6 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.int32)
 
 
-def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Bit for bit, NaN where NaN (NaN payloads and signs differ between kernels and carry nothing)."""
-    nan = x.isnan()
-    return torch.equal(nan, y.isnan()) and torch.equal(_bits(x)[~nan], _bits(y)[~nan])
 
 
 @pytest.mark.parametrize("recipe", ["mxfp8", "mxfp4", "nvfp4"])
@@ -117,7 +114,7 @@ def test_nan_and_inf_stay_non_finite_bit_for_bit_with_torchao(recipe: str, pos: 
     x = torch.full((2, 64), 1.5)
     x[1, pos] = bad
     q = mx.quantize(x, recipe)
-    assert _same(q, torchao_mx(x, recipe))
+    assert same_bits(q, torchao_mx(x, recipe))
     block = mx.NVFP4_BLOCK if recipe == "nvfp4" else mx.MX_BLOCK
     if recipe == "nvfp4":  # the tensor scale is non-finite: every value
         assert q.isnan().all()
@@ -196,7 +193,7 @@ def test_gpu_quantization_is_torchaos_on_the_gpu_bit_for_bit(recipe: str, torcha
     g = torch.Generator().manual_seed(3)
     x = torch.randn(64, 256, generator=g) * torch.exp2(torch.randint(-20, 20, (64, 1), generator=g).float())
     gpu = mx.quantize(x.cuda(), recipe)
-    assert _same(gpu, torchao_mx(x.cuda(), recipe))
+    assert same_bits(gpu, torchao_mx(x.cuda(), recipe))
     cpu = mx.quantize(x, recipe)
     if recipe == "nvfp4":  # a scale one ulp off can move an element across an E2M1 rounding boundary: rare
         close = (gpu.cpu() - cpu).abs() <= 2.0**-21 * cpu.abs()
