@@ -24,6 +24,7 @@ result without one correct leading bit is wrong whatever the model says, so boun
 from __future__ import annotations
 
 import math
+import sys
 
 from ..values.formats import Format
 
@@ -34,7 +35,7 @@ DELTA = 0.01
 #: No bound is looser than this: a relative error of 1/2 leaves no correct leading bit.
 CAP = 0.5
 #: The largest x whose exp(x) is a finite double.
-_EXP_MAX = math.log(1.7976931348623157e308)
+_EXP_MAX = math.log(sys.float_info.max)
 
 
 def confidence_lambda(n: int, delta: float = DELTA) -> float:
