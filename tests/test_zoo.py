@@ -251,25 +251,30 @@ def test_zoo_and_check_model_with_the_reference_cache_on_as_users_run_them(tmp_p
         assert summary["references_computed"] == computed and "worker process" in summary["isolation"]
 
 
-def test_an_interrupted_zoo_is_completed_and_nothing_is_lost(tmp_path: Path) -> None:
+def test_an_interrupted_zoo_is_completed_and_nothing_is_lost(tmp_path: Path, monkeypatch) -> None:
     """A second zoo into the same --out keeps the models the first judged (their rows and run directories
-    untouched), moves a model cut off midway aside and runs it again, and refuses other settings in one
-    line. Before, the second run rewrote zoo.json with only its own models and every kept model was an
-    error (its run directory already held a run)."""
+    untouched), runs again a model the first could not run (`unsupported`: its library missing then), moves
+    a model cut off midway aside and runs it again, and refuses other settings in one line. Before, the
+    second run rewrote zoo.json with only its own models and every kept model was an error (its run
+    directory already held a run)."""
     from harness.models import zoo_run
     out = tmp_path / "z"
-    first = zoo_run.run_zoo(["llama"], ["fp32"], steps=1, device="cpu", out=out)
-    assert [e["model"] for e in first["models"]] == ["llama"] and first["models"][0]["outcome"] == "pass"
+    real = zoo.unsupported
+    monkeypatch.setattr(zoo, "unsupported", lambda name, size, dev: "not here" if name == "t5" else real(name, size, dev))
+    first = zoo_run.run_zoo(["llama", "t5"], ["fp32"], steps=1, device="cpu", out=out)
+    assert [(e["model"], e["outcome"]) for e in first["models"]] == [("llama", "pass"), ("t5", "unsupported")]
+    monkeypatch.setattr(zoo, "unsupported", real)  # the library is there now
     before = (out / "llama" / "records.jsonl").read_bytes()
-    (out / "t5").mkdir()
-    (out / "t5" / "records.jsonl").write_text("{}\n")  # t5 was cut off: a partial run directory
+    (out / "bert").mkdir()
+    (out / "bert" / "records.jsonl").write_text("{}\n")  # bert was cut off: a partial run directory
     seen: list[str] = []
-    second = zoo_run.run_zoo(["llama", "t5"], ["fp32"], steps=1, device="cpu", out=out, progress=seen.append)
-    assert [e["model"] for e in second["models"]] == ["llama", "t5"]
+    second = zoo_run.run_zoo(["llama", "t5", "bert"], ["fp32"], steps=1, device="cpu", out=out,
+                             progress=seen.append)
+    assert [(e["model"], e["outcome"]) for e in second["models"]] == [("llama", "pass"), ("t5", "pass"),
+                                                                       ("bert", "pass")]
     assert second["models"][0] == first["models"][0] and (out / "llama" / "records.jsonl").read_bytes() == before
-    assert second["models"][1]["outcome"] == "pass", second["models"][1]
-    assert (out / "t5.interrupted" / "records.jsonl").read_text() == "{}\n"
-    assert any("done in the earlier run" in s for s in seen) and any("moved to t5.interrupted" in s for s in seen)
-    assert [e["model"] for e in zoo_run.read_summary(out)["models"]] == ["llama", "t5"]
+    assert (out / "bert.interrupted" / "records.jsonl").read_text() == "{}\n"
+    assert sum("done in the earlier run" in s for s in seen) == 1 and any("moved to bert.interrupted" in s for s in seen)
+    assert [e["model"] for e in zoo_run.read_summary(out)["models"]] == ["llama", "t5", "bert"]
     with pytest.raises(ValueError, match=r"other settings \(steps 1 there, 2 here\)"):
         zoo_run.run_zoo(["llama"], ["fp32"], steps=2, device="cpu", out=out)
