@@ -17,10 +17,10 @@
 # before the full tier of an older checkout (BEFORE=DIR, e.g. made with `git worktree add DIR REV`), then of
 #        this one, back to back, and the gate of this one against the older: "not slower", on one machine
 #
-# Seen on one H100 (results/h100/round5): full tier 160 s; recipes tier ~165 s alone; CUDA tests 220 s and the
-# zoo over 400 s (both beside other work); each fix 85-110 s; GPT-2's step ratios 150 s and ViT's 126 s with
-# one repeat and the kernels' loops (now: three repeats, without them); the trade-off 47 s. A 600 s call
-# holds about two parts.
+# Seen on one H100 (results/h100/round5): full tier 160 s; the recipes tier alone reached 3071 of its 3324
+# records in 150 s; CUDA tests 222 s and the zoo over 400 s (both beside other work); each fix 85-108 s;
+# GPT-2's step ratios 152 s and ViT's 126 s with one repeat and the kernels' loops (now: three repeats,
+# without them); the trade-off 47 s. So a 600 s call holds about two parts.
 #
 # Needs the recipes and zoo extras (pip install -e '.[recipes,zoo]'). Each step writes OUT_DIR/<step>.log;
 # OUT_DIR/steps.tsv gets a line per step: name, exit code, wall seconds. A failing step does not stop the
