@@ -40,7 +40,8 @@ from ..core.scaling import LossScaleFloorError
 from ..core.scenario import Output, Scenario, Tolerance
 from ..run.training import Trainer
 
-__all__ = ["ModelSpec", "load_spec", "depth", "train_trajectory", "training_kernels", "chain_length", "model_scenario", "Probe",
+__all__ = ["ModelSpec", "load_spec", "depth", "train_trajectory", "training_kernels", "chain_length",
+           "model_scenario", "Probe",
            "DEFAULT_STRATEGIES", "DEFAULT_STEPS", "EXPECTED", "CHAIN_REASON", "RNG_NOTE", "target_module", "ZOO_PREFIX", "model_grid"]
 
 #: Autocast strategies: they apply to any model unchanged (casting strategies such as ``bf16-pure``
@@ -396,8 +397,8 @@ def reproducible(device: torch.device, exact_attention: bool = False) -> Iterato
     exists torch warns and runs the usual one: the memory-efficient and cuDNN attention backward (on an
     H100, GPT-2's and LLaMA's FP32 references differed between two runs by 2.5e-6 and 1.3e-4 through them).
     ``exact_attention`` (the FP32 and FP64 runs) therefore also restricts ``scaled_dot_product_attention``
-    to its math backend, whose backward is plain matrix products: deterministic. Reduced-precision runs
-    keep the fused kernels they train with."""
+    to its math backend, whose backward is matrix products and a softmax, with no atomic adds.
+    Reduced-precision runs keep the fused kernels they train with."""
     if device.type != "cuda":
         yield
         return
