@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import exits
 from .results_schema import InputError
@@ -35,6 +35,16 @@ def _whole_at_least(text: str, least: int) -> int:
     if v < least:
         raise argparse.ArgumentTypeError(f"must be >= {least}, got {v}")
     return v
+
+
+def bounded_int(least: int, most: int) -> Callable[[str], int]:
+    """A whole number from ``least`` to ``most`` (``--parallel``)."""
+    def parse(text: str) -> int:
+        v = _whole_at_least(text, least)
+        if v > most:
+            raise argparse.ArgumentTypeError(f"must be {least} to {most}, got {v}")
+        return v
+    return parse
 
 
 def positive_int(text: str) -> int:

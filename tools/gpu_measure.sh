@@ -2,7 +2,7 @@
 # Every GPU measurement that docs/ and results/ quote for the recipes, the zoo and check-model's speed, in
 # one command on one machine (so the numbers compare), each step alone (so its timing is its own).
 #
-#   bash tools/gpu_measure.sh OUT_DIR [PART]...      PART: tiers zoo fixes speed long (default) or before
+#   bash tools/gpu_measure.sh OUT_DIR [PART]...      PART: tiers zoo fixes speed long parallel (default), before
 #   bash tools/gpu_measure.sh --dry-run [PART]...    print the commands, run nothing
 #
 # tiers  the full tier (timed), gated against the committed baseline of this GPU, and a new baseline made
@@ -14,6 +14,10 @@
 # speed  check-model's training step against the bare loop (bench/check_model.py) on GPT-2 124M, LLaMA
 #        ~134M and ViT-B/16, with the kernel profile of GPT-2's
 # long   check-model of GPT-2 124M, the five default strategies, 1000 updates: reference cache cold, then warm
+# parallel  what sharing the GPU changes: the full tier with one worker process (the default is four; the
+#        records must be tiers' apart from timings, bench/same_records.py), and check-model of GPT-2 124M
+#        (32 updates, no cache) with its trainings one at a time and four at once (--parallel 1 | 4): the same
+#        records, and the wall time of each
 # before the full tier of an older checkout (BEFORE=DIR, e.g. made with `git worktree add DIR REV`), then of
 #        this one, back to back, and the gate of this one against the older: "not slower", on one machine
 #
@@ -28,16 +32,17 @@
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-usage="usage: bash tools/gpu_measure.sh (OUT_DIR | --dry-run) [tiers|zoo|fixes|speed|long|before]..."
+usage="usage: bash tools/gpu_measure.sh (OUT_DIR | --dry-run) [tiers|zoo|fixes|speed|long|parallel|before]..."
 [ $# -ge 1 ] || { echo "$usage" >&2; exit 2; }
 dry=0; out="$1"; shift
 if [ "$out" = "--dry-run" ]; then dry=1; out="OUT_DIR"; fi
-parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(tiers zoo fixes speed long)
+parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(tiers zoo fixes speed long parallel)
 for p in "${parts[@]}"; do
-  case "$p" in tiers|zoo|fixes|speed|long) ;;
+  case "$p" in tiers|zoo|fixes|speed|long|parallel) ;;
     before) [ $dry = 1 ] || [ -f "${BEFORE:-}/harness/__main__.py" ] \
               || { echo "part before needs BEFORE=DIR, a checkout of the older commit (git worktree add DIR REV)" >&2; exit 2; };;
-    *) echo "unknown part '$p'; parts: tiers zoo fixes speed long before (default: all but before)" >&2; exit 2;; esac
+    *) echo "unknown part '$p'; parts: tiers zoo fixes speed long parallel before (default: all but before)" >&2
+       exit 2;; esac
 done
 if [ $dry = 0 ]; then
   python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
@@ -113,6 +118,16 @@ for p in "${parts[@]}"; do
     step after_full python -m harness run --quiet --device cuda --tier full --out "$out/after_full"
     step before_baseline python -m harness gate "$out/before_full" --baseline "$out/before_baseline.json" --update
     step gate_after_vs_before python -m harness gate "$out/after_full" --baseline "$out/before_baseline.json"
+    ;;
+  parallel)
+    [ -d "$out/full" ] || step full_tier python -m harness run --quiet --device cuda --tier full --out "$out/full"
+    step full_tier_1worker python -m harness run --quiet --device cuda --tier full --workers 1 --out "$out/full_1worker"
+    step same_full python bench/same_records.py "$out/full" "$out/full_1worker"
+    step gpt2_parallel1 python -m harness check-model zoo:gpt2@base --device cuda --no-cache --parallel 1 \
+      --out "$out/gpt2_parallel1"
+    step gpt2_parallel4 python -m harness check-model zoo:gpt2@base --device cuda --no-cache --parallel 4 \
+      --out "$out/gpt2_parallel4"
+    step same_gpt2 python bench/same_records.py "$out/gpt2_parallel1" "$out/gpt2_parallel4"
     ;;
   long)
     step long_cold python -m harness check-model zoo:gpt2@base --steps 1000 --device cuda --cache "$out/refcache" \

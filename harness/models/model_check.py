@@ -17,6 +17,7 @@ import torch
 from .diagnose import Diagnosis, diagnose as run_diagnosis, fp16_window, fp32_gradients, window_gradients
 from ..run import refcache
 from ..run.engine import RunConfig, resolve_device, run_matrix
+from ..run.fanout import MAX_FANOUT, default_fanout
 from .model_isolation import diagnosis, preflight, stand_in, worker_scenarios
 from .recommend import recommend, window_sentence
 from ..results import check_new_out, read_run, write_json_atomic
@@ -134,7 +135,8 @@ def _reference_lines(records: list[dict[str, Any]]) -> list[str]:
 def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] | None = None,
                 steps: int = DEFAULT_STEPS, device: str = "auto", out: Path | str | None = None,
                 diagnose: bool = True, progress: Callable[[int, int, str], None] | None = None,
-                timeout: float | None = 600.0, cache: str | Path | bool | None = None, seed: int = 0) -> CheckResult:
+                timeout: float | None = 600.0, cache: str | Path | bool | None = None, seed: int = 0,
+                parallel: int | None = None) -> CheckResult:
     """Train ``target``'s model under each strategy against FP32, diagnose failures, recommend one.
 
     ``target`` is ``"MODULE:FACTORY"``, a factory, or its dict (see the module doc). Strategies are
@@ -144,16 +146,21 @@ def check_model(target: str | Callable[[], dict] | dict, strategies: list[str] |
     worker processes (:mod:`harness.models.model_isolation`), each step under ``timeout`` seconds (None: no
     deadline). ``cache``: where the FP32/FP64 reference is kept across checks (a directory; False: not
     kept; None: ``MP_HARNESS_CACHE`` or ``~/.cache/mp-harness``, :mod:`harness.run.refcache`). ``seed``
-    seeds the factory, the batches it draws from the global RNG and the training's randomness. Bad input
-    raises ValueError saying what was expected.
+    seeds the factory, the batches it draws from the global RNG and the training's randomness. ``parallel``:
+    trainings at once on the device (the reference's FP32, FP64 and perturbed runs, each strategy's;
+    :mod:`harness.run.fanout`; None: 4 on a GPU, 1 on the CPU); the records are the same either way, apart
+    from timings (on the CPU the runs share the cores' threads, and FP32 sums split by the thread count). Bad
+    input raises ValueError saying what was expected.
     """
+    if parallel is not None and not 1 <= parallel <= MAX_FANOUT:
+        raise ValueError(f"parallel must be 1 to {MAX_FANOUT} trainings at once, got {parallel}")
     with refcache.configured(cache):
-        return _check_model(target, strategies, steps, device, out, diagnose, progress, timeout, seed)
+        return _check_model(target, strategies, steps, device, out, diagnose, progress, timeout, seed, parallel)
 
 
 def _check_model(target: str | Callable[[], dict] | dict, strategies: list[str] | None, steps: int, device: str,
                  out: Path | str | None, diagnose: bool, progress: Callable[[int, int, str], None] | None,
-                 timeout: float | None, seed: int = 0) -> CheckResult:
+                 timeout: float | None, seed: int = 0, parallel: int | None = None) -> CheckResult:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     check_new_out(out)
@@ -166,10 +173,11 @@ def _check_model(target: str | Callable[[], dict] | dict, strategies: list[str] 
         return _check_in_process(target, strats, steps, dev, out, diagnose, progress, seed)
     name, window = preflight(target, dev, timeout, seed)
     imports = [target_module(target)] if isinstance(target, str) else []
-    # one worker: a check is one case (its strategies run in turn in the worker that built the model), and
-    # a lone worker keeps the process's torch threads, so FP32 sums as it always did
+    # one worker: a check is one case, judged in the worker that built the model, whose helpers run its
+    # trainings at once (harness.run.fanout); a lone worker keeps the process's torch threads, so FP32 sums as
+    # it always did
     cfg = RunConfig([stand_in(name, steps, seed)], strats, dev, out=Path(out) if out else None, imports=imports,
-                    timeout=timeout, workers=1)
+                    timeout=timeout, workers=1, fanout=parallel or default_fanout(dev))
     out_dir, _, _ = run_matrix(cfg, progress, init=worker_scenarios(target, steps, seed))
     _, records = read_run(out_dir)
     by_label = {s.label: s for s in strats}
@@ -261,10 +269,21 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--timeout", type=seconds, default=600.0, metavar="SECONDS",
                    help="deadline of each step in seconds, 0 to 604800: the factory and one FP32 step, each "
                         "strategy's training, each diagnosis; 0 disables it (default 600)")
+    add_parallel(p)
     refcache.add_options(p)
     from .fix import add_arguments
     add_arguments(p)
     p.set_defaults(func=_cmd)
+
+
+def add_parallel(p: Any) -> None:
+    """``--parallel N`` (check-model and zoo)."""
+    from ..cli import bounded_int
+    p.add_argument("--parallel", type=bounded_int(1, MAX_FANOUT), default=None, metavar="N",
+                   help="trainings of a check at once on the device: the reference's FP32, FP64 and perturbed "
+                        "runs and each strategy's (default 4 on a GPU, whose small models leave it idle; 1 on "
+                        f"the CPU; 1 to {MAX_FANOUT}); the same records on a GPU; on the CPU the runs share the "
+                        "cores, so FP32 sums may split as with fewer threads")
 
 
 def _cmd(args: Any) -> int:
@@ -275,7 +294,7 @@ def _cmd(args: Any) -> int:
     check_arguments(args)
     result = check_model(args.target, args.strategy, args.steps, args.device, args.out, not args.no_diagnose,
                          progress if sys.stderr.isatty() else None, args.timeout or None,
-                         refcache.from_options(args), args.seed)
+                         refcache.from_options(args), args.seed, args.parallel)
     print(result.report())
     if args.fix:  # the exit code stays check-model's: the strategies as given still fail
         run_fix(args, result)

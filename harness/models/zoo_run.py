@@ -39,8 +39,10 @@ def _size_of(name: str, size: str) -> str:
 
 def run_zoo(models: list[str] | None = None, strategies: list[str] | None = None, steps: int | None = None,
             device: str = "auto", size: str | None = None, seed: int = 0, out: Path | str | None = None,
-            timeout: float | None = 600.0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run check-model on each zoo model (default: all); returns what ``zoo.json`` holds.
+            timeout: float | None = 600.0, progress: Callable[[str], None] | None = None,
+            parallel: int | None = None) -> dict[str, Any]:
+    """Run check-model on each zoo model (default: all); returns what ``zoo.json`` holds. ``parallel``: as
+    check-model's (trainings at once on the device).
 
     ``size`` defaults to ``tiny`` on the CPU and ``base`` on CUDA. Each model's run directory is
     ``out/<model>``; ``out`` defaults to ``results/runs/zoo-<UTC time>-<device>``."""
@@ -86,7 +88,7 @@ def run_zoo(models: list[str] | None = None, strategies: list[str] | None = None
             t0 = time.perf_counter()
             try:
                 res = check_model(f"zoo:{name}@{s}", strategies, steps or DEFAULT_STEPS, str(dev), root / name,
-                                  timeout=timeout, seed=seed)
+                                  timeout=timeout, seed=seed, parallel=parallel)
             except ValueError as exc:  # check-model refused the model (its FP32 step failed, a deadline): the
                 # other models still run, and the row says why this one did not
                 entry.update(outcome="error", reason=str(exc), seconds=time.perf_counter() - t0)
@@ -224,6 +226,7 @@ def read_summary(directory: Path | str) -> dict[str, Any]:
 def add_command(subparsers: Any) -> None:
     """``python -m harness zoo [--model NAME]... [--strategy ...]... [--size tiny|base] [--steps N] ...``."""
     from ..cli import non_negative_int, out_dir, positive_int, seconds
+    from .model_check import add_parallel
     p = subparsers.add_parser("zoo", help="check-model on real architectures (Hugging Face, timm, torchvision) "
                               "built from configs, and on their failure regimes")
     p.add_argument("--model", action="append", default=[], metavar="NAME", help="repeatable; default: every model "
@@ -238,6 +241,7 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--out", type=out_dir, default=None, metavar="DIR", help="one run directory per model under it; "
                    "a DIR an interrupted zoo of the same settings left is completed")
     p.add_argument("--timeout", type=seconds, default=600.0, metavar="SECONDS", help="as check-model's")
+    add_parallel(p)
     p.add_argument("--list", action="store_true", help="list the models and whether each runs here")
     p.add_argument("--report", type=out_dir, default=None, metavar="DIR", help="print the table of a finished zoo "
                    "run (its zoo.json) instead of running")
@@ -259,7 +263,7 @@ def _cmd(args: Any) -> int:
         def progress(what: str) -> None:
             print(f"zoo: {what}", file=sys.stderr)
         summary = run_zoo(args.model, args.strategy, args.steps, args.device, args.size, args.seed, args.out,
-                          args.timeout or None, progress)
+                          args.timeout or None, progress, args.parallel)
     text = zoo_table(summary)
     if args.markdown:
         args.markdown.write_text(text)

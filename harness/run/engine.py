@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..core.execution import Execution
+from ..values.formats import get_format
 from ..core.libraries import RecipeUnsupported
 from ..values.optim_precision import optimizer_recipe
 from .guard import cleanup, deadline, is_oom, sigterm_as_interrupt
@@ -80,6 +81,14 @@ class RunConfig:
     timeout: float | None = 600.0  # seconds per (case, strategy), reference included
     workers: int | None = None  # worker processes (None: supervisor.default_workers; 0: in-process)
     max_records: int | None = MAX_RECORDS  # refuse a larger matrix (None: no limit)
+    #: runs of one case at once in each worker (harness.run.fanout); by keyword only, so that no call
+    #: passing the fields before it by position can set it
+    fanout: int = field(default=1, kw_only=True)
+
+    def __post_init__(self) -> None:
+        from .fanout import MAX_FANOUT
+        if not 1 <= self.fanout <= MAX_FANOUT:
+            raise ValueError(f"fanout must be 1 to {MAX_FANOUT} runs of a case at once, got {self.fanout}")
 
     def as_dict(self) -> dict[str, Any]:
         return {"scenarios": [s.name for s in self.scenarios], "strategies": [s.label for s in self.strategies],
@@ -202,12 +211,52 @@ def _compiled(s: Scenario, ex: Execution, extra: dict[str, Any]) -> Verdict | No
     return None
 
 
+@dataclass
+class Ran:
+    """A strategy's run of a case, not judged yet: what :func:`run_case` needs of it. Built where the run
+    happened (this process, or a helper of :mod:`harness.run.fanout`, whose Execution stays there)."""
+
+    out: Any  # the scenario's Output
+    inner: float  # seconds inside the scenario
+    peak_bytes: int | None
+    emulated: list[str]
+    judged_format: str
+    early: Verdict | None = None  # :func:`_compiled`'s or :func:`_not_applicable`'s verdict: no judging
+    compile: dict[str, Any] | None = None  # ``compile=yes``: the record's ``compile``
+
+
+def execute(case: Case, ex: Execution, device: torch.device, inputs: dict) -> Ran:
+    """Run ``ex``'s strategy on the case, timed between two device synchronisations; raises what it raises."""
+    s = case.scenario
+    mem0 = _peak_reset(device)
+    seed_global(case.seed, device)
+    sync(device)
+    t1 = time.perf_counter()
+    out = s.execute(ex, inputs, case.params)
+    sync(device)
+    inner = time.perf_counter() - t1
+    extra: dict[str, Any] = {}
+    early = _compiled(s, ex, extra) or _not_applicable(s, ex)
+    return Ran(out, inner, _peak(device, mem0), ex.emulation_notes(), ex.judged_format.name, early,
+               extra.get("compile"))
+
+
+def failure_verdict(exc: BaseException) -> tuple[Verdict, bool]:
+    """(the verdict of a run that raised ``exc``, whether the record keeps its traceback)."""
+    if isinstance(exc, RecipeUnsupported):  # the strategy's library recipe cannot run what the scenario built
+        return Verdict("unsupported", f"not applicable: {exc}"), False
+    kind = "out of memory: " if is_oom(exc) else ""
+    return Verdict("error", f"{kind}{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]), True
+
+
 def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict, ref_cache: ReferenceCache,
-             timeout: float | None = None) -> tuple[dict[str, Any], float]:
+             timeout: float | None = None, runs: Any = None) -> tuple[dict[str, Any], float]:
     """Run and judge one (case, strategy); returns (record, seconds spent inside the scenario).
 
     Whatever the scenario does (raise, run past ``timeout`` seconds, run out of memory, return
-    garbage), the result is a record: an ``error`` one with the reason and the traceback."""
+    garbage), the result is a record: an ``error`` one with the reason and the traceback. ``runs``
+    (:class:`harness.run.fanout.Helpers`): where the case's runs were started at once; a run it does not
+    hold (or lost to an out-of-memory beside the others) runs here."""
     s = case.scenario
     ex = Execution(strategy, device)
     extra: dict[str, Any] = {"emulated": ex.notes}
@@ -222,43 +271,45 @@ def run_case(case: Case, strategy: Strategy, device: torch.device, inputs: dict,
         with deadline(timeout) as armed:  # one deadline for the reference (when computed here) and the run
             if timeout and not armed:
                 extra["deadline"] = "not armed"
-            ref = ref_cache.get(case, inputs, device)
+            ref = ref_cache.get(case, inputs, device, runs)
             extra["reference"] = {"format": ref.format, **ref.check}
             if ref.window is not None:
                 extra["window"] = ref.window
             if ref.unjudged is not None:  # nothing to judge against: the strategy need not run
                 return _record(case, strategy, device, Verdict("error", ref.unjudged), {},
                                time.perf_counter() - t0, extra), 0.0
-            mem0 = _peak_reset(device)
-            seed_global(case.seed, device)
-            sync(device)
-            t1 = time.perf_counter()
-            out = s.execute(ex, inputs, case.params)
-            sync(device)
-            inner = time.perf_counter() - t1
-        extra["peak_bytes"] = _peak(device, mem0)
-        extra["emulated"] = ex.emulation_notes()
-        uncompiled = _compiled(s, ex, extra)
-        fmt = ex.judged_format
+            ran = runs.strategy(strategy) if runs is not None else None
+            if ran is None:
+                ran = execute(case, ex, device, inputs)
+            elif not isinstance(ran, Ran):  # raised in the helper: its verdict, as it would be here
+                inner = ran.inner
+                if ran.traceback:
+                    extra["traceback"] = ran.traceback
+                return _record(case, strategy, device, ran.verdict, {}, time.perf_counter() - t0, extra), inner
+            inner = ran.inner
+        extra["peak_bytes"] = ran.peak_bytes
+        extra["emulated"] = ran.emulated
+        if ran.compile is not None:
+            extra["compile"] = ran.compile
+        fmt = get_format(ran.judged_format)
         extra["judged_format"] = fmt.name
+        out = ran.out
         metrics = compare(out, ref.output, fmt)
         metrics.update(out.extra)
         tol = s.tolerance
-        verdict = uncompiled or _not_applicable(s, ex) or (_not_judged(s, out) if measures_only(ref.output) else judge(
+        verdict = ran.early or (_not_judged(s, out) if measures_only(ref.output) else judge(
             metrics, fmt, s.n(case.params), kappa=ref.output.kappa, factor=tol.factor if tol else 1.0,
             underflow_budget=(tol.underflow_budget if tol and tol.underflow_budget is not None
                               else UNDERFLOW_BUDGET),
             truncating=bool(out.extra.get("truncating")), scaler=strategy.scaler,
             nonfinite_reference=s.nonfinite_reference, **_floor(ref)))
-    except RecipeUnsupported as exc:  # the strategy's library recipe cannot run what the scenario built
-        metrics, verdict = {}, Verdict("unsupported", f"not applicable: {exc}")
     except (Exception, SystemExit) as exc:  # a failing scenario is data: an error record, and the run goes on
         # (SystemExit too: a scenario calling exit() must not end the run and leave it marked complete)
         metrics = {}
-        kind = "out of memory: " if is_oom(exc) else ""
-        verdict = Verdict("error", f"{kind}{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
-        extra["traceback"] = traceback.format_exc()
-        cleanup(device)
+        verdict, keep = failure_verdict(exc)
+        if keep:
+            extra["traceback"] = traceback.format_exc()
+            cleanup(device)
     seconds = time.perf_counter() - t0
     return _record(case, strategy, device, verdict, metrics, seconds, extra), inner
 
@@ -282,24 +333,30 @@ def _input_error(case: Case, strategy: Strategy, device: torch.device, exc: Base
 
 
 def run_case_records(case: Case, strategies: list[Strategy], device: torch.device, refs: ReferenceCache,
-                     summary: Summary, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+                     summary: Summary, timeout: float | None = None, runs: Any = None) -> Iterator[dict[str, Any]]:
     """Records of one case under ``strategies``, each added to ``summary`` as it is yielded. The inputs
     are built once from the seed (a failure there is an error record for every strategy); the reference
-    is computed once and dropped when the case is done."""
+    is computed once and dropped when the case is done. ``runs`` (:class:`harness.run.fanout.Helpers`):
+    the case's runs start there at once, and are judged here in the same order as without."""
     t0 = time.perf_counter()
     inputs, input_exc = case_inputs(case, device)
     summary.seconds_building_inputs += time.perf_counter() - t0
+    if runs is not None and input_exc is None:
+        from .fanout import runs_of
+        runs.begin(case, inputs, *runs_of(case, strategies, device, refs))
     try:
         for strategy in strategies:
             if input_exc is not None:
                 rec, inner = _input_error(case, strategy, device, input_exc), 0.0
             else:
-                rec, inner = run_case(case, strategy, device, inputs, refs, timeout)
+                rec, inner = run_case(case, strategy, device, inputs, refs, timeout, runs)
             summary.seconds_in_scenarios += inner
             summary.add(rec)
             yield rec
     finally:
         refs.drop(case, device)
+        if runs is not None:
+            runs.end()
 
 
 def case_inputs(case: Case, device: torch.device) -> tuple[dict, BaseException | None]:
@@ -340,12 +397,14 @@ SUMMED_STATS = ("references_computed", "references_reused", "seconds_in_scenario
 
 
 def run_stats(wall: float, parts: dict[str, float], records: int, ran: int, resume: bool,
-              bookkeeping_ms: float | None = None, workers: int = 1) -> dict[str, Any]:
+              bookkeeping_ms: float | None = None, workers: int = 1, fanout: int = 1) -> dict[str, Any]:
     """What a run measured about itself: wall time, references and where the time went (``parts``, keyed
     by :data:`SUMMED_STATS`), and the harness's own time per record of this session (by default the time
     its ``workers`` processes spent outside scenarios, references and inputs: ``wall * workers`` less the
-    time inside, which ``parts`` sums over the workers; with one worker, the wall time left outside them)."""
-    if bookkeeping_ms is None:
+    time inside, which ``parts`` sums over the workers; with one worker, the wall time left outside them).
+    Where a case's runs overlapped (``fanout`` > 1) the time inside is not the time outside's complement,
+    and the bookkeeping is not measured (None)."""
+    if bookkeeping_ms is None and fanout <= 1:
         inside = parts["seconds_in_scenarios"] + parts["seconds_in_references"] + parts["seconds_building_inputs"]
         bookkeeping_ms = 1000 * (wall * max(workers, 1) - inside) / max(ran, 1)
     return {"wall_seconds": wall, **{k: parts[k] for k in SUMMED_STATS}, "records": records,
@@ -397,8 +456,9 @@ def _runner(cfg: RunConfig, fds: list[int], init: Callable[[], dict] | None) -> 
         env = environment(cfg.device.type)
     if not ok:
         return _InProcess(cfg, init), f"in-process ({why})", env
-    sup = Supervisor(cfg.scenarios, cfg.strategies, cfg.device, cfg.timeout, n, fds, init)
-    return sup, f"{n} worker process{'es' if n > 1 else ''} (forked, replaced when one dies or hangs)", env
+    sup = Supervisor(cfg.scenarios, cfg.strategies, cfg.device, cfg.timeout, n, fds, init, fanout=cfg.fanout)
+    runs = f"; each runs up to {cfg.fanout} of a case's runs at once" if cfg.fanout > 1 else ""
+    return sup, f"{n} worker process{'es' if n > 1 else ''} (forked, replaced when one dies or hangs){runs}", env
 
 
 def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None = None,
@@ -449,7 +509,7 @@ def run_matrix(cfg: RunConfig, progress: Callable[[int, int, str], None] | None 
         summary.seconds_in_scenarios = parts["seconds_in_scenarios"]
         summary.seconds_building_inputs = parts["seconds_building_inputs"]
         stats = run_stats(time.perf_counter() - t_start, parts, summary.records, summary.records - len(previous),
-                          resume, workers=getattr(runner, "size", 1))
+                          resume, workers=getattr(runner, "size", 1), fanout=getattr(runner, "fanout", 1))
         stats["isolation"] = isolation
         _close(writer, {**summary.as_dict(), **stats}, status)
     return out, summary, stats

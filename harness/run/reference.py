@@ -90,24 +90,60 @@ def _unjudged_nonfinite(out: Output, fmt: str, declared: str | None, check: dict
             "that means this declares nonfinite_reference='why')")
 
 
-def compute_reference(case: Case, inputs: dict, device: torch.device) -> Reference:
-    """FP32 reference (TF32 off), checked against FP64, and on :data:`RERUN_DEVICES` against itself."""
+#: A run of a case's reference: (FP64 instead of FP32, the perturbation's seed or None, params that replace the
+#: case's or None, which copy: 1 is the rerun of the same run). :func:`reference_keys` lists a case's.
+RefKey = tuple
+
+
+def reference_run(case: Case, inputs: dict, device: torch.device, key: RefKey) -> Output:
+    """One run of the reference: the scenario under FP32 (FP64) with TF32 off, global randomness seeded as
+    before each strategy's run."""
+    fp64, perturb, params, _ = key
+    seed_global(case.seed, device)  # as before each strategy's run: global randomness is the same
+    ex = FP64(device) if fp64 else Execution(PRESETS["fp32"], device)
+    with _deterministic():  # FP32 flags (TF32 off) for the whole run, as a strategy's own
+        return case.scenario.execute(ex, inputs, dict(params) if params else case.params, perturb)
+
+
+def reference_keys(case: Case, device: torch.device) -> list[RefKey]:
+    """The runs :func:`compute_reference` makes of ``case`` where they all run (a reference whose FP32 output
+    cannot be judged stops after the first; a training rerun whose first updates differ adds a full one)."""
+    s, p = case.scenario, case.params
+    keys: list[RefKey] = [(False, None, None, 0), (True, None, None, 0)]
+    if s.perturbed is not None:
+        keys += [(False, k, None, 0) for k in range(sensitivity.RUNS)]
+    if device.type in RERUN_DEVICES:
+        steps = p.get("steps")
+        if s.perturbed is not None and isinstance(steps, int) and steps > RERUN_PROBE_STEPS:
+            keys.append((False, None, _probe_params(p), 0))
+        else:
+            keys.append((False, None, None, 1))
+    return keys
+
+
+def _probe_params(p: dict) -> tuple:
+    return tuple({**p, "steps": RERUN_PROBE_STEPS}.items())
+
+
+def compute_reference(case: Case, inputs: dict, device: torch.device, runs: Any = None) -> Reference:
+    """FP32 reference (TF32 off), checked against FP64, and on :data:`RERUN_DEVICES` against itself.
+    ``runs`` (:class:`harness.run.fanout.Helpers`): where the runs of :func:`reference_keys` were started
+    at once; a run it does not hold runs here."""
     s, p = case.scenario, case.params
 
-    def run(ex: Execution, perturb: int | None = None, params: dict | None = None) -> Output:
-        seed_global(case.seed, device)  # as before each strategy's run: global randomness is the same
-        with _deterministic():  # FP32 flags (TF32 off) for the whole run, as a strategy's own
-            return s.execute(ex, inputs, params or p, perturb)
+    def run(key: RefKey) -> Output:
+        got = runs.reference(key) if runs is not None else None
+        return got if got is not None else reference_run(case, inputs, device, key)
 
-    out32 = run(Execution(PRESETS["fp32"], device))
+    out32 = run((False, None, None, 0))
     problems = output_problems(out32)
     if problems:  # no value of FP64 can make this comparable: the FP64 run is not needed
         return Reference(out32, "fp32", {}, None, f"the reference output cannot be judged: {'; '.join(problems)}")
-    out64 = run(FP64(device))
+    out64 = run((True, None, None, 0))
     sens = None
     if s.perturbed is not None:  # training: FP32's own spread under one-ulp perturbations (harness.judge.sensitivity);
         # first, as it marks the computational zeros every later comparison leaves out
-        sens = sensitivity.measure(lambda k: run(Execution(PRESETS["fp32"], device), k), out32, out64)
+        sens = sensitivity.measure(lambda k: run((False, k, None, 0)), out32, out64)
     fp32 = FORMATS["fp32"]
     m = compare(out32, out64, fp32)
     n = s.n(p)
@@ -115,11 +151,11 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
     worst = _worst(m)
     check: dict[str, Any] = {"fp32_vs_fp64": worst, "bound": b}
     if device.type in RERUN_DEVICES:
-        probe = _probe_rerun(s, p, out32, lambda q: run(Execution(PRESETS["fp32"], device), params=q))
+        probe = _probe_rerun(s, p, out32, lambda q: run((False, None, q, 0)))
         if probe is not None:
             check.update(nondeterministic=False, fp32_rerun_diff=0.0, fp32_rerun=probe)
         else:
-            again = compare(run(Execution(PRESETS["fp32"], device)), out32, fp32)
+            again = compare(run((False, None, None, 1)), out32, fp32)
             spread = _worst(again)
             check["nondeterministic"] = bool(spread != 0 or any(again.get(k) for k in _FP32_UNTRUSTED))
             check["fp32_rerun_diff"] = spread
@@ -140,7 +176,7 @@ def compute_reference(case: Case, inputs: dict, device: torch.device) -> Referen
 RERUN_PROBE_STEPS = 4
 
 
-def _probe_rerun(s: Any, p: dict, out32: Output, run_with: Callable[[dict], Output]) -> str | None:
+def _probe_rerun(s: Any, p: dict, out32: Output, run_with: Callable[[tuple], Output]) -> str | None:
     """The rerun of a training reference, cut short where it can be: its first :data:`RERUN_PROBE_STEPS`
     updates run again, and if their losses and the first update's gradients come out bit for bit as the
     reference's, the rest would too (each later update starts from the same weights and runs the same
@@ -152,7 +188,7 @@ def _probe_rerun(s: Any, p: dict, out32: Output, run_with: Callable[[dict], Outp
     if s.perturbed is None or not isinstance(steps, int) or steps <= RERUN_PROBE_STEPS or not out32.losses:
         return None
     k = RERUN_PROBE_STEPS
-    short = run_with({**p, "steps": k})
+    short = run_with(_probe_params(p))
     same = (short.losses == out32.losses[:k] and short.extra.get("updates") == k
             and set(short.grads or {}) == set(out32.grads or {})
             and all(torch.equal(short.grads[n], g) for n, g in (out32.grads or {}).items()))  # type: ignore[index]
@@ -212,7 +248,15 @@ class ReferenceCache:
         self.reused = 0
         self.seconds = 0.0
 
-    def get(self, case: Case, inputs: dict, device: torch.device) -> Reference:
+    def computes(self, case: Case, device: torch.device) -> bool:
+        """Whether :meth:`get` would compute ``case``'s reference (held neither here nor on disk)."""
+        if (case.key, str(device)) in self._refs:
+            return False
+        disk = refcache.lookup(case, device)
+        return disk is None or not disk.path.is_file()
+
+    def get(self, case: Case, inputs: dict, device: torch.device, runs: Any = None) -> Reference:
+        """``case``'s reference: held, read from disk, or computed (``runs``: see :func:`compute_reference`)."""
         key = (case.key, str(device))
         if key in self._refs:
             self.reused += 1
@@ -229,7 +273,7 @@ class ReferenceCache:
             self._refs[key] = ref
             return ref
         try:
-            ref = compute_reference(case, inputs, device)
+            ref = compute_reference(case, inputs, device, runs)
         except Exception as exc:
             self._refs[key] = exc
             raise

@@ -75,13 +75,21 @@ def fork_usable(device: torch.device) -> tuple[bool, str, dict[str, Any] | None]
 
 
 def default_workers(device: torch.device) -> int:
-    """One worker for the GPU a run uses; on the CPU one per core (of this rank's share), up to 4, one thread each
-    (:meth:`Supervisor._threads`). Most of the quick tier is Python-bound (the FP8, MX and optimizer
-    emulations call many small kernels), so a second process on a 2-core machine took it from 32.9 s to
-    21.8 s wall (``python -m harness run --tier quick --device cpu --workers 1|2``; same outcomes, and
-    FP32 sums in another order where torch's threads split them differently)."""
-    if device.type != "cpu":
-        return 1
+    """Worker processes a run starts when ``--workers`` is not given: one per core (of this rank's share),
+    up to 4, on the CPU and on a GPU alike.
+
+    On the CPU each worker computes with one thread (:meth:`Supervisor._threads`). Most of the quick tier
+    is Python-bound (the FP8, MX and optimizer emulations call many small kernels), so a second process on
+    a 2-core machine took it from 32.9 s to 21.8 s wall (``python -m harness run --tier quick --device cpu
+    --workers 1|2``; same outcomes, and FP32 sums in another order where torch's threads split them
+    differently).
+
+    On a GPU the cases are as host-bound: the full tier's scenarios launch kernels of microseconds (a
+    128-update training of a 2-block transformer took 1.2 s on an H100, 9 ms an update), so one process
+    leaves the GPU idle most of the time and several share it. Each worker has its own CUDA context and
+    its own deterministic kernels, so a case computes the same bits in any worker; only the records'
+    ``seconds`` (now shared time) and their order in the file change. ``--workers 1`` is the run of
+    one process."""
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun's ranks on this host share its cores
     return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks)))
 
@@ -124,11 +132,14 @@ class Supervisor:
     """Runs jobs ``(case, strategies)`` in ``workers`` forked processes; see the module doc.
 
     ``close_fds``: descriptors the workers close at once (the run directory's lock). ``init``: called
-    in each new worker; returns scenarios by name that replace the inherited ones (check-model)."""
+    in each new worker; returns scenarios by name that replace the inherited ones (check-model).
+    ``fanout``: runs of one case at once in each worker (:mod:`harness.run.fanout`)."""
 
     def __init__(self, scenarios: list, strategies: list[Strategy], device: torch.device, timeout: float | None,
-                 workers: int = 1, close_fds: Iterable[int] = (), init: Callable[[], dict] | None = None) -> None:
+                 workers: int = 1, close_fds: Iterable[int] = (), init: Callable[[], dict] | None = None,
+                 fanout: int = 1) -> None:
         self.scenarios, self.strategies, self.device, self.timeout = scenarios, strategies, device, timeout
+        self.fanout = fanout
         self.size, self.close_fds, self.init = max(1, workers), tuple(close_fds), init
         self.started = 0
         self._live: list[_Worker] = []
@@ -180,7 +191,7 @@ class Supervisor:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=worker_main, daemon=True, name=f"mp-harness-worker-{self.started}",
                                  args=(child, self.scenarios, self.strategies, self.device, self.timeout,
-                                       self.close_fds, self.init, self._threads()))
+                                       self.close_fds, self.init, self._threads(), self.fanout))
         proc.start()
         child.close()
         self.started += 1

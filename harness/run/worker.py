@@ -99,14 +99,16 @@ def _counters(refs: Any, summary: Any) -> dict[str, float]:
 
 def worker_main(conn: Connection, scenarios: Sequence[Any], strategies: Sequence[Any], device: Any,
                 timeout: float | None, close_fds: Sequence[int] = (),
-                init: Callable[[], dict[str, Any]] | None = None, threads: int | None = None) -> None:
+                init: Callable[[], dict[str, Any]] | None = None, threads: int | None = None,
+                fanout: int = 1) -> None:
     """The loop of one worker: a job in, ``("record", rec, counters)`` per strategy, then ``("done",)``.
 
     A job that raises outside the engine's own handling (an ``Expect``/``n`` callable of the scenario,
     the engine itself) sends ``("raised", reason, traceback)`` for the strategy in progress; the
     supervisor runs the case's other strategies again. ``init`` (check-model) builds the scenarios in
     the worker instead of inheriting them: the user's factory runs under the supervisor's deadline.
-    ``threads``: torch's intra-op threads here (None: as inherited)."""
+    ``threads``: torch's intra-op threads here (None: as inherited). ``fanout`` > 1: that many runs of a
+    case at once, in helpers forked here before the device is touched (:mod:`harness.run.fanout`)."""
     _detach(close_fds)
     import torch
     _set_threads(threads)  # several CPU workers share the cores (and see prepare_fork)
@@ -114,23 +116,33 @@ def worker_main(conn: Connection, scenarios: Sequence[Any], strategies: Sequence
     from .reference import ReferenceCache
     from ..results import clean
     from ..core.scenario import Case
-    if getattr(device, "type", None) == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # scenario code that says "cuda" means this rank's GPU
     by_name = {s.name: s for s in scenarios}
     by_label = {s.label: s for s in strategies}
     refs, summary = ReferenceCache(), Summary()
     broken: tuple[str, str] | None = None
+    if fanout <= 1:
+        pin_device(device)
     if init is not None:
         try:
             by_name.update(init())
         except BaseException as exc:  # noqa: BLE001 (SystemExit too): every job it gets becomes an error record
             broken = (_one_line("setting up the worker failed", exc), traceback.format_exc())
+    runs = None
+    if fanout > 1 and broken is None:  # forked before this process touches the device (set_device included)
+        from .fanout import Helpers
+        if getattr(device, "type", None) == "cpu":  # the runs share the cores: every process computes with
+            torch.set_num_threads(max(1, torch.get_num_threads() // fanout))  # as many threads as the others
+        runs = Helpers(fanout - 1, by_name, by_label, device, timeout)
+    if fanout > 1:
+        pin_device(device)
     while True:
         try:
             job = conn.recv()
         except (EOFError, OSError):  # the supervisor is gone
-            return
+            job = None
         if job is None:
+            if runs is not None:
+                runs.close()
             return
         if broken is not None:
             conn.send(("raised", *broken))
@@ -138,13 +150,20 @@ def worker_main(conn: Connection, scenarios: Sequence[Any], strategies: Sequence
         name, params, seed, labels = job
         case = Case(by_name[name], params, seed)
         try:
-            for rec in run_case_records(case, [by_label[x] for x in labels], device, refs, summary, timeout):
+            for rec in run_case_records(case, [by_label[x] for x in labels], device, refs, summary, timeout, runs):
                 conn.send(("record", clean(rec), _counters(refs, summary)))
         except BaseException as exc:  # noqa: BLE001: scenario code raised where the engine does not catch it
             conn.send(("raised", _one_line("the case raised outside the engine's handling", exc),
                        traceback.format_exc()))
             continue
         conn.send(("done",))
+
+
+def pin_device(device: Any) -> None:
+    """Scenario code that says "cuda" means this rank's GPU (``device`` with an index)."""
+    if getattr(device, "type", None) == "cuda" and device.index is not None:
+        import torch
+        torch.cuda.set_device(device)
 
 
 def _one_line(what: str, exc: BaseException) -> str:

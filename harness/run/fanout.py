@@ -1,0 +1,358 @@
+"""The runs of one case at once: helper processes of a worker, for a device that one run leaves idle.
+
+A case's runs are independent of one another until they are judged: the reference's FP32 and FP64 runs,
+its perturbed FP32 runs (:mod:`harness.judge.sensitivity`), its rerun, and every strategy's run each start
+from the same inputs and seeds (:func:`harness.run.reference.reference_run`, :func:`harness.run.engine.execute`).
+Run one after another they cost their sum; a training of a small model leaves a GPU idle most of the time
+(the host launching kernels is the bottleneck), so on a GPU they can share it. A worker with ``fanout``
+N > 1 forks N - 1 helpers when it starts, before it touches the device (a process that started CUDA cannot
+fork one that uses it). At each case the worker queues the case's runs (:meth:`Helpers.begin`); idle
+helpers take them in order and send back what the run produced, on the CPU (an Output, or the strategy's
+:class:`~harness.run.engine.Ran`). The worker judges exactly as it does alone, asking for each run as it
+needs it (:meth:`Helpers.reference`, :meth:`Helpers.strategy`); a run still queued when it is asked for
+runs in the worker itself, so at most N run at once. While it waits the worker runs nothing else: the
+deadline armed for a run (:func:`harness.run.guard.deadline`) can only fire on that run, as without helpers.
+Each helper's run has a deadline of its own.
+
+Every run computes the same bits in a helper as in the worker: same inputs (built from the case's seed),
+same seeds, same deterministic kernels, and results copied between devices exactly. So a record differs
+from the serial one only in ``seconds`` and ``peak_bytes`` where runs shared the device.
+
+Faults: a run that raises in a helper becomes the record it would be in the worker (its verdict and
+traceback are made there); one that ran out of memory beside the others, or whose helper died (the OOM
+killer), runs again in the worker, alone. A reference run that failed in a helper runs again in the worker,
+so that the reference fails as it would there. A dead helper is not replaced (the worker has started
+CUDA by then): the others, and the worker, carry on. Helpers die with their worker (``PR_SET_PDEATHSIG``),
+so the supervisor's deadline still ends a stuck case.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, Sequence
+
+import torch
+
+from ..core.execution import Execution
+from ..core.scenario import Case
+from .guard import CaseTimeout, cleanup, deadline, is_oom
+
+__all__ = ["Helpers", "Failed", "default_fanout", "MAX_FANOUT"]
+
+#: At most this many runs at once (helpers + the worker).
+MAX_FANOUT = 16
+
+
+def default_fanout(device: torch.device) -> int:
+    """Runs of one case at once where the caller does not say: 4 on a GPU (bounded by the cores), 1 on the
+    CPU, where the runs compute with every core already and split FP32 sums by the thread count."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass
+class Failed:
+    """A strategy's run that raised in a helper: the record's verdict and traceback, made there."""
+
+    verdict: Any
+    traceback: str | None
+    inner: float = 0.0
+
+
+@dataclass
+class _Lost:
+    """A run to do again in the worker: out of memory beside the others, its helper died, or it raised."""
+
+    why: str
+    timeout: str | None = None  # the helper's deadline fired: raised again here, not rerun
+
+
+def _to(device: torch.device | str, obj: Any) -> Any:
+    """``obj`` (an Output or a Ran, and what they hold) with every tensor on ``device``, copied exactly."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        new = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            object.__setattr__(new, f.name, _to(device, getattr(obj, f.name)))
+        return new
+    if isinstance(obj, dict):
+        return {k: _to(device, v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        items = [_to(device, v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    if isinstance(obj, list):
+        return [_to(device, v) for v in obj]
+    return obj
+
+
+def _attempt(case: Case, key: tuple, device: torch.device, inputs: dict, strategies: dict[str, Any],
+             timeout: float | None) -> Any:
+    """Run ``key`` of ``case`` in a helper: its result, tensors on the CPU (to be sent), a :class:`Failed`
+    strategy run, or :class:`_Lost`."""
+    from .engine import execute, failure_verdict
+    from .reference import reference_run
+    t0 = time.perf_counter()
+    try:
+        with deadline(timeout):
+            if key[0] == "ref":
+                got: Any = reference_run(case, inputs, device, key[1])
+            else:
+                got = execute(case, Execution(strategies[key[1]], device), device, inputs)
+            return _to("cpu", got)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001: the worker decides what a failure becomes
+        cleanup(device)
+        if is_oom(exc):
+            return _Lost(f"out of memory beside the case's other runs: {str(exc).splitlines()[0][:200]}")
+        if isinstance(exc, CaseTimeout):
+            return _Lost("deadline", timeout=str(exc))
+        if key[0] == "ref":
+            return _Lost(f"{type(exc).__name__}: {exc}"[:300])
+        verdict, keep = failure_verdict(exc)
+        return Failed(verdict, traceback.format_exc() if keep else None, time.perf_counter() - t0)
+
+
+def _helper_main(conn: Connection, scenarios: dict[str, Any], strategies: dict[str, Any], device: torch.device,
+                 timeout: float | None) -> None:
+    """A helper's loop: ``(job id, (scenario, params, seed), key)`` in, ``(job id, result)`` out."""
+    from .engine import case_inputs
+    from .worker import _detach, pin_device
+    _detach(())
+    pin_device(device)
+    built: tuple[str, tuple[dict, BaseException | None]] | None = None
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        job_id, (name, params, seed), key = job
+        case = Case(scenarios[name], params, seed)
+        if built is None or built[0] != case.key:
+            built = None  # the last case's inputs go before the next ones are built
+            built = (case.key, case_inputs(case, device))
+        inputs, exc = built[1]
+        result = _attempt(case, key, device, inputs, strategies, timeout) if exc is None else _Lost(
+            f"building inputs failed: {type(exc).__name__}: {exc}"[:300])
+        try:
+            conn.send_bytes(pickle.dumps((job_id, result), protocol=pickle.HIGHEST_PROTOCOL))
+        except (OSError, ValueError):
+            return
+        del result
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # what this run cached, for the runs of the other processes
+
+
+class Helpers:
+    """``n`` helper processes forked from this worker, and the queue of the current case's runs."""
+
+    def __init__(self, n: int, scenarios: dict[str, Any], strategies: dict[str, Any], device: torch.device,
+                 timeout: float | None) -> None:
+        from .worker import prepare_fork
+        self.device, self.timeout, self.strategies = device, timeout, strategies
+        self._idle: list[Connection] = []
+        self._busy: dict[Connection, int] = {}  # connection -> job id it runs
+        self._pids: dict[Connection, int] = {}
+        self._queue: deque[tuple[int, tuple]] = deque()
+        self._results: dict[tuple, Any] = {}
+        self._jobs: dict[int, tuple] = {}  # job id -> key, of the current case
+        self._next = 0
+        self._case: Case | None = None
+        self._inputs: dict | None = None
+        self.lost: list[str] = []  # why runs went back to the worker (notes for tests and the curious)
+        if not 0 <= n < MAX_FANOUT:
+            raise ValueError(f"{n} helpers: a case's runs go at most {MAX_FANOUT} at once")
+        if torch.cuda.is_initialized():  # a fork could not use the GPU: every run stays in the worker
+            print(f"warning: CUDA was started in the worker before its helpers were forked (a model factory that "
+                  f"moves tensors to the GPU?); the case's runs go one at a time, not {n + 1} at once",
+                  file=sys.stderr, flush=True)
+            return
+        threads = prepare_fork(None)
+        for _ in range(n):
+            a, b = _pipe()
+            pid = os.fork()
+            if pid == 0:  # the helper: never returns into the worker's code
+                code = 0
+                try:
+                    a.close()
+                    if threads is not None:
+                        torch.set_num_threads(threads)
+                    _helper_main(b, scenarios, strategies, device, timeout)
+                except BaseException:  # noqa: BLE001
+                    code = 1
+                finally:
+                    os._exit(code)
+            b.close()
+            self._idle.append(a)
+            self._pids[a] = pid
+
+    @property
+    def size(self) -> int:
+        """Helpers alive."""
+        return len(self._idle) + len(self._busy)
+
+    # -- a case ---------------------------------------------------------------------------------
+    def begin(self, case: Case, inputs: dict, reference: Sequence[tuple], strategies: Sequence[str]) -> None:
+        """Queue ``case``'s runs: the reference's (``reference``: :func:`~harness.run.reference.reference_keys`,
+        empty where it is held already) and those of the strategies labelled ``strategies``, in that order."""
+        self._queue.clear()
+        self._results.clear()
+        self._jobs.clear()
+        self._case, self._inputs = case, inputs
+        for key in [("ref", k) for k in reference] + [("strategy", s) for s in strategies]:
+            self._jobs[self._next] = key
+            self._queue.append((self._next, key))
+            self._next += 1
+        self._dispatch()
+
+    def end(self) -> None:
+        """The case is done: queued runs are dropped; running ones finish and are ignored."""
+        self._queue.clear()
+        self._results.clear()
+        self._jobs.clear()
+        self._case = self._inputs = None
+
+    def reference(self, key: tuple) -> Any:
+        """The Output of the reference run ``key`` (on the device), or None: run it in the worker."""
+        got = self._take(("ref", key))
+        if isinstance(got, _Lost):
+            if got.timeout:
+                raise CaseTimeout(got.timeout)
+            self.lost.append(got.why)
+            return None
+        return got
+
+    def strategy(self, strategy: Any) -> Any:
+        """The strategy's :class:`~harness.run.engine.Ran` (on the device), its :class:`Failed` run, or None:
+        run it in the worker."""
+        got = self._take(("strategy", strategy.label))
+        if isinstance(got, _Lost):
+            if got.timeout:
+                raise CaseTimeout(got.timeout)
+            self.lost.append(got.why)
+            return None
+        return got
+
+    # -- the queue ------------------------------------------------------------------------------
+    def _take(self, key: tuple) -> Any:
+        """``key``'s result, waiting for its helper; None where ``key`` is not queued, or queued and not
+        started yet (the caller runs it, under its own deadline: the worker runs nothing else while it
+        waits, so a deadline that fires is always the run's it was armed for)."""
+        if key in self._results:
+            return self._finish(self._results.pop(key))
+        mine = next((j for j, k in self._queue if k == key), None)
+        if mine is not None:
+            self._queue = deque((j, k) for j, k in self._queue if j != mine)
+            return None
+        if key not in self._jobs.values():
+            return None
+        while key not in self._results:
+            if not self._busy:  # its helper died before it answered (see _receive)
+                return None
+            self._receive(None)
+        return self._finish(self._results.pop(key))
+
+    def _finish(self, got: Any) -> Any:
+        return got if isinstance(got, (_Lost, Failed)) else _to(self.device, got)
+
+    def _ready(self, timeout: float | None) -> list[Connection]:
+        return wait(list(self._busy), timeout)  # type: ignore[return-value]
+
+    def _receive(self, timeout: float | None) -> None:
+        for conn in self._ready(timeout):
+            job_id = self._busy[conn]
+            with _alarm_held():  # a deadline firing halfway through a message would corrupt the pipe
+                try:
+                    got_id, result = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError):
+                    self._died(conn, job_id)
+                    continue
+                del self._busy[conn]
+                self._idle.append(conn)
+                if got_id in self._jobs:
+                    self._results[self._jobs[got_id]] = result
+        self._dispatch()
+
+    def _died(self, conn: Connection, job_id: int) -> None:
+        self._busy.pop(conn, None)
+        try:
+            _, status = os.waitpid(self._pids.pop(conn), 0)
+        except ChildProcessError:
+            status = 0
+        conn.close()
+        if job_id in self._jobs:
+            self._results[self._jobs[job_id]] = _Lost(f"its helper process died (wait status {status}): the OOM "
+                                                      "killer, or a fault in native code")
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue and self._case is not None:
+            conn = self._idle.pop()
+            job_id, key = self._queue.popleft()
+            c = self._case
+            try:
+                conn.send((job_id, (c.scenario.name, c.params, c.seed), key))
+            except (OSError, ValueError):
+                self._died(conn, job_id)
+                continue
+            self._busy[conn] = job_id
+
+    def close(self) -> None:
+        """Stop the helpers: an idle one when told, a busy one at once (its result, which nobody will read,
+        could fill the pipe and block it for ever)."""
+        for conn in self._busy:
+            try:
+                os.kill(self._pids[conn], signal.SIGKILL)
+            except (OSError, KeyError):
+                pass
+        for conn in list(self._idle) + list(self._busy):
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+            conn.close()
+        for pid in self._pids.values():
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self._idle, self._busy, self._pids = [], {}, {}
+
+
+def _pipe() -> tuple[Connection, Connection]:
+    from .worker import fork_context
+    return fork_context().Pipe()
+
+
+class _alarm_held:
+    """SIGALRM held back for the body (delivered when it ends)."""
+
+    def __enter__(self) -> None:
+        self._on = hasattr(signal, "pthread_sigmask")
+        if self._on:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._on:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+
+
+def runs_of(case: Case, strategies: Sequence[Any], device: torch.device, refs: Any) -> tuple[list[tuple], list[str]]:
+    """(the reference runs ``refs`` would compute, the labels of the strategies that would run) of ``case``."""
+    from .reference import reference_keys
+    s = case.scenario
+    if device.type not in s.devices:
+        return [], []
+    ref = reference_keys(case, device) if refs.computes(case, device) else []
+    labels = [st.label for st in strategies if Execution(st, device).supported]
+    return ref, labels
