@@ -10,7 +10,7 @@
 3. ``check-model`` itself (unless ``--no-check``), with a fresh reference cache, then again with it
    warm (or once with ``--cache DIR``: cold where DIR is empty, warm where a run filled it): where its
    seconds go (start-up of a fresh process, pre-flight, the reference, each
-   strategy, the diagnosis, the rest).
+   strategy, the diagnosis, the rest). ``--parallel N``: its trainings N at once (harness.run.fanout).
 
 Models (the zoo's GPT-2, LLaMA and ViT, :mod:`harness.models.zoo`, and ``examples/third_party_model.py``;
 transformers/timm imported only for the model selected): ``--model example|gpt2|llama|vit --size tiny|full``::
@@ -204,7 +204,8 @@ def start_up_seconds() -> float:
     return time.perf_counter() - t
 
 
-def check_model_seconds(target: str, strategies: list[str], steps: int, device: str, cache: Path) -> dict[str, Any]:
+def check_model_seconds(target: str, strategies: list[str], steps: int, device: str, cache: Path,
+                        parallel: int | None = None) -> dict[str, Any]:
     """Where one ``check_model`` call's seconds go (pre-flight and diagnosis timed by wrapping them)."""
     from harness.models import model_check
     spent = {"preflight": 0.0, "diagnosis": 0.0}
@@ -224,7 +225,8 @@ def check_model_seconds(target: str, strategies: list[str], steps: int, device: 
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             res = model_check.check_model(target, strategies, steps, device, Path(tmp) / "run", timeout=None,
-                                          cache=cache)  # no deadline: a long reference is what is measured
+                                          cache=cache, parallel=parallel)  # no deadline: a long reference is
+            # what is measured
             total = time.perf_counter() - t
             run = json.loads((res.out / "run.json").read_text())
     finally:
@@ -245,7 +247,7 @@ def check_part(a: argparse.Namespace, target: str, labels: list[str], res: dict[
     with tempfile.TemporaryDirectory() as tmp:
         cache = a.cache or Path(tmp)
         for run in (("given cache",) if a.cache else ("cold cache", "warm cache")):
-            c = check_model_seconds(target, labels, a.steps, a.device, cache)
+            c = check_model_seconds(target, labels, a.steps, a.device, cache, a.parallel)
             res[run] = c
             strat = ", ".join(f"{k} {v:.1f}" for k, v in c["strategies"].items())
             print(f"check-model, {run}: {c['total']:.1f} s = pre-flight {c['preflight']:.1f} + strategies "
@@ -275,12 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, metavar="DIR",
                     help="run check-model once with this reference cache (cold if empty, warm if filled); "
                          "default: a fresh one, cold then warm")
+    ap.add_argument("--parallel", type=int, default=None, metavar="N",
+                    help="check-model's trainings at once (default: check-model's, 4 on a GPU, 1 on the CPU)")
     ap.add_argument("--json", type=Path, default=None, metavar="FILE")
     a = ap.parse_args(argv)
     if a.steps < 2:
         ap.error("--steps must be >= 2")
     if a.repeats is not None and a.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if a.parallel is not None and not 1 <= a.parallel <= 16:
+        ap.error("--parallel must be 1 to 16")
     target = TARGETS[a.model]
     if a.model == "example":
         os.environ[EXAMPLE_SIZE[0]] = EXAMPLE_SIZE[1][a.size]

@@ -201,8 +201,8 @@ def _run_config(args: argparse.Namespace):
                                                   args.imports, args.scenario, args.family)
     check_new_out(args.out, resumable=True)
     timeout = 600.0 if args.timeout is None else args.timeout
-    return RunConfig(scenarios, strategies, device, args.seeds or 1, args.tier or "quick", args.out, args.imports,
-                     timeout or None, args.workers, limit), False
+    return RunConfig(scenarios, strategies, device, seeds=args.seeds or 1, tier=args.tier or "quick", out=args.out,
+                     imports=args.imports, timeout=timeout or None, workers=args.workers, max_records=limit), False
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

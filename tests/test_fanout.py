@@ -244,3 +244,29 @@ def test_fanout_is_set_by_keyword_only_and_within_range() -> None:
             RunConfig(scen, strats, dev, fanout=bad)
     with pytest.raises(ValueError, match="at most 16 at once"):
         Helpers(16, {}, {}, dev, None)
+
+
+def test_a_helpers_message_is_read_back_without_unpickling_code() -> None:
+    """Plain containers through ``torch.load(weights_only=True)``: a Ran comes back bit for bit; anything
+    else (a numpy scalar in extra, a class outside the list) makes the run lost, done again in the worker."""
+    import numpy as np
+    from harness.core.scaling import ScaleTrace
+    from harness.judge.verdict import Verdict
+    from harness.run.engine import Ran
+    from harness.run.fanout import _Lost, _pack, _unpack
+    g = torch.Generator().manual_seed(5)
+    out = Output(value=torch.randn(4, generator=g), grads={"a.w": torch.randn(3, generator=g, dtype=torch.float64)},
+                 losses=[0.5, float("inf")], trace=ScaleTrace("dyn", [65536.0], [True], [True], ["backoff"]),
+                 extra={"updates": 3, "stopped": None, "pair": (1, 2)})
+    ran = Ran(out, 0.25, 1024, ["emulated"], "bf16", Verdict("unsupported", "why"), {"models": 1})
+    job, back = _unpack(_pack(7, ran), 0)
+    assert job == 7 and isinstance(back, Ran) and isinstance(back.out, Output) and back.early == ran.early
+    assert torch.equal(back.out.value, out.value) and back.out.grads["a.w"].dtype == torch.float64
+    assert back.out.trace == out.trace and back.out.losses == out.losses and back.out.extra == out.extra
+    assert (back.inner, back.peak_bytes, back.emulated, back.judged_format, back.compile) == (
+        0.25, 1024, ["emulated"], "bf16", {"models": 1})
+    out.extra["np"] = np.float64(1.5)
+    job, lost = _unpack(_pack(8, ran), 8)
+    assert job == 8 and isinstance(lost, _Lost) and "could not be read back safely" in lost.why
+    job, lost = _unpack(_pack(9, {"__dataclass__": "Popen", "args": "rm"}), 9)
+    assert isinstance(lost, _Lost) and "KeyError" in lost.why

@@ -544,8 +544,9 @@ def resume_config(out: Path) -> RunConfig:
         scenarios = [reg.get(n) for n in c["scenarios"]]
         strategies = [parse(specs.get(label, label)) for label in c["strategies"]]
         last = (header.get("resumes") or [{}])[-1]  # a resume that lengthened the timeout keeps it for the next
-        return RunConfig(scenarios, strategies, resolve_device(c["device"]), int(c["seeds"]), c["tier"], Path(out),
-                         list(c.get("imports", [])), last.get("timeout", c.get("timeout")))
+        return RunConfig(scenarios, strategies, resolve_device(c["device"]), seeds=int(c["seeds"]), tier=c["tier"],
+                         out=Path(out), imports=list(c.get("imports", [])),
+                         timeout=last.get("timeout", c.get("timeout")))
     except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"--resume {out}: run.json is not a harness run header ({type(exc).__name__}: {exc})") from None
 

@@ -8,7 +8,8 @@ Run one after another they cost their sum; a training of a small model leaves a 
 N > 1 forks N - 1 helpers when it starts, before it touches the device (a process that started CUDA cannot
 fork one that uses it). At each case the worker queues the case's runs (:meth:`Helpers.begin`); idle
 helpers take them in order and send back what the run produced, on the CPU (an Output, or the strategy's
-:class:`~harness.run.engine.Ran`). The worker judges exactly as it does alone, asking for each run as it
+:class:`~harness.run.engine.Ran`), as ``torch.save`` of plain containers that the worker reads with
+``weights_only=True`` (:func:`_pack`): no code is unpickled. The worker judges exactly as it does alone, asking for each run as it
 needs it (:meth:`Helpers.reference`, :meth:`Helpers.strategy`); a run still queued when it is asked for
 runs in the worker itself, so at most N run at once. While it waits the worker runs nothing else: the
 deadline armed for a run (:func:`harness.run.guard.deadline`) can only fire on that run, as without helpers.
@@ -29,8 +30,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import os
-import pickle
 import signal
 import sys
 import time
@@ -146,7 +147,7 @@ def _helper_main(conn: Connection, scenarios: dict[str, Any], strategies: dict[s
         result = _attempt(case, key, device, inputs, strategies, timeout) if exc is None else _Lost(
             f"building inputs failed: {type(exc).__name__}: {exc}"[:300])
         try:
-            conn.send_bytes(pickle.dumps((job_id, result), protocol=pickle.HIGHEST_PROTOCOL))
+            conn.send_bytes(_pack(job_id, result))
         except (OSError, ValueError):
             return
         del result
@@ -225,18 +226,17 @@ class Helpers:
 
     def reference(self, key: tuple) -> Any:
         """The Output of the reference run ``key`` (on the device), or None: run it in the worker."""
-        got = self._take(("ref", key))
-        if isinstance(got, _Lost):
-            if got.timeout:
-                raise CaseTimeout(got.timeout)
-            self.lost.append(got.why)
-            return None
-        return got
+        return self._result(("ref", key))
 
     def strategy(self, strategy: Any) -> Any:
         """The strategy's :class:`~harness.run.engine.Ran` (on the device), its :class:`Failed` run, or None:
         run it in the worker."""
-        got = self._take(("strategy", strategy.label))
+        return self._result(("strategy", strategy.label))
+
+    def _result(self, key: tuple) -> Any:
+        """What the helper gave for ``key``; None where the worker must run it (a lost run included); a
+        helper's deadline raises :class:`CaseTimeout` here, as the run would have in the worker."""
+        got = self._take(key)
         if isinstance(got, _Lost):
             if got.timeout:
                 raise CaseTimeout(got.timeout)
@@ -274,12 +274,13 @@ class Helpers:
             job_id = self._busy[conn]
             with _alarm_held():  # a deadline firing halfway through a message would corrupt the pipe
                 try:
-                    got_id, result = pickle.loads(conn.recv_bytes())
+                    data = conn.recv_bytes()
                 except (EOFError, OSError):
                     self._died(conn, job_id)
                     continue
                 del self._busy[conn]
                 self._idle.append(conn)
+                got_id, result = _unpack(data, job_id)
                 if got_id in self._jobs:
                     self._results[self._jobs[got_id]] = result
         self._dispatch()
@@ -327,6 +328,63 @@ class Helpers:
             except ChildProcessError:
                 pass
         self._idle, self._busy, self._pids = [], {}, {}
+
+
+def _classes() -> dict[str, type]:
+    """The dataclasses a helper's result is made of, by name: all that :func:`_unpack` rebuilds."""
+    from ..core.scaling import ScaleTrace
+    from ..core.scenario import Output
+    from ..judge.verdict import Verdict
+    from .engine import Ran
+    return {c.__name__: c for c in (Output, ScaleTrace, Verdict, Ran, Failed, _Lost)}
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as containers of tensors and plain values (a dataclass as a dict naming its class)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"__dataclass__": type(obj).__name__,
+                **{f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_plain(v) for v in obj)
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _rebuilt(obj: Any, classes: dict[str, type]) -> Any:
+    if isinstance(obj, dict):
+        fields = {k: _rebuilt(v, classes) for k, v in obj.items() if k != "__dataclass__"}
+        if "__dataclass__" not in obj:
+            return fields
+        new = object.__new__(classes[obj["__dataclass__"]])  # a name not in the list: KeyError, a lost run
+        for k, v in fields.items():
+            object.__setattr__(new, k, v)
+        return new
+    if isinstance(obj, tuple):
+        return tuple(_rebuilt(v, classes) for v in obj)
+    if isinstance(obj, list):
+        return [_rebuilt(v, classes) for v in obj]
+    return obj
+
+
+def _pack(job_id: int, result: Any) -> bytes:
+    """A helper's message: ``torch.save`` of plain containers, read back with ``weights_only`` (no code runs)."""
+    buf = io.BytesIO()
+    torch.save({"job": job_id, "result": _plain(result)}, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes, job_id: int) -> tuple[int, Any]:
+    """(job id, result) of a helper's message; a result that cannot be read back safely (a type outside
+    plain containers and the classes of :func:`_classes`) is a lost run, done again in the worker."""
+    try:
+        msg = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return int(msg["job"]), _rebuilt(msg["result"], _classes())
+    except Exception as exc:  # noqa: BLE001
+        return job_id, _Lost(f"its result could not be read back safely ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
 
 
 def _pipe() -> tuple[Connection, Connection]:
