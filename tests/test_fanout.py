@@ -159,7 +159,7 @@ def test_helpers_are_not_forked_once_cuda_started(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     h = Helpers(3, {}, {}, torch.device("cpu"), None)
     assert h.size == 0
-    assert "one at a time, not 4 at once" in capsys.readouterr().err
+    assert "one at a time, not 3 at once" in capsys.readouterr().err
     h.close()
 
 
@@ -243,7 +243,7 @@ def test_fanout_is_set_by_keyword_only_and_within_range() -> None:
         with pytest.raises(ValueError, match="fanout must be 1 to 16"):
             RunConfig(scen, strats, dev, fanout=bad)
     with pytest.raises(ValueError, match="at most 16 at once"):
-        Helpers(16, {}, {}, dev, None)
+        Helpers(17, {}, {}, dev, None)
 
 
 def test_a_helpers_message_is_read_back_without_unpickling_code() -> None:

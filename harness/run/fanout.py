@@ -5,15 +5,16 @@ its perturbed FP32 runs (:mod:`harness.judge.sensitivity`), its rerun, and every
 from the same inputs and seeds (:func:`harness.run.reference.reference_run`, :func:`harness.run.engine.execute`).
 Run one after another they cost their sum; a training of a small model leaves a GPU idle most of the time
 (the host launching kernels is the bottleneck), so on a GPU they can share it. A worker with ``fanout``
-N > 1 forks N - 1 helpers when it starts, before it touches the device (a process that started CUDA cannot
+N > 1 forks N helpers when it starts, before it touches the device (a process that started CUDA cannot
 fork one that uses it). At each case the worker queues the case's runs (:meth:`Helpers.begin`); idle
 helpers take them in order and send back what the run produced, on the CPU (an Output, or the strategy's
 :class:`~harness.run.engine.Ran`), as ``torch.save`` of plain containers that the worker reads with
 ``weights_only=True`` (:func:`_pack`): no code is unpickled. The worker judges exactly as it does alone, asking for each run as it
-needs it (:meth:`Helpers.reference`, :meth:`Helpers.strategy`); a run still queued when it is asked for
-runs in the worker itself, so at most N run at once. While it waits the worker runs nothing else: the
-deadline armed for a run (:func:`harness.run.guard.deadline`) can only fire on that run, as without helpers.
-Each helper's run has a deadline of its own.
+needs it (:meth:`Helpers.reference`, :meth:`Helpers.strategy`); it asks in the order they were queued, so
+it waits for each. While it waits the worker runs nothing: the deadline armed for a run
+(:func:`harness.run.guard.deadline`) can only fire on that run, as without helpers. Each helper's run has a
+deadline of its own. A run the worker asks for that was never queued (the full rerun a training's 4-update
+probe can call for) runs in the worker.
 
 Every run computes the same bits in a helper as in the worker: same inputs (built from the case's seed),
 same seeds, same deterministic kernels, and results copied between devices exactly. So a record differs
@@ -23,7 +24,7 @@ Faults: a run that raises in a helper becomes the record it would be in the work
 traceback are made there); one that ran out of memory beside the others, or whose helper died (the OOM
 killer), runs again in the worker, alone. A reference run that failed in a helper runs again in the worker,
 so that the reference fails as it would there. A dead helper is not replaced (the worker has started
-CUDA by then): the others, and the worker, carry on. Helpers die with their worker (``PR_SET_PDEATHSIG``),
+CUDA by then): the others carry on, and where none is left the worker runs the rest itself. Helpers die with their worker (``PR_SET_PDEATHSIG``),
 so the supervisor's deadline still ends a stuck case.
 """
 from __future__ import annotations
@@ -172,11 +173,11 @@ class Helpers:
         self._case: Case | None = None
         self._inputs: dict | None = None
         self.lost: list[str] = []  # why runs went back to the worker (notes for tests and the curious)
-        if not 0 <= n < MAX_FANOUT:
+        if not 0 <= n <= MAX_FANOUT:
             raise ValueError(f"{n} helpers: a case's runs go at most {MAX_FANOUT} at once")
         if torch.cuda.is_initialized():  # a fork could not use the GPU: every run stays in the worker
             print(f"warning: CUDA was started in the worker before its helpers were forked (a model factory that "
-                  f"moves tensors to the GPU?); the case's runs go one at a time, not {n + 1} at once",
+                  f"moves tensors to the GPU?); the case's runs go one at a time, not {n} at once",
                   file=sys.stderr, flush=True)
             return
         threads = prepare_fork(None)
@@ -246,19 +247,18 @@ class Helpers:
 
     # -- the queue ------------------------------------------------------------------------------
     def _take(self, key: tuple) -> Any:
-        """``key``'s result, waiting for its helper; None where ``key`` is not queued, or queued and not
-        started yet (the caller runs it, under its own deadline: the worker runs nothing else while it
-        waits, so a deadline that fires is always the run's it was armed for)."""
+        """``key``'s result, waiting for the helper that runs it (or will: the worker asks for the runs in
+        the order they were queued, so one still queued goes to the next helper that is free); None where
+        ``key`` was never queued, or no helper is left to run it (the caller runs it, under its own
+        deadline: the worker runs nothing else while it waits, so a deadline that fires is always the run's
+        it was armed for)."""
         if key in self._results:
             return self._finish(self._results.pop(key))
-        mine = next((j for j, k in self._queue if k == key), None)
-        if mine is not None:
-            self._queue = deque((j, k) for j, k in self._queue if j != mine)
-            return None
         if key not in self._jobs.values():
             return None
         while key not in self._results:
-            if not self._busy:  # its helper died before it answered (see _receive)
+            if not self._busy:  # every helper died: the worker runs what is left
+                self._queue = deque((j, k) for j, k in self._queue if k != key)
                 return None
             self._receive(None)
         return self._finish(self._results.pop(key))

@@ -108,7 +108,7 @@ def worker_main(conn: Connection, scenarios: Sequence[Any], strategies: Sequence
     supervisor runs the case's other strategies again. ``init`` (check-model) builds the scenarios in
     the worker instead of inheriting them: the user's factory runs under the supervisor's deadline.
     ``threads``: torch's intra-op threads here (None: as inherited). ``fanout`` > 1: that many runs of a
-    case at once, in helpers forked here before the device is touched (:mod:`harness.run.fanout`)."""
+    case at once, in as many helpers forked here before the device is touched (:mod:`harness.run.fanout`)."""
     _detach(close_fds)
     import torch
     _set_threads(threads)  # several CPU workers share the cores (and see prepare_fork)
@@ -132,7 +132,7 @@ def worker_main(conn: Connection, scenarios: Sequence[Any], strategies: Sequence
         from .fanout import Helpers
         if getattr(device, "type", None) == "cpu":  # the runs share the cores: every process computes with
             torch.set_num_threads(max(1, torch.get_num_threads() // fanout))  # as many threads as the others
-        runs = Helpers(fanout - 1, by_name, by_label, device, timeout)
+        runs = Helpers(fanout, by_name, by_label, device, timeout)
     if fanout > 1:
         pin_device(device)
     while True:
