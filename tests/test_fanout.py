@@ -270,3 +270,29 @@ def test_a_helpers_message_is_read_back_without_unpickling_code() -> None:
     assert job == 8 and isinstance(lost, _Lost) and "could not be read back safely" in lost.why
     job, lost = _unpack(_pack(9, {"__dataclass__": "Popen", "args": "rm"}), 9)
     assert isinstance(lost, _Lost) and "KeyError" in lost.why
+
+
+def _timed(where: Path):
+    def run(ex, inp, p):
+        import time
+        t0 = time.time()
+        time.sleep(0.5)
+        (where / f"{os.getpid()}-{t0}").write_text(f"{t0} {time.time()}")
+        return Output(value=ex.act(inp["x"]).float().sum().reshape(1))
+    return run
+
+
+def test_n_helpers_run_n_trainings_at_once(tmp_path: Path) -> None:
+    """The runs really overlap: with ``fanout=3`` three of a case's six runs (FP32, FP64, four strategies)
+    are in flight at the same moment, each in a process other than the worker."""
+    where = tmp_path / "spans"
+    where.mkdir()
+    s = Scenario(name="fan_timed", family="reduction", description="a slow sum", grid={"k": [0]}, inputs=_x,
+                 run=_timed(where), n=lambda p: 64)
+    run_matrix(RunConfig([s], resolve(["fp32", "fp16", "bf16", "fp16-pure"]), torch.device("cpu"),
+                         out=tmp_path / "r", workers=1, fanout=3))
+    spans = [tuple(map(float, f.read_text().split())) for f in where.iterdir()]
+    assert len(spans) == 6
+    most = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
+    assert most == 3
+    assert len({f.name.split("-")[0] for f in where.iterdir()}) == 3  # three helpers ran them all
