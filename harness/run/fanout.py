@@ -22,7 +22,9 @@ from the serial one only in ``seconds`` and ``peak_bytes`` where runs shared the
 
 Faults: a run that raises in a helper becomes the record it would be in the worker (its verdict and
 traceback are made there); one that ran out of memory beside the others, or whose helper died (the OOM
-killer), runs again in the worker, alone. A reference run that failed in a helper runs again in the worker,
+killer), runs again in the worker, alone: no further run of the case starts in a helper, those in flight
+finish, and the worker runs the rest one at a time (a model that fits once but not four times is checked
+as it was before helpers). A reference run that failed in a helper runs again in the worker,
 so that the reference fails as it would there. A dead helper is not replaced (the worker has started
 CUDA by then): the others carry on, and where none is left the worker runs the rest itself. Helpers die with their worker (``PR_SET_PDEATHSIG``),
 so the supervisor's deadline still ends a stuck case.
@@ -77,6 +79,7 @@ class _Lost:
 
     why: str
     timeout: str | None = None  # the helper's deadline fired: raised again here, not rerun
+    alone: bool = False  # memory ran out: the rest of the case runs one at a time, in the worker
 
 
 def _to(device: torch.device | str, obj: Any) -> Any:
@@ -115,7 +118,7 @@ def _attempt(case: Case, key: tuple, device: torch.device, inputs: dict, strateg
     except (Exception, SystemExit) as exc:  # noqa: BLE001: the worker decides what a failure becomes
         cleanup(device)
         if is_oom(exc):
-            return _Lost(f"out of memory beside the case's other runs: {str(exc).splitlines()[0][:200]}")
+            return _Lost(f"out of memory beside the case's other runs: {str(exc).splitlines()[0][:200]}", alone=True)
         if isinstance(exc, CaseTimeout):
             return _Lost("deadline", timeout=str(exc))
         if key[0] == "ref":
@@ -173,6 +176,7 @@ class Helpers:
         self._case: Case | None = None
         self._inputs: dict | None = None
         self.lost: list[str] = []  # why runs went back to the worker (notes for tests and the curious)
+        self._alone = False  # a run ran out of memory beside others: the rest of this case runs in the worker
         if not 0 <= n <= MAX_FANOUT:
             raise ValueError(f"{n} helpers: a case's runs go at most {MAX_FANOUT} at once")
         if torch.cuda.is_initialized():  # a fork could not use the GPU: every run stays in the worker
@@ -212,6 +216,7 @@ class Helpers:
         self._results.clear()
         self._jobs.clear()
         self._case, self._inputs = case, inputs
+        self._alone = False
         for key in [("ref", k) for k in reference] + [("strategy", s) for s in strategies]:
             self._jobs[self._next] = key
             self._queue.append((self._next, key))
@@ -242,6 +247,9 @@ class Helpers:
             if got.timeout:
                 raise CaseTimeout(got.timeout)
             self.lost.append(got.why)
+            if got.alone:  # what would fit alone must not fail beside others: no more runs start in helpers
+                while self._busy:  # (see _receive), and the worker runs this one and the rest once those in
+                    self._receive(None)  # flight are done
             return None
         return got
 
@@ -257,7 +265,7 @@ class Helpers:
         if key not in self._jobs.values():
             return None
         while key not in self._results:
-            if not self._busy:  # every helper died: the worker runs what is left
+            if not self._busy:  # no helper will run it (every one died, or memory ran out): the worker does
                 self._queue = deque((j, k) for j, k in self._queue if k != key)
                 return None
             self._receive(None)
@@ -283,6 +291,7 @@ class Helpers:
                 got_id, result = _unpack(data, job_id)
                 if got_id in self._jobs:
                     self._results[self._jobs[got_id]] = result
+                    self._alone = self._alone or (isinstance(result, _Lost) and result.alone)
         self._dispatch()
 
     def _died(self, conn: Connection, job_id: int) -> None:
@@ -294,10 +303,11 @@ class Helpers:
         conn.close()
         if job_id in self._jobs:
             self._results[self._jobs[job_id]] = _Lost(f"its helper process died (wait status {status}): the OOM "
-                                                      "killer, or a fault in native code")
+                                                      "killer, or a fault in native code", alone=True)
+            self._alone = True
 
     def _dispatch(self) -> None:
-        while self._idle and self._queue and self._case is not None:
+        while self._idle and self._queue and self._case is not None and not self._alone:
             conn = self._idle.pop()
             job_id, key = self._queue.popleft()
             c = self._case
