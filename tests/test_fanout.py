@@ -300,3 +300,23 @@ def test_n_helpers_run_n_trainings_at_once(tmp_path: Path) -> None:
     most = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
     assert most == 3
     assert len({f.name.split("-")[0] for f in where.iterdir()}) == 3  # three helpers ran them all
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_check_model_with_helpers_writes_the_records_of_one_run_after_another(tmp_path: Path) -> None:
+    """On CUDA the reference adds its 4-update rerun probe, and each helper has its own CUDA context: the
+    records are still bit for bit the serial ones (deterministic kernels in every process)."""
+    from conftest import run_cli
+    dirs = []
+    for n in (1, 3):
+        out = tmp_path / f"p{n}"
+        r = run_cli("check-model", "examples.third_party_model:factory", "--device", "cuda", "--steps", "8",
+                    "--no-cache", "--no-diagnose", "--parallel", str(n), "--out", str(out), timeout=600)
+        assert r.rc in (0, 1), r.stderr
+        dirs.append(out)
+    assert compare(*dirs) == []
+    isolation = json.loads((dirs[1] / "run.json").read_text())["summary"]["isolation"]
+    assert "up to 3 of a case's runs at once" in isolation
+    check = _records(dirs[1])[0]["reference"]
+    assert check.get("fp32_rerun") or "fp32_rerun_diff" in check  # the rerun ran (in a helper, or here)
