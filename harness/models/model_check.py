@@ -282,8 +282,9 @@ def add_parallel(p: Any) -> None:
     p.add_argument("--parallel", type=bounded_int(1, MAX_FANOUT), default=None, metavar="N",
                    help="trainings of a check at once on the device: the reference's FP32, FP64 and perturbed "
                         "runs and each strategy's (default 4 on a GPU, whose small models leave it idle; 1 on "
-                        f"the CPU; 1 to {MAX_FANOUT}); the same records on a GPU; on the CPU the runs share the "
-                        "cores, so FP32 sums may split as with fewer threads")
+                        f"the CPU; 1 to {MAX_FANOUT}); the same records as one at a time (checked on the CPU, "
+                        "with one thread per process: the runs share the cores, so FP32 sums split as with "
+                        "fewer threads than a check without helpers)")
 
 
 def _cmd(args: Any) -> int:

@@ -16,9 +16,11 @@ it waits for each. While it waits the worker runs nothing: the deadline armed fo
 deadline of its own. A run the worker asks for that was never queued (the full rerun a training's 4-update
 probe can call for) runs in the worker.
 
-Every run computes the same bits in a helper as in the worker: same inputs (built from the case's seed),
-same seeds, same deterministic kernels, and results copied between devices exactly. So a record differs
-from the serial one only in ``seconds`` and ``peak_bytes`` where runs shared the device.
+A run is meant to compute the same bits in a helper as in the worker: same inputs (built from the case's
+seed), same seeds, the same deterministic kernels, and results copied between devices exactly; a record
+then differs from the serial one only in ``seconds`` and ``peak_bytes``. ``tests/test_fanout.py`` checks
+this on the CPU; on a GPU it is a CUDA test there and ``tools/gpu_measure.sh`` part ``parallel``, not run
+on one yet.
 
 Faults: a run that raises in a helper becomes the record it would be in the worker (its verdict and
 traceback are made there); one that ran out of memory beside the others, or whose helper died (the OOM

@@ -84,12 +84,13 @@ def default_workers(device: torch.device) -> int:
     --workers 1|2``; same outcomes, and FP32 sums in another order where torch's threads split them
     differently).
 
-    On a GPU the cases are as host-bound: the full tier's scenarios launch kernels of microseconds (a
-    128-update training of a 2-block transformer took 1.2 s on an H100, 9 ms an update), so one process
-    leaves the GPU idle most of the time and several share it. Each worker has its own CUDA context and
-    its own deterministic kernels, so a case computes the same bits in any worker; only the records'
-    ``seconds`` (now shared time) and their order in the file change. ``--workers 1`` is the run of
-    one process."""
+    On a GPU the cases look as host-bound: in the H100 full tier of results/h100/round5 (one worker) a
+    128-update training of a 2-block, d=32 transformer took 1.1 to 2.0 s, 8 to 15 ms an update
+    (``full_tier_seconds.txt`` there), so one process leaves the GPU idle most of the time, and several
+    share it. Each worker has its own CUDA context and the same deterministic kernels, so a case should
+    compute the same bits in any worker, only the records' ``seconds`` and their order in the file
+    changing; neither that nor the time saved has been measured on a GPU yet (``tools/gpu_measure.sh``
+    part ``parallel``). ``--workers 1`` is the run of one process."""
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun's ranks on this host share its cores
     return max(1, min(4, (os.cpu_count() or 1) // max(1, ranks)))
 
