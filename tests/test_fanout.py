@@ -88,7 +88,7 @@ def _faulty(fault: str, marker: Path):
 
 
 @pytest.mark.parametrize("fault", ["oom", "die", "raise"])
-def test_a_run_lost_in_a_helper_runs_again_in_the_worker(tmp_path: Path, one_thread, fault: str) -> None:
+def test_a_run_lost_in_a_helper_runs_again_in_the_worker(tmp_path: Path, one_thread, fault: str, capfd) -> None:
     """Out of memory beside the other runs, a helper killed, a reference run raising there: the run goes
     back to the worker, alone, and the records are the serial run's."""
     marker = tmp_path / "fired"
@@ -100,6 +100,7 @@ def test_a_run_lost_in_a_helper_runs_again_in_the_worker(tmp_path: Path, one_thr
     fanned = _run(tmp_path, "fanned", [s], strategies, 3)
     fired = marker.read_text().split()
     assert set(fired) == {fault}  # the fault did happen in a helper
+    assert "runs again in the worker" in capfd.readouterr().err
     if fault in ("oom", "die"):  # the case's other runs then stay in the worker: at most the three in flight
         assert len(fired) <= 3 * 3  # (of six runs a case, three cases) met a helper
     assert compare(serial, fanned) == []
@@ -217,14 +218,18 @@ def test_ran_crosses_processes_exactly() -> None:
 def _slow_fp16(ex, inp, p):
     if ex.strategy.compute == "fp16":
         import time
+        if _in_helper():
+            (Path(inp["marker"]) / str(os.getpid())).write_text("slow in a helper")
         time.sleep(30)
     return Output(value=ex.act(inp["x"]).float().sum().reshape(1))
 
 
 def test_a_run_past_its_deadline_in_a_helper_is_the_timeout_record_it_is_alone(tmp_path: Path) -> None:
     """The helper's own deadline ends the run; the record is the serial run's (the traceback's frames aside)."""
-    s = Scenario(name="fan_slow", family="reduction", description="a sum", grid={"k": [0]}, inputs=_x,
-                 run=_slow_fp16, n=lambda p: 64)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    s = Scenario(name="fan_slow", family="reduction", description="a sum", grid={"k": [0]},
+                 inputs=lambda p, g: {**_x(p, g), "marker": str(marks)}, run=_slow_fp16, n=lambda p: 64)
     outs = []
     for fanout in (1, 3):
         out = tmp_path / f"f{fanout}"
@@ -234,6 +239,7 @@ def test_a_run_past_its_deadline_in_a_helper_is_the_timeout_record_it_is_alone(t
     for alone, fanned in zip(*(sorted(o.items()) for o in outs)):
         assert (alone[1]["outcome"], alone[1]["reason"]) == (fanned[1]["outcome"], fanned[1]["reason"]), fanned[1]
     assert outs[1]["fp16"]["reason"] == "CaseTimeout: case exceeded its 3 s timeout"
+    assert len(list(marks.iterdir())) == 1  # the slow run was a helper's (its deadline, not the worker's)
     assert outs[1]["bf16"]["outcome"] == outs[1]["fp32"]["outcome"] == "pass"
 
 

@@ -33,7 +33,6 @@ so the supervisor's deadline still ends a stuck case.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import io
 import os
@@ -48,6 +47,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..core.batches import map_tensors
 from ..core.execution import Execution
 from ..core.scenario import Case
 from .guard import CaseTimeout, cleanup, deadline, is_oom
@@ -86,21 +86,7 @@ class _Lost:
 
 def _to(device: torch.device | str, obj: Any) -> Any:
     """``obj`` (an Output or a Ran, and what they hold) with every tensor on ``device``, copied exactly."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to(device)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        new = copy.copy(obj)
-        for f in dataclasses.fields(obj):
-            object.__setattr__(new, f.name, _to(device, getattr(obj, f.name)))
-        return new
-    if isinstance(obj, dict):
-        return {k: _to(device, v) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        items = [_to(device, v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    if isinstance(obj, list):
-        return [_to(device, v) for v in obj]
-    return obj
+    return _rebuilt(map_tensors(lambda t: t.detach().to(device), _plain(obj)), _classes())
 
 
 def _attempt(case: Case, key: tuple, device: torch.device, inputs: dict, strategies: dict[str, Any],
@@ -177,7 +163,6 @@ class Helpers:
         self._next = 0
         self._case: Case | None = None
         self._inputs: dict | None = None
-        self.lost: list[str] = []  # why runs went back to the worker (notes for tests and the curious)
         self._alone = False  # a run ran out of memory beside others: the rest of this case runs in the worker
         if not 0 <= n <= MAX_FANOUT:
             raise ValueError(f"{n} helpers: a case's runs go at most {MAX_FANOUT} at once")
@@ -248,7 +233,9 @@ class Helpers:
         if isinstance(got, _Lost):
             if got.timeout:
                 raise CaseTimeout(got.timeout)
-            self.lost.append(got.why)
+            what = f"{key[1]}'s run" if key[0] == "strategy" else "a reference run"
+            print(f"warning: {self._case.id if self._case else 'a case'}: {what} runs again in the worker: {got.why}",
+                  file=sys.stderr, flush=True)
             if got.alone:  # what would fit alone must not fail beside others: no more runs start in helpers
                 while self._busy:  # (see _receive), and the worker runs this one and the rest once those in
                     self._receive(None)  # flight are done
