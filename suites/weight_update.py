@@ -201,7 +201,8 @@ register(Scenario(
                  "step); stochastic rounding (update=sr) moves each weight by the update in expectation and a Kahan "
                  "compensation (update=kahan) carries what the weight cannot take to the next step, so both follow "
                  "FP32. Output: the mean drift of each row of 256 weights against FP32's."),
-    # 256 host-bound steps per record (0.36 s on an H100): three rates, FP16's boundary between -9 and -11;
+    # 256 host-bound steps per record (78 records, 27.7 s on an H100: results/h100/round5/full_tier_seconds.txt):
+    # three rates, FP16's boundary between -9 and -11;
     # on the H100 -10, -12 and -14 gave the outcomes of their neighbours under every preset
     grid={"log2_lr": [-9, -11, -13]},
     quick={"log2_lr": [-13]},  # one case keeps the quick tier short; it shows every mechanism
